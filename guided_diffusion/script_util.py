@@ -1,0 +1,589 @@
+"""
+Factories that turn command-line flags into networks and diffusion processes, the flag defaults of
+the scripts, and the small argparse helpers the scripts share.
+
+The defaults dictionaries are those of the reference scripts, unchanged, so flags written for the
+reference (and the released checkpoints) keep their meaning. `num_classes` is an extra keyword of
+the factories; scripts add their own --num_classes flag.
+"""
+
+import argparse
+import inspect
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000
+
+# Channel multipliers per level chosen by image size when --channel_mult is empty.
+# deviation from reference: 32 is added (the reference rejects it).
+_CHANNEL_MULT_BY_SIZE = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+
+# The super-resolution models use their own table for the sizes the reference supports.
+_SR_CHANNEL_MULT_BY_SIZE = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
+
+
+def diffusion_defaults():
+    """
+    :return: defaults of the diffusion flags shared by image and classifier training.
+    """
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def classifier_defaults():
+    """
+    :return: defaults of the noisy-classifier flags.
+    """
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def model_and_diffusion_defaults():
+    """
+    :return: defaults of the UNet and diffusion flags for image training and sampling.
+    """
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_and_diffusion_defaults():
+    """
+    :return: defaults of the classifier and diffusion flags for classifier training.
+    """
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+def sr_model_and_diffusion_defaults():
+    """
+    :return: defaults of the super-resolution model and diffusion flags: the image-model defaults
+        restricted to what sr_create_model_and_diffusion takes, plus large_size and small_size.
+    """
+    res = model_and_diffusion_defaults()
+    res["large_size"] = 256
+    res["small_size"] = 64
+    accepted = inspect.signature(sr_create_model_and_diffusion).parameters
+    return {k: v for k, v in res.items() if k in accepted and k != "num_classes"}
+
+
+def _parse_channel_mult(channel_mult, image_size, table, size_flag):
+    """
+    :param channel_mult: "" (pick by size), a comma-separated string, or a sequence of numbers.
+    :return: a tuple of multipliers.
+    """
+    if isinstance(channel_mult, str):
+        if channel_mult.strip() == "":
+            if image_size not in table:
+                sizes = ", ".join(str(s) for s in sorted(table))
+                raise ValueError(
+                    f"unsupported {size_flag} {image_size} with no channel_mult (built-in sizes: "
+                    f"{sizes}): pass --channel_mult, e.g. --channel_mult 1,2,2,2"
+                )
+            return table[image_size]
+        try:
+            # deviation from reference: fractional entries (e.g. "0.5,1,1") are accepted, as in
+            # the 512x512 table; the reference parses integers only.
+            return tuple(_number(part) for part in channel_mult.split(","))
+        except ValueError:
+            raise ValueError(
+                f"channel_mult must be comma-separated numbers like 1,2,2,2, got {channel_mult!r}"
+            ) from None
+    return tuple(channel_mult)
+
+
+def _number(text):
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _attention_ds(attention_resolutions, image_size):
+    """
+    Turn attention resolutions (feature-map sizes) into downsample rates image_size // r.
+
+    :param attention_resolutions: a comma-separated string or a sequence of ints.
+    """
+    if isinstance(attention_resolutions, str):
+        parts = [p for p in attention_resolutions.split(",") if p.strip()]
+        try:
+            resolutions = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(
+                "attention_resolutions must be comma-separated integers like 16,8, got "
+                f"{attention_resolutions!r}"
+            ) from None
+    else:
+        resolutions = [int(r) for r in attention_resolutions]
+    if any(r <= 0 for r in resolutions):
+        raise ValueError(f"attention resolutions must be positive, got {attention_resolutions!r}")
+    return tuple(image_size // r for r in resolutions)
+
+
+def _check_num_classes(num_classes):
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+    num_classes=NUM_CLASSES,
+):
+    """
+    Build a UNet and its diffusion from the flags of model_and_diffusion_defaults().
+
+    :param num_classes: number of classes when class_cond (extra to the reference).
+    :return: (UNetModel, SpacedDiffusion).
+    """
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
+):
+    """
+    Build the diffusion UNet (3 input channels; 6 outputs with learn_sigma, else 3).
+
+    :param channel_mult: "" to pick by image size (512, 256, 128, 64, 32), or e.g. "1,2,2,2".
+    :param attention_resolutions: feature-map sizes with attention, e.g. "16,8".
+    :param num_classes: number of classes when class_cond (extra to the reference).
+    :return: a UNetModel.
+    """
+    _check_num_classes(num_classes)
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=6 if learn_sigma else 3,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_attention_ds(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=_parse_channel_mult(
+            channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
+        ),
+        num_classes=num_classes if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    num_classes=NUM_CLASSES,
+    classifier_channel_mult="",
+):
+    """
+    Build a noisy-image classifier and the diffusion it is trained on, from the flags of
+    classifier_and_diffusion_defaults().
+
+    :param num_classes: number of output classes (extra to the reference).
+    :param classifier_channel_mult: see create_classifier (extra to the reference).
+    :return: (EncoderUNetModel, SpacedDiffusion).
+    """
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+        num_classes=num_classes,
+        classifier_channel_mult=classifier_channel_mult,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    num_classes=NUM_CLASSES,
+    classifier_channel_mult="",
+):
+    """
+    Build the noisy-image classifier: the UNet's encoder half with 64-channel attention heads.
+
+    :param num_classes: number of output logits (extra to the reference, which fixes 1000).
+    :param classifier_channel_mult: "" to pick by image size as create_model does, or an explicit
+        comma-separated list for other sizes (extra to the reference).
+    :return: an EncoderUNetModel.
+    """
+    _check_num_classes(num_classes)
+    channel_mult = _parse_channel_mult(
+        classifier_channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
+    )
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=_attention_ds(classifier_attention_resolutions, image_size),
+        channel_mult=channel_mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    num_classes=NUM_CLASSES,
+):
+    """
+    Build a super-resolution UNet and its diffusion from sr_model_and_diffusion_defaults() flags.
+
+    :param num_classes: number of classes when class_cond (extra to the reference).
+    :return: (SuperResModel, SpacedDiffusion).
+    """
+    model = sr_create_model(
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+    num_classes=NUM_CLASSES,
+    channel_mult="",
+):
+    """
+    Build the super-resolution UNet working at large_size (small_size only describes the data).
+
+    :param num_classes: number of classes when class_cond (extra to the reference).
+    :param channel_mult: "" for the built-in table, or an explicit list (extra to the reference).
+    :return: a SuperResModel.
+    """
+    del small_size  # the low-resolution input is upsampled to large_size before the network
+    _check_num_classes(num_classes)
+    # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
+    # to the image-model table instead of being rejected.
+    table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=6 if learn_sigma else 3,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_attention_ds(attention_resolutions, large_size),
+        dropout=dropout,
+        channel_mult=_parse_channel_mult(channel_mult, large_size, table, "large size"),
+        num_classes=num_classes if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
+    """
+    Build the diffusion process for the given flags. The objective is the hybrid loss of Nichol &
+    Dhariwal 2021 (section 3.1) when learn_sigma with rescale_learned_sigmas, the full variational
+    bound with use_kl, else the simple MSE of Ho et al. 2020 (eq. 14).
+
+    :param steps: number of diffusion steps T of the training process.
+    :param learn_sigma: the model also outputs variance interpolation values (LEARNED_RANGE).
+    :param sigma_small: with fixed variances, use the posterior variance instead of beta_t.
+    :param noise_schedule: "linear" or "cosine".
+    :param use_kl: train on the variational bound (RESCALED_KL).
+    :param predict_xstart: the model predicts x_0 instead of the noise.
+    :param rescale_timesteps: feed the model timesteps scaled to [0, 1000).
+    :param rescale_learned_sigmas: use RESCALED_MSE (vb term scaled by T/1000).
+    :param timestep_respacing: "" for all steps, else e.g. "250" or "ddim50" or "10,20,30".
+    :return: a SpacedDiffusion (over all steps when timestep_respacing is empty).
+    """
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+
+    if learn_sigma:
+        model_var_type = gd.ModelVarType.LEARNED_RANGE
+    elif sigma_small:
+        model_var_type = gd.ModelVarType.FIXED_SMALL
+    else:
+        model_var_type = gd.ModelVarType.FIXED_LARGE
+
+    if not timestep_respacing:
+        timestep_respacing = [steps]
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=model_var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """
+    Add one --flag per entry of a defaults dictionary; booleans parse with str2bool and a None
+    default takes strings.
+
+    :param parser: an argparse.ArgumentParser.
+    :param default_dict: {flag name: default value}.
+    """
+    for name, default in default_dict.items():
+        if default is None:
+            kind = str
+        elif isinstance(default, bool):
+            kind = str2bool
+        else:
+            kind = type(default)
+        parser.add_argument(f"--{name}", default=default, type=kind)
+
+
+def args_to_dict(args, keys):
+    """
+    :param args: an argparse.Namespace.
+    :param keys: the attribute names to copy.
+    :return: {key: value of args.key}.
+    """
+    return {key: getattr(args, key) for key in keys}
+
+
+def str2bool(v):
+    """
+    Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0, any case.
+
+    :param v: a string (or a bool, returned as is).
+    :return: the bool.
+    """
+    if isinstance(v, bool):
+        return v
+    text = v.strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {v!r}")
