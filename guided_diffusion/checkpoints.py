@@ -1,0 +1,186 @@
+"""
+Saving and finding checkpoint files safely.
+
+A save writes a temporary file in the destination folder and renames it over the final name, so a
+process killed mid-save leaves the previous checkpoint untouched and never a half-written file under
+the final name. Loading always uses torch.load(weights_only=True): a checkpoint is data, and
+unpickling arbitrary objects from a downloaded file would run arbitrary code.
+"""
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+
+import torch
+
+try:
+    import blobfile as bf
+except ImportError:  # blobfile is only needed for remote (gs://, az://, https://) paths
+    bf = None
+
+
+def _is_remote(path):
+    return "://" in str(path)
+
+
+def save_atomic(obj, path):
+    """
+    torch.save obj to path so that path holds either the old file or the complete new one.
+
+    :param obj: anything torch.save accepts (a state dict, usually).
+    :param path: the destination file; its folder must exist.
+    :return: path.
+    """
+    path = os.fspath(path)
+    if _is_remote(path):
+        # Object stores publish a blob only when its upload completes, which is atomic already.
+        with bf.BlobFile(path, "wb") as f:
+            torch.save(obj, f)
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    # The temporary name starts with "." and ends with ".tmp" so it never matches "<prefix>NNN.pt".
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: leave no temporary file behind.
+        try:
+            os.remove(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def _fsync_dir(folder):
+    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exists(path):
+    return bf.exists(path) if _is_remote(path) else os.path.isfile(path)
+
+
+def load_checkpoint(path, map_location="cpu", **kwargs):
+    """
+    Read a checkpoint written by torch.save, allowing only tensors and plain containers.
+
+    :param path: the checkpoint file.
+    :param map_location: where tensors are placed (as in torch.load).
+    :param kwargs: further torch.load arguments (weights_only defaults to True).
+    :raises FileNotFoundError: when path does not exist.
+    :raises ValueError: when the file is truncated, corrupt, or holds more than tensors.
+    """
+    path = os.fspath(path)
+    if not _exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    kwargs.setdefault("weights_only", True)
+    try:
+        if _is_remote(path):
+            with bf.BlobFile(path, "rb") as f:
+                return torch.load(f, map_location=map_location, **kwargs)
+        return torch.load(path, map_location=map_location, **kwargs)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise ValueError(
+                f"{path} holds objects other than tensors and plain containers, so it was not "
+                "loaded (only state-dict checkpoints are accepted)"
+            ) from None
+        raise ValueError(_corrupt_message(path, exc)) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ValueError(_corrupt_message(path, exc)) from None
+
+
+def _corrupt_message(path, exc):
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot read checkpoint {path}: the file is truncated or corrupt ({reason}); "
+        "delete it or pass another checkpoint"
+    )
+
+
+def _step_pattern(prefix):
+    return re.compile(re.escape(prefix) + r"(\d+)\.pt")
+
+
+def parse_step(path, prefix):
+    """
+    The training step in a checkpoint name of the form "<prefix>NNNNNN.pt".
+
+    :param path: a file path, e.g. "logs/ema_0.9999_001000.pt".
+    :param prefix: the part before the digits, e.g. "model", "opt" or "ema_0.9999_".
+    :raises ValueError: when the file name does not have that form.
+    """
+    name = os.path.basename(os.fspath(path))
+    match = _step_pattern(prefix).fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a checkpoint name of the form '{prefix}NNNNNN.pt'")
+    return int(match.group(1))
+
+
+def is_complete_checkpoint(path):
+    """True when torch.load can read path's structure (a truncated or partial file fails)."""
+    try:
+        # mmap reads the pickled structure and the zip directory without pulling every tensor
+        # into memory, so checking a multi-GB checkpoint stays cheap.
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:
+        pass
+    # Old torch (no mmap argument) or the legacy non-zip format: read the whole file instead.
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def find_latest_checkpoint(log_dir, prefix):
+    """
+    The complete checkpoint "<prefix>NNNNNN.pt" with the highest step in log_dir.
+
+    Temporary files from interrupted saves never match the name pattern; files that match but
+    cannot be read (cut short by a crash or a full disk) are skipped in favour of older ones.
+
+    :param log_dir: the folder to search (a missing folder gives None).
+    :param prefix: e.g. "model", "opt" or "ema_0.9999_".
+    :return: the path, or None when there is no complete checkpoint.
+    """
+    if log_dir is None:
+        return None
+    log_dir = os.fspath(log_dir)
+    if _is_remote(log_dir):
+        if not bf.isdir(log_dir):
+            return None
+        names = bf.listdir(log_dir)
+    else:
+        if not os.path.isdir(log_dir):
+            return None
+        names = os.listdir(log_dir)
+    pattern = _step_pattern(prefix)
+    candidates = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is not None:
+            candidates.append((int(match.group(1)), name))
+    for _, name in sorted(candidates, reverse=True):
+        path = bf.join(log_dir, name) if _is_remote(log_dir) else os.path.join(log_dir, name)
+        if _is_remote(path) or is_complete_checkpoint(path):
+            return path
+    return None

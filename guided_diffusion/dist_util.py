@@ -1,0 +1,278 @@
+"""
+Helpers for running the same code on one process or many.
+
+Three ways to start a job all end up in the same place, a torch.distributed process group:
+
+- ``torchrun --nproc_per_node N script.py`` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+  MASTER_PORT; we initialise from those variables.
+- ``mpiexec -n N python script.py`` gives each process its rank through MPI; we read rank, world
+  size and node-local rank from mpi4py, let rank 0 pick a free port, and then initialise
+  torch.distributed from the same variables torchrun would have set.
+- ``python script.py`` is a single process: nothing is initialised and every helper below falls
+  back to its single-process meaning (rank 0, world size 1, no-op collectives). mpi4py does not
+  have to be installed for this.
+
+The backend is gloo on CPU and NCCL on GPU. The GPU of a process is its node-local rank modulo the
+number of visible devices, so a CUDA_VISIBLE_DEVICES set by the user or the cluster is respected.
+"""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .checkpoints import load_checkpoint
+
+# Environment variables that MPI launchers set in every process they start (MPICH/Hydra and Intel
+# MPI: PMI_*, Open MPI: OMPI_*, PMIx launchers such as srun --mpi=pmix: PMIX_*, MVAPICH: MV2_*).
+# We only import mpi4py when one of these says we were started by an MPI launcher, so that a plain
+# single process never calls MPI_Init.
+_MPI_LAUNCHER_VARS = (
+    "PMI_SIZE",
+    "PMI_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMIX_RANK",
+    "MV2_COMM_WORLD_SIZE",
+)
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+# Node-local rank of this process, decided by setup_dist(); it selects the GPU.
+_local_rank = 0
+
+
+def _import_mpi():
+    """Return mpi4py's MPI module, or None when mpi4py is not installed."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI
+
+
+def _launched_by_mpi():
+    return any(name in os.environ for name in _MPI_LAUNCHER_VARS)
+
+
+def _mpi_size_from_env():
+    for name in _MPI_SIZE_VARS:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return None
+
+
+def _find_free_port():
+    # Binding to port 0 lets the OS hand out a port nobody is listening on right now.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _backend():
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _select_device(local_rank):
+    global _local_rank
+    _local_rank = local_rank
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dev())
+
+
+def setup_dist():
+    """
+    Set up a torch.distributed process group if this process is one of several.
+
+    Safe to call more than once: later calls do nothing. Reads torchrun's environment variables
+    when they are present, else asks MPI (when started by an MPI launcher), else leaves the
+    process on its own (rank 0 of 1).
+
+    :raises RuntimeError: when an MPI launcher started several processes but mpi4py is missing.
+    """
+    if is_distributed():
+        return
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # torchrun (or a cluster launcher that mimics it) already set everything up.
+        world_size = int(os.environ["WORLD_SIZE"])
+        _select_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > 1:
+            dist.init_process_group(backend=_backend(), init_method="env://")
+        return
+
+    if not _launched_by_mpi():
+        _select_device(0)
+        return
+
+    MPI = _import_mpi()
+    if MPI is None:
+        size = _mpi_size_from_env()
+        if size is not None and size > 1:
+            raise RuntimeError(
+                f"started by an MPI launcher with {size} processes but mpi4py is not installed: "
+                "run 'pip install mpi4py' or launch with torchrun instead"
+            )
+        _select_device(0)
+        return
+
+    comm = MPI.COMM_WORLD
+    # Processes sharing memory are on the same node; their rank among themselves picks the GPU.
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
+    node_comm.Free()
+    _select_device(local_rank)
+    if comm.size == 1:
+        return
+
+    if comm.rank == 0:
+        if "MASTER_ADDR" in os.environ:
+            address = os.environ["MASTER_ADDR"]
+        elif local_size == comm.size:
+            address = "127.0.0.1"
+        else:
+            # Several nodes: the others must reach rank 0 through the network.
+            address = socket.gethostbyname(socket.getfqdn())
+        port = _find_free_port()
+    else:
+        address, port = None, None
+    address, port = comm.bcast((address, port), root=0)
+
+    # deviation from reference: the reference sets CUDA_VISIBLE_DEVICES to rank % GPUS_PER_NODE
+    # (8 GPUs per node hard-coded); we leave the visible devices alone and pick by local rank.
+    os.environ["MASTER_ADDR"] = address
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"] = str(comm.rank)
+    os.environ["WORLD_SIZE"] = str(comm.size)
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    os.environ["LOCAL_WORLD_SIZE"] = str(local_size)
+    dist.init_process_group(backend=_backend(), init_method="env://")
+
+
+def is_distributed():
+    """True when a torch.distributed process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    """Rank of this process in the job (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    """Number of processes in the job (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank():
+    """Rank of this process among the processes on its node (0 when not distributed)."""
+    return _local_rank
+
+
+def is_main_process():
+    """True on rank 0, the process that writes logs, checkpoints and samples."""
+    return get_rank() == 0
+
+
+def dev():
+    """
+    The device this process computes on: cuda:<local rank modulo visible GPUs>, else cpu.
+    """
+    if torch.cuda.is_available():
+        # deviation from reference: the reference returns plain "cuda" after narrowing
+        # CUDA_VISIBLE_DEVICES to one GPU; we name the device explicitly instead.
+        return torch.device("cuda", _local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def load_state_dict(path, **kwargs):
+    """
+    Load a checkpoint file with torch.load(weights_only=True).
+
+    :param path: the file to read.
+    :param kwargs: passed to torch.load, e.g. map_location="cpu".
+    :raises FileNotFoundError: when the file does not exist.
+    :raises ValueError: when the file is truncated, corrupt or not a tensor-only checkpoint.
+    """
+    # deviation from reference: the reference reads the bytes on rank 0 and broadcasts them with
+    # MPI; every rank reads the file itself here, which needs no MPI and suits local disks.
+    return load_checkpoint(path, **kwargs)
+
+
+def sync_params(params):
+    """
+    Copy the values of a sequence of tensors from rank 0 to every other rank (in place).
+
+    :param params: an iterable of tensors, e.g. model.parameters(); a no-op on a single process.
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p, 0)
+
+
+def barrier():
+    """Wait until every rank arrives here (a no-op on a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_tensors(tensor):
+    """
+    Collect a tensor from every rank.
+
+    Ranks may pass tensors of different shapes (for example a smaller last batch) as long as they
+    have the same number of dimensions and the same dtype.
+
+    :param tensor: this rank's tensor (on dev() when the backend is NCCL).
+    :return: a list with one tensor per rank, in rank order; [tensor] on a single process.
+    """
+    if not is_distributed():
+        return [tensor]
+    world = dist.get_world_size()
+    shapes = [None] * world
+    dist.all_gather_object(shapes, tuple(tensor.shape))
+    if len(set(len(s) for s in shapes)) != 1:
+        raise ValueError(f"all_gather_tensors: ranks passed tensors of different ranks {shapes}")
+    if all(s == shapes[0] for s in shapes):
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return gathered
+    # Collectives need equal sizes: pad the flattened tensors to the largest one, then cut.
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    longest = max(numels)
+    flat = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    flat[: tensor.numel()] = tensor.reshape(-1)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return [g[:n].reshape(s) for g, n, s in zip(gathered, numels, shapes)]
+
+
+def wrap_ddp(model, **kwargs):
+    """
+    Wrap a model in DistributedDataParallel when distributed, so gradients are averaged.
+
+    :param model: a module already moved to dev().
+    :param kwargs: overrides for the DDP arguments (defaults follow the reference TrainLoop:
+                   broadcast_buffers=False, bucket_cap_mb=128, find_unused_parameters=False).
+    :return: the DDP-wrapped model, or the model itself on a single process.
+    """
+    if not is_distributed():
+        return model
+    # deviation from reference: the reference skips DDP on CPU with a warning, so CPU ranks never
+    # synchronised gradients; gloo makes DDP work on CPU as well.
+    options = dict(broadcast_buffers=False, bucket_cap_mb=128, find_unused_parameters=False)
+    if torch.cuda.is_available():
+        options.update(device_ids=[dev()], output_device=dev())
+    options.update(kwargs)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, **options)
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only (flushed at once, so output from several ranks stays ordered)."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)

@@ -1,0 +1,549 @@
+"""
+Key-value and text logging with the interface of OpenAI's baselines logger (as used by
+guided-diffusion).
+
+Typical use: configure() once, then per iteration logkv()/logkv_mean() and finally dumpkvs(), which
+writes one row of diagnostics to every output format; log() writes free text.
+
+- The folder is configure(dir=...), else $OPENAI_LOGDIR, else a new dated folder in the temp dir.
+- Rank 0 writes the formats in $OPENAI_LOG_FORMAT (default "stdout,log,csv": the terminal,
+  log.txt, progress.csv); other ranks write $OPENAI_LOG_FORMAT_MPI (default "log") with the suffix
+  "-rankNNN", i.e. log-rank001.txt.
+- In a distributed job dumpkvs() averages every numeric value over the ranks, weighting each
+  logkv_mean() value by how many times it was logged; every rank must then call dumpkvs() at the
+  same point, as with any collective operation.
+"""
+
+import datetime
+import json
+import os
+import os.path as osp
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+
+DEBUG = 10
+INFO = 20
+WARN = 30
+ERROR = 40
+
+DISABLED = 50
+
+
+class KVWriter:
+    """An output that records one dict of diagnostics per dumpkvs()."""
+
+    def writekvs(self, kvs):
+        raise NotImplementedError
+
+
+class SeqWriter:
+    """An output that records free-text log lines."""
+
+    def writeseq(self, seq):
+        raise NotImplementedError
+
+
+def _plain(value):
+    """Turn 0-dim tensors and numpy scalars into Python numbers so they print like numbers."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
+    """A table of key | value rows for people, written to a file name or an open text stream."""
+
+    def __init__(self, filename_or_file):
+        """
+        :param filename_or_file: a path to create, or an open text stream (e.g. sys.stdout) that
+                                 stays open when this writer is closed.
+        """
+        if isinstance(filename_or_file, (str, os.PathLike)):
+            self.file = open(filename_or_file, "wt")
+            self.own_file = True
+        else:
+            if not hasattr(filename_or_file, "write"):
+                raise TypeError(f"expected a file name or a text stream, got {filename_or_file!r}")
+            self.file = filename_or_file
+            self.own_file = False
+
+    @staticmethod
+    def _truncate(text, max_len=30):
+        return text if len(text) <= max_len else text[: max_len - 3] + "..."
+
+    def writekvs(self, kvs):
+        rows = {}
+        for key, value in kvs.items():
+            value = _plain(value)
+            text = "%-8.3g" % value if hasattr(value, "__float__") else str(value)
+            rows[self._truncate(str(key))] = self._truncate(text)
+        if not rows:
+            warnings.warn("logger: dumpkvs() with nothing logged")
+            return
+        key_width = max(len(k) for k in rows)
+        value_width = max(len(v) for v in rows.values())
+        rule = "-" * (key_width + value_width + 7)
+        lines = [rule]
+        for key in sorted(rows, key=str.lower):
+            lines.append(f"| {key.ljust(key_width)} | {rows[key].ljust(value_width)} |")
+        lines.append(rule)
+        self.file.write("\n".join(lines) + "\n")
+        self.file.flush()
+
+    def writeseq(self, seq):
+        self.file.write(" ".join(seq) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.own_file:
+            self.file.close()
+
+
+class JSONOutputFormat(KVWriter):
+    """One JSON object per dumpkvs(), one per line."""
+
+    def __init__(self, filename):
+        self.file = open(filename, "wt")
+
+    def writekvs(self, kvs):
+        row = {}
+        for key, value in sorted(kvs.items()):
+            value = _plain(value)
+            row[key] = float(value) if hasattr(value, "dtype") else value
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class CSVOutputFormat(KVWriter):
+    """
+    A CSV table, one row per dumpkvs(). When a row brings keys not seen before, the header is
+    rewritten with the new columns appended and earlier rows get empty cells for them.
+    """
+
+    def __init__(self, filename):
+        self.file = open(filename, "w+t")
+        self.keys = []
+        self.sep = ","
+
+    def writekvs(self, kvs):
+        new_keys = sorted(set(kvs) - set(self.keys))
+        if new_keys:
+            self.keys.extend(new_keys)
+            self.file.seek(0)
+            old_rows = self.file.read().splitlines()[1:]
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(self.sep.join(self.keys) + "\n")
+            padding = self.sep * len(new_keys)
+            for row in old_rows:
+                self.file.write(row + padding + "\n")
+        cells = []
+        for key in self.keys:
+            value = kvs.get(key)
+            cells.append("" if value is None else str(_plain(value)))
+        self.file.write(self.sep.join(cells) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class TensorBoardOutputFormat(KVWriter):
+    """
+    Scalars in TensorBoard's event format, one step per dumpkvs().
+
+    deviation from reference: written with torch.utils.tensorboard (needs the tensorboard package)
+    instead of TensorFlow.
+    """
+
+    def __init__(self, dir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(
+                "the 'tensorboard' log format needs the tensorboard package: pip install tensorboard"
+            ) from exc
+        os.makedirs(dir, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=dir)
+        self.step = 1
+
+    def writekvs(self, kvs):
+        for key, value in kvs.items():
+            value = _plain(value)
+            if hasattr(value, "__float__"):
+                self.writer.add_scalar(key, float(value), self.step)
+        self.writer.flush()
+        self.step += 1
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def make_output_format(format, ev_dir, log_suffix=""):
+    """
+    Build one output: "stdout", "log" (log<suffix>.txt), "json" (progress<suffix>.json),
+    "csv" (progress<suffix>.csv) or "tensorboard" (tb<suffix>/).
+    """
+    os.makedirs(ev_dir, exist_ok=True)
+    if format == "stdout":
+        return HumanOutputFormat(sys.stdout)
+    if format == "log":
+        return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"))
+    if format == "json":
+        return JSONOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.json"))
+    if format == "csv":
+        return CSVOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.csv"))
+    if format == "tensorboard":
+        return TensorBoardOutputFormat(osp.join(ev_dir, f"tb{log_suffix}"))
+    raise ValueError(
+        f"unknown log format {format!r}: use stdout, log, json, csv or tensorboard "
+        "(check OPENAI_LOG_FORMAT / OPENAI_LOG_FORMAT_MPI)"
+    )
+
+
+# ================================================================
+# Module-level API: forwards to the current logger
+# ================================================================
+
+
+def logkv(key, val):
+    """Record a diagnostic for this iteration; a later call with the same key replaces it."""
+    get_current().logkv(key, val)
+
+
+def logkv_mean(key, val):
+    """Like logkv(), but repeated calls in one iteration are averaged."""
+    get_current().logkv_mean(key, val)
+
+
+def logkvs(d):
+    """logkv() every item of a dict."""
+    for key, value in d.items():
+        logkv(key, value)
+
+
+def dumpkvs():
+    """Write this iteration's diagnostics to every output and start a new row; returns the row."""
+    return get_current().dumpkvs()
+
+
+def getkvs():
+    """The diagnostics recorded so far in this iteration."""
+    return get_current().name2val
+
+
+def log(*args, level=INFO):
+    """Write the arguments, separated by spaces, to the text outputs (terminal, log.txt)."""
+    get_current().log(*args, level=level)
+
+
+def debug(*args):
+    log(*args, level=DEBUG)
+
+
+def info(*args):
+    log(*args, level=INFO)
+
+
+def warn(*args):
+    log(*args, level=WARN)
+
+
+def error(*args):
+    log(*args, level=ERROR)
+
+
+def set_level(level):
+    """Drop log() messages below this level (DEBUG, INFO, WARN, ERROR or DISABLED)."""
+    get_current().set_level(level)
+
+
+def set_comm(comm):
+    """Average dumpkvs() values over this mpi4py communicator."""
+    get_current().set_comm(comm)
+
+
+def get_dir():
+    """The folder the current logger writes to."""
+    return get_current().get_dir()
+
+
+record_tabular = logkv
+dump_tabular = dumpkvs
+
+
+@contextmanager
+def profile_kv(scopename):
+    """Add the seconds spent inside the block to the diagnostic "wait_<scopename>"."""
+    key = "wait_" + scopename
+    start = time.time()
+    try:
+        yield
+    finally:
+        get_current().name2val[key] += time.time() - start
+
+
+def profile(n):
+    """Decorator form of profile_kv: @profile("name")."""
+
+    def decorate(func):
+        def timed(*args, **kwargs):
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return timed
+
+    return decorate
+
+
+# ================================================================
+# Backend
+# ================================================================
+
+
+def get_current():
+    """The logger the module-level functions use (configured with defaults on first use)."""
+    if Logger.CURRENT is None:
+        _configure_default_logger()
+    return Logger.CURRENT
+
+
+def _torch_dist():
+    """torch.distributed when a process group of more than one rank is running, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+class Logger:
+    """Collects one iteration's diagnostics and sends them and log lines to its outputs."""
+
+    DEFAULT = None  # the logger made on first use without configure()
+    CURRENT = None  # the logger the module-level functions use
+
+    def __init__(self, dir, output_formats, comm=None):
+        """
+        :param dir: the log folder.
+        :param output_formats: a list of KVWriter/SeqWriter objects.
+        :param comm: an mpi4py communicator to average over; None averages over the
+                     torch.distributed group when one is running.
+        """
+        self.name2val = defaultdict(float)
+        self.name2cnt = defaultdict(int)
+        self.level = INFO
+        self.dir = dir
+        self.output_formats = output_formats
+        self.comm = comm
+
+    def logkv(self, key, val):
+        self.name2val[key] = val
+
+    def logkv_mean(self, key, val):
+        # Running mean, so only the mean and the count need storing.
+        old, count = self.name2val[key], self.name2cnt[key]
+        self.name2val[key] = old * count / (count + 1) + val / (count + 1)
+        self.name2cnt[key] = count + 1
+
+    def _value_counts(self):
+        # Values set with logkv() weigh 1, as in the reference.
+        return {key: (val, self.name2cnt.get(key, 1)) for key, val in self.name2val.items()}
+
+    def dumpkvs(self):
+        if self.comm is not None:
+            row = mpi_weighted_mean(self.comm, self._value_counts())
+        else:
+            dist = _torch_dist()
+            if dist is None:
+                row = dict(self.name2val)
+            else:
+                row = _torch_weighted_mean(dist, self._value_counts())
+        for fmt in self.output_formats:
+            if isinstance(fmt, KVWriter):
+                fmt.writekvs(row)
+        self.name2val.clear()
+        self.name2cnt.clear()
+        return dict(row)
+
+    def log(self, *args, level=INFO):
+        if self.level <= level:
+            for fmt in self.output_formats:
+                if isinstance(fmt, SeqWriter):
+                    fmt.writeseq([str(a) for a in args])
+
+    def set_level(self, level):
+        self.level = level
+
+    def set_comm(self, comm):
+        self.comm = comm
+
+    def get_dir(self):
+        return self.dir
+
+    def close(self):
+        for fmt in self.output_formats:
+            fmt.close()
+
+
+def _as_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _combine(per_rank):
+    """Weighted means over a list of {key: (value, count)} dicts; non-numbers are skipped."""
+    sums = defaultdict(float)
+    counts = defaultdict(float)
+    for name2valcount in per_rank:
+        for key, (value, count) in name2valcount.items():
+            number = _as_float(value)
+            if number is None:
+                warnings.warn(f"logger: cannot average non-numeric {key}={value!r}")
+                continue
+            sums[key] += number * count
+            counts[key] += count
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def mpi_weighted_mean(comm, local_name2valcount):
+    """
+    Weighted mean of {key: (value, count)} over the ranks of an mpi4py communicator.
+
+    deviation from reference: every rank receives the means (allgather), not only rank 0.
+    """
+    return _combine(comm.allgather(local_name2valcount))
+
+
+def _torch_weighted_mean(dist, local_name2valcount):
+    """Weighted mean of {key: (value, count)} over the torch.distributed group."""
+    import torch
+
+    numeric = {}
+    row = {}
+    for key, (value, count) in local_name2valcount.items():
+        number = _as_float(value)
+        if number is None:
+            row[key] = value  # text stays as this rank logged it
+        else:
+            numeric[key] = (number, count)
+    # Ranks may have logged different keys; agree on their union before reducing a table.
+    key_lists = [None] * dist.get_world_size()
+    dist.all_gather_object(key_lists, sorted(numeric))
+    keys = sorted(set().union(*key_lists))
+    if not keys:
+        return row
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    table = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
+    for i, key in enumerate(keys):
+        if key in numeric:
+            number, count = numeric[key]
+            table[i, 0] = number * count
+            table[i, 1] = count
+    dist.all_reduce(table)
+    table = table.cpu()
+    for i, key in enumerate(keys):
+        row[key] = (table[i, 0] / table[i, 1]).item()
+    return row
+
+
+def _get_rank():
+    """This process's rank, also before torch.distributed is set up (from launcher variables)."""
+    dist = _torch_dist()
+    if dist is not None:
+        return dist.get_rank()
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def get_rank_without_mpi_import():
+    """Rank from the launcher's environment variables (never imports mpi4py)."""
+    return _get_rank()
+
+
+def _shared_dated_dir():
+    path = osp.join(
+        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
+    )
+    dist = _torch_dist()
+    if dist is not None:
+        # deviation from reference: every rank would otherwise date its own folder; use rank 0's.
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path
+
+
+def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
+    """
+    Start a new current logger.
+
+    :param dir: the log folder; default $OPENAI_LOGDIR, else a dated folder in the temp dir.
+    :param format_strs: output formats; default $OPENAI_LOG_FORMAT ("stdout,log,csv") on rank 0
+                        and $OPENAI_LOG_FORMAT_MPI ("log") on other ranks.
+    :param comm: an mpi4py communicator to average diagnostics over (default: the
+                 torch.distributed group when one is running).
+    :param log_suffix: appended to the file names; ranks above 0 also add "-rankNNN".
+    """
+    if dir is None:
+        dir = os.getenv("OPENAI_LOGDIR")
+    if dir is None:
+        dir = _shared_dated_dir()
+    dir = osp.expanduser(os.fspath(dir))
+    os.makedirs(dir, exist_ok=True)
+
+    rank = _get_rank()
+    if rank > 0:
+        log_suffix = log_suffix + "-rank%03i" % rank
+    if format_strs is None:
+        if rank == 0:
+            format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
+        else:
+            format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
+    output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
+
+    Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
+    if output_formats:
+        log("Logging to %s" % dir)
+
+
+def _configure_default_logger():
+    configure()
+    Logger.DEFAULT = Logger.CURRENT
+
+
+def reset():
+    """Close the current logger and go back to the default one."""
+    if Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+        Logger.CURRENT = Logger.DEFAULT
+        log("Reset logger")
+
+
+@contextmanager
+def scoped_configure(dir=None, format_strs=None, comm=None):
+    """Use a new logger inside a with-block, then close it and restore the previous one."""
+    previous = Logger.CURRENT
+    configure(dir=dir, format_strs=format_strs, comm=comm)
+    try:
+        yield
+    finally:
+        Logger.CURRENT.close()
+        Logger.CURRENT = previous
