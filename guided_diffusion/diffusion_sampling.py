@@ -1,0 +1,249 @@
+"""
+Samplers of a GaussianDiffusion: ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM
+(Song et al. 2021, eq. 12), each one step function plus one shared loop.
+
+The order of random draws is part of the contract (tests compare against reference runs under a
+fixed seed): a loop draws its starting noise with one randn(*shape) when none is given, then each
+step draws exactly one randn_like(x) after the model call, even when the noise is not used.
+"""
+
+import torch as th
+from tqdm.auto import tqdm
+
+from .schedules import extract_into_tensor as _extract
+
+
+class SamplingMixin:
+    """Sampling methods of GaussianDiffusion; relies on its tables and p_mean_variance."""
+
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
+        """
+        Sample x_{t-1} from the model at the given timestep.
+
+        :param cond_fn: if not None, a gradient function cond_fn(x, t, **model_kwargs) of
+            log p(y | x_t) (times the guidance scale) that shifts the mean.
+        :return: a dict with 'sample' (x_{t-1}) and 'pred_xstart'.
+        """
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        noise = th.randn_like(x)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
+        """
+        Generate samples from the model by ancestral sampling.
+
+        :param shape: the shape of the samples, (N, C, H, W).
+        :param noise: if given, the starting noise x_T; else drawn with one randn(*shape).
+        :param device: where to sample; defaults to the model's device.
+        :param progress: if True, show a progress bar.
+        :return: the final batch of samples.
+        """
+        return _last_sample(
+            self.p_sample_loop_progressive(
+                model,
+                shape,
+                noise=noise,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+                device=device,
+                progress=progress,
+            )
+        )
+
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+    ):
+        """Like p_sample_loop, but yield each step's p_sample output, from t = T-1 down to 0."""
+        yield from self._sample_loop_progressive(
+            self.p_sample,
+            model,
+            shape,
+            noise=noise,
+            device=device,
+            progress=progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+        )
+
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+    ):
+        """
+        Sample x_{t-1} with DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic.
+
+        :param cond_fn: if not None, guidance applied to the score (condition_score).
+        :return: a dict with 'sample' and 'pred_xstart'.
+        """
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+
+        # Recompute eps from the (possibly clipped) x_0 prediction so the update is consistent.
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
+        sigma = (
+            eta
+            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        noise = th.randn_like(x)
+        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+        """
+        Step x_t to x_{t+1} with the deterministic DDIM ODE (used to encode images into noise).
+
+        Only eta = 0 defines a deterministic reverse step.
+        """
+        if eta != 0.0:
+            raise ValueError("ddim_reverse_sample is only defined for eta = 0")
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar_next = _extract(self.alphas_cumprod_next, t, x.shape)
+        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
+        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
+        """Generate samples with DDIM; the arguments are those of p_sample_loop plus eta."""
+        return _last_sample(
+            self.ddim_sample_loop_progressive(
+                model,
+                shape,
+                noise=noise,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+                device=device,
+                progress=progress,
+                eta=eta,
+            )
+        )
+
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
+        """Like ddim_sample_loop, but yield each step's ddim_sample output."""
+        yield from self._sample_loop_progressive(
+            self.ddim_sample,
+            model,
+            shape,
+            noise=noise,
+            device=device,
+            progress=progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+        )
+
+    def _sample_loop_progressive(self, step, model, shape, *, noise, device, progress, **step_kwargs):
+        """The one sampling loop: run `step` from t = T-1 down to 0, yielding each output."""
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
+        if device is None:
+            device = _model_device(model, noise)
+        if noise is not None:
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
+            img = noise
+        else:
+            img = th.randn(*shape, device=device)
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling"):
+            t = th.full((shape[0],), i, device=device, dtype=th.long)
+            # Guidance functions enable gradients themselves; the model never needs them here.
+            with th.no_grad():
+                out = step(model, img, t, **step_kwargs)
+            yield out
+            img = out["sample"]
+
+
+def _last_sample(progressive):
+    final = None
+    for final in progressive:
+        pass
+    return final["sample"]
+
+
+def _model_device(model, noise):
+    # deviation from reference: a plain function (no parameters) is accepted as the model.
+    if noise is not None:
+        return noise.device
+    parameters = getattr(model, "parameters", None)
+    if parameters is not None:
+        first = next(iter(parameters()), None)
+        if first is not None:
+            return first.device
+    return th.device("cpu")
+
+
+def _nonzero_mask(t, x):
+    # No noise is added on the last step (t == 0).
+    return (t != 0).float().view(-1, *([1] * (x.dim() - 1)))

@@ -1,0 +1,68 @@
+"""
+Respaced diffusion: sample (or evaluate) a model trained with T steps using only a subset of them
+(Nichol & Dhariwal 2021, section 4), e.g. 250 evenly spread steps or DDIM's strided 25.
+"""
+
+import torch as th
+
+from .gaussian_diffusion import GaussianDiffusion
+from .schedules import respace_betas, space_timesteps  # noqa: F401  (space_timesteps lives here in the reference)
+
+__all__ = ["SpacedDiffusion", "space_timesteps"]
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """
+    A diffusion process that skips steps of a base diffusion process.
+
+    The kept steps keep their alpha_bar, so the betas between them are recomputed; the model still
+    sees the original timestep indices (rescaled to 0..1000 when rescale_timesteps), as do
+    guidance functions.
+
+    :param use_timesteps: a collection of timesteps from the original process to retain.
+    :param kwargs: the keyword arguments of GaussianDiffusion for the base process.
+    """
+
+    def __init__(self, use_timesteps, **kwargs):
+        self.use_timesteps = set(use_timesteps)
+        self.original_num_steps = len(kwargs["betas"])
+        base = GaussianDiffusion(**kwargs)
+        betas, self.timestep_map = respace_betas(base.alphas_cumprod, self.use_timesteps)
+        super().__init__(**{**kwargs, "betas": betas})
+
+    def p_mean_variance(self, model, *args, **kwargs):
+        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
+
+    def training_losses(self, model, *args, **kwargs):
+        return super().training_losses(self._wrap_model(model), *args, **kwargs)
+
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def _wrap_model(self, model):
+        if isinstance(model, _WrappedModel):
+            return model
+        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+
+    def _scale_timesteps(self, t):
+        # The wrapper maps and scales the timesteps itself.
+        return t
+
+
+class _WrappedModel:
+    """Calls a model (or guidance function) with original, optionally rescaled, timesteps."""
+
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+        self.model = model
+        self.timestep_map = timestep_map
+        self.rescale_timesteps = rescale_timesteps
+        self.original_num_steps = original_num_steps
+
+    def __call__(self, x, ts, **kwargs):
+        new_ts = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)[ts]
+        if self.rescale_timesteps:
+            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        return self.model(x, new_ts, **kwargs)
