@@ -97,18 +97,22 @@ def load_checkpoint(path, map_location="cpu", **kwargs):
                 return torch.load(f, map_location=map_location, **kwargs)
         return torch.load(path, map_location=map_location, **kwargs)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
+        # A disallowed class shows up as "Unsupported global" (older torch: "Unsupported class");
+        # any other unpickling failure means the bytes themselves are damaged.
+        if "Unsupported global" in str(exc) or "Unsupported class" in str(exc):
             raise ValueError(
                 f"{path} holds objects other than tensors and plain containers, so it was not "
                 "loaded (only state-dict checkpoints are accepted)"
             ) from None
-        raise ValueError(_corrupt_message(path, exc)) from None
+        raise ValueError(_corrupt_message(path, "not a valid torch.save file")) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise ValueError(_corrupt_message(path, exc)) from None
 
 
 def _corrupt_message(path, exc):
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # torch's messages run to paragraphs; the first sentence says what failed.
+    text = str(exc).strip()
+    reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
     return (
         f"cannot read checkpoint {path}: the file is truncated or corrupt ({reason}); "
         "delete it or pass another checkpoint"
