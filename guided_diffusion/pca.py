@@ -5,6 +5,7 @@ and matplotlib only (no scikit-learn at run time).
 Works on any [N x D] feature matrix: VAE posterior means, classifier or evaluator features.
 """
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,3 +219,96 @@ def plot_embedding(
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def embedding_report(
+    features,
+    out_dir,
+    *,
+    labels=None,
+    class_names=None,
+    k=5,
+    raw_2d=False,
+    title="latent space",
+    stem="latent_pca",
+):
+    """
+    Fit a PCA to [N x D] features, write ``<stem>.npz`` and a ``<stem>.png`` scatter, and measure
+    leave-one-out kNN accuracy on the plotted 2-D coordinates and on the full features.
+
+    :param features: [N x D] tensor or array (e.g. VAE posterior means), D >= 2.
+    :param out_dir: folder for the outputs (created if missing).
+    :param labels: [N] integer labels, or None (one colour, no kNN).
+    :param class_names: names indexed by label, for the legend.
+    :param k: neighbours for the kNN accuracy.
+    :param raw_2d: plot the features themselves (needs D == 2) instead of their first two PCs.
+    :param title: first line of the plot title.
+    :param stem: output file name without extension.
+    :return: dict with the npz and png paths, knn_2d, knn_full and chance (None without labels)
+        and the explained variance ratios of the first two components.
+
+    The npz holds mean [D], components [K x D], explained_variance [K],
+    explained_variance_ratio [K], coords [N x 2] (what the PNG shows), coords_kind ("pca" or
+    "latent"), features [N x D], and labels [N] + class_names when labelled.
+    """
+    features = torch.as_tensor(features).detach().to("cpu", torch.float64)
+    if features.dim() != 2 or features.shape[1] < 2:
+        raise ValueError(
+            f"need [N x D] features with D >= 2 for a 2-D plot, got shape {tuple(features.shape)}"
+        )
+    if raw_2d and features.shape[1] != 2:
+        raise ValueError(f"raw 2-D plotting needs 2-d features, got {features.shape[1]}")
+    pca = fit_pca(features)
+    ratio = pca.explained_variance_ratio
+    if raw_2d:
+        coords = features
+        axis_labels = ("z[0]", "z[1]")
+        kind = "latent"
+    else:
+        coords = transform(pca, features)[:, :2]
+        axis_labels = tuple(
+            f"PC{i + 1} ({100 * float(ratio[i]):.1f}% of variance)" for i in range(2)
+        )
+        kind = "pca"
+
+    result = dict(knn_2d=None, knn_full=None, chance=None, ratio=ratio[:2].tolist())
+    lines = [f"{title} ({features.shape[0]} points, {features.shape[1]}-d)"]
+    if labels is not None:
+        labels = torch.as_tensor(labels).to(torch.long)
+        if labels.shape != (features.shape[0],):
+            raise ValueError(f"got {tuple(labels.shape)} labels for {features.shape[0]} points")
+        result["chance"] = majority_rate(labels)
+        if features.shape[0] > k and torch.unique(labels).numel() > 1:
+            result["knn_2d"] = knn_accuracy(coords, labels, k=k)
+            result["knn_full"] = knn_accuracy(features, labels, k=k)
+            lines.append(
+                f"{k}-NN accuracy: {result['knn_2d']:.3f} in 2-D, {result['knn_full']:.3f} in "
+                f"{features.shape[1]}-D (chance {result['chance']:.3f})"
+            )
+
+    os.makedirs(out_dir, exist_ok=True)
+    arrays = dict(
+        mean=pca.mean.float().numpy(),
+        components=pca.components.float().numpy(),
+        explained_variance=pca.explained_variance.float().numpy(),
+        explained_variance_ratio=pca.explained_variance_ratio.float().numpy(),
+        coords=coords.float().numpy(),
+        coords_kind=np.array(kind),
+        features=features.float().numpy(),
+    )
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+        if class_names is not None:
+            arrays["class_names"] = np.array([str(c) for c in class_names])
+    npz_path = os.path.join(out_dir, stem + ".npz")
+    np.savez(npz_path, **arrays)
+    png_path = plot_embedding(
+        coords.numpy(),
+        os.path.join(out_dir, stem + ".png"),
+        labels=None if labels is None else labels.numpy(),
+        class_names=class_names,
+        axis_labels=axis_labels,
+        title="\n".join(lines),
+    )
+    result.update(npz=npz_path, png=png_path)
+    return result

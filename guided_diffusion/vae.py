@@ -18,6 +18,7 @@ batch). The ELBO always uses a KL weight of 1; ``beta`` only reweights the KL in
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -534,3 +535,39 @@ class _ConvDecoder(nn.Module):
     def forward(self, z):
         h = self.inp(z).view(-1, self.first_channels, self.side, self.side)
         return self.body(h)
+
+
+# ---- reading a whole image folder once -----------------------------------------------------------
+
+
+def spread_indices(total, count):
+    """
+    ``count`` indices spread evenly over range(total) (all of them when count is 0 or too big),
+    so a subset of a folder sorted by class still covers every class.
+    """
+    if count <= 0 or count >= total:
+        return list(range(total))
+    step = total / count
+    return [int(i * step) for i in range(count)]
+
+
+def folder_batches(paths, *, image_size, batch_size, labels=None):
+    """
+    One deterministic pass over image files (centre crop, no flip), in the order given.
+
+    :param paths: image file paths.
+    :param image_size: side of the square images.
+    :param batch_size: images per batch.
+    :param labels: one int per path, or None.
+    :return: generator of (float32 NCHW tensor in [-1, 1], int64 labels tensor or None).
+    """
+    from .image_datasets import ImageDataset
+
+    dataset = ImageDataset(image_size, paths, classes=labels, random_flip=False)
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        x = torch.from_numpy(np.stack([arr for arr, _ in items]))
+        y = None
+        if labels is not None:
+            y = torch.tensor([int(extra["y"]) for _, extra in items], dtype=torch.long)
+        yield x, y

@@ -1,0 +1,112 @@
+"""
+Writing a VAE's outputs: prior samples (the samples_NxHxWx3.npz convention of the diffusion
+scripts), reconstructions of real images, and an interpolation between two encoded images.
+Images are the decoder means E[x|z] (grey values, not binarised draws), saved as 3-channel uint8.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from . import dist_util
+from .image_datasets import class_labels_from_paths, list_image_files_recursively
+from .sample_util import make_grid_png, save_samples, to_uint8
+from .vae import folder_batches, interpolate, spread_indices
+
+
+def unit_to_uint8(x):
+    """[0, 1] NCHW float -> uint8 NHWC with 3 channels (grayscale is repeated)."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return to_uint8(x * 2.0 - 1.0).cpu().numpy()
+
+
+@torch.no_grad()
+def sample_from_prior(model, *, num_samples, batch_size, out_dir):
+    """
+    Decode draws z ~ N(0, I) on every rank, gather them in rank order and save them on rank 0.
+
+    For a class-conditional model the labels of each batch are drawn uniformly before its z.
+
+    :return: the npz path on rank 0, else None.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError("--num_samples and --batch_size must be at least 1")
+    device = dist_util.dev()
+    images, labels = [], []
+    while len(images) * batch_size * dist_util.get_world_size() < num_samples:
+        y = None
+        if model.class_cond:
+            y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+        x = unit_to_uint8(model.sample(batch_size, y, device=device))
+        for part in dist_util.all_gather_tensors(torch.from_numpy(x).to(device)):
+            images.append(part.cpu().numpy())
+        if y is not None:
+            for part in dist_util.all_gather_tensors(y):
+                labels.append(part.cpu().numpy())
+    if not dist_util.is_main_process():
+        return None
+    arr = np.concatenate(images)[:num_samples]
+    lab = np.concatenate(labels)[:num_samples] if labels else None
+    return save_samples(arr, lab, out_dir)
+
+
+def _load_images(model, data_dir, indices=None):
+    """Chosen images of a folder (sorted order) as [0, 1] tensors, with labels for a CVAE."""
+    paths = list_image_files_recursively(data_dir)
+    if indices is not None:
+        paths = [paths[i] for i in indices]
+    labels = class_labels_from_paths(paths)[0] if model.class_cond else None
+    batches = list(folder_batches(paths, image_size=model.image_size, batch_size=len(paths), labels=labels))
+    x, y = batches[0]
+    device = next(model.parameters()).device
+    return model.prepare_input(x.to(device)), None if y is None else y.to(device)
+
+
+@torch.no_grad()
+def save_reconstructions(model, data_dir, num_images, out_dir):
+    """
+    Reconstruct ``num_images`` images spread evenly over the sorted folder (decoding the
+    posterior mean) and write reconstructions.npz (originals, reconstructions[, labels]) and
+    reconstructions.png: pairs original | reconstruction, four pairs per row.
+
+    :return: the npz path.
+    """
+    if num_images < 1:
+        raise ValueError(f"--num_recon must be at least 1, got {num_images}")
+    total = len(list_image_files_recursively(data_dir))
+    x, y = _load_images(model, data_dir, spread_indices(total, num_images))
+    originals = unit_to_uint8(x)
+    recons = unit_to_uint8(model.reconstruct(x, y))
+    pairs = np.stack([originals, recons], axis=1).reshape(-1, *originals.shape[1:])
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "reconstructions.npz")
+    extra = {} if y is None else dict(labels=y.cpu().numpy().astype(np.int64))
+    np.savez(path, originals=originals, reconstructions=recons, **extra)
+    make_grid_png(pairs, os.path.join(out_dir, "reconstructions.png"), nrow=min(8, len(pairs)))
+    return path
+
+
+@torch.no_grad()
+def save_interpolation(model, data_dir, steps, out_dir):
+    """
+    Interpolate linearly between the posterior means of the first and the last image of the
+    sorted folder (for the digits: a 0 and a 9). Writes interpolation.npz (images: the decoded
+    steps, endpoints: the two originals) and interpolation.png (original, steps, original).
+
+    :return: the npz path.
+    """
+    total = len(list_image_files_recursively(data_dir))
+    if total < 2:
+        raise ValueError(f"interpolation needs at least 2 images in {data_dir}, found {total}")
+    x, y = _load_images(model, data_dir, [0, total - 1])
+    ya, yb = (None, None) if y is None else (y[:1], y[1:])
+    path_images = unit_to_uint8(interpolate(model, x[:1], x[1:], steps, ya, yb))
+    ends = unit_to_uint8(x)
+    row = np.concatenate([ends[:1], path_images, ends[1:]])
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "interpolation.npz")
+    np.savez(path, images=path_images, endpoints=ends)
+    make_grid_png(row, os.path.join(out_dir, "interpolation.png"), nrow=len(row))
+    return path
