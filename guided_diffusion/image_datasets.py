@@ -81,6 +81,8 @@ def load_data(
         num_workers=1,
         drop_last=True,
     )
+    # deviation from reference: the reference was itself a generator, so every error above only
+    # surfaced at the first next(); returning an inner generator reports them at the call.
     return _forever(loader)
 
 
@@ -146,6 +148,8 @@ def _walk(folder):
     found = []
     for entry in sorted(listdir(folder)):
         path = join(folder, entry)
+        # deviation from reference: folders are recognised before extensions, so a folder
+        # named "x.png" is searched rather than read as an image.
         if isdir(path):
             found.extend(_walk(path))
         elif "." in entry and entry.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:

@@ -365,6 +365,8 @@ class Logger:
         if self.comm is not None:
             row = mpi_weighted_mean(self.comm, self._value_counts())
         else:
+            # deviation from reference: without an explicit comm the reference wrote each rank's
+            # own values; we average over the torch.distributed group whenever one is running.
             dist = _torch_dist()
             if dist is None:
                 row = dict(self.name2val)
