@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-# The reference kept its own SiLU for PyTorch 1.5; the built-in one computes the same x * sigmoid(x).
+# The reference kept its own SiLU for PyTorch 1.5; the built-in one computes the same
+# x * sigmoid(x).
 SiLU = nn.SiLU
 
 

@@ -214,7 +214,9 @@ class Downsample(nn.Module):
 
 def _check_channels(x, expected, where):
     if x.shape[1] != expected:
-        raise ValueError(f"{where} expects {expected} channels, got a tensor of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{where} expects {expected} channels, got a tensor of shape {tuple(x.shape)}"
+        )
 
 
 class ResBlock(TimestepBlock):
@@ -348,8 +350,8 @@ class AttentionBlock(nn.Module):
         if num_head_channels == -1:
             if channels % num_heads:
                 raise ValueError(
-                    f"attention over {channels} channels cannot be split into num_heads={num_heads} "
-                    f"heads: choose num_heads dividing {channels}"
+                    f"attention over {channels} channels cannot be split into "
+                    f"num_heads={num_heads} heads: pass a --num_heads dividing {channels}"
                 )
             self.num_heads = num_heads
         else:
@@ -357,7 +359,8 @@ class AttentionBlock(nn.Module):
                 raise ValueError(
                     f"attention over {channels} channels is not divisible by "
                     f"num_head_channels={num_head_channels}: pass a --num_head_channels dividing "
-                    f"{channels} (or -1 to use --num_heads), or change --num_channels/--channel_mult"
+                    f"{channels} (or -1 to use --num_heads), or change "
+                    "--num_channels/--channel_mult"
                 )
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
@@ -391,8 +394,18 @@ class _EncoderBuilder:
     channel count, downsample rate and feature sizes the callers need afterwards.
     """
 
-    def __init__(self, *, model_channels, time_embed_dim, dropout, dims, use_checkpoint,
-                 use_scale_shift_norm, num_head_channels, use_new_attention_order):
+    def __init__(
+        self,
+        *,
+        model_channels,
+        time_embed_dim,
+        dropout,
+        dims,
+        use_checkpoint,
+        use_scale_shift_norm,
+        num_head_channels,
+        use_new_attention_order,
+    ):
         self.model_channels = model_channels
         self.time_embed_dim = time_embed_dim
         self.dropout = dropout
@@ -424,8 +437,17 @@ class _EncoderBuilder:
             use_new_attention_order=self.use_new_attention_order,
         )
 
-    def input_blocks(self, *, in_channels, channel_mult, num_res_blocks, attention_resolutions,
-                     num_heads, conv_resample, resblock_updown):
+    def input_blocks(
+        self,
+        *,
+        in_channels,
+        channel_mult,
+        num_res_blocks,
+        attention_resolutions,
+        num_heads,
+        conv_resample,
+        resblock_updown,
+    ):
         """
         :return: (ModuleList of blocks, channels after each block, final channels, final
             downsample rate, summed channels of all blocks).
@@ -612,7 +634,8 @@ class UNetModel(nn.Module):
             return emb
         if y is None:
             raise ValueError(
-                "the model is class-conditional (--class_cond True): pass y, an [N] tensor of labels"
+                "the model is class-conditional (--class_cond True): pass y, an [N] tensor "
+                "of labels"
             )
         if y.shape != (batch,):
             raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")

@@ -13,7 +13,11 @@ from conftest import conformance_dir
 from guided_diffusion import script_util
 
 # Which reference script's defaults the flags of each kind are parsed with.
-SCRIPT_FOR_KIND = {"unet": "image_sample", "sr": "super_res_sample", "classifier": "classifier_sample"}
+SCRIPT_FOR_KIND = {
+    "unet": "image_sample",
+    "sr": "super_res_sample",
+    "classifier": "classifier_sample",
+}
 
 
 def _names():
@@ -43,7 +47,9 @@ def _build_on_meta(kind, args):
     with torch.device("meta"):
         if kind == "unet":
             keys = script_util.model_and_diffusion_defaults().keys()
-            model, _ = script_util.create_model_and_diffusion(**script_util.args_to_dict(args, keys))
+            model, _ = script_util.create_model_and_diffusion(
+                **script_util.args_to_dict(args, keys)
+            )
         elif kind == "sr":
             keys = script_util.sr_model_and_diffusion_defaults().keys()
             model, _ = script_util.sr_create_model_and_diffusion(

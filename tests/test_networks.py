@@ -60,7 +60,10 @@ def test_timestep_embedding_matches_reference(conformance):
     torch.testing.assert_close(gnn.timestep_embedding(t, 128), vec["dim128"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gnn.timestep_embedding(t, 33), vec["dim33"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        gnn.timestep_embedding(t, 64, max_period=100), vec["dim64_maxperiod100"], rtol=1e-5, atol=1e-5
+        gnn.timestep_embedding(t, 64, max_period=100),
+        vec["dim64_maxperiod100"],
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -130,7 +133,8 @@ def test_qkv_attention_both_head_orders(heads):
     per_head = qkv.reshape(batch * heads, 3 * ch, length)
     q, k, v = per_head[:, :ch], per_head[:, ch : 2 * ch], per_head[:, 2 * ch :]
     legacy_expected = _naive_attention(q, k, v).reshape(batch, heads * ch, length)
-    torch.testing.assert_close(QKVAttentionLegacy(heads)(qkv), legacy_expected, rtol=1e-5, atol=1e-5)
+    legacy = QKVAttentionLegacy(heads)(qkv)
+    torch.testing.assert_close(legacy, legacy_expected, rtol=1e-5, atol=1e-5)
 
     # New layout: [all q, all k, all v], then heads.
     q, k, v = (part.reshape(batch * heads, ch, length) for part in qkv.chunk(3, dim=1))
@@ -206,7 +210,11 @@ def test_gradient_checkpointing_gives_equal_gradients(monkeypatch):
 
 def test_attention_block_honours_use_checkpoint(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda f, *a, **k: calls.append(1) or f(*a))
+    def fake_checkpoint(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", fake_checkpoint)
     x = torch.randn(1, 32, 4, 4, requires_grad=True)
     AttentionBlock(32, use_checkpoint=False)(x)
     assert calls == []
@@ -262,7 +270,8 @@ def test_bf16_autocast_forward():
     unet = _perturb(script_util.create_model(**TINY, learn_sigma=True)).eval()
     classifier = _perturb(
         script_util.create_classifier(
-            16, False, 64, 1, "8", True, True, "attention", num_classes=5, classifier_channel_mult="1,2"
+            16, False, 64, 1, "8", True, True, "attention",
+            num_classes=5, classifier_channel_mult="1,2",
         )
     ).eval()
     x, t = _inputs()
@@ -386,7 +395,9 @@ def test_num_classes_reaches_every_factory():
     assert script_util.create_model(**TINY, class_cond=True).label_emb.num_embeddings == 1000
     assert not hasattr(script_util.create_model(**TINY, num_classes=10), "label_emb")
 
-    classifier = script_util.create_classifier(32, False, 64, 1, "8", True, True, "adaptive", num_classes=7)
+    classifier = script_util.create_classifier(
+        32, False, 64, 1, "8", True, True, "adaptive", num_classes=7
+    )
     assert classifier.out[3].out_channels == 7
 
     sr_flags = dict(
@@ -548,8 +559,9 @@ def test_defaults_dicts_match_reference_scripts(conformance):
         assert set(ours) == set(flags) - SCRIPT_ONLY[script], script
         for key, value in ours.items():
             assert value == flags[key] and type(value) is type(flags[key]), (script, key)
-    assert script_util.diffusion_defaults().items() <= script_util.model_and_diffusion_defaults().items()
-    assert script_util.classifier_defaults().items() <= script_util.classifier_and_diffusion_defaults().items()
+    su = script_util
+    assert su.diffusion_defaults().items() <= su.model_and_diffusion_defaults().items()
+    assert su.classifier_defaults().items() <= su.classifier_and_diffusion_defaults().items()
     assert script_util.NUM_CLASSES == 1000
 
 
