@@ -343,13 +343,15 @@ class InceptionV3(nn.Module):
         return pool @ self.fc.weight.t()
 
 
-def expected_state_dict_shapes():
+def expected_state_dict_shapes(model=None):
     """
+    :param model: an InceptionV3 to read the shapes from; a new one when None.
     :return: {key: shape} of the weight file the network expects (``num_batches_tracked`` excluded).
     """
+    model = model if model is not None else InceptionV3()
     return {
         key: tuple(value.shape)
-        for key, value in InceptionV3().state_dict().items()
+        for key, value in model.state_dict().items()
         if not key.endswith("num_batches_tracked")
     }
 
@@ -383,7 +385,8 @@ def load_inception(path, *, device="cpu"):
         raise ValueError(f"{path} does not hold a state dict of tensors: {HOW_TO_GET_WEIGHTS}")
     # BatchNorm's step counter is never used at inference; files with or without it both work.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    expected = expected_state_dict_shapes()
+    model = InceptionV3()
+    expected = expected_state_dict_shapes(model)
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
     if missing or unexpected:
@@ -403,7 +406,6 @@ def load_inception(path, *, device="cpu"):
             f"{path}: {len(wrong)} tensors have the wrong shape, e.g. {k} is "
             f"{tuple(state[k].shape)}, expected {expected[k]}. {HOW_TO_GET_WEIGHTS}"
         )
-    model = InceptionV3()
     model.load_state_dict(state, strict=False)
     model.eval().requires_grad_(False)
     return model.to(device)

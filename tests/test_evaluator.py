@@ -1,0 +1,357 @@
+"""Evaluator metrics against independent computations, the npz reader, and the CLI end to end."""
+
+import hashlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import evaluations.metrics as metrics
+from evaluations.evaluator import Evaluator, evaluate, main
+from evaluations.inception import InceptionV3
+from evaluations.metrics import (
+    FIDStatistics,
+    ManifoldEstimator,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+from evaluations.npz import NpzArrayStream
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+
+def random_covariance(rng, dim):
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def psd_sqrt(matrix):
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def test_fid_of_identical_statistics_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=6), random_covariance(rng, 6)
+    assert FIDStatistics(mu=mu, sigma=sigma).frechet_distance(FIDStatistics(mu=mu.copy(), sigma=sigma.copy())) == 0.0
+    # Through sqrtm as well: a tiny shift of the mean only adds its squared norm.
+    shifted = frechet_distance(mu, sigma, mu + 1e-3, sigma)
+    assert shifted == pytest.approx(6e-6, abs=1e-8)
+
+
+def test_fid_of_diagonal_gaussians_matches_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    d1, d2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(d1 + d2 - 2 * np.sqrt(d1 * d2))
+    assert frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_of_general_gaussians_matches_symmetric_formula():
+    # tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2), computed here with eigh only.
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    s1, s2 = random_covariance(rng, 8), random_covariance(rng, 8)
+    root = psd_sqrt(s1)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(psd_sqrt(root @ s2 @ root))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    # Symmetric in its arguments.
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
+    calls = []
+    real_sqrtm = metrics.linalg.sqrtm
+
+    def flaky_sqrtm(matrix):
+        calls.append(matrix.copy())
+        return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    with pytest.warns(UserWarning, match="adding 0.5 to diagonal"):
+        value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=0.5)
+    np.testing.assert_allclose(calls[1], (s1 + 0.5 * np.eye(2)) @ (s2 + 0.5 * np.eye(2)))
+    expected = 1 + 4 + 9 + 1 - 2 * (np.sqrt(1.5 * 9.5) + np.sqrt(4.5 * 1.5))
+    assert value == pytest.approx(expected)
+
+
+def test_fid_rejects_a_large_imaginary_component_and_bad_shapes():
+    with pytest.raises(ValueError, match="Imaginary component"):
+        frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="different lengths"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="at least 2"):
+        FIDStatistics.from_features(np.zeros((1, 4)))
+
+
+def test_statistics_match_numpy():
+    features = np.random.default_rng(3).normal(size=(20, 4)).astype(np.float32)
+    stats = FIDStatistics.from_features(features)
+    np.testing.assert_allclose(stats.mu, features.astype(np.float64).mean(0))
+    np.testing.assert_allclose(stats.sigma, np.cov(features.astype(np.float64).T))
+
+
+# ---------------------------------------------------------------- Inception Score
+
+
+def confident_logits(classes):
+    logits = np.full((len(classes), 10), -50.0)
+    logits[np.arange(len(classes)), classes] = 50.0
+    return logits
+
+
+def test_inception_score_known_values():
+    assert inception_score(np.zeros((7, 10))) == pytest.approx(1.0)
+    assert inception_score(confident_logits([3] * 8)) == pytest.approx(1.0)
+    # Confident and uniform over 4 classes: exp(log 4).
+    assert inception_score(confident_logits([0, 1, 2, 3] * 2)) == pytest.approx(4.0)
+
+
+def test_inception_score_splits_are_consecutive_and_averaged():
+    # First split all one class (score 1), second split 4 classes (score 4): arithmetic mean 2.5.
+    logits = confident_logits([5, 5, 5, 5, 0, 1, 2, 3])
+    assert inception_score(logits, split_size=4) == pytest.approx(2.5)
+    # A last, smaller split counts as one split: [1, 1, 1, 1] | [2 classes] -> (1 + 2) / 2.
+    assert inception_score(confident_logits([5, 5, 5, 5, 0, 1]), split_size=4) == pytest.approx(1.5)
+
+
+def test_inception_score_matches_numpy_formula():
+    logits = np.random.default_rng(4).normal(scale=3, size=(30, 12))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, 30, 10):
+        part = probs[start : start + 10]
+        kl = np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), axis=1).mean()
+        scores.append(np.exp(kl))
+    assert inception_score(logits, split_size=10) == pytest.approx(np.mean(scores), rel=1e-10)
+
+
+# ---------------------------------------------------------------- precision and recall
+
+
+def grid(n, offset=0.0):
+    return np.stack([np.arange(n, dtype=np.float32) + offset, np.zeros(n, dtype=np.float32)], axis=1)
+
+
+def test_radii_are_squared_distance_to_third_neighbour():
+    points = np.random.default_rng(5).normal(size=(23, 6)).astype(np.float32)
+    dist = ((points[:, None] - points[None]) ** 2).sum(-1)
+    expected = np.sort(dist, axis=1)[:, 3]  # column 0 is the point itself
+    for rows, cols in [(10000, 10000), (4, 7)]:
+        radii = ManifoldEstimator(row_batch_size=rows, col_batch_size=cols).manifold_radii(points)
+        assert radii.shape == (23, 1)
+        np.testing.assert_allclose(radii[:, 0], expected, rtol=1e-4, atol=1e-4)
+    # On a unit grid an interior point's 3rd neighbour is at distance 2 (squared 4).
+    assert ManifoldEstimator().manifold_radii(grid(10))[5, 0] == pytest.approx(4.0)
+
+
+def test_precision_recall_known_answers():
+    points = np.random.default_rng(6).normal(size=(40, 8)).astype(np.float32)
+    assert precision_recall(points, points.copy()) == (1.0, 1.0)
+    assert precision_recall(points, points + 1000.0) == (0.0, 0.0)
+    # Samples: a copy of the reference grid plus as many far points. Half the samples are on the
+    # reference manifold; every reference point is covered by the copy.
+    ref = grid(20)
+    samples = np.concatenate([grid(20), grid(20, offset=1000.0)])
+    assert precision_recall(ref, samples) == (0.5, 1.0)
+    # Swapping roles swaps the answers.
+    assert precision_recall(samples, ref) == (1.0, 0.5)
+    small_blocks = ManifoldEstimator(row_batch_size=3, col_batch_size=7)
+    assert precision_recall(ref, samples, estimator=small_blocks) == (0.5, 1.0)
+
+
+def test_manifold_evaluate_and_clamp():
+    estimator = ManifoldEstimator(row_batch_size=4, col_batch_size=3)
+    ref = grid(10)
+    radii = estimator.manifold_radii(ref)
+    queries = np.array([[2.2, 0.0], [50.0, 0.0], [9.0, 0.5]], dtype=np.float32)
+    result = estimator.evaluate(ref, radii, queries)
+    assert result["batch_predictions"][:, 0].tolist() == [1, 0, 1]
+    assert result["nearest_indices"].tolist() == [2, 9, 9]
+    assert result["fraction"] == pytest.approx(2 / 3)
+    # Realism of query 0: max over refs of radius / (d^2 + eps); ref 2 at d^2 = 0.04 dominates.
+    assert result["max_realism_score"][0] == pytest.approx(4.0 / (0.04 + 1e-5), rel=1e-4)
+    clamped = ManifoldEstimator(clamp_to_percentile=50).manifold_radii(ref)
+    assert (clamped[radii > np.percentile(radii, 50)] == 0).all()
+    with pytest.raises(ValueError, match="more than 3 feature vectors"):
+        estimator.manifold_radii(grid(3))
+
+
+# ---------------------------------------------------------------- npz reading
+
+
+def test_npz_stream_batches(tmp_path):
+    images = np.random.default_rng(7).integers(0, 256, size=(11, 4, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images, extra=np.zeros(2))
+    np.savez_compressed(tmp_path / "packed.npz", images)
+    np.savez(tmp_path / "fortran.npz", np.asfortranarray(images))
+    for name in ("plain", "packed", "fortran"):
+        with NpzArrayStream(path=str(tmp_path / f"{name}.npz"), name="arr_0") as stream:
+            assert len(stream) == 11 and stream.shape == (11, 4, 5, 3)
+            batches = list(stream.batches(4))
+        assert [len(b) for b in batches] == [4, 4, 3]
+        np.testing.assert_array_equal(np.concatenate(batches), images)
+    with pytest.raises(ValueError, match="no array named 'arr_9'"):
+        NpzArrayStream(path=str(tmp_path / "plain.npz"), name="arr_9")
+    (tmp_path / "raw.npy").write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="not an .npz file"):
+        NpzArrayStream(path=str(tmp_path / "raw.npy"), name="arr_0")
+
+
+# ---------------------------------------------------------------- Evaluator flow with a stub network
+
+
+class StubFeatures(nn.Module):
+    """Cheap deterministic features with the Evaluator's model interface (6-d pool, 5-d spatial)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4, bias=False)
+
+    def forward(self, images):
+        x = images.float() / 255.0
+        pool = torch.cat([x.mean(dim=(1, 2)), x.std(dim=(1, 2))], dim=1)
+        spatial = x[:, :5, 0, 0]
+        return pool, spatial
+
+    def logits(self, pool):
+        return pool @ self.fc.weight.t()
+
+
+def test_evaluate_flow_prints_reference_lines_and_uses_stored_statistics(tmp_path):
+    rng = np.random.default_rng(8)
+    ref_images = rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8)
+    sample_images = rng.integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", sample_images)
+    evaluator = Evaluator(model=StubFeatures(), batch_size=5, progress=False)
+    ref_pool, ref_spatial = evaluator.compute_activations([ref_images])
+    # The stored statistics must be the ones used: shift the stored pool mean by a known vector.
+    shift = np.full(6, 0.5)
+    stored_mu = ref_pool.astype(np.float64).mean(0) + shift
+    np.savez(
+        tmp_path / "ref.npz",
+        arr_0=ref_images,
+        mu=stored_mu,
+        sigma=np.cov(ref_pool.astype(np.float64).T),
+    )
+    lines = []
+    results = evaluate(
+        ref_batch=str(tmp_path / "ref.npz"),
+        sample_batch=str(tmp_path / "samples.npz"),
+        evaluator=evaluator,
+        out=lambda *args: lines.append(" ".join(str(a) for a in args)),
+    )
+    names = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert lines[:5] == [
+        "computing reference batch activations...",
+        "computing/reading reference batch statistics...",
+        "computing sample batch activations...",
+        "computing/reading sample batch statistics...",
+        "Computing evaluations...",
+    ]
+    assert [line.split(":")[0] for line in lines[5:]] == names
+    assert [float(line.split(": ")[1]) for line in lines[5:]] == [results[n] for n in names]
+
+    sample_pool, sample_spatial = evaluator.compute_activations([sample_images])
+    expected_fid = frechet_distance(
+        sample_pool.astype(np.float64).mean(0), np.cov(sample_pool.astype(np.float64).T),
+        stored_mu, np.cov(ref_pool.astype(np.float64).T),
+    )
+    assert results["FID"] == pytest.approx(expected_fid, rel=1e-9)
+    # No mu_s/sigma_s stored: sFID comes from the spatial activations.
+    expected_sfid = frechet_distance(
+        sample_spatial.astype(np.float64).mean(0), np.cov(sample_spatial.astype(np.float64).T),
+        ref_spatial.astype(np.float64).mean(0), np.cov(ref_spatial.astype(np.float64).T),
+    )
+    assert results["sFID"] == pytest.approx(expected_sfid, rel=1e-9)
+    assert (results["Precision"], results["Recall"]) == precision_recall(ref_pool, sample_pool)
+
+
+def test_fid_and_sfid_share_the_frechet_code(tmp_path, monkeypatch):
+    dims = []
+    real = metrics.frechet_distance
+
+    def recording(mu1, sigma1, mu2, sigma2, **kwargs):
+        dims.append(len(np.atleast_1d(mu1)))
+        return real(mu1, sigma1, mu2, sigma2, **kwargs)
+
+    monkeypatch.setattr(metrics, "frechet_distance", recording)
+    images = np.random.default_rng(9).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images)
+    evaluator = Evaluator(model=StubFeatures(), progress=False)
+    evaluate(ref_batch=str(tmp_path / "a.npz"), sample_batch=str(tmp_path / "a.npz"), evaluator=evaluator, out=lambda *a: None)
+    assert dims == [6, 5]
+
+
+# ---------------------------------------------------------------- CLI end to end
+
+
+def save_random_inception(path):
+    torch.manual_seed(0)
+    model = InceptionV3()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.bias, 0.0, 0.1)
+    torch.save(model.state_dict(), path)
+
+
+def test_cli_self_comparison(tmp_path):
+    weights = tmp_path / "inception.pth"
+    save_random_inception(weights)
+    batch = tmp_path / "batch.npz"
+    images = np.random.default_rng(10).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    np.savez(batch, arr_0=images)
+    digest = hashlib.sha256(batch.read_bytes()).hexdigest()
+    proc = subprocess.run(
+        [sys.executable, "evaluations/evaluator.py", str(batch), str(batch),
+         "--inception_path", str(weights), "--batch_size", "2", "--device", "cpu"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert list(values) == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert float(values["FID"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(values["sFID"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(values["Precision"]) == 1.0 and float(values["Recall"]) == 1.0
+    assert float(values["Inception Score"]) >= 1.0
+    assert hashlib.sha256(batch.read_bytes()).hexdigest() == digest
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    proc = subprocess.run(
+        [sys.executable, "evaluations/evaluator.py", str(batch), str(batch),
+         "--inception_path", str(tmp_path / "absent.pth")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Inception weights not found" in proc.stderr and "--inception_path" in proc.stderr
+
+    # No flag and nothing in the default places.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(batch), str(batch)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no Inception weights given" in err
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, wrong)
+    assert main([str(batch), str(batch), "--inception_path", str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "missing keys" in err
