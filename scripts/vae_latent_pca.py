@@ -99,7 +99,7 @@ def main(args):
         space = "raw 2-D latent" if raw else "2-D PCA"
         logger.log(
             f"{args.knn_k}-NN leave-one-out accuracy on the {space}: {result['knn_2d']:.4f} "
-            f"(full latent {result['knn_full']:.4f}, chance {result['chance']:.4f})"
+            f"(all {features.shape[1]} dimensions {result['knn_full']:.4f}, chance {result['chance']:.4f})"
         )
     logger.log(f"wrote {result['npz']} and {result['png']}")
 
