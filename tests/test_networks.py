@@ -578,3 +578,32 @@ def test_argparse_helpers():
         a=3, b=2.0, c="x", d=True, e="hi"
     )
     assert isinstance(args.b, float)
+
+
+def test_load_model_state_dict_names_the_flags_to_change():
+    source = _perturb(script_util.create_model(**TINY, class_cond=True, learn_sigma=True))
+    state = source.state_dict()
+    cases = [
+        (dict(), r"label_emb.weight: pass --class_cond True.*--learn_sigma True"),
+        (dict(class_cond=True, learn_sigma=True, num_classes=10), "pass --num_classes 1000"),
+        (dict(class_cond=True, learn_sigma=True, num_channels=64), "pass --num_channels 32"),
+        (dict(class_cond=True, learn_sigma=True, use_scale_shift_norm=True),
+         "pass --use_scale_shift_norm False"),
+        (dict(class_cond=True, learn_sigma=True, num_res_blocks=2), "check --num_res_blocks"),
+    ]
+    for overrides, message in cases:
+        target = script_util.create_model(**{**TINY, **overrides})
+        with pytest.raises(ValueError, match=message):
+            script_util.load_model_state_dict(target, state)
+
+    unconditional = script_util.create_model(**TINY)
+    with pytest.raises(ValueError, match="pass --class_cond False"):
+        script_util.load_model_state_dict(source, unconditional.state_dict())
+    opt = torch.optim.AdamW(source.parameters())
+    with pytest.raises(ValueError, match="optimizer checkpoint"):
+        script_util.load_model_state_dict(source, opt.state_dict())
+
+    target = script_util.create_model(**TINY, class_cond=True, learn_sigma=True)
+    script_util.load_model_state_dict(target, state)
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, state[name])
