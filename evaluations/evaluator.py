@@ -96,7 +96,8 @@ class Evaluator:
         keys = set(npz_keys(npz_path))
         result = []
         with np.load(npz_path) as stored:
-            for (mu_key, sigma_key), features in zip((("mu", "sigma"), ("mu_s", "sigma_s")), activations):
+            names = (("mu", "sigma"), ("mu_s", "sigma_s"))
+            for (mu_key, sigma_key), features in zip(names, activations):
                 if mu_key in keys and sigma_key in keys:
                     result.append(FIDStatistics(mu=stored[mu_key], sigma=stored[sigma_key]))
                 else:
@@ -180,7 +181,8 @@ def evaluate(*, ref_batch, sample_batch, evaluator, out=print):
     out("FID:", results["FID"])
     results["sFID"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
     out("sFID:", results["sFID"])
-    results["Precision"], results["Recall"] = evaluator.compute_prec_recall(ref_acts[0], sample_acts[0])
+    precision, recall = evaluator.compute_prec_recall(ref_acts[0], sample_acts[0])
+    results["Precision"], results["Recall"] = precision, recall
     out("Precision:", results["Precision"])
     out("Recall:", results["Recall"])
     return results
@@ -212,8 +214,8 @@ def main(argv=None):
         path = args.inception_path or default_inception_path()
         if path is None:
             raise FileNotFoundError(
-                f"no Inception weights given and no {WEIGHTS_FILENAME} in the torch hub cache or the "
-                f"current directory: {HOW_TO_GET_WEIGHTS}"
+                f"no Inception weights given and no {WEIGHTS_FILENAME} in the torch hub cache "
+                f"or the current directory: {HOW_TO_GET_WEIGHTS}"
             )
         model = load_inception(path, device=device)
         evaluator = Evaluator(model=model, device=device, batch_size=args.batch_size)

@@ -131,7 +131,8 @@ class Mixed17(nn.Module):
     def __init__(self, *, in_channels, mid_channels):
         super().__init__()
         c = mid_channels
-        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        row = dict(kernel_size=(1, 7), padding=(0, 3))
+        col = dict(kernel_size=(7, 1), padding=(3, 0))
         self.branch1x1 = ConvBNReLU(in_channels=in_channels, out_channels=192, kernel_size=1)
         self.branch7x7_1 = ConvBNReLU(in_channels=in_channels, out_channels=c, kernel_size=1)
         self.branch7x7_2 = ConvBNReLU(in_channels=c, out_channels=c, **row)
@@ -152,7 +153,9 @@ class Mixed17(nn.Module):
         """
         seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         double = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5
+        ):
             double = layer(double)
         return [self.branch1x1(x), seven, double, self.branch_pool(_same_avg_pool(x))]
 
@@ -183,7 +186,9 @@ class Reduction17to8(nn.Module):
     def forward(self, x):
         three = self.branch3x3_2(self.branch3x3_1(x))
         seven = x
-        for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+        for layer in (
+            self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4
+        ):
             seven = layer(seven)
         pooled = F.max_pool2d(x, kernel_size=3, stride=2)
         return torch.cat([three, seven, pooled], dim=1)
@@ -320,7 +325,9 @@ class InceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+        for block in (
+            self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c
+        ):
             x = block(x)
         parts = self.Mixed_6d.branches(x)
         # The reference slices mixed_6/conv in NHWC layout, so flatten as (h, w, c) to keep the

@@ -33,7 +33,8 @@ class FIDStatistics:
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or features.shape[0] < 2:
             raise ValueError(
-                f"need at least 2 feature vectors to estimate a covariance, got shape {features.shape}"
+                "need at least 2 feature vectors to estimate a covariance, "
+                f"got shape {features.shape}"
             )
         return cls(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False))
 
@@ -78,7 +79,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps=1e-6):
         covmean = linalg.sqrtm(sigma1 @ sigma2)
         if not np.isfinite(covmean).all():
             warnings.warn(
-                f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
+                f"fid calculation produces singular product; adding {eps} to diagonal of cov "
+                "estimates"
             )
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -180,7 +182,8 @@ class ManifoldEstimator:
         keep = max(self.nhood_sizes) + 1
         if n < keep:
             raise ValueError(
-                f"need more than {keep - 1} feature vectors for k={keep - 1} nearest neighbours, got {n}"
+                f"need more than {keep - 1} feature vectors for k={keep - 1} nearest "
+                f"neighbours, got {n}"
             )
         radii = torch.empty(n, len(self.nhood_sizes), dtype=torch.float32)
         for r0, r1 in self._blocks(n, self.row_batch_size):
@@ -274,5 +277,7 @@ def precision_recall(ref_features, sample_features, *, estimator=None):
     estimator = estimator or ManifoldEstimator()
     radii_ref = estimator.manifold_radii(ref_features)
     radii_sample = estimator.manifold_radii(sample_features)
-    precision, recall = estimator.evaluate_pr(ref_features, radii_ref, sample_features, radii_sample)
+    precision, recall = estimator.evaluate_pr(
+        ref_features, radii_ref, sample_features, radii_sample
+    )
     return float(precision[0]), float(recall[0])

@@ -82,7 +82,8 @@ class NpzArrayStream:
             chunk = self._member.read(wanted - got)
             if not chunk:
                 raise ValueError(
-                    f"{self.path}: {self.name} ends early (expected {len(self)} rows); the file is truncated"
+                    f"{self.path}: {self.name} ends early (expected {len(self)} rows); "
+                    "the file is truncated"
                 )
             chunks.append(chunk)
             got += len(chunk)

@@ -42,7 +42,8 @@ def psd_sqrt(matrix):
 def test_fid_of_identical_statistics_is_zero():
     rng = np.random.default_rng(0)
     mu, sigma = rng.normal(size=6), random_covariance(rng, 6)
-    assert FIDStatistics(mu=mu, sigma=sigma).frechet_distance(FIDStatistics(mu=mu.copy(), sigma=sigma.copy())) == 0.0
+    same = FIDStatistics(mu=mu.copy(), sigma=sigma.copy())
+    assert FIDStatistics(mu=mu, sigma=sigma).frechet_distance(same) == 0.0
     # Through sqrtm as well: a tiny shift of the mean only adds its squared norm.
     shifted = frechet_distance(mu, sigma, mu + 1e-3, sigma)
     assert shifted == pytest.approx(6e-6, abs=1e-8)
@@ -53,7 +54,8 @@ def test_fid_of_diagonal_gaussians_matches_closed_form():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     d1, d2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(d1 + d2 - 2 * np.sqrt(d1 * d2))
-    assert frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-10)
+    value = frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2))
+    assert value == pytest.approx(expected, rel=1e-10)
 
 
 def test_fid_of_general_gaussians_matches_symmetric_formula():
@@ -62,7 +64,8 @@ def test_fid_of_general_gaussians_matches_symmetric_formula():
     mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
     s1, s2 = random_covariance(rng, 8), random_covariance(rng, 8)
     root = psd_sqrt(s1)
-    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(psd_sqrt(root @ s2 @ root))
+    cross = np.trace(psd_sqrt(root @ s2 @ root))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
     # Symmetric in its arguments.
     assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)
@@ -141,7 +144,8 @@ def test_inception_score_matches_numpy_formula():
 
 
 def grid(n, offset=0.0):
-    return np.stack([np.arange(n, dtype=np.float32) + offset, np.zeros(n, dtype=np.float32)], axis=1)
+    xs = np.arange(n, dtype=np.float32) + offset
+    return np.stack([xs, np.zeros(n, dtype=np.float32)], axis=1)
 
 
 def test_radii_are_squared_distance_to_third_neighbour():
@@ -209,7 +213,7 @@ def test_npz_stream_batches(tmp_path):
         NpzArrayStream(path=str(tmp_path / "raw.npy"), name="arr_0")
 
 
-# ---------------------------------------------------------------- Evaluator flow with a stub network
+# ---------------------------------------------------------------- Evaluator flow, stub network
 
 
 class StubFeatures(nn.Module):
@@ -290,7 +294,8 @@ def test_fid_and_sfid_share_the_frechet_code(tmp_path, monkeypatch):
     images = np.random.default_rng(9).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", images)
     evaluator = Evaluator(model=StubFeatures(), progress=False)
-    evaluate(ref_batch=str(tmp_path / "a.npz"), sample_batch=str(tmp_path / "a.npz"), evaluator=evaluator, out=lambda *a: None)
+    path = str(tmp_path / "a.npz")
+    evaluate(ref_batch=path, sample_batch=path, evaluator=evaluator, out=lambda *a: None)
     assert dims == [6, 5]
 
 

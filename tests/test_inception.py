@@ -1,4 +1,4 @@
-"""The PyTorch InceptionV3 of the evaluator: shapes, feature taps, preprocessing and weight loading."""
+"""The evaluator's PyTorch InceptionV3: shapes, feature taps, preprocessing, weight loading."""
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from evaluations.inception import (
 
 
 def he_initialised_model(seed=0):
-    """Random weights that keep activations O(1) through the 94 conv layers (default init vanishes)."""
+    """Random weights keeping activations O(1) through 94 conv layers (default init vanishes)."""
     torch.manual_seed(seed)
     model = InceptionV3()
     for module in model.modules():
@@ -107,10 +107,14 @@ def test_tf1_resize_matches_loop(in_size, out_size):
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, size=in_size).astype(np.float64)
     ours = tf1_resize_bilinear(torch.tensor(image, dtype=torch.float32)[None, None], out_size)
-    np.testing.assert_allclose(ours[0, 0].numpy(), tf1_resize_reference(image, *out_size), atol=2e-3)
+    expected = tf1_resize_reference(image, *out_size)
+    np.testing.assert_allclose(ours[0, 0].numpy(), expected, atol=2e-3)
     # torch's half-pixel bilinear is a different resampling: make sure we are not using it.
     half_pixel = F.interpolate(
-        torch.tensor(image, dtype=torch.float32)[None, None], size=out_size, mode="bilinear", align_corners=False
+        torch.tensor(image, dtype=torch.float32)[None, None],
+        size=out_size,
+        mode="bilinear",
+        align_corners=False,
     )
     assert (half_pixel - ours).abs().max() > 1.0
 
@@ -143,7 +147,8 @@ def test_load_round_trip_with_and_without_batch_counters(model, tmp_path):
     with_counters = tmp_path / "with.pth"
     torch.save(state, with_counters)
     without_counters = tmp_path / "without.pth"
-    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, without_counters)
+    stripped = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(stripped, without_counters)
     for path in (with_counters, without_counters):
         loaded = load_inception(str(path))
         assert not loaded.training
