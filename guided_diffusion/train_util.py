@@ -1,0 +1,470 @@
+"""
+The diffusion training loop: AdamW on the simplified (or hybrid) objective, EMA copies of the
+weights, optional fp16 with a dynamic loss scale, microbatching, periodic atomic checkpoints, and
+resuming (model, every EMA rate, optimizer and step) from a checkpoint or the newest one in the log
+directory.
+
+Step numbering follows the reference: the logged "step" is the index of the optimizer step just
+taken (0 for the first one) plus the resume step, and "samples" counts the images consumed so far
+over all ranks.
+"""
+
+import copy
+import functools
+import math
+import os
+
+import torch
+from torch.optim import AdamW
+
+from . import checkpoints, dist_util, logger
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+# With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
+# losses themselves are broken (not just the gradients overflowing), so the run stops.
+MIN_LG_LOSS_SCALE = 0.0
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss (or, in fp16, the loss scale) stopped being finite."""
+
+
+class TrainLoop:
+    """
+    Train a diffusion model on batches from `data`.
+
+    :param model: the UNet (already on dist_util.dev()).
+    :param diffusion: the diffusion whose training_losses define the objective.
+    :param data: an iterator of (images, model_kwargs) batches, as load_data returns.
+    :param batch_size: images per rank per step.
+    :param microbatch: images per forward/backward pass (<= 0: the whole batch at once).
+    :param lr: AdamW learning rate.
+    :param ema_rate: an EMA decay (float) or a comma-separated string of several.
+    :param log_interval: dump the logged diagnostics every this many steps.
+    :param save_interval: write checkpoints every this many steps (and at the end).
+    :param resume_checkpoint: "" to start fresh, a modelNNNNNN.pt path, or "auto" for the newest
+        complete checkpoint in the log directory (fresh start when there is none).
+    :param use_fp16: train with the float16 torso and a dynamic loss scale.
+    :param fp16_scale_growth: lg_loss_scale increase per successful fp16 step.
+    :param schedule_sampler: a ScheduleSampler for the timesteps (default uniform).
+    :param weight_decay: AdamW weight decay.
+    :param lr_anneal_steps: decay the learning rate linearly to 0 over this many steps and stop
+        there (0: constant learning rate, run until interrupted).
+    :param max_steps: stop after this many steps of this run (0: no limit); an addition to the
+        reference, handy for tests, benchmarks and short jobs.
+    :param use_bf16: run forward passes under bfloat16 autocast (GPUs with bf16; an addition to
+        the reference, exclusive with use_fp16).
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        max_steps=0,
+        use_bf16=False,
+    ):
+        if use_fp16 and use_bf16:
+            raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
+        if save_interval < 1 or log_interval < 1:
+            raise ValueError(
+                f"save_interval and log_interval must be at least 1, got {save_interval} and "
+                f"{log_interval}"
+            )
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint)
+        self.use_fp16 = use_fp16
+        self.fp16_scale_growth = fp16_scale_growth
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.use_bf16 = use_bf16
+
+        # self.step counts the steps of this run; resume_step is where the checkpoint left off.
+        self.step = 0
+        self.resume_step = 0
+        self.global_batch = self.batch_size * dist_util.get_world_size()
+        self.last_checkpoint = self.resume_checkpoint
+
+        self._load_and_sync_parameters()
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
+        )
+        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.resume_step:
+            self._load_optimizer_state()
+            # The EMA copies are loaded after the optimizer so that a missing EMA file falls back
+            # to the (already restored) model weights.
+            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+        else:
+            self.ema_params = [
+                copy.deepcopy(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))
+            ]
+        self.ddp_model = dist_util.wrap_ddp(self.model)
+        self.use_ddp = self.ddp_model is not self.model
+
+    # ----------------------------------------------------------------------------- resuming
+
+    def _load_and_sync_parameters(self):
+        if self.resume_checkpoint:
+            self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
+            logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
+            state = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+            # Imported here: sampling_util imports the networks, which train_util does not need.
+            from .sampling_util import load_model_weights
+
+            load_model_weights(self.model, state, self.resume_checkpoint)
+        dist_util.sync_params(self.model.parameters())
+
+    def _load_ema_parameters(self, rate):
+        ema_params = copy.deepcopy(self.mp_trainer.master_params)
+        path = find_ema_checkpoint(self.resume_checkpoint, self.resume_step, rate)
+        if path is None:
+            # deviation from reference: the reference silently restarts the EMA from the model.
+            logger.warn(
+                f"no ema_{rate}_{self.resume_step:06d}.pt next to {self.resume_checkpoint}: the "
+                f"EMA with rate {rate} restarts from the model weights"
+            )
+        else:
+            logger.log(f"loading EMA from checkpoint: {path}...")
+            state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+            from .sampling_util import check_model_weights
+
+            check_model_weights(self.model, state, path)
+            ema_params = self.mp_trainer.state_dict_to_master_params(state)
+        dist_util.sync_params(ema_params)
+        return ema_params
+
+    def _load_optimizer_state(self):
+        path = os.path.join(
+            os.path.dirname(self.resume_checkpoint), f"opt{self.resume_step:06d}.pt"
+        )
+        if not os.path.exists(path):
+            logger.warn(f"no {path}: the optimizer state (Adam moments) restarts from zero")
+            return
+        logger.log(f"loading optimizer state from checkpoint: {path}")
+        state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+        if not (isinstance(state, dict) and "param_groups" in state):
+            raise ValueError(f"{path} is not an optimizer checkpoint")
+        try:
+            self.opt.load_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"{path} does not fit this model's optimizer ({exc})") from None
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def _done(self):
+        if self.lr_anneal_steps and self.step + self.resume_step >= self.lr_anneal_steps:
+            return True
+        return bool(self.max_steps) and self.step >= self.max_steps
+
+    def run_loop(self):
+        """
+        Train until lr_anneal_steps (or max_steps) is reached, or forever when both are 0.
+
+        :raises NonFiniteLossError: when the loss stops being finite; nothing broken is saved, and
+            the message names the last good checkpoint.
+        """
+        saved_at = None
+        while not self._done():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            # As in the reference, diagnostics are dumped after the first step of every
+            # log_interval (self.step is still the index of the step just taken).
+            if self.step % self.log_interval == 0:
+                logger.dumpkvs()
+            self.step += 1
+            if self.checkpoint_step() % self.save_interval == 0:
+                self.save()
+                saved_at = self.step
+        # The final state is saved unless the last step was just saved.
+        if self.step and saved_at != self.step:
+            self.save()
+
+    def run_step(self, batch, cond):
+        """One optimizer step on a batch: forward/backward, optimizer, EMA, lr, logging."""
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        elif self.mp_trainer.lg_loss_scale < MIN_LG_LOSS_SCALE:
+            self._stop_non_finite("the fp16 loss scale fell below 1 (every step overflows)")
+        self._anneal_lr()
+        self.log_step()
+
+    def forward_backward(self, batch, cond):
+        """Accumulate the gradients of the batch, one microbatch at a time."""
+        self.mp_trainer.zero_grad()
+        device = dist_util.dev()
+        all_finite = True
+        for i in range(0, batch.shape[0], self.microbatch):
+            micro = batch[i : i + self.microbatch].to(device)
+            micro_cond = {k: v[i : i + self.microbatch].to(device) for k, v in cond.items()}
+            last_batch = (i + self.microbatch) >= batch.shape[0]
+            t, weights = self.schedule_sampler.sample(micro.shape[0], device)
+
+            compute_losses = functools.partial(
+                self.diffusion.training_losses,
+                self.ddp_model,
+                micro,
+                t,
+                model_kwargs=micro_cond,
+            )
+            with self._autocast():
+                if last_batch or not self.use_ddp:
+                    losses = compute_losses()
+                else:
+                    # Gradients are averaged over ranks once, on the last microbatch.
+                    with self.ddp_model.no_sync():
+                        losses = compute_losses()
+
+            if isinstance(self.schedule_sampler, LossAwareSampler):
+                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+
+            loss = (losses["loss"] * weights).mean()
+            all_finite = all_finite and bool(torch.isfinite(loss))
+            log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+            self.mp_trainer.backward(loss)
+        # fp16 overflows are the loss scaler's business; in fp32 a non-finite loss is fatal. The
+        # flag is agreed by all ranks so that they stop together.
+        if not self.use_fp16 and not _all_ranks_true(all_finite):
+            self._stop_non_finite("the loss is not finite")
+
+    def _autocast(self):
+        if self.use_bf16:
+            return torch.autocast(dist_util.dev().type, dtype=torch.bfloat16)
+        return torch.autocast(dist_util.dev().type, enabled=False)
+
+    def _stop_non_finite(self, reason):
+        step = self.step + self.resume_step
+        if self.last_checkpoint:
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}: resume from it with "
+                f"--resume_checkpoint {self.last_checkpoint}"
+            )
+        else:
+            where = "no checkpoint was saved in this run"
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: {reason}; nothing was saved for this step; {where} "
+            "and a lower --lr (or --use_fp16 False)"
+        )
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def _anneal_lr(self):
+        if not self.lr_anneal_steps:
+            return
+        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
+        lr = self.lr * (1 - frac_done)
+        for param_group in self.opt.param_groups:
+            param_group["lr"] = lr
+
+    def log_step(self):
+        logger.logkv("step", self.step + self.resume_step)
+        logger.logkv("samples", (self.step + self.resume_step + 1) * self.global_batch)
+
+    # ----------------------------------------------------------------------------- saving
+
+    def checkpoint_step(self):
+        """The number written into checkpoint names: optimizer steps taken, resume included."""
+        return self.step + self.resume_step
+
+    def save(self):
+        """
+        Write modelNNNNNN.pt, ema_<rate>_NNNNNN.pt for each rate and optNNNNNN.pt (rank 0), each
+        atomically, then wait for every rank.
+
+        # deviation from reference: NNNNNN is the number of steps taken, so that resuming from it
+        # continues with the next step (the reference saves after step index N under the name N
+        # and repeats step N on resume).
+        """
+        step = self.checkpoint_step()
+        folder = get_blob_logdir()
+        # Every rank builds the state dicts (cheap) but only rank 0 writes.
+        if dist_util.is_main_process():
+            logger.log(f"saving model and EMA checkpoints at step {step}...")
+            model_path = os.path.join(folder, f"model{step:06d}.pt")
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                state = self.mp_trainer.master_params_to_state_dict(params)
+                checkpoints.save_atomic(state, os.path.join(folder, f"ema_{rate}_{step:06d}.pt"))
+            checkpoints.save_atomic(
+                self.opt.state_dict(), os.path.join(folder, f"opt{step:06d}.pt")
+            )
+            # The model file goes last: find_resume_checkpoint looks for it, so its presence means
+            # the EMA and optimizer files of that step are complete too.
+            state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+            checkpoints.save_atomic(state, model_path)
+        self.last_checkpoint = os.path.join(folder, f"model{step:06d}.pt")
+        dist_util.barrier()
+
+
+def _all_ranks_true(flag):
+    if not dist_util.is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=dist_util.dev())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
+def parse_ema_rates(ema_rate):
+    """
+    :param ema_rate: a float, a sequence of floats, or a comma-separated string like "0.999,0.9999".
+    :return: a list of floats in (0, 1).
+    """
+    if isinstance(ema_rate, (int, float)):
+        rates = [float(ema_rate)]
+    elif isinstance(ema_rate, str):
+        try:
+            rates = [float(x) for x in ema_rate.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--ema_rate must be comma-separated numbers like 0.9999, got {ema_rate!r}"
+            ) from None
+    else:
+        rates = [float(x) for x in ema_rate]
+    bad = [r for r in rates if not (0.0 < r < 1.0) or math.isnan(r)]
+    if bad:
+        raise ValueError(f"--ema_rate values must lie in (0, 1), got {bad}")
+    return rates
+
+
+def resolve_resume_checkpoint(resume_checkpoint):
+    """
+    :param resume_checkpoint: "" (fresh start), "auto" (newest complete checkpoint in the log
+        directory, or a fresh start when there is none) or a modelNNNNNN.pt path.
+    :return: the checkpoint path, or "" for a fresh start.
+    :raises FileNotFoundError: when an explicit path does not exist.
+    """
+    if not resume_checkpoint:
+        return ""
+    if resume_checkpoint == "auto":
+        found = find_resume_checkpoint()
+        if found is None:
+            logger.log(f"--resume_checkpoint auto: no checkpoint in {get_blob_logdir()}, starting fresh")
+            return ""
+        logger.log(f"--resume_checkpoint auto: resuming from {found}")
+        return found
+    if not os.path.exists(resume_checkpoint):
+        raise FileNotFoundError(
+            f"resume checkpoint not found: {resume_checkpoint} (pass a modelNNNNNN.pt file or auto)"
+        )
+    name = os.path.basename(resume_checkpoint)
+    if name.startswith("opt") or name.startswith("ema_"):
+        raise ValueError(
+            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA and optimizer "
+            "files next to it are found automatically"
+        )
+    return resume_checkpoint
+
+
+def parse_resume_step_from_filename(filename):
+    """
+    Parse filenames of the form path/to/modelNNNNNN.pt, where NNNNNN is the checkpoint's step.
+
+    :return: the step, or 0 when the name has no "model<digits>" part.
+    """
+    parts = os.fspath(filename).split("model")
+    if len(parts) < 2:
+        return 0
+    digits = parts[-1].split(".")[0]
+    try:
+        return int(digits)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir():
+    """The folder checkpoints are written to (the logger's directory)."""
+    return logger.get_dir()
+
+
+def find_resume_checkpoint():
+    """
+    The newest complete modelNNNNNN.pt in the log directory, or None.
+
+    # deviation from reference: the reference returns None here (an infrastructure hook); we
+    # search the log directory, skipping files cut short by a crash.
+    """
+    return checkpoints.find_latest_checkpoint(get_blob_logdir(), "model")
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """
+    :return: the ema_<rate>_<step>.pt file next to main_checkpoint, or None when it is missing.
+    """
+    if not main_checkpoint:
+        return None
+    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if os.path.exists(path) else None
+
+
+def log_loss_dict(diffusion, ts, losses):
+    """
+    Log the mean of each loss term, and its mean per quarter of the diffusion steps as
+    <key>_q0 .. <key>_q3 (q0: the least noisy quarter).
+
+    :param diffusion: gives num_timesteps.
+    :param ts: the timesteps of the batch.
+    :param losses: {name: per-example loss tensor}.
+    """
+    for key, values in losses.items():
+        logger.logkv_mean(key, values.mean().item())
+        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().float().numpy()):
+            quartile = int(4 * sub_t / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+
+
+def training_extra_defaults():
+    """
+    Flags the training scripts add to the reference's; each default keeps reference behaviour.
+
+    seed: torch/numpy/random are seeded with seed + rank (timesteps, noise, data order).
+    num_classes: label count of class-conditional models (the reference fixes 1000).
+    log_dir: where logs and checkpoints go ("" = $OPENAI_LOGDIR, else a dated temp folder).
+    max_steps: stop after this many steps of this run (0 = no limit).
+    use_bf16: bfloat16 autocast for the forward passes (GPUs).
+    """
+    return dict(seed=0, num_classes=1000, log_dir="", max_steps=0, use_bf16=False)
+
+
+def check_dataset_classes(data_dir, num_classes):
+    """
+    Make sure a class-conditional dataset has no more classes than the model has labels.
+
+    :raises ValueError: naming the --num_classes to pass.
+    """
+    from .image_datasets import class_labels_from_paths, list_image_files_recursively
+
+    _, names = class_labels_from_paths(list_image_files_recursively(data_dir))
+    if len(names) > num_classes:
+        raise ValueError(
+            f"{data_dir} has {len(names)} classes but the model has {num_classes} labels: pass "
+            f"--num_classes {len(names)}"
+        )
+    return names
