@@ -344,3 +344,59 @@ def write_samples(arr, label_arr, out_dir):
 def autocast_context(use_bf16):
     """bfloat16 autocast on the compute device when use_bf16, else a no-op context."""
     return torch.autocast(dist_util.dev().type, dtype=torch.bfloat16, enabled=bool(use_bf16))
+
+
+def sampling_extra_defaults():
+    """
+    Flags the sampling scripts add to the reference's; each default keeps reference behaviour.
+
+    seed: torch.manual_seed(seed + rank) right before the sampling loop.
+    num_classes: label count of class-conditional models and classifiers (reference: 1000).
+    log_dir: the logger's folder ("" = $OPENAI_LOGDIR, else a dated temp folder).
+    out_dir: where the npz files go ("" = the log folder, as the reference).
+    progress: progress bars on rank 0.
+    use_bf16: bfloat16 autocast for the networks (GPUs).
+    """
+    return dict(seed=0, num_classes=1000, log_dir="", out_dir="", progress=True, use_bf16=False)
+
+
+def output_dir(args):
+    """The folder outputs go to: --out_dir, else the logger's folder."""
+    folder = getattr(args, "out_dir", "") or logger.get_dir()
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def create_sr_model_and_diffusion(flags):
+    """
+    sr_create_model_and_diffusion(**flags), also honouring an optional "channel_mult" entry
+    (needed for sizes outside the built-in table, e.g. 16).
+
+    :param flags: the sr_model_and_diffusion_defaults() flags, plus num_classes and channel_mult.
+    :return: (SuperResModel, SpacedDiffusion).
+    """
+    from .script_util import create_gaussian_diffusion, sr_create_model, sr_create_model_and_diffusion
+
+    flags = dict(flags)
+    channel_mult = flags.pop("channel_mult", "")
+    if not channel_mult:
+        return sr_create_model_and_diffusion(**flags)
+    model_keys = (
+        "large_size small_size num_channels num_res_blocks learn_sigma class_cond use_checkpoint "
+        "attention_resolutions num_heads num_head_channels num_heads_upsample "
+        "use_scale_shift_norm dropout resblock_updown use_fp16 num_classes"
+    ).split()
+    model = sr_create_model(
+        **{k: flags[k] for k in model_keys if k in flags}, channel_mult=channel_mult
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        learn_sigma=flags["learn_sigma"],
+        noise_schedule=flags["noise_schedule"],
+        use_kl=flags["use_kl"],
+        predict_xstart=flags["predict_xstart"],
+        rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
+        timestep_respacing=flags["timestep_respacing"],
+    )
+    return model, diffusion

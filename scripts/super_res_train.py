@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sampling_util import run_main, seed_training
+from guided_diffusion.sampling_util import create_sr_model_and_diffusion, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
-    sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import TrainLoop, check_dataset_classes, training_extra_defaults
@@ -30,9 +29,9 @@ def main(argv=None):
     seed_training(args.seed)
 
     logger.log("creating model...")
-    model, diffusion = sr_create_model_and_diffusion(
-        **args_to_dict(args, sr_model_and_diffusion_defaults().keys()), num_classes=args.num_classes
-    )
+    flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+    flags.update(num_classes=args.num_classes, channel_mult=args.channel_mult)
+    model, diffusion = create_sr_model_and_diffusion(flags)
     model.to(dist_util.dev())
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
@@ -106,6 +105,7 @@ def create_argparser():
     )
     defaults.update(sr_model_and_diffusion_defaults())
     defaults.update(training_extra_defaults())
+    defaults.update(channel_mult="")  # "" = by large_size; needed for sizes like 16
     parser = argparse.ArgumentParser(description="Train a super-resolution diffusion model.")
     add_dict_to_argparser(parser, defaults)
     return parser

@@ -1,0 +1,117 @@
+"""
+Approximate the bits per dimension of a dataset under a diffusion model (the full variational
+bound, every step) and save the per-step terms: vb_terms.npz, mse_terms.npz, xstart_mse_terms.npz.
+
+    mpiexec -n N python scripts/image_nll.py --data_dir DIR --model_path model.pt $MODEL_FLAGS
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.sampling_util import (
+    load_checkpoint_into,
+    output_dir,
+    run_main,
+    sampling_extra_defaults,
+    seed_sampling,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None)
+
+    logger.log("creating model and diffusion...")
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    flags["num_classes"] = args.num_classes
+    model, diffusion = create_model_and_diffusion(**flags)
+    load_checkpoint_into(
+        model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
+    )
+    model.to(dist_util.dev())
+    if args.use_fp16:
+        model.convert_to_fp16()
+    model.eval()
+
+    logger.log("creating data loader...")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        deterministic=True,
+    )
+
+    seed_sampling(args.seed)
+    logger.log("evaluating...")
+    run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised, output_dir(args), args.progress)
+
+
+def _mean_over_ranks(tensor):
+    tensor = tensor / dist_util.get_world_size()
+    if dist_util.is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised, out_dir, progress=False):
+    """
+    Average calc_bpd_loop over batches until num_samples images (over all ranks) are done; log
+    the running bpd and write the mean per-step terms on rank 0.
+    """
+    all_bpd = []
+    all_metrics = {"vb": [], "mse": [], "xstart_mse": []}
+    num_complete = 0
+    while num_complete < num_samples:
+        batch, model_kwargs = next(data)
+        batch = batch.to(dist_util.dev())
+        model_kwargs = {k: v.to(dist_util.dev()) for k, v in model_kwargs.items()}
+        minibatch_metrics = diffusion.calc_bpd_loop(
+            model,
+            batch,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            progress=progress and dist_util.is_main_process(),
+        )
+        for key, term_list in all_metrics.items():
+            terms = _mean_over_ranks(minibatch_metrics[key].mean(dim=0))
+            term_list.append(terms.detach().cpu().numpy())
+        all_bpd.append(_mean_over_ranks(minibatch_metrics["total_bpd"].mean()).item())
+        num_complete += dist_util.get_world_size() * batch.shape[0]
+        logger.log(f"done {num_complete} samples: bpd={np.mean(all_bpd)}")
+
+    if dist_util.is_main_process():
+        for name, terms in all_metrics.items():
+            out_path = os.path.join(out_dir, f"{name}_terms.npz")
+            logger.log(f"saving {name} terms to {out_path}")
+            np.savez(out_path, np.mean(np.stack(terms), axis=0))
+    dist_util.barrier()
+    logger.log("evaluation complete")
+    return float(np.mean(all_bpd))
+
+
+def create_argparser():
+    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(sampling_extra_defaults())
+    parser = argparse.ArgumentParser(description="Bits per dimension of a dataset under a model.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

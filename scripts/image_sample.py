@@ -1,0 +1,94 @@
+"""
+Generate a large batch of image samples from a model and save them as a large numpy array
+(samples_NxHxWx3.npz, with the labels as arr_1 for class-conditional models) plus a PNG grid.
+
+    mpiexec -n N python scripts/image_sample.py --model_path model.pt $MODEL_FLAGS $SAMPLE_FLAGS
+"""
+
+import argparse
+
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.sample_util import to_uint8
+from guided_diffusion.sampling_util import (
+    autocast_context,
+    gather_samples,
+    load_checkpoint_into,
+    output_dir,
+    run_main,
+    sampling_extra_defaults,
+    seed_sampling,
+    write_samples,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None)
+
+    logger.log("creating model and diffusion...")
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    flags["num_classes"] = args.num_classes
+    model, diffusion = create_model_and_diffusion(**flags)
+    load_checkpoint_into(
+        model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
+    )
+    model.to(dist_util.dev())
+    if args.use_fp16:
+        model.convert_to_fp16()
+    model.eval()
+
+    seed_sampling(args.seed)
+    logger.log("sampling...")
+    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+
+    def make_batch():
+        model_kwargs = {}
+        labels = None
+        if args.class_cond:
+            # Labels are drawn before the batch's noise, as in the reference.
+            labels = torch.randint(
+                low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
+            )
+            model_kwargs["y"] = labels
+        with autocast_context(args.use_bf16):
+            sample = sample_fn(
+                model,
+                shape,
+                clip_denoised=args.clip_denoised,
+                model_kwargs=model_kwargs,
+            )
+        return to_uint8(sample.float()), labels
+
+    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)
+    write_samples(arr, labels, output_dir(args))
+    logger.log("sampling complete")
+
+
+def create_argparser():
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(sampling_extra_defaults())
+    parser = argparse.ArgumentParser(description="Sample images from a diffusion model.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,157 @@
+"""
+Upsample a batch of small samples (an npz from image_sample.py) with a super-resolution model and
+save samples_NxHxWx3.npz plus a PNG grid.
+
+    mpiexec -n N python scripts/super_res_sample.py --model_path upsampler.pt \
+        --base_samples samples_Nx64x64x3.npz --large_size 256 --small_size 64 $MODEL_FLAGS
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.sample_util import to_uint8
+from guided_diffusion.sampling_util import (
+    ScriptError,
+    autocast_context,
+    create_sr_model_and_diffusion,
+    gather_samples,
+    load_checkpoint_into,
+    output_dir,
+    run_main,
+    sampling_extra_defaults,
+    seed_sampling,
+    write_samples,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    sr_model_and_diffusion_defaults,
+)
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None)
+
+    logger.log("creating model...")
+    flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+    flags.update(num_classes=args.num_classes, channel_mult=args.channel_mult)
+    model, diffusion = create_sr_model_and_diffusion(flags)
+    load_checkpoint_into(
+        model, args.model_path, flags, build=lambda f: create_sr_model_and_diffusion(f)[0]
+    )
+    model.to(dist_util.dev())
+    if args.use_fp16:
+        model.convert_to_fp16()
+    model.eval()
+
+    logger.log("loading data...")
+    data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)
+
+    seed_sampling(args.seed)
+    logger.log("creating samples...")
+    # deviation from reference: the reference always used p_sample_loop, ignoring --use_ddim.
+    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    shape = (args.batch_size, 3, args.large_size, args.large_size)
+
+    def make_batch():
+        model_kwargs = {k: v.to(dist_util.dev()) for k, v in next(data).items()}
+        with autocast_context(args.use_bf16):
+            sample = sample_fn(
+                model, shape, clip_denoised=args.clip_denoised, model_kwargs=model_kwargs
+            )
+        # deviation from reference: the labels of class-conditional runs are kept as arr_1.
+        return to_uint8(sample.float()), model_kwargs.get("y")
+
+    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)
+    write_samples(arr, labels, output_dir(args))
+    logger.log("sampling complete")
+
+
+def read_base_samples(base_samples, small_size, class_cond):
+    """
+    :return: (uint8 images [N, small, small, 3], int64 labels or None) from an image_sample npz.
+    :raises ScriptError: when the file is missing, unreadable or holds the wrong shapes.
+    """
+    if not base_samples:
+        raise ScriptError("pass --base_samples FILE.npz (the output of image_sample.py)")
+    if not os.path.exists(base_samples):
+        raise FileNotFoundError(f"base samples not found: {base_samples}")
+    try:
+        with np.load(base_samples) as obj:
+            image_arr = obj["arr_0"]
+            label_arr = obj["arr_1"] if "arr_1" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScriptError(f"cannot read base samples {base_samples}: {exc}") from None
+    expected = (small_size, small_size, 3)
+    if image_arr.ndim != 4 or tuple(image_arr.shape[1:]) != expected:
+        hint = ""
+        if image_arr.ndim == 4 and image_arr.shape[1] == image_arr.shape[2]:
+            hint = f": pass --small_size {image_arr.shape[1]} (with a model trained for it)"
+        raise ScriptError(
+            f"base samples {base_samples} have shape {tuple(image_arr.shape)}, expected "
+            f"(N, {small_size}, {small_size}, 3) for --small_size {small_size}{hint}"
+        )
+    if image_arr.dtype != np.uint8:
+        raise ScriptError(f"base samples {base_samples} must be uint8 images, got {image_arr.dtype}")
+    if class_cond and label_arr is None:
+        raise ScriptError(
+            f"--class_cond True needs labels (arr_1) in {base_samples}: sample the base images "
+            "with a class-conditional model"
+        )
+    return image_arr, (label_arr if class_cond else None)
+
+
+def load_data_for_worker(base_samples, batch_size, small_size, class_cond):
+    """
+    An endless generator of {"low_res": float NCHW in [-1, 1], "y": labels} batches made of this
+    rank's share (entries rank, rank + W, ...) of the base samples, cycling through them.
+    """
+    image_arr, label_arr = read_base_samples(base_samples, small_size, class_cond)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    if len(range(rank, len(image_arr), world)) == 0:
+        raise ScriptError(f"{base_samples} holds {len(image_arr)} images, fewer than {world} ranks")
+    return _cycle_batches(image_arr, label_arr, batch_size, rank, world)
+
+
+def _cycle_batches(image_arr, label_arr, batch_size, rank, world):
+    buffer, label_buffer = [], []
+    while True:
+        for i in range(rank, len(image_arr), world):
+            buffer.append(image_arr[i])
+            if label_arr is not None:
+                label_buffer.append(label_arr[i])
+            if len(buffer) == batch_size:
+                batch = torch.from_numpy(np.stack(buffer)).float() / 127.5 - 1.0
+                res = {"low_res": batch.permute(0, 3, 1, 2)}
+                if label_arr is not None:
+                    res["y"] = torch.from_numpy(np.stack(label_buffer)).long()
+                yield res
+                buffer, label_buffer = [], []
+
+
+def create_argparser():
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        base_samples="",
+        model_path="",
+    )
+    defaults.update(sr_model_and_diffusion_defaults())
+    defaults.update(sampling_extra_defaults())
+    defaults.update(channel_mult="")  # "" = by large_size; needed for sizes like 16
+    parser = argparse.ArgumentParser(description="Upsample samples with a super-resolution model.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)
