@@ -281,9 +281,12 @@ def embedding_report(
         if features.shape[0] > k and torch.unique(labels).numel() > 1:
             result["knn_2d"] = knn_accuracy(coords, labels, k=k)
             result["knn_full"] = knn_accuracy(features, labels, k=k)
+            full = ""
+            if features.shape[1] > 2:
+                full = f", {result['knn_full']:.3f} in {features.shape[1]}-D"
             lines.append(
-                f"{k}-NN accuracy: {result['knn_2d']:.3f} in 2-D, {result['knn_full']:.3f} in "
-                f"{features.shape[1]}-D (chance {result['chance']:.3f})"
+                f"leave-one-out {k}-NN accuracy: {result['knn_2d']:.3f} in 2-D{full} "
+                f"(chance {result['chance']:.3f})"
             )
 
     os.makedirs(out_dir, exist_ok=True)
