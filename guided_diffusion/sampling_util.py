@@ -209,17 +209,8 @@ def _single_changes(flags, given):
             for depth in range(1, 5):
                 if depth != flags[name]:
                     yield {name: depth}
-    size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
-    mult_flag = next((f for f in _CHANNEL_MULT_FLAGS if f in flags), None)
-    if size_flag is not None:
-        for size in _BUILTIN_SIZES:
-            if size != flags[size_flag]:
-                yield {size_flag: size}
-    if mult_flag is not None:
-        for mult in _BUILTIN_MULTS:
-            if mult != flags[mult_flag]:
-                yield {mult_flag: mult}
     attention_flag = next((f for f in _ATTENTION_FLAGS if f in flags), None)
+    size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
     if attention_flag is not None and size_flag is not None:
         size = flags[size_flag]
         levels = [size // 2**k for k in range(7) if size // 2**k >= 1]
@@ -229,6 +220,17 @@ def _single_changes(flags, given):
             text = ",".join(str(r) for r in levels[start:stop])
             if text != current:
                 yield {attention_flag: text}
+    mult_flag = next((f for f in _CHANNEL_MULT_FLAGS if f in flags), None)
+    if size_flag is not None:
+        current = flags[size_flag]
+        sizes = set(_BUILTIN_SIZES) | {current // 4, current // 2, current * 2}
+        for size in sorted(s for s in sizes if s >= 8):
+            if size != current:
+                yield {size_flag: size}
+    if mult_flag is not None:
+        for mult in _BUILTIN_MULTS:
+            if mult != flags[mult_flag]:
+                yield {mult_flag: mult}
 
 
 def _fits(build, flags, given):
@@ -258,9 +260,16 @@ def _flag_hints(expected, given, flags, build):
         base = {**flags, **direct}
         if _fits(build, base, given) and direct:
             return ", ".join(prefix + [f"pass {_format_changes(direct)}"])
+        # Several single changes can fit (e.g. another image size moves the attention levels
+        # like other attention_resolutions do); the likeliest comes first.
+        fitting = []
         for change in _single_changes(base, given):
             if _fits(build, {**base, **change}, given):
-                return ", ".join(prefix + [f"pass {_format_changes({**direct, **change})}"])
+                fitting.append(_format_changes({**direct, **change}))
+                if len(fitting) == 3:
+                    break
+        if fitting:
+            return ", ".join(prefix + ["pass " + " or pass ".join(fitting)])
     if direct:
         hint = ", ".join(prefix + [f"pass {_format_changes(direct)}"])
         return hint + " (other flags may differ too)"

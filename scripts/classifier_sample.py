@@ -65,7 +65,7 @@ def main(argv=None):
             build=lambda f: create_classifier(**f),
         )
     except ScriptError as exc:
-        if "--image_size" in str(exc):
+        if "pass --image_size" in str(exc) or "positional_embedding" in str(exc):
             raise ScriptError(
                 f"the classifier {args.classifier_path} was trained at another image size than "
                 f"the model's --image_size {args.image_size}: use a classifier trained at that "
