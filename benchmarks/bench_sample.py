@@ -1,0 +1,86 @@
+"""
+Time sampling of a named model config for a given respacing and print one JSON line per run:
+{"bench": "sample", "config", "device", "respacing", "use_ddim", "images_per_s", "peak_mem_mb", ...}.
+Weights are random (speed does not depend on them).
+
+    python benchmarks/bench_sample.py --config tiny --timestep_respacing ddim10 --use_ddim True
+    python benchmarks/bench_sample.py --config adm256 --device cuda --batch_size 16 \
+        --timestep_respacing 250 --use_fp16 True
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
+
+from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no GPU is visible")
+    torch.manual_seed(0)
+    flags = config_flags(args.config)
+    flags.update(use_fp16=args.use_fp16, timestep_respacing=args.timestep_respacing)
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.to(device)
+    if args.use_fp16:
+        model.convert_to_fp16()
+    model.eval()
+    size = flags["image_size"]
+    kwargs = {}
+    if flags["class_cond"]:
+        kwargs["y"] = torch.randint(0, flags["num_classes"], (args.batch_size,), device=device)
+    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
+        loop(model, (args.batch_size, 3, size, size), model_kwargs=kwargs, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {
+        "bench": "sample", "config": args.config, "device": str(device),
+        "batch_size": args.batch_size, "respacing": args.timestep_respacing or "all",
+        "use_ddim": args.use_ddim, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
+        "steps": diffusion.num_timesteps, "seconds": wall, "cpu_s": cpu,
+        "images_per_s": args.batch_size / wall,
+        "model_evals_per_s": args.batch_size * diffusion.num_timesteps / wall,
+        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(),
+    }
+
+
+def create_argparser():
+    parser = argparse.ArgumentParser(description="Benchmark diffusion sampling.")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--timestep_respacing", default="ddim10")
+    parser.add_argument("--use_ddim", type=str2bool, default=True)
+    parser.add_argument("--use_fp16", type=str2bool, default=False)
+    parser.add_argument("--use_bf16", type=str2bool, default=False)
+    parser.add_argument("--repeat", type=int, default=1, help="runs (one JSON line each)")
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    for _ in range(args.repeat):
+        print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

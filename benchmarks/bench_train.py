@@ -1,0 +1,107 @@
+"""
+Time training steps of a named model config and print one JSON line per run:
+{"bench": "train", "config", "device", "batch_size", "use_fp16", "steps", "samples_per_s",
+ "s_per_step", "peak_mem_mb", ...}.
+
+    python benchmarks/bench_train.py --config tiny --batch_size 4 --steps 5
+    python benchmarks/bench_train.py --config adm256 --device cuda --batch_size 8 --use_fp16 True
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
+
+from guided_diffusion import logger  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
+from guided_diffusion.train_util import TrainLoop  # noqa: E402
+
+
+def synthetic_data(batch_size, image_size, num_classes, class_cond, device):
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.rand(batch_size, 3, image_size, image_size, generator=gen) * 2 - 1
+        cond = {"y": torch.randint(0, num_classes, (batch_size,), generator=gen)} if class_cond else {}
+        yield x, cond
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no GPU is visible")
+    torch.manual_seed(0)
+    flags = config_flags(args.config)
+    flags["use_fp16"] = args.use_fp16
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.to(device)
+    logger.configure(dir=args.log_dir, format_strs=[])
+    # TrainLoop moves batches to dist_util.dev(), which is this device on a single process.
+    loop = TrainLoop(
+        model=model, diffusion=diffusion,
+        data=synthetic_data(args.batch_size, flags["image_size"], flags["num_classes"],
+                            flags["class_cond"], device),
+        batch_size=args.batch_size, microbatch=args.microbatch, lr=1e-4, ema_rate="0.9999",
+        log_interval=10**9, save_interval=10**9, resume_checkpoint="", use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+    )
+
+    def step():
+        batch, cond = next(loop.data)
+        loop.run_step(batch, cond)
+        logger.getkvs().clear()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {
+        "bench": "train", "config": args.config, "device": str(device),
+        "batch_size": args.batch_size, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
+        "steps": args.steps, "s_per_step": wall / args.steps,
+        "samples_per_s": args.batch_size * args.steps / wall, "cpu_s": cpu,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(),
+    }
+
+
+def create_argparser():
+    parser = argparse.ArgumentParser(description="Benchmark diffusion training steps.")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--microbatch", type=int, default=-1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--use_fp16", type=str2bool, default=False)
+    parser.add_argument("--use_bf16", type=str2bool, default=False)
+    parser.add_argument("--repeat", type=int, default=1, help="runs (one JSON line each)")
+    parser.add_argument("--log_dir", default=os.path.join(os.getcwd(), "runs", "bench"))
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    for _ in range(args.repeat):
+        print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
