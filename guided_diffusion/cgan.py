@@ -170,6 +170,8 @@ def discriminator_loss(real_logits, fake_logits):
     return real + fake
 
 
+# deviation from reference: the paper states the minimax value function; like the GAN code it
+# built on, we train the generator on -log D(G(z|y)|y) instead of log(1 - D(G(z|y)|y)).
 def generator_loss(fake_logits):
     """
     The generator's loss -log D(G(z|y)|y): the non-saturating form Goodfellow et al. (2014)
@@ -287,6 +289,8 @@ class MLPDiscriminator(nn.Module):
         self.num_classes = num_classes
         self.x_layer = Maxout(in_features=image_size * image_size, units=240, pieces=5)
         self.y_layer = Maxout(in_features=num_classes, units=50, pieces=5)
+        # deviation from reference: pylearn2's maxout layers could carry max-norm constraints on
+        # their weight columns; we train them unconstrained.
         self.joint = Maxout(in_features=290, units=240, pieces=4)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(240, 1)
@@ -403,7 +407,9 @@ class ConvDiscriminator(nn.Module):
         _check_labels(y, self.num_classes)
         side = self.image_size
         if x.shape[1:] != (3, side, side):
-            raise ValueError(f"expected images of shape [N, 3, {side}, {side}], got {list(x.shape)}")
+            raise ValueError(
+                f"expected images of shape [N, 3, {side}, {side}], got {list(x.shape)}"
+            )
         label_map = self.label_map(y).view(-1, 1, side, side)
         h = self.body(torch.cat([x, label_map], dim=1)).flatten(1)
         h = self.dropout(torch.cat([h, self.label_emb(y)], dim=1))
@@ -425,11 +431,9 @@ def _dcgan_init(module):
 class PaperMomentumSGD(torch.optim.Optimizer):
     """
     SGD with classical momentum in pylearn2's form, which the paper's experiments used:
-    v <- momentum * v - lr * grad;  p <- p + v.
-
-    # deviation from reference: torch.optim.SGD keeps v <- momentum * v + grad and steps by
-    # lr * v, which differs from the paper's rule whenever lr changes between steps (it decays
-    # every step here), so we implement the rule directly.
+    v <- momentum * v - lr * grad;  p <- p + v. (torch.optim.SGD keeps v <- momentum * v + grad
+    and steps by lr * v, which differs whenever lr changes between steps, as it does every step
+    under the paper's decay.)
 
     :param params: parameters or parameter groups.
     :param lr: initial learning rate.
@@ -457,6 +461,7 @@ class PaperMomentumSGD(torch.optim.Optimizer):
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p)
                 v = state["velocity"]
+                # deviation from reference: not torch's SGD rule, see the class docstring.
                 v.mul_(group["momentum"]).add_(p.grad, alpha=-group["lr"])
                 p.add_(v)
         return loss

@@ -70,7 +70,9 @@ def _read_idx(path, expected_magic):
     offset = 4 + 4 * ndim
     count = int(np.prod(dims))
     if len(data) - offset != count:
-        raise ValueError(f"{path} is truncated: expected {count} values, found {len(data) - offset}")
+        raise ValueError(
+            f"{path} is truncated: expected {count} values, found {len(data) - offset}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 

@@ -50,8 +50,9 @@ def _flat64(x):
 def parzen_log_likelihood(samples, points, sigmas, *, batch_size=100):
     """
     Log density of each point under a Gaussian Parzen window (kernel density estimate) centred on
-    the samples: log p(x) = log mean_j N(x; mu_j, sigma^2 I)
-                          = logsumexp_j(-|x - mu_j|^2 / (2 sigma^2)) - log M - (D/2) log(2 pi sigma^2).
+    the M samples mu_j in D dimensions:
+        log p(x) = log mean_j N(x; mu_j, sigma^2 I)
+                 = logsumexp_j(-|x - mu_j|^2 / (2 sigma^2)) - log M - (D/2) log(2 pi sigma^2).
 
     :param samples: [M, ...] generated samples (the kernel centres), flattened to D values.
     :param points: [N, ...] points to score, same D.
@@ -198,8 +199,8 @@ def predict_classes(classifier, images, *, batch_size=500):
     :return: int64 tensor [N] of predicted classes.
     """
     images = torch.as_tensor(images, dtype=torch.float32)
-    out = [classifier(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    starts = range(0, len(images), batch_size)
+    return torch.cat([classifier(images[i : i + batch_size]).argmax(1) for i in starts])
 
 
 def class_accuracy(classifier, images, labels, *, num_classes):

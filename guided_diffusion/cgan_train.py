@@ -55,6 +55,7 @@ def cgan_train_defaults():
 
     :return: a dict of flag name -> default value.
     """
+    # deviation from reference: Adam is the default; the paper's SGD is optimizer="sgd".
     return dict(
         data_dir="",
         batch_size=100,
@@ -132,13 +133,17 @@ class CGANTrainLoop:
         model_flags=None,
     ):
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown --optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown --optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
         if not 0.0 <= ema_rate < 1.0:
             raise ValueError(f"--ema_rate must be in [0, 1), got {ema_rate}")
         if log_interval < 1 or save_interval < 1:
             raise ValueError("--log_interval and --save_interval must be at least 1")
         if max_steps < 0:
-            raise ValueError(f"--max_steps must be >= 0 (0 = run until interrupted), got {max_steps}")
+            raise ValueError(
+                f"--max_steps must be >= 0 (0 = run until interrupted), got {max_steps}"
+            )
         self.generator = generator
         self.discriminator = discriminator
         self.data = data
@@ -206,6 +211,8 @@ class CGANTrainLoop:
 
     def run_loop(self):
         """Train until max_steps (forever when 0), logging and saving at their intervals."""
+        # deviation from reference: the paper stopped at the best validation log-likelihood; we
+        # stop at max_steps and leave model selection to cgan_eval.py on the saved checkpoints.
         saved_at = self.step
         while self.max_steps == 0 or self.step < self.max_steps:
             images, cond = next(self.data)
@@ -355,7 +362,9 @@ def check_checkpoint_flags(ckpt, model_flags, path):
     if wrong:
         needed = " ".join(f"--{key} {saved[key]}" for key in wrong)
         given = " ".join(f"--{key} {model_flags[key]}" for key in wrong)
-        raise ValueError(f"checkpoint {path} was trained with {needed} (got {given}): pass {needed}")
+        raise ValueError(
+            f"checkpoint {path} was trained with {needed} (got {given}): pass {needed}"
+        )
 
 
 def balanced_labels(num_samples, num_classes, class_label=-1):
@@ -373,7 +382,16 @@ def balanced_labels(num_samples, num_classes, class_label=-1):
 
 
 @torch.no_grad()
-def generate_samples(generator, *, num_samples, num_classes, class_label=-1, batch_size=100, progress=False):
+def generate_samples(
+    generator,
+    *,
+    num_samples,
+    num_classes,
+    class_label=-1,
+    batch_size=100,
+    progress=False,
+    keep_dropout=False,
+):
     """
     Draw class-conditional samples on every rank and gather them in a fixed order.
 
@@ -387,6 +405,9 @@ def generate_samples(generator, *, num_samples, num_classes, class_label=-1, bat
     :param class_label: -1 for balanced classes, else the class of every sample.
     :param batch_size: samples per rank and round.
     :param progress: show a progress bar on rank 0.
+    :param keep_dropout: leave the generator's dropout active while sampling. A generator trained
+        with dropout can learn to draw its variety from the dropout masks rather than from z
+        (we saw this with the paper's MLP on digits); this samples it as it was trained.
     :return: (float NCHW RGB in [-1, 1] on the CPU, int64 labels), both of length num_samples.
     """
     if num_samples < 1:
@@ -398,6 +419,10 @@ def generate_samples(generator, *, num_samples, num_classes, class_label=-1, bat
     rounds = math.ceil(num_samples / per_round)
     # Pad so every rank runs the same number of full batches (collectives need that).
     padded = balanced_labels(rounds * per_round, num_classes, class_label)
+    dropouts = [m for m in generator.modules() if isinstance(m, torch.nn.Dropout)]
+    modes = [m.training for m in dropouts]
+    for m in dropouts:
+        m.train(keep_dropout)
     chunks = []
     bar = range(rounds)
     if progress and dist_util.is_main_process():
@@ -410,6 +435,8 @@ def generate_samples(generator, *, num_samples, num_classes, class_label=-1, bat
         z = sample_noise(batch_size, generator.z_dim, device=device)
         images = generator.to_images(generator(z, y)).float()
         chunks.extend(t.cpu() for t in dist_util.all_gather_tensors(images.contiguous()))
+    for m, mode in zip(dropouts, modes):
+        m.train(mode)
     return torch.cat(chunks)[:num_samples], labels
 
 

@@ -39,6 +39,7 @@ def create_argparser():
         num_samples=10000,
         batch_size=100,
         use_ema=True,
+        sample_dropout=False,
         sigma_start=-1.0,
         sigma_end=0.0,
         sigma_steps=10,
@@ -54,13 +55,17 @@ def create_argparser():
 
 def load_samples(args):
     if bool(args.model_path) == bool(args.sample_path):
-        raise ValueError("pass exactly one of --model_path (a cgan checkpoint) or --sample_path (an npz)")
+        raise ValueError(
+            "pass exactly one of --model_path (a cgan checkpoint) or --sample_path (an npz)"
+        )
     if args.sample_path:
         if not os.path.isfile(args.sample_path):
             raise FileNotFoundError(f"--sample_path {args.sample_path} does not exist")
         with np.load(args.sample_path) as data:
             if "arr_1" not in data:
-                raise ValueError(f"{args.sample_path} has no labels (arr_1): write it with cgan_sample.py")
+                raise ValueError(
+                    f"{args.sample_path} has no labels (arr_1): write it with cgan_sample.py"
+                )
             return data["arr_0"], data["arr_1"]
     generator = load_generator(
         args.model_path, args_to_dict(args, cgan_defaults().keys()), use_ema=args.use_ema
@@ -68,7 +73,7 @@ def load_samples(args):
     torch.manual_seed(args.seed + dist_util.get_rank())
     images, labels = generate_samples(
         generator, num_samples=args.num_samples, num_classes=args.num_classes,
-        batch_size=args.batch_size, progress=True,
+        batch_size=args.batch_size, progress=True, keep_dropout=args.sample_dropout,
     )
     return to_uint8(images).numpy(), labels.numpy()
 
@@ -93,7 +98,7 @@ def real_splits(args, image_size):
     order = np.random.RandomState(0).permutation(len(train_x))
     tenth = max(1, len(order) // 10)
     valid, test, train = order[:tenth], order[tenth : 2 * tenth], order[2 * tenth :]
-    return (train_x[train], train_y[train]), (train_x[valid], train_y[valid]), (train_x[test], train_y[test])
+    return tuple((train_x[idx], train_y[idx]) for idx in (train, valid, test))
 
 
 def main(args):
@@ -103,7 +108,10 @@ def main(args):
     if not dist_util.is_main_process():
         return
     if int(sample_labels.max()) >= args.num_classes:
-        raise ValueError(f"samples have labels up to {int(sample_labels.max())}: raise --num_classes")
+        raise ValueError(
+            f"samples have labels up to {int(sample_labels.max())}: raise --num_classes"
+        )
+    sigmas = default_sigmas(args.sigma_start, args.sigma_end, args.sigma_steps)
     gray = is_grayscale(samples)
     train, valid, test = real_splits(args, samples.shape[1])
     valid = (valid[0][: args.valid_limit], valid[1][: args.valid_limit])
@@ -115,7 +123,7 @@ def main(args):
         valid=to_eval(valid),
         test=to_eval(test),
         num_classes=args.num_classes,
-        sigmas=default_sigmas(args.sigma_start, args.sigma_end, args.sigma_steps),
+        sigmas=sigmas,
         classifier_steps=args.classifier_steps,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -130,7 +138,7 @@ def main(args):
         f"samples {figures['sample_accuracy']:.3f}; per class "
         + " ".join(f"{a:.2f}" for a in figures["sample_accuracy_per_class"])
     )
-    if figures["parzen_sigma"] in (default_sigmas(args.sigma_start, args.sigma_end, args.sigma_steps)[[0, -1]]):
+    if len(sigmas) > 1 and figures["parzen_sigma"] in (sigmas[0], sigmas[-1]):
         logger.warn("the chosen sigma is at the edge of the grid: widen --sigma_start/--sigma_end")
     out = os.path.join(logger.get_dir(), "cgan_eval.json")
     with open(out, "w") as f:

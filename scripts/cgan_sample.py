@@ -1,7 +1,7 @@
 """
 Draw class-conditional samples from a trained conditional GAN.
 
-    python scripts/cgan_sample.py --model_path logs/cgan003000.pt --image_size 8 --num_classes 10 --num_samples 100
+    python scripts/cgan_sample.py --model_path logs/cgan003000.pt --image_size 8 --num_samples 100
 
 Writes samples_NxHxWx3.npz (arr_0: uint8 NHWC images, arr_1: int64 class labels) to the logger
 folder ($OPENAI_LOGDIR) and a PNG grid next to it with one row per class. The network flags
@@ -29,6 +29,7 @@ def create_argparser():
         class_label=-1,
         use_ema=True,
         grid_per_class=10,
+        sample_dropout=False,
         seed=0,
     )
     defaults.update(cgan_defaults())
@@ -53,6 +54,7 @@ def main(args):
         class_label=args.class_label,
         batch_size=args.batch_size,
         progress=True,
+        keep_dropout=args.sample_dropout,
     )
     if dist_util.is_main_process():
         images = to_uint8(images)

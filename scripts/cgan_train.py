@@ -2,7 +2,7 @@
 Train a conditional GAN (Mirza & Osindero 2014) on a class-prefixed image folder
 ("<class>_<anything>.png") or on a folder holding the MNIST IDX files.
 
-    python scripts/cgan_train.py --data_dir data/digits8 --image_size 8 --num_classes 10 --max_steps 3000
+    python scripts/cgan_train.py --data_dir data/digits8 --image_size 8 --max_steps 3000
 
 Works as one process, under ``mpiexec -n N`` or under ``torchrun``. Checkpoints cganNNNNNN.pt (both
 networks, the generator's EMA, both optimisers, the step and the network flags) go to the logger

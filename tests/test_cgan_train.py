@@ -4,6 +4,7 @@ by a classifier trained on real digits, the Parzen estimate must improve, and th
 shuffled labels (a broken conditioning path) must fail the class threshold.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -56,7 +57,8 @@ def digits(tmp_path_factory):
     train_dir.mkdir(), test_dir.mkdir()
     for name in sorted(os.listdir(everything)):
         index = int(name.split("_")[1].split(".")[0])
-        shutil.copy(os.path.join(everything, name), (test_dir if index % 5 == 0 else train_dir) / name)
+        target = test_dir if index % 5 == 0 else train_dir
+        shutil.copy(os.path.join(everything, name), target / name)
     train_x, train_y, _ = load_labeled_images(str(train_dir), image_size=SIZE)
     test_x, test_y, _ = load_labeled_images(str(test_dir), image_size=SIZE)
     train = to_eval_space(train_x, grayscale=True)
@@ -121,7 +123,8 @@ def test_changing_y_alone_changes_the_generated_class(digits, conditioned):
     y = torch.arange(10).repeat(20)
     with torch.no_grad():
         images = to_uint8(ema.to_images(ema(z, y)))
-    predicted = predict_classes(digits["classifier"], to_eval_space(images, grayscale=True)).view(20, 10)
+    samples = to_eval_space(images, grayscale=True)
+    predicted = predict_classes(digits["classifier"], samples).view(20, 10)
     # For a fixed z, the recognised class follows y.
     assert (predicted == torch.arange(10)).float().mean() > CONDITIONED_MIN_ACCURACY
     distinct = [len(set(row.tolist())) for row in predicted]
@@ -135,7 +138,10 @@ def test_parzen_estimate_improves_with_training(digits, conditioned):
     sigmas = default_sigmas(-2, 0, 13)
     before = parzen_estimate(_samples(initial)[0], valid, scored, sigmas)
     after = parzen_estimate(_samples(ema)[0], valid, scored, sigmas)
-    print(f"Parzen before {before['mean']:.2f} +- {before['stderr']:.2f}, after {after['mean']:.2f} +- {after['stderr']:.2f}")
+    print(
+        f"Parzen before {before['mean']:.2f} +- {before['stderr']:.2f}, "
+        f"after {after['mean']:.2f} +- {after['stderr']:.2f}"
+    )
     assert after["mean"] - before["mean"] > 5 * (after["stderr"] + before["stderr"])
 
 
@@ -150,26 +156,27 @@ def test_shuffled_labels_fail_the_class_threshold(digits, tmp_path):
 def _run(args, env_dir, launcher=()):
     env = dict(os.environ, OPENAI_LOGDIR=str(env_dir), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [*launcher, sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-    )
+    command = [*launcher, sys.executable, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
 def test_train_resume_sample_and_eval_scripts(digits, tmp_path):
     log = tmp_path / "log"
-    common = ["--data_dir", digits["train_dir"], "--image_size", str(SIZE), "--batch_size", "50",
-              "--save_interval", "2", "--log_interval", "2"]
-    res = _run(["scripts/cgan_train.py", *common, "--max_steps", "2"], log)
+    train = ["scripts/cgan_train.py", "--data_dir", digits["train_dir"], "--image_size", str(SIZE),
+             "--batch_size", "50", "--save_interval", "2", "--log_interval", "2"]
+    res = _run([*train, "--max_steps", "2"], log)
     assert res.returncode == 0, res.stderr
-    res = _run(["scripts/cgan_train.py", *common, "--max_steps", "4", "--resume_checkpoint", "auto"], log)
+    res = _run([*train, "--max_steps", "4", "--resume_checkpoint", "auto"], log)
     assert res.returncode == 0, res.stderr
     progress = (log / "progress.csv").read_text().splitlines()
-    steps = [int(float(row.split(",")[progress[0].split(",").index("step")])) for row in progress[1:]]
+    column = progress[0].split(",").index("step")
+    steps = [int(float(row.split(",")[column])) for row in progress[1:]]
     assert steps[-1] == 3  # the resumed run logged steps 2 and 3, not 0 and 1
-    assert sorted(n for n in os.listdir(log) if n.startswith("cgan")) == ["cgan000002.pt", "cgan000004.pt"]
+    checkpoints = sorted(n for n in os.listdir(log) if n.startswith("cgan"))
+    assert checkpoints == ["cgan000002.pt", "cgan000004.pt"]
 
-    res = _run(["scripts/cgan_train.py", *common, "--max_steps", "6", "--resume_checkpoint", "auto",
-                "--arch", "conv", "--image_size", "16"], log)
+    res = _run([*train, "--max_steps", "6", "--resume_checkpoint", "auto", "--arch", "conv",
+                "--image_size", "16"], log)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [
         f"cgan_train.py: error: checkpoint {log / 'cgan000004.pt'} was trained with --arch mlp "
@@ -177,23 +184,52 @@ def test_train_resume_sample_and_eval_scripts(digits, tmp_path):
     ]
 
     out = tmp_path / "eval"
-    res = _run(["scripts/cgan_eval.py", "--model_path", str(log / "cgan000004.pt"), "--image_size", str(SIZE),
-                "--data_dir", digits["train_dir"], "--test_dir", digits["test_dir"], "--num_samples", "200",
+    res = _run(["scripts/cgan_eval.py", "--model_path", str(log / "cgan000004.pt"),
+                "--image_size", str(SIZE), "--data_dir", digits["train_dir"],
+                "--test_dir", digits["test_dir"], "--num_samples", "200",
                 "--classifier_steps", "20"], out)
     assert res.returncode == 0, res.stderr
-    import json
-
     figures = json.loads((out / "cgan_eval.json").read_text())
     assert figures["num_samples"] == 200 and len(figures["sample_accuracy_per_class"]) == 10
     assert np.isfinite(figures["parzen_mean"]) and figures["parzen_stderr"] > 0
 
 
-def test_training_runs_under_mpiexec_with_two_ranks(digits, tmp_path):
+DDP_CHECK = """
+import sys, torch
+from guided_diffusion import dist_util, logger
+from guided_diffusion.cgan import create_cgan
+from guided_diffusion.cgan_train import CGANTrainLoop
+
+dist_util.setup_dist()
+logger.configure(dir=sys.argv[1], format_strs=["csv"])
+rank = dist_util.get_rank()
+torch.manual_seed(rank)  # different initial weights and data on each rank
+flags = dict(arch=sys.argv[2], image_size=16, num_classes=10, z_dim=8, conv_channels=4, dropout=0.5)
+g, d = create_cgan(**flags)
+
+def batches():
+    while True:
+        yield torch.rand(6, 3, 16, 16) * 2 - 1, {"y": torch.randint(0, 10, (6,))}
+
+loop = CGANTrainLoop(generator=g, discriminator=d, data=batches(), arch=flags["arch"], batch_size=6,
+                     max_steps=3, save_interval=3, model_flags=flags)
+loop.run_loop()
+flat = torch.cat([p.detach().flatten() for m in (g, d, loop.ema) for p in m.parameters()])
+gathered = dist_util.all_gather_tensors(flat)
+assert dist_util.get_world_size() == 2
+assert all(torch.equal(gathered[0], other) for other in gathered[1:]), "ranks diverged"
+print("rank", rank, "in sync")
+"""
+
+
+def test_ddp_keeps_ranks_in_sync_under_mpiexec(tmp_path):
+    # Each rank sees different data; identical weights afterwards mean gradients were averaged.
+    # The conv networks also carry batch-norm buffers and label embeddings.
     if shutil.which("mpiexec") is None:
         pytest.skip("mpiexec not on PATH")
-    args = ["scripts/cgan_train.py", "--data_dir", digits["train_dir"], "--image_size", str(SIZE),
-            "--batch_size", "20", "--max_steps", "2", "--save_interval", "2"]
-    res = _run(args, tmp_path, launcher=("mpiexec", "-n", "2"))
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_CHECK)
+    res = _run([str(script), str(tmp_path), "conv"], tmp_path, launcher=("mpiexec", "-n", "2"))
     assert res.returncode == 0, res.stderr
-    ckpt = torch.load(tmp_path / "cgan000002.pt", weights_only=True)
-    assert ckpt["step"] == 2
+    assert res.stdout.count("in sync") == 2
+    assert torch.load(tmp_path / "cgan000003.pt", weights_only=True)["step"] == 3
