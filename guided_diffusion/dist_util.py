@@ -262,7 +262,11 @@ def wrap_ddp(model, **kwargs):
         return model
     # deviation from reference: the reference skips DDP on CPU with a warning, so CPU ranks never
     # synchronised gradients; gloo makes DDP work on CPU as well.
-    options = dict(broadcast_buffers=False, bucket_cap_mb=128, find_unused_parameters=False)
+    options = dict(bucket_cap_mb=128, find_unused_parameters=False)
+    if any(True for _ in model.buffers()):
+        # Only meaningful for models with buffers (the diffusion networks have none); passing it
+        # regardless makes recent torch print a FutureWarning on every run.
+        options["broadcast_buffers"] = False
     if torch.cuda.is_available():
         options.update(device_ids=[dev()], output_device=dev())
     options.update(kwargs)

@@ -5,7 +5,6 @@ loop that gathers every rank's batches in rank order, and the one-line error han
 scripts' main functions.
 """
 
-import itertools
 import math
 import os
 import sys
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist_util, logger, sample_util
+from .flag_hints import explain_state_dict_mismatch
 
 
 class ScriptError(ValueError):
@@ -84,36 +84,6 @@ def seed_training(seed):
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-# Flags whose value does not change any state-dict shape; never suggested.
-_BOOL_FLAGS = (
-    "class_cond",
-    "learn_sigma",
-    "use_scale_shift_norm",
-    "resblock_updown",
-    "classifier_use_scale_shift_norm",
-    "classifier_resblock_updown",
-)
-_DEPTH_FLAGS = ("num_res_blocks", "classifier_depth")
-_WIDTH_FLAGS = ("num_channels", "classifier_width")
-_ATTENTION_FLAGS = ("attention_resolutions", "classifier_attention_resolutions")
-_SIZE_FLAGS = ("image_size", "large_size")
-_CHANNEL_MULT_FLAGS = ("channel_mult", "classifier_channel_mult")
-_BUILTIN_SIZES = (32, 64, 128, 256, 512)
-_BUILTIN_MULTS = ("1,2,2,2", "1,2,3,4", "1,1,2,3,4", "1,1,2,2,4,4", "0.5,1,1,2,2,4,4")
-
-
-def _shapes(state_dict):
-    return {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
-
-
-def _is_state_dict(obj):
-    return isinstance(obj, dict) and all(isinstance(k, str) for k in obj)
-
-
-def _is_optimizer_state(obj):
-    return isinstance(obj, dict) and "param_groups" in obj and "state" in obj
-
-
 def check_model_weights(model, state_dict, path, flags=None, build=None):
     """
     Check that a checkpoint fits a network before loading it.
@@ -126,32 +96,9 @@ def check_model_weights(model, state_dict, path, flags=None, build=None):
     :param build: a function flags -> network (called on the meta device: no memory, no init).
     :raises ScriptError: naming the flags to change when it does not fit.
     """
-    if _is_optimizer_state(state_dict):
-        raise ScriptError(
-            f"{path} is an optimizer checkpoint (optNNNNNN.pt): pass a modelNNNNNN.pt or "
-            "ema_<rate>_NNNNNN.pt file instead"
-        )
-    if not _is_state_dict(state_dict):
-        raise ScriptError(f"{path} is not a network state dict")
-    expected = _shapes(model.state_dict())
-    given = _shapes(state_dict)
-    if expected == given:
-        return
-    hints = _flag_hints(expected, given, flags, build)
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    reshaped = [k for k in expected if k in given and given[k] != expected[k]]
-    detail = []
-    if missing:
-        detail.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
-    if unexpected:
-        detail.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-    if reshaped:
-        k = reshaped[0]
-        detail.append(f"{len(reshaped)} shape mismatches, e.g. {k} {given[k]} vs {expected[k]}")
-    raise ScriptError(
-        f"checkpoint {path} does not fit the model flags: {hints} ({'; '.join(detail)})"
-    )
+    problem = explain_state_dict_mismatch(model, state_dict, flags=flags, build=build)
+    if problem:
+        raise ScriptError(f"checkpoint {path} does not fit the model flags: {problem}")
 
 
 def load_model_weights(model, state_dict, path, flags=None, build=None):
@@ -173,111 +120,6 @@ def load_checkpoint_into(model, path, flags=None, build=None):
         raise ScriptError("no checkpoint given: pass --model_path (or --classifier_path) FILE")
     state = dist_util.load_state_dict(path, map_location="cpu")
     load_model_weights(model, state, path, flags=flags, build=build)
-
-
-def _direct_hints(expected, given, flags):
-    """Flag values read straight off telltale tensors of the checkpoint."""
-    flags = flags or {}
-    changes = {}
-    if "label_emb.weight" in given and "label_emb.weight" not in expected:
-        changes["class_cond"] = True
-    elif "label_emb.weight" in expected and "label_emb.weight" not in given:
-        changes["class_cond"] = False
-    if "label_emb.weight" in given:
-        classes = given["label_emb.weight"][0]
-        if classes != flags.get("num_classes", classes):
-            changes["num_classes"] = classes
-    width_flag = next((f for f in _WIDTH_FLAGS if f in flags), _WIDTH_FLAGS[0])
-    if "time_embed.0.weight" in given and "time_embed.0.weight" in expected:
-        width = given["time_embed.0.weight"][1]
-        if width != expected["time_embed.0.weight"][1]:
-            changes[width_flag] = width
-    out = "out.2.weight"
-    if "learn_sigma" in flags and out in given and out in expected and given[out] != expected[out]:
-        if given[out][0] in (3, 6):
-            changes["learn_sigma"] = given[out][0] == 6
-    return changes
-
-
-def _single_changes(flags, given):
-    """Candidate one-flag changes for the search, most likely first."""
-    for name in _BOOL_FLAGS:
-        if name in flags:
-            yield {name: not flags[name]}
-    for name in _DEPTH_FLAGS:
-        if name in flags:
-            for depth in range(1, 5):
-                if depth != flags[name]:
-                    yield {name: depth}
-    attention_flag = next((f for f in _ATTENTION_FLAGS if f in flags), None)
-    size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
-    if attention_flag is not None and size_flag is not None:
-        size = flags[size_flag]
-        levels = [size // 2**k for k in range(7) if size // 2**k >= 1]
-        current = flags[attention_flag]
-        # Contiguous runs of resolutions ("32,16,8") cover the configurations in use.
-        for start, stop in itertools.combinations(range(len(levels) + 1), 2):
-            text = ",".join(str(r) for r in levels[start:stop])
-            if text != current:
-                yield {attention_flag: text}
-    mult_flag = next((f for f in _CHANNEL_MULT_FLAGS if f in flags), None)
-    if size_flag is not None:
-        current = flags[size_flag]
-        sizes = set(_BUILTIN_SIZES) | {current // 4, current // 2, current * 2}
-        for size in sorted(s for s in sizes if s >= 8):
-            if size != current:
-                yield {size_flag: size}
-    if mult_flag is not None:
-        for mult in _BUILTIN_MULTS:
-            if mult != flags[mult_flag]:
-                yield {mult_flag: mult}
-
-
-def _fits(build, flags, given):
-    try:
-        with torch.device("meta"):
-            candidate = build(dict(flags))
-    except Exception:  # an impossible combination of flags is simply not a candidate
-        return False
-    return _shapes(candidate.state_dict()) == given
-
-
-def _format_changes(changes):
-    return " ".join(f"--{k} {_flag_text(v)}" for k, v in changes.items())
-
-
-def _flag_text(value):
-    return str(value)
-
-
-def _flag_hints(expected, given, flags, build):
-    direct = _direct_hints(expected, given, flags)
-    prefix = []
-    if "class_cond" in direct:
-        has = "has" if direct["class_cond"] else "has no"
-        prefix.append(f"checkpoint {has} label_emb.weight")
-    if flags is not None and build is not None:
-        base = {**flags, **direct}
-        if _fits(build, base, given) and direct:
-            return ", ".join(prefix + [f"pass {_format_changes(direct)}"])
-        # Several single changes can fit (e.g. another image size moves the attention levels
-        # like other attention_resolutions do); the likeliest comes first.
-        fitting = []
-        for change in _single_changes(base, given):
-            if _fits(build, {**base, **change}, given):
-                fitting.append(_format_changes({**direct, **change}))
-                if len(fitting) == 3:
-                    break
-        if fitting:
-            return ", ".join(prefix + ["pass " + " or pass ".join(fitting)])
-    if direct:
-        hint = ", ".join(prefix + [f"pass {_format_changes(direct)}"])
-        return hint + " (other flags may differ too)"
-    return (
-        "check --image_size/--channel_mult, --num_res_blocks, --attention_resolutions, "
-        "--resblock_updown, --use_scale_shift_norm and --num_head_channels against the flags the "
-        "checkpoint was trained with"
-    )
 
 
 # ---------------------------------------------------------------------------------- guidance

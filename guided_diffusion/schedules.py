@@ -36,6 +36,13 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     if num_diffusion_timesteps < 1:
         raise ValueError(f"diffusion_steps must be at least 1, got {num_diffusion_timesteps}")
     if schedule_name == "linear":
+        if num_diffusion_timesteps <= 20:
+            # The last beta is 20 / T: at T <= 20 it reaches 1, alpha_bar becomes 0 and every
+            # table that divides by it is infinite (the reference fails later, with NaN samples).
+            raise ValueError(
+                f"the linear schedule needs diffusion_steps > 20 (got {num_diffusion_timesteps}: "
+                "its last beta would be >= 1); use more steps, or --noise_schedule cosine"
+            )
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(
             scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64

@@ -12,6 +12,7 @@ import inspect
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
+from .flag_hints import explain_state_dict_mismatch  # noqa: F401  (public here)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -589,81 +590,18 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {v!r}")
 
 
-def load_model_state_dict(model, state_dict):
+def load_model_state_dict(model, state_dict, flags=None, build=None):
     """
     Load a checkpoint into a model built from flags, with strict=True, and when they do not match
     raise one ValueError that says which flags to change instead of torch's list of keys.
 
     :param model: a UNetModel, SuperResModel or EncoderUNetModel from the factories above.
     :param state_dict: the loaded checkpoint (a plain state dict, e.g. model*.pt or ema_*.pt).
+    :param flags: optional flags the model was built from; with `build` (flags -> model), the
+        message names one-flag changes that make the checkpoint fit.
     :raises ValueError: when the checkpoint does not fit the model.
     """
-    problem = explain_state_dict_mismatch(model, state_dict)
+    problem = explain_state_dict_mismatch(model, state_dict, flags=flags, build=build)
     if problem:
-        raise ValueError(problem)
+        raise ValueError(f"checkpoint does not match the model flags: {problem}")
     model.load_state_dict(state_dict, strict=True)
-
-
-def explain_state_dict_mismatch(model, state_dict):
-    """
-    :param model: a network built by the factories above.
-    :param state_dict: a checkpoint meant for it.
-    :return: "" when the keys and shapes match, else a one-line explanation with the flags to fix.
-    """
-    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
-        return "the checkpoint is not a state dict of a network"
-    if {"state", "param_groups"} <= set(state_dict):
-        return "this is an optimizer checkpoint (opt*.pt): pass a model*.pt or ema_*.pt file"
-
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    reshaped = [k for k in expected if k in given and given[k] != expected[k]]
-    if not (missing or unexpected or reshaped):
-        return ""
-
-    is_classifier = isinstance(model, EncoderUNetModel)
-    hints = []
-    if "label_emb.weight" in unexpected:
-        hints.append("checkpoint has label_emb.weight: pass --class_cond True")
-    elif "label_emb.weight" in missing:
-        hints.append("checkpoint has no label_emb.weight: pass --class_cond False")
-    elif "label_emb.weight" in reshaped:
-        classes = given["label_emb.weight"][0]
-        if classes != expected["label_emb.weight"][0]:
-            hints.append(f"checkpoint has {classes} classes: pass --num_classes {classes}")
-    if "time_embed.0.weight" in reshaped:
-        width = given["time_embed.0.weight"][1]
-        flag = "--classifier_width" if is_classifier else "--num_channels"
-        hints.append(f"checkpoint has {width} base channels: pass {flag} {width}")
-    elif not is_classifier and "out.2.weight" in reshaped:
-        out_ch = given["out.2.weight"][0]
-        if out_ch in (3, 6):
-            hints.append(f"checkpoint outputs {out_ch} channels: pass --learn_sigma {out_ch == 6}")
-    elif is_classifier and reshaped and reshaped[-1].startswith("out."):
-        hints.append(
-            f"checkpoint head has shape {given[reshaped[-1]]}: check --num_classes and "
-            "--classifier_pool"
-        )
-    film = [k for k in reshaped if ".emb_layers.1." in k]
-    if film and film == reshaped and not (missing or unexpected):
-        # AdaGN blocks project the embedding to a scale and a shift: twice the channels.
-        doubled = given[film[0]][0] == 2 * expected[film[0]][0]
-        prefix = "classifier_" if is_classifier else ""
-        hints.append(f"pass --{prefix}use_scale_shift_norm {doubled}")
-    if not hints:
-        hints.append(
-            "check --num_res_blocks, --channel_mult, --attention_resolutions, --resblock_updown, "
-            "--num_heads/--num_head_channels and --use_scale_shift_norm against the flags the "
-            "checkpoint was trained with"
-        )
-    detail = []
-    if missing:
-        detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-    if unexpected:
-        detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-    if reshaped:
-        k = reshaped[0]
-        detail.append(f"{len(reshaped)} shape mismatches (e.g. {k}: {given[k]} vs {expected[k]})")
-    return f"checkpoint does not match the model flags: {'; '.join(hints)} [{', '.join(detail)}]"

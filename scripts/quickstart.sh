@@ -42,13 +42,13 @@ mpiexec -n "$NPROC" python scripts/classifier_train.py --data_dir "$OUT/digits" 
 
 # A few hundred steps are far too few for an EMA to forget the initial weights (0.995^300 = 0.22
 # of them remain, which gave pure noise), so short runs sample the raw weights.
-EMA="$OUT/model/model$(printf %06d "$STEPS").pt"
+MODEL="$OUT/model/model$(printf %06d "$STEPS").pt"
 echo "== 4/5 DDIM samples without guidance"
-mpiexec -n "$NPROC" python scripts/image_sample.py --model_path "$EMA" $MODEL_FLAGS \
+mpiexec -n "$NPROC" python scripts/image_sample.py --model_path "$MODEL" $MODEL_FLAGS \
   $DIFFUSION_FLAGS $SAMPLE_FLAGS --log_dir "$OUT/samples"
 
 echo "== 5/5 DDIM samples with classifier guidance"
-mpiexec -n "$NPROC" python scripts/classifier_sample.py --model_path "$EMA" $MODEL_FLAGS \
+mpiexec -n "$NPROC" python scripts/classifier_sample.py --model_path "$MODEL" $MODEL_FLAGS \
   $DIFFUSION_FLAGS $CLASSIFIER_FLAGS $SAMPLE_FLAGS --classifier_scale 2.0 \
   --classifier_path "$OUT/classifier/model$(printf %06d "$CLS_STEPS").pt" --log_dir "$OUT/guided"
 

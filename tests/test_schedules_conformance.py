@@ -28,6 +28,17 @@ def test_unknown_schedule_lists_known_ones():
     assert isinstance(info.value, NotImplementedError)
 
 
+def test_too_short_linear_schedule_is_refused():
+    # 20 steps would put beta at exactly 1 (alpha_bar = 0, infinite tables); 21 is still valid.
+    with pytest.raises(ValueError, match="diffusion_steps > 20"):
+        gd.get_named_beta_schedule("linear", 20)
+    betas = gd.get_named_beta_schedule("linear", 21)
+    assert betas.max() < 1
+    assert np.isfinite(diffusion_tables(betas)["sqrt_recip_alphas_cumprod"]).all()
+    # Short cosine schedules stay available (their betas are capped at 0.999).
+    assert gd.get_named_beta_schedule("cosine", 5).max() <= 0.999
+
+
 def _spacing(conformance):
     return json.loads((conformance / "spacing.json").read_text())
 

@@ -1,0 +1,192 @@
+"""
+Explain a checkpoint that does not fit the network built from the command-line flags, in terms of
+the flags to change ("checkpoint has label_emb.weight: pass --class_cond True") rather than
+torch's list of missing and unexpected keys.
+
+Two sources of hints: tensors whose shape gives a flag away (the label embedding, the base width,
+the output channels, the doubled AdaGN projection), and, when the flags and a builder are given,
+a search over one-flag changes, each built on the meta device (no memory, no initialisation).
+"""
+
+import itertools
+
+import torch
+
+from .unet import EncoderUNetModel
+
+_BOOL_FLAGS = (
+    "class_cond",
+    "learn_sigma",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "classifier_use_scale_shift_norm",
+    "classifier_resblock_updown",
+)
+_DEPTH_FLAGS = ("num_res_blocks", "classifier_depth")
+_WIDTH_FLAGS = ("num_channels", "classifier_width")
+_ATTENTION_FLAGS = ("attention_resolutions", "classifier_attention_resolutions")
+_SIZE_FLAGS = ("image_size", "large_size")
+_CHANNEL_MULT_FLAGS = ("channel_mult", "classifier_channel_mult")
+_BUILTIN_SIZES = (32, 64, 128, 256, 512)
+_BUILTIN_MULTS = ("1,2,2,2", "1,2,3,4", "1,1,2,3,4", "1,1,2,2,4,4", "0.5,1,1,2,2,4,4")
+_FALLBACK = (
+    "check --num_res_blocks, --channel_mult/--image_size, --attention_resolutions, "
+    "--resblock_updown, --use_scale_shift_norm and --num_heads/--num_head_channels against the "
+    "flags the checkpoint was trained with"
+)
+
+
+def is_optimizer_state(obj):
+    return isinstance(obj, dict) and "param_groups" in obj and "state" in obj
+
+
+def explain_state_dict_mismatch(model, state_dict, flags=None, build=None):
+    """
+    Say why a checkpoint does not fit a network, naming the flags to change.
+
+    :param model: the network built from the flags.
+    :param state_dict: the loaded checkpoint.
+    :param flags: optional dict of the flags the network was built from; with `build`, enables
+        the search for one-flag changes that make the checkpoint fit.
+    :param build: optional function flags -> network.
+    :return: "" when keys and shapes match, else one line.
+    """
+    if is_optimizer_state(state_dict):
+        return (
+            "this is an optimizer checkpoint (optNNNNNN.pt): pass a modelNNNNNN.pt or "
+            "ema_<rate>_NNNNNN.pt file instead"
+        )
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        return "the checkpoint is not a state dict of a network"
+
+    expected = _shapes(model.state_dict())
+    given = _shapes(state_dict)
+    if expected == given and set(expected) == set(state_dict):
+        return ""
+    is_classifier = isinstance(model, EncoderUNetModel)
+    hints = _hints(expected, given, flags, build, is_classifier)
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [k for k in expected if k in given and given[k] != expected[k]]
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        detail.append(f"{len(reshaped)} shape mismatches, e.g. {k} {given[k]} vs {expected[k]}")
+    return f"{hints} ({'; '.join(detail)})"
+
+
+def _shapes(state_dict):
+    return {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
+
+
+def _flag_name(flags, choices, is_classifier):
+    if flags:
+        found = next((f for f in choices if f in flags), None)
+        if found is not None:
+            return found
+    return choices[1] if is_classifier else choices[0]
+
+
+def _direct_changes(expected, given, flags, is_classifier):
+    """Flag values read straight off telltale tensors of the checkpoint."""
+    flags = flags or {}
+    changes = {}
+    if "label_emb.weight" in given and "label_emb.weight" not in expected:
+        changes["class_cond"] = True
+    elif "label_emb.weight" in expected and "label_emb.weight" not in given:
+        changes["class_cond"] = False
+    if "label_emb.weight" in given:
+        classes = given["label_emb.weight"][0]
+        current = flags.get("num_classes", expected.get("label_emb.weight", (classes,))[0])
+        if classes != current:
+            changes["num_classes"] = classes
+    if "time_embed.0.weight" in given and "time_embed.0.weight" in expected:
+        width = given["time_embed.0.weight"][1]
+        if width != expected["time_embed.0.weight"][1]:
+            changes[_flag_name(flags, _WIDTH_FLAGS, is_classifier)] = width
+    out = "out.2.weight"
+    if not is_classifier and out in given and out in expected and given[out] != expected[out]:
+        if given[out][0] in (3, 6) and given[out][1:] == expected[out][1:]:
+            changes["learn_sigma"] = given[out][0] == 6
+    reshaped = [k for k in expected if k in given and given[k] != expected[k]]
+    film = [k for k in reshaped if ".emb_layers.1." in k]
+    if film and film == reshaped and set(given) == set(expected):
+        # Only the AdaGN projections differ: they map the embedding to a scale and a shift
+        # (twice the channels) with use_scale_shift_norm, to a shift alone without.
+        flag = _flag_name(flags, ("use_scale_shift_norm", "classifier_use_scale_shift_norm"), is_classifier)
+        changes[flag] = given[film[0]][0] > expected[film[0]][0]
+    return changes
+
+
+def _hints(expected, given, flags, build, is_classifier):
+    direct = _direct_changes(expected, given, flags, is_classifier)
+    prefix = ""
+    if "class_cond" in direct:
+        prefix = f"checkpoint {'has' if direct['class_cond'] else 'has no'} label_emb.weight: "
+    if flags is not None and build is not None:
+        base = {**flags, **direct}
+        if direct and _fits(build, base, given):
+            return f"{prefix}pass {_format(direct)}"
+        # Several single changes can fit (another image size moves the attention levels just as
+        # other attention_resolutions do); the likeliest come first.
+        fitting = []
+        for change in _single_changes(base):
+            if _fits(build, {**base, **change}, given):
+                fitting.append(_format({**direct, **change}))
+                if len(fitting) == 3:
+                    break
+        if fitting:
+            return prefix + "pass " + " or pass ".join(fitting)
+    if direct:
+        return f"{prefix}pass {_format(direct)} (other flags may differ too: {_FALLBACK})"
+    return _FALLBACK
+
+
+def _single_changes(flags):
+    """Candidate one-flag changes for the search, most likely first."""
+    for name in _BOOL_FLAGS:
+        if name in flags:
+            yield {name: not flags[name]}
+    for name in _DEPTH_FLAGS:
+        if name in flags:
+            for depth in range(1, 5):
+                if depth != flags[name]:
+                    yield {name: depth}
+    attention_flag = next((f for f in _ATTENTION_FLAGS if f in flags), None)
+    size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
+    if attention_flag is not None and size_flag is not None:
+        size = flags[size_flag]
+        levels = [size // 2**k for k in range(7) if size // 2**k >= 1]
+        # Contiguous runs of resolutions ("32,16,8") cover the configurations in use.
+        for start, stop in itertools.combinations(range(len(levels) + 1), 2):
+            text = ",".join(str(r) for r in levels[start:stop])
+            if text != flags[attention_flag]:
+                yield {attention_flag: text}
+    if size_flag is not None:
+        current = flags[size_flag]
+        sizes = set(_BUILTIN_SIZES) | {current // 4, current // 2, current * 2}
+        for size in sorted(s for s in sizes if s >= 8 and s != current):
+            yield {size_flag: size}
+    mult_flag = next((f for f in _CHANNEL_MULT_FLAGS if f in flags), None)
+    if mult_flag is not None:
+        for mult in _BUILTIN_MULTS:
+            if mult != flags[mult_flag]:
+                yield {mult_flag: mult}
+
+
+def _fits(build, flags, given):
+    try:
+        with torch.device("meta"):
+            candidate = build(dict(flags))
+    except Exception:  # an impossible combination of flags is simply not a candidate
+        return False
+    return _shapes(candidate.state_dict()) == given
+
+
+def _format(changes):
+    return " ".join(f"--{k} {v}" for k, v in changes.items())
