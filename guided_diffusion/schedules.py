@@ -175,11 +175,16 @@ def _ddim_steps(num_timesteps, spec):
         if len(range(0, num_timesteps, stride)) == wanted:
             return set(range(0, num_timesteps, stride))
     # deviation from reference: the reference message names the original step count as if it
-    # were the requested one; say both.
+    # were the requested one; say both, and only suggest section counts when they can work.
+    if not 1 <= wanted <= num_timesteps:
+        raise ValueError(
+            f"timestep_respacing {spec!r}: cannot pick {wanted} of the {num_timesteps} diffusion "
+            f"steps; ask for between 1 and {num_timesteps}"
+        )
     raise ValueError(
-        f"timestep_respacing {spec!r}: cannot pick exactly {wanted} of the {num_timesteps} "
-        "diffusion steps with an integer stride; choose another count, or use section counts "
-        f"such as '{wanted}' instead of '{spec}'"
+        f"timestep_respacing {spec!r}: no integer stride picks exactly {wanted} of the "
+        f"{num_timesteps} diffusion steps; use '{wanted}' (evenly spaced steps) instead, or "
+        "another ddim count"
     )
 
 

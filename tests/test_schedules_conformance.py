@@ -66,6 +66,10 @@ def test_impossible_respacing_message_names_both_counts():
         space_timesteps(1000, "ddim3000")
     message = str(info.value)
     assert "3000" in message and "1000" in message
+    # A count that exists but has no integer stride points to section counts, which can work.
+    with pytest.raises(ValueError, match="use '7' .evenly spaced"):
+        space_timesteps(10, "ddim7")
+    assert len(space_timesteps(10, "7")) == 7
     with pytest.raises(ValueError) as info:
         space_timesteps(10, "11")
     assert "11" in str(info.value) and "10" in str(info.value)
