@@ -16,6 +16,7 @@ The backend is gloo on CPU and NCCL on GPU. The GPU of a process is its node-loc
 number of visible devices, so a CUDA_VISIBLE_DEVICES set by the user or the cluster is respected.
 """
 
+import atexit
 import os
 import socket
 
@@ -98,7 +99,7 @@ def setup_dist():
         world_size = int(os.environ["WORLD_SIZE"])
         _select_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world_size > 1:
-            dist.init_process_group(backend=_backend(), init_method="env://")
+            _init_process_group()
         return
 
     if not _launched_by_mpi():
@@ -146,7 +147,23 @@ def setup_dist():
     os.environ["WORLD_SIZE"] = str(comm.size)
     os.environ["LOCAL_RANK"] = str(local_rank)
     os.environ["LOCAL_WORLD_SIZE"] = str(local_size)
+    _init_process_group()
+
+
+def _init_process_group():
     dist.init_process_group(backend=_backend(), init_method="env://")
+    # Left alive until interpreter shutdown, gloo's threads can be torn down mid-flight and abort
+    # the process ("terminate called without an active exception", exit 6) after a run that
+    # succeeded. atexit runs this before mpi4py's own finaliser, which was registered earlier.
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group():
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # exiting anyway; never mask the real exit status
+            pass
 
 
 def is_distributed():

@@ -23,10 +23,18 @@ WORKER = textwrap.dedent(
     import json, os, sys
     if os.environ.get("BLOCK_MPI4PY"):
         sys.modules["mpi4py"] = None  # any "import mpi4py" now raises ImportError
+    import atexit
     import torch
     import torch.distributed as dist
     from guided_diffusion import dist_util
 
+    def record_group_at_exit():
+        # Registered before setup_dist, so it runs after dist_util's own exit hook.
+        name = "exit%s.json" % os.environ.get("RANK", "0")
+        with open(os.path.join(sys.argv[1], name), "w") as f:
+            json.dump({"initialized_at_exit": dist.is_initialized()}, f)
+
+    atexit.register(record_group_at_exit)
     dist_util.setup_dist()
     dist_util.setup_dist()  # a second call must be harmless
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
@@ -117,6 +125,13 @@ def expected_final_params(init, batches_per_rank, lr=0.1):
     return torch.cat([weight.detach().flatten(), bias.detach()]).tolist()
 
 
+def check_group_destroyed_at_exit(tmp_path, world):
+    # A process group left alive into interpreter shutdown can abort a successful run
+    # ("terminate called without an active exception"); dist_util tears it down at exit.
+    for r in range(world):
+        assert json.loads((tmp_path / f"exit{r}.json").read_text()) == {"initialized_at_exit": False}
+
+
 def check_two_ranks(out):
     assert [o["rank"] for o in out] == [0, 1]
     assert all(o["world"] == 2 for o in out)
@@ -142,6 +157,7 @@ def test_mpiexec_two_ranks(tmp_path):
     proc = run(["mpiexec", "-n", "2", sys.executable], tmp_path)
     out = results(tmp_path, 2)
     check_two_ranks(out)
+    check_group_destroyed_at_exit(tmp_path, 2)
     assert all(o["mpi4py_loaded"] for o in out)
     assert proc.stdout.count("printed once") == 1
 
@@ -151,6 +167,7 @@ def test_torchrun_two_ranks(tmp_path):
     proc = run(cmd, tmp_path)
     out = results(tmp_path, 2)
     check_two_ranks(out)
+    check_group_destroyed_at_exit(tmp_path, 2)
     # torchrun provides everything; MPI must not be initialised behind its back.
     assert not any(o["mpi4py_loaded"] for o in out)
     assert proc.stdout.count("printed once") == 1
