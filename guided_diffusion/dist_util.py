@@ -17,8 +17,10 @@ number of visible devices, so a CUDA_VISIBLE_DEVICES set by the user or the clus
 """
 
 import atexit
+import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -147,23 +149,42 @@ def setup_dist():
     os.environ["WORLD_SIZE"] = str(comm.size)
     os.environ["LOCAL_RANK"] = str(local_rank)
     os.environ["LOCAL_WORLD_SIZE"] = str(local_size)
-    _init_process_group()
+    _init_process_group(mpi_comm=comm)
 
 
-def _init_process_group():
+def _init_process_group(mpi_comm=None):
     dist.init_process_group(backend=_backend(), init_method="env://")
-    # Left alive until interpreter shutdown, gloo's threads can be torn down mid-flight and abort
-    # the process ("terminate called without an active exception", exit 6) after a run that
-    # succeeded. atexit runs this before mpi4py's own finaliser, which was registered earlier.
-    atexit.register(_destroy_process_group)
+    # atexit runs this before mpi4py's own finaliser, which was registered earlier.
+    atexit.register(_destroy_process_group, mpi_comm)
 
 
-def _destroy_process_group():
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # exiting anyway; never mask the real exit status
-            pass
+_EXIT_BARRIER_SECONDS = 60
+
+
+def _destroy_process_group(mpi_comm=None):
+    """
+    Tear the process group down before interpreter shutdown.
+
+    Left to shutdown, gloo's threads can be destroyed mid-flight, and under mpiexec rank 0 hosts
+    the rendezvous store: when it exits first, the other ranks lose the store while tearing down
+    and abort ("terminate called without an active exception", exit 6) after a run that
+    succeeded. So every rank meets the others, destroys its group, and rank 0 waits at an MPI
+    barrier until all have let go. Both waits are bounded: a rank leaving on an error must not
+    hang waiting for peers that never arrive (the launcher then ends the job).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=_EXIT_BARRIER_SECONDS))
+        dist.destroy_process_group()
+        if mpi_comm is not None:
+            request = mpi_comm.Ibarrier()
+            deadline = time.monotonic() + _EXIT_BARRIER_SECONDS
+            while not request.Test() and time.monotonic() < deadline:
+                time.sleep(0.005)
+    except Exception:  # exiting anyway; never mask the real exit status
+        pass
 
 
 def is_distributed():
