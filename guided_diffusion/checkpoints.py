@@ -39,12 +39,24 @@ def save_atomic(obj, path):
         with bf.BlobFile(path, "wb") as f:
             torch.save(obj, f)
         return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """
+    Write a local file so that path holds either its old content or the complete new one.
+
+    :param path: the destination file; its folder must exist.
+    :param write: a function that writes the content into the binary file object it is given.
+    :return: path.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     # The temporary name starts with "." and ends with ".tmp" so it never matches "<prefix>NNN.pt".
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

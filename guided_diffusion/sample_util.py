@@ -4,11 +4,12 @@ Writing generated images: the reference's samples_NxHxWxC.npz plus a PNG grid to
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .checkpoints import atomic_write
 
 # A grid of every sample of a 50k-image run would be gigapixels; show the first ones only.
 DEFAULT_GRID_MAX_IMAGES = 64
@@ -101,15 +102,8 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
     os.makedirs(out_dir, exist_ok=True)
     shape_str = "x".join(str(s) for s in images.shape)
     npz_path = os.path.join(out_dir, f"samples_{shape_str}.npz")
-    fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".samples_", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, *arrays)  # positional arrays are stored as arr_0, arr_1
-        os.replace(tmp_path, npz_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    # positional arrays are stored as arr_0, arr_1
+    atomic_write(npz_path, lambda f: np.savez(f, *arrays))
     if images.shape[0] > 0 and grid_max_images > 0:
         make_grid_png(images[:grid_max_images], os.path.splitext(npz_path)[0] + ".png")
     return npz_path
