@@ -14,7 +14,6 @@ How the tests start other processes: the environment a child gets, and the launc
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -99,8 +98,9 @@ def _mpi4py_library():
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["(no message)"]
         return None, f"mpi4py cannot be used: {lines[-1]}"
-    first = (proc.stdout.strip().splitlines() or ["(empty version)"])[0].strip()
-    family = _mpi_family(proc.stdout)
+    text = proc.stdout.replace("\x00", "")  # Open MPI ends its version string with a NUL
+    first = (text.strip().splitlines() or ["(empty version)"])[0].strip()
+    family = _mpi_family(text)
     if family is None:
         return None, f"mpi4py's MPI library is neither MPICH nor Open MPI: {first}"
     return family, first
@@ -108,14 +108,16 @@ def _mpi4py_library():
 
 def _mpiexec_candidates():
     # The interpreter's own scripts folder first: that is where the mpich wheel puts its Hydra
-    # mpiexec, which can sit behind a system Open MPI on the PATH.
+    # mpiexec. Then every PATH entry, not only the first hit: a system Open MPI can sit behind
+    # the wheel's launcher (or a version manager's shim of it) on the PATH, and the reverse.
     folders = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
-    found = [str(folder / name) for folder in folders for name in ("mpiexec", "mpirun")]
-    found += [shutil.which(name) for name in ("mpiexec", "mpirun")]
+    folders += [Path(entry) for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
     unique = []
-    for path in found:
-        if path and os.path.isfile(path) and os.access(path, os.X_OK) and path not in unique:
-            unique.append(path)
+    for folder in folders:
+        for name in ("mpiexec", "mpirun"):
+            path = str(folder / name)
+            if os.path.isfile(path) and os.access(path, os.X_OK) and path not in unique:
+                unique.append(path)
     return unique
 
 
