@@ -25,6 +25,7 @@ from conftest import conformance_dir, load_vector
 from guided_diffusion import logger
 from guided_diffusion.sampling_util import make_classifier_cond_fn
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion, create_model
+from test_networks import _perturb
 
 pytestmark = pytest.mark.cuda
 
@@ -66,15 +67,6 @@ def ieee_fp32():
     """TF32 off for matmuls and cuDNN convolutions during the test (restored afterwards)."""
     with _tf32_off():
         yield
-
-
-def _perturb(model, seed=0, scale=0.05):
-    # Move every weight off its initial value so that zero-initialised layers pass a signal.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
 
 
 def _on(device, value):
