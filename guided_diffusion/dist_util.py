@@ -14,6 +14,10 @@ Three ways to start a job all end up in the same place, a torch.distributed proc
 
 The backend is gloo on CPU and NCCL on GPU. The GPU of a process is its node-local rank modulo the
 number of visible devices, so a CUDA_VISIBLE_DEVICES set by the user or the cluster is respected.
+NCCL cannot run two ranks of a job on one GPU: when two ranks of a node would use the same GPU (more
+ranks than visible GPUs, so the modulo wraps around), setup_dist stops with a one-line ValueError
+saying what to change, instead of NCCL failing in its first collective. Hiding the GPUs
+(CUDA_VISIBLE_DEVICES=) runs any number of ranks on CPU with gloo.
 """
 
 import atexit
@@ -65,6 +69,12 @@ def _mpi_size_from_env():
     return None
 
 
+def _started_by_torchrun():
+    # torchrun (torch.distributed.run) sets these in every worker; a cluster script that only sets
+    # RANK/WORLD_SIZE/LOCAL_RANK may give each rank its own GPUs, so nothing is assumed there.
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
+
+
 def _find_free_port():
     # Binding to port 0 lets the OS hand out a port nobody is listening on right now.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -83,6 +93,34 @@ def _select_device(local_rank):
         torch.cuda.set_device(dev())
 
 
+def _refuse_shared_gpus(gpus):
+    """
+    Stop before NCCL starts when ranks of this node would share a GPU.
+
+    :param gpus: one identifier per rank on this node of the GPU it would use (None where
+        unknown, e.g. on CPU); ranks see the same list, so they all stop together.
+    :raises ValueError: when two ranks name the same GPU.
+    """
+    known = [g for g in gpus if g is not None]
+    distinct = len(set(known))
+    if distinct < len(known):
+        gpus_text = "1 GPU" if distinct == 1 else f"{distinct} GPUs"
+        raise ValueError(
+            f"{len(known)} ranks on this node would share {gpus_text}, and NCCL needs one GPU "
+            f"per rank: start at most {distinct} per node (e.g. torchrun --nproc_per_node "
+            f"{distinct}), make more GPUs visible, or hide them (CUDA_VISIBLE_DEVICES=) to run on "
+            "CPU with gloo"
+        )
+
+
+def _gpu_uuid():
+    """The UUID of this process's GPU (None on CPU, or where torch does not report it)."""
+    if not torch.cuda.is_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(dev()), "uuid", None)
+    return None if uuid is None else str(uuid)
+
+
 def setup_dist():
     """
     Set up a torch.distributed process group if this process is one of several.
@@ -92,6 +130,7 @@ def setup_dist():
     process on its own (rank 0 of 1).
 
     :raises RuntimeError: when an MPI launcher started several processes but mpi4py is missing.
+    :raises ValueError: when ranks on one node would share a GPU (NCCL cannot do that).
     """
     if is_distributed():
         return
@@ -100,6 +139,11 @@ def setup_dist():
         # torchrun (or a cluster launcher that mimics it) already set everything up.
         world_size = int(os.environ["WORLD_SIZE"])
         _select_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > 1 and torch.cuda.is_available() and _started_by_torchrun():
+            # torchrun gives all its workers one environment, hence the same visible GPUs.
+            count = torch.cuda.device_count()
+            local_size = int(os.environ["LOCAL_WORLD_SIZE"])
+            _refuse_shared_gpus([r % count for r in range(local_size)])
         if world_size > 1:
             _init_process_group()
         return
@@ -123,8 +167,12 @@ def setup_dist():
     # Processes sharing memory are on the same node; their rank among themselves picks the GPU.
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
-    node_comm.Free()
     _select_device(local_rank)
+    # Ranks may see different GPUs (a cluster can give each one its own CUDA_VISIBLE_DEVICES or
+    # cgroup), so compare the physical GPUs themselves.
+    gpus = node_comm.allgather(_gpu_uuid())
+    node_comm.Free()
+    _refuse_shared_gpus(gpus)
     if comm.size == 1:
         return
 
