@@ -54,21 +54,52 @@ def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     # The temporary name starts with "." and ends with ".tmp" so it never matches "<prefix>NNN.pt".
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _ErrorRecorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         # Also on KeyboardInterrupt: leave no temporary file behind.
         try:
             os.remove(tmp_path)
         except FileNotFoundError:
             pass
+        if recorder is not None and recorder.error is not None and not isinstance(exc, OSError):
+            # torch.save's writer swallows the OSError of a failed write (a full disk) and
+            # fails later with "unexpected pos ..."; the OSError is the real cause.
+            raise recorder.error from None
         raise
     _fsync_dir(folder)
     return path
+
+
+class _ErrorRecorder:
+    """A binary file that remembers the first OSError its write or flush raised."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name):  # seek, tell, fileno, ... for writers that need them
+        return getattr(self._f, name)
 
 
 def _fsync_dir(folder):
