@@ -49,6 +49,19 @@ class TrainingPreempted(SystemExit):
         return self.message
 
 
+def ignore_in_worker(worker_id=None):
+    """
+    Make a data-loader worker ignore SIGTERM and SIGUSR1 (a DataLoader worker_init_fn).
+
+    SLURM signals every process of a job step and torchrun its workers' whole process groups, so
+    loader workers receive the preemption signal too. Killed by it, they would take the training
+    process down with "DataLoader worker exited unexpectedly" before it could save; their parent
+    ends them anyway when it shuts the loader down or dies.
+    """
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def check_interval():
     """Steps between two preemption checks: $GD_PREEMPT_CHECK_STEPS, default 1."""
     text = os.environ.get(CHECK_STEPS_ENV, "").strip()

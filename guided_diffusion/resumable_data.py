@@ -10,15 +10,32 @@ the epoch and how many batches of it were handed out (plus the seed), and `state
 position is what the consumer has taken.
 """
 
+import atexit
+import multiprocessing.util  # noqa: F401  (registers its exit hook before ours, see below)
 import random
+import weakref
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util
+from .preemption import ignore_in_worker
 
 STATE_FORMAT = "guided_diffusion.batches/1"
+
+# Streams whose loader workers are running.
+_running = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers():
+    # The workers ignore SIGTERM (preemption.ignore_in_worker), and multiprocessing's own exit
+    # hook stops daemon children with SIGTERM and then waits for them: when a run ends with an
+    # exception whose traceback keeps a loader alive, that wait would never end. Hooks run last
+    # registered first, so this one shuts the workers down properly before.
+    for stream in list(_running):
+        stream._close()
 
 
 def default_seed():
@@ -114,6 +131,7 @@ class ResumableBatches:
             self.offset = 0
         if self._batches is None:
             self._batches = iter(self._loader(self.epoch, self.offset))
+            _running.add(self)
         batch = next(self._batches)
         self.offset += 1
         return batch
@@ -137,11 +155,17 @@ class ResumableBatches:
             batch_sampler=batches,
             num_workers=self.num_workers,
             generator=generator,
+            worker_init_fn=ignore_in_worker if self.num_workers else None,
         )
 
     def _close(self):
-        # Dropping the iterator shuts its worker down.
-        self._batches = None
+        batches, self._batches = self._batches, None
+        _running.discard(self)
+        # Sends the workers their stop sentinel and joins them (dropping the last reference
+        # would do the same, but a traceback may hold another one).
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
 
     def state_dict(self):
         """The position: plain values, loadable with torch.load(weights_only=True)."""
