@@ -489,7 +489,8 @@ def gather_objects(obj):
     if not is_distributed():
         return [obj]
     gathered = [None] * dist.get_world_size() if is_main_process() else None
-    dist.gather_object(obj, gathered, dst=0)
+    # Over the CPU group: nothing here concerns the GPU, and NCCL would stage the bytes there.
+    dist.gather_object(obj, gathered, dst=0, group=_cpu_group())
     return gathered
 
 

@@ -28,7 +28,8 @@ import threading
 from . import dist_util, logger
 
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: a temporary failure, retry later (requeue)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGUSR1 does not exist on Windows.
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 CHECK_STEPS_ENV = "GD_PREEMPT_CHECK_STEPS"
 
 

@@ -405,3 +405,34 @@ def test_bad_dist_timeout_is_one_line(monkeypatch, value):
 def test_single_process_collectives_helpers():
     assert dist_util.gather_objects({"a": 1}) == [{"a": 1}]
     assert dist_util.max_over_ranks(7) == 7
+
+
+HOST_COLLECTIVES = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from guided_diffusion import dist_util
+    dist_util.setup_dist()
+    # With NCCL these collectives run over a separate gloo group; pretend the default group is
+    # NCCL so that this CPU job takes that path.
+    real = dist.get_backend
+    dist.get_backend = lambda *a: "nccl"
+    rank = dist_util.get_rank()
+    out = {"max": dist_util.max_over_ranks(10 - rank), "gathered": dist_util.gather_objects([rank]),
+           "own_group": dist_util._host_group is not None}
+    dist.get_backend = real
+    with open(sys.argv[1] + "/host%d.json" % rank, "w") as f:
+        json.dump(out, f)
+    """
+)
+
+
+def test_host_collectives_over_their_own_gloo_group(tmp_path):
+    script = tmp_path / "host_collectives.py"
+    script.write_text(HOST_COLLECTIVES)
+    proc = subprocess.run([*torchrun_prefix(2), str(script), str(tmp_path)],
+                          env=child_env(cpu=True), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads((tmp_path / f"host{r}.json").read_text()) for r in (0, 1)]
+    assert out[0] == {"max": 10, "gathered": [[0], [1]], "own_group": True}
+    assert out[1] == {"max": 10, "gathered": None, "own_group": True}
