@@ -90,7 +90,8 @@ def gather(step, streams=None, shared=None):
     Collect the resume state of every rank on rank 0 (a collective: every rank calls it).
 
     :param step: the checkpoint's step.
-    :param streams: {name: data stream}; streams with a state_dict() have their position saved.
+    :param streams: {name: data stream or None}; streams with a state_dict() have their position
+        saved.
     :param shared: values equal on every rank (e.g. the fp16 loss scale), taken from rank 0.
     :return: the state dict on rank 0, None on the other ranks.
     """
@@ -167,6 +168,8 @@ def restore(state, streams=None, source="the checkpoint"):
     mine = state["ranks"][rank]
     saved_data = mine.get("data", {})
     for name, stream in (streams or {}).items():
+        if stream is None:  # e.g. no validation data in this run
+            continue
         saved = saved_data.get(name)
         if not callable(getattr(stream, "load_state_dict", None)):
             logger.warn(f"warning: the {name} data stream cannot be repositioned: its order restarts")
