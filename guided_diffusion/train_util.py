@@ -21,8 +21,8 @@ from torch.optim import AdamW
 
 from . import checkpoints, dist_util, logger, train_state
 from .fp16_util import MixedPrecisionTrainer
-from .preemption import PreemptionWatch
 from .nn import update_ema
+from .preemption import PreemptionWatch
 from .resample import LossAwareSampler, UniformSampler
 
 # With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
@@ -221,27 +221,32 @@ class TrainLoop:
         :raises NonFiniteLossError: when the loss stops being finite; nothing broken is saved, and
             the message names the last good checkpoint.
         """
-        saved_at = None
+        # deviation from reference: the reference neither restored RNG streams and data order on
+        # resume nor handled the signals schedulers send before they kill a job.
         with PreemptionWatch() as preemption:
             self._restore_train_state()
-            while not self._done():
-                batch, cond = next(self.data)
-                self.run_step(batch, cond)
-                # As in the reference, diagnostics are dumped after the first step of every
-                # log_interval (self.step is still the index of the step just taken).
-                if self.step % self.log_interval == 0:
-                    logger.dumpkvs()
-                self.step += 1
-                if self.checkpoint_step() % self.save_interval == 0:
-                    self.save()
-                    saved_at = self.step
-                if not self._done() and preemption.requested():
-                    if saved_at != self.step:
-                        self.save()
-                    preemption.stop(self.checkpoint_step(), self.last_checkpoint)
-            # The final state is saved unless the last step was just saved.
-            if self.step and saved_at != self.step:
+            self._train(preemption)
+
+    def _train(self, preemption):
+        saved_at = None
+        while not self._done():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            # As in the reference, diagnostics are dumped after the first step of every
+            # log_interval (self.step is still the index of the step just taken).
+            if self.step % self.log_interval == 0:
+                logger.dumpkvs()
+            self.step += 1
+            if self.checkpoint_step() % self.save_interval == 0:
                 self.save()
+                saved_at = self.step
+            if not self._done() and preemption.requested():
+                if saved_at != self.step:
+                    self.save()
+                preemption.stop(self.checkpoint_step(), self.last_checkpoint)
+        # The final state is saved unless the last step was just saved.
+        if self.step and saved_at != self.step:
+            self.save()
 
     def run_step(self, batch, cond):
         """One optimizer step on a batch: forward/backward, optimizer, EMA, lr, logging."""
