@@ -17,8 +17,8 @@ from torch.optim import AdamW
 
 from guided_diffusion import checkpoints, dist_util, logger, train_state
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
-from guided_diffusion.preemption import PreemptionWatch
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.preemption import PreemptionWatch
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
 from guided_diffusion.script_util import (
@@ -139,6 +139,8 @@ def main(argv=None):
     last_checkpoint = resume_checkpoint or None
     last_saved = None
     steps_done = resume_step
+    # deviation from reference: resuming restores RNG streams and data positions, and SIGTERM or
+    # SIGUSR1 stops the run with a checkpoint (exit status 75).
     with PreemptionWatch() as preemption:
         shared = train_state.restore(saved_state, streams, source=resume_checkpoint)
         if "lg_loss_scale" in shared:
