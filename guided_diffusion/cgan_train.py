@@ -213,12 +213,7 @@ class CGANTrainLoop:
         self.opt_d.load_state_dict(ckpt["opt_d"])
         self.step = int(ckpt["step"])
         self.last_checkpoint = path
-        self._saved_train_state = ckpt.get("train_state")
-        if self._saved_train_state is None:
-            logger.warn(
-                f"warning: {path} has no training state (written before exact resume): the "
-                "random-number streams and the data order restart"
-            )
+        self._saved_train_state = train_state.from_checkpoint(ckpt, path)
 
     def run_loop(self):
         """

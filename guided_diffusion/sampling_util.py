@@ -47,23 +47,31 @@ def run_main(main, argv=None):
         return main(argv)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError,
             NonFiniteLossError, OSError) as exc:
-        if isinstance(exc, OSError) and storage_error_message(exc) is None:
-            raise
-        if os.environ.get("GD_TRACEBACK"):
-            traceback.print_exc()
-        if isinstance(exc, OSError):
-            message = storage_error_message(exc)
-        else:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         prefix = "error" if dist_util.get_rank() == 0 else f"error (rank {dist_util.get_rank()})"
-        print(f"{prefix}: {message}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        if dist_util.is_distributed():
-            # Other ranks may wait in a collective for this one; leaving without the normal
-            # shutdown (MPI_Finalize, process-group teardown) lets the launcher end them instead
-            # of everyone hanging.
-            os._exit(2)
-        sys.exit(2)
+        exit_with_error(exc, prefix, 2)
+
+
+def exit_with_error(exc, prefix, status):
+    """
+    Print an exception as the one line "<prefix>: <first line of its message>" on stderr and
+    leave with `status`; an OSError that is not a storage problem (storage_error_message) is
+    re-raised with its traceback instead. Call it from an except block.
+    """
+    message = storage_error_message(exc) if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and message is None:
+        raise exc
+    if os.environ.get("GD_TRACEBACK"):
+        traceback.print_exc()
+    if message is None:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if dist_util.is_distributed():
+        # Other ranks may wait in a collective for this one; leaving without the normal
+        # shutdown (MPI_Finalize, process-group teardown) lets the launcher end them instead
+        # of everyone hanging.
+        os._exit(status)
+    sys.exit(status)
 
 
 # Failures of the file system that the user fixes (space, quota, permissions), not bugs.

@@ -137,6 +137,22 @@ def load_beside(model_checkpoint, step):
     return state
 
 
+def from_checkpoint(checkpoint, path):
+    """
+    The "train_state" entry of a one-file checkpoint (cGAN, VAE), or None with a warning when it
+    has none (written before exact resume).
+    """
+    state = checkpoint.get("train_state")
+    if state is None:
+        logger.warn(
+            f"warning: {path} has no training state (written before exact resume): the "
+            "random-number streams and the data order restart"
+        )
+    else:
+        check_format(state, path)
+    return state
+
+
 def check_format(state, path):
     """:raises ValueError: unless state is a training-state dict."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

@@ -100,12 +100,7 @@ class VAETrainLoop:
             self.opt.load_state_dict(state["opt"])
         self.step = int(state["step"])
         self.last_checkpoint = path
-        self._saved_train_state = state.get("train_state")
-        if self._saved_train_state is None:
-            logger.warn(
-                f"warning: {path} has no training state (written before exact resume): the "
-                "random-number streams and the data order restart"
-            )
+        self._saved_train_state = train_state.from_checkpoint(state, path)
         logger.log(f"resumed from {path} at step {self.step}")
 
     def _done(self):

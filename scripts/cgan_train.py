@@ -10,8 +10,6 @@ folder ($OPENAI_LOGDIR).
 """
 
 import argparse
-import os
-import sys
 
 import torch
 
@@ -19,7 +17,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.cgan import cgan_defaults, create_cgan
 from guided_diffusion.cgan_data import cgan_training_batches, count_classes
 from guided_diffusion.cgan_train import CGANTrainLoop, cgan_train_defaults
-from guided_diffusion.sampling_util import storage_error_message
+from guided_diffusion.sampling_util import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 
@@ -80,13 +78,4 @@ if __name__ == "__main__":
         main(parsed)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as exc:
         # A full disk or an unwritable folder is one line too; other OSErrors are bugs.
-        message = storage_error_message(exc) if isinstance(exc, OSError) else None
-        if isinstance(exc, OSError) and message is None:
-            raise
-        message = message or str(exc).strip().splitlines()[0]
-        print(f"cgan_train.py: error: {message}", file=sys.stderr, flush=True)
-        if dist_util.is_distributed():
-            # Peers may wait in a collective for this rank: leave at once so the launcher ends
-            # them (the normal shutdown would meet them at a barrier first).
-            os._exit(1)
-        sys.exit(1)
+        exit_with_error(exc, "cgan_train.py: error", 1)

@@ -8,14 +8,12 @@ to the logger folder ($OPENAI_LOGDIR); losses are logged in nats per image.
 """
 
 import argparse
-import os
-import sys
 
 import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.sampling_util import storage_error_message
+from guided_diffusion.sampling_util import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 from guided_diffusion.vae import ARCH_FLAGS, create_vae, vae_defaults
 from guided_diffusion.vae_train_util import VAETrainLoop
@@ -79,13 +77,4 @@ if __name__ == "__main__":
         main(parsed)
     except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError) as exc:
         # A full disk or an unwritable folder is one line too; other OSErrors are bugs.
-        message = storage_error_message(exc) if isinstance(exc, OSError) else None
-        if isinstance(exc, OSError) and message is None:
-            raise
-        message = message or str(exc).strip().splitlines()[0]
-        print(f"vae_train.py: error: {message}", file=sys.stderr, flush=True)
-        if dist_util.is_distributed():
-            # Peers may wait in a collective for this rank: leave at once so the launcher ends
-            # them (the normal shutdown would meet them at a barrier first).
-            os._exit(1)
-        sys.exit(1)
+        exit_with_error(exc, "vae_train.py: error", 1)

@@ -9,7 +9,6 @@ unwritable log folder) end in one line with the previous checkpoint intact.
 """
 
 import errno
-import importlib.util
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from guided_diffusion import checkpoints, logger, preemption
 from guided_diffusion.sampling_util import run_main
 
 from _launch import child_env
+from test_scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
 
@@ -57,13 +57,6 @@ def _single_thread():
 def data(tmp_path_factory):
     # 12 labelled digits: 3 batches of 4 per epoch, so every run crosses epoch boundaries.
     return write_digits(str(tmp_path_factory.mktemp("digits") / "d"), image_size=16, limit=12)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"resume_{name}", os.path.join(REPO, "scripts", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class SignalOnBatch:
