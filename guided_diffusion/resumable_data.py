@@ -12,7 +12,9 @@ position is what the consumer has taken.
 
 import atexit
 import multiprocessing.util  # noqa: F401  (registers its exit hook before ours, see below)
+import os
 import random
+import signal
 import weakref
 
 import numpy as np
@@ -24,18 +26,37 @@ from .preemption import ignore_in_worker
 
 STATE_FORMAT = "guided_diffusion.batches/1"
 
-# Streams whose loader workers are running.
+# Streams whose loader workers are running, and every worker process started (pruned as they
+# end), with the pid of the process that started them.
 _running = weakref.WeakSet()
+_workers = []
+
+
+def _track_workers(iterator):
+    global _workers
+    started = [(os.getpid(), w) for w in getattr(iterator, "_workers", None) or []]
+    _workers = [(pid, w) for pid, w in _workers if pid == os.getpid() and w.is_alive()] + started
+
+
+def _kill(worker):
+    if worker.is_alive():
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=5)
 
 
 @atexit.register
 def _stop_workers():
     # The workers ignore SIGTERM (preemption.ignore_in_worker), and multiprocessing's own exit
-    # hook stops daemon children with SIGTERM and then waits for them: when a run ends with an
-    # exception whose traceback keeps a loader alive, that wait would never end. Hooks run last
-    # registered first, so this one shuts the workers down properly before.
+    # hook stops daemon children with SIGTERM and then waits for them without a timeout. A loader
+    # that is still open, or one collected with a reference cycle (e.g. held by an exception's
+    # traceback: its queues are finalised before its stop message is sent), would leave a worker
+    # that never ends that wait. Hooks run last registered first, so this one, registered after
+    # multiprocessing's, stops them all before.
     for stream in list(_running):
         stream._close()
+    for pid, worker in _workers:
+        if pid == os.getpid():
+            _kill(worker)
 
 
 def default_seed():
@@ -132,7 +153,15 @@ class ResumableBatches:
         if self._batches is None:
             self._batches = iter(self._loader(self.epoch, self.offset))
             _running.add(self)
-        batch = next(self._batches)
+            _track_workers(self._batches)
+        try:
+            batch = next(self._batches)
+        except BaseException:
+            # Stop the workers now, while the loader is whole (a loader left to the garbage
+            # collector inside an exception's reference cycle cannot stop them); a later call
+            # starts a new loader at the same position, retrying this batch.
+            self._close()
+            raise
         self.offset += 1
         return batch
 
@@ -166,6 +195,10 @@ class ResumableBatches:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if callable(shutdown):
             shutdown()
+        # A worker still busy after the loader's grace period ignores the SIGTERM the loader
+        # sends it: end it for sure.
+        for worker in getattr(batches, "_workers", None) or []:
+            _kill(worker)
 
     def state_dict(self):
         """The position: plain values, loadable with torch.load(weights_only=True)."""

@@ -111,3 +111,29 @@ def test_array_batches_resume_exactly():
     resumed.load_state_dict(stream.state_dict())
     for want, (got, cond) in zip(full[3:], (next(resumed) for _ in range(3))):
         assert torch.equal(want[0], got) and torch.equal(want[1]["y"], cond["y"])
+
+
+EXIT_WITH_A_LOADER_IN_A_CYCLE = """
+import sys
+from guided_diffusion.image_datasets import load_data
+stream = load_data(data_dir=sys.argv[1], batch_size=2, image_size=8)
+next(stream)
+# The loader ends up held by a reference cycle and forgotten by its stream, as when an exception's
+# traceback keeps it: its worker (which ignores SIGTERM) must not keep the interpreter from exiting.
+cycle = {"loader": stream._batches}
+cycle["self"] = cycle
+stream._batches = None
+print("exiting", flush=True)
+"""
+
+
+def test_exit_is_not_held_up_by_a_forgotten_loader_worker(tmp_path):
+    import subprocess
+    import sys
+
+    from _launch import child_env
+
+    data_dir = grey_folder(tmp_path / "data", 4)
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LOADER_IN_A_CYCLE, str(data_dir)],
+                          env=child_env(cpu=True), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stderr[-2000:]
