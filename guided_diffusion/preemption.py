@@ -81,7 +81,7 @@ class PreemptionWatch:
         with PreemptionWatch() as watch:
             while training:
                 ...one step...
-                if watch.requested(step):
+                if watch.requested():
                     ...save...
                     watch.stop(step, checkpoint_path)   # raises TrainingPreempted
 
@@ -113,12 +113,11 @@ class PreemptionWatch:
         self._previous = {}
         return False
 
-    def requested(self, step=None):
+    def requested(self):
         """
         Whether any rank received a signal; a collective every check_every calls (every rank
         must call it after each step, so they agree on the same step).
 
-        :param step: unused, kept for readable call sites (the count of calls decides).
         :return: the same bool on every rank.
         """
         self._checks += 1
