@@ -427,10 +427,10 @@ def resolve_resume_checkpoint(resume_checkpoint):
             f"resume checkpoint not found: {resume_checkpoint} (pass a modelNNNNNN.pt file or auto)"
         )
     name = os.path.basename(resume_checkpoint)
-    if name.startswith("opt") or name.startswith("ema_"):
+    if name.startswith(("opt", "ema_", train_state.STATE_PREFIX)):
         raise ValueError(
-            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA and optimizer "
-            "files next to it are found automatically"
+            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
+            "and state files next to it are found automatically"
         )
     return resume_checkpoint
 

@@ -209,6 +209,17 @@ def test_checkpoint_without_state_resumes_with_a_warning(data, tmp_path, monkeyp
     assert (tmp_path / "model000003.pt").exists() and (tmp_path / "state000003.pt").exists()
 
 
+def test_state_file_is_not_a_resume_checkpoint(data, tmp_path, monkeypatch, capsys):
+    args = ["--data_dir", data, *DIFFUSION, "--max_steps", 1]
+    assert run("image_train", args, tmp_path, monkeypatch) == 0
+    capsys.readouterr()
+    status = run("image_train", [*args, "--resume_checkpoint", tmp_path / "state000001.pt"],
+                 tmp_path, monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert "takes the modelNNNNNN.pt file, not state000001.pt" in err[0]
+
+
 # ----------------------------------------------------------------------------- storage failures
 
 
