@@ -325,3 +325,28 @@ def test_unwritable_log_folder_is_one_line(data, tmp_path, monkeypatch, capsys):
         assert status == 2 and len(err) == 1, err
         assert err[0].startswith(f"error: cannot write to the log folder {folder} (")
         assert "pass --log_dir" in err[0]
+
+
+def test_fp16_loss_scale_and_loss_aware_sampler_history_resume(tmp_path):
+    from guided_diffusion.resample import LossSecondMomentResampler
+    from guided_diffusion.script_util import create_gaussian_diffusion
+    from test_train_util import make_loop, tiny_model
+
+    def loop(**kwargs):
+        diffusion = create_gaussian_diffusion(steps=100)
+        return make_loop(tmp_path, model=tiny_model(use_fp16=True), diffusion=diffusion,
+                         use_fp16=True, fp16_scale_growth=0.25,
+                         schedule_sampler=LossSecondMomentResampler(diffusion), **kwargs)
+
+    first = loop(max_steps=2)
+    first.run_loop()
+    assert first.mp_trainer.lg_loss_scale == 20.5
+    history = first.schedule_sampler.state_dict()
+    assert int(history["loss_counts"].sum()) == 8  # two steps of four timesteps
+    resumed = loop(resume_checkpoint="auto", max_steps=1)
+    assert resumed.mp_trainer.lg_loss_scale == 20.0  # restored when the loop starts
+    resumed.run_loop()
+    assert resumed.mp_trainer.lg_loss_scale == 20.75
+    assert int(resumed.schedule_sampler.state_dict()["loss_counts"].sum()) == 12
+    state = load(tmp_path / "state000003.pt")["shared"]
+    assert state["lg_loss_scale"] == 20.75 and int(state["schedule_sampler"]["loss_counts"].sum()) == 12
