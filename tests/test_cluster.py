@@ -54,8 +54,8 @@ def popen(command, output, **env):
 
 
 def start(launcher, args, output):
-    """Start image_train on two CPU ranks (collectives give up after 30 s)."""
-    return popen([*two_ranks(launcher), TRAIN, *map(str, args)], output, GD_DIST_TIMEOUT=30)
+    """Start image_train on two CPU ranks (collectives give up after 60 s)."""
+    return popen([*two_ranks(launcher), TRAIN, *map(str, args)], output, GD_DIST_TIMEOUT=60)
 
 
 def finish(proc, timeout=TIMEOUT):
