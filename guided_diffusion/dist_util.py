@@ -101,7 +101,7 @@ def _mpi_size_var():
 
 
 def _mpi_library_name(MPI):
-    """The first line of MPI.Get_library_version(), whitespace squeezed (e.g. 'MPICH Version: 5.0.2')."""
+    """The first line of MPI.Get_library_version(), squeezed (e.g. 'MPICH Version: 5.0.2')."""
     try:
         text = MPI.Get_library_version()
     except Exception:  # very old MPIs lack MPI_Get_library_version
@@ -135,7 +135,8 @@ def _check_launcher_matches_mpi(MPI, comm):
     raise LauncherMismatchError(
         f"launcher/MPI mismatch: this process was started as rank {rank} of {size} by the "
         f"launcher of {_LAUNCHER_LIBRARIES[name]} ({name}={size}), but mpi4py loads {library}, "
-        f"which sees {comm.size} process{'es' if comm.size != 1 else ''}, so every process would train alone as rank 0 and "
+        f"which sees {comm.size} process{'es' if comm.size != 1 else ''}, so every process would "
+        "train alone as rank 0 and "
         f"overwrite the others' checkpoints: start the job with the mpiexec of {family}{example}, "
         f"or with torchrun --nproc_per_node {size} (no MPI needed)"
     )

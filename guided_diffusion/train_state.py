@@ -177,7 +177,8 @@ def restore(state, streams=None, source="the checkpoint"):
     world, rank = dist_util.get_world_size(), dist_util.get_rank()
     if state["world_size"] != world:
         logger.warn(
-            f"warning: {source} was written by {state['world_size']} ranks and this run has {world}: the "
+            f"warning: {source} was written by {state['world_size']} ranks and this run has "
+            f"{world}: the "
             "random-number streams and the data order restart"
         )
         return dict(state.get("shared", {}))
@@ -188,10 +189,14 @@ def restore(state, streams=None, source="the checkpoint"):
             continue
         saved = saved_data.get(name)
         if not callable(getattr(stream, "load_state_dict", None)):
-            logger.warn(f"warning: the {name} data stream cannot be repositioned: its order restarts")
+            logger.warn(
+                f"warning: the {name} data stream cannot be repositioned: its order restarts"
+            )
             continue
         if saved is None:
-            logger.warn(f"warning: {source} has no position for the {name} data: its order restarts")
+            logger.warn(
+                f"warning: {source} has no position for the {name} data: its order restarts"
+            )
             continue
         try:
             stream.load_state_dict(saved)

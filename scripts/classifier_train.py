@@ -154,7 +154,9 @@ def main(argv=None):
             forward_backward_log(data)
             mp_trainer.optimize(opt)
             if val_data is not None and not step % args.eval_interval:
-                no_sync = ddp_model.no_sync() if ddp_model is not model else contextlib.nullcontext()
+                no_sync = (
+                    ddp_model.no_sync() if ddp_model is not model else contextlib.nullcontext()
+                )
                 with torch.no_grad(), no_sync:
                     model.eval()
                     forward_backward_log(val_data, prefix="val")

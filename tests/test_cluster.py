@@ -65,7 +65,8 @@ def finish(proc, timeout=TIMEOUT):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        pytest.fail(f"the job did not end within {timeout} s:\n{proc.output[1].read_text()[-3000:]}")
+        err = proc.output[1].read_text()[-3000:]
+        pytest.fail(f"the job did not end within {timeout} s:\n{err}")
     return proc.returncode, proc.output[0].read_text(), proc.output[1].read_text()
 
 
@@ -178,14 +179,15 @@ def reference(data, tmp_path_factory):
 
 
 def check_preempted_and_resume(launcher, data, reference, log_dir, status, out, sig_name):
-    """The job stopped at some step s < TOTAL with a checkpoint, and resuming gives the reference."""
+    """The job stopped at a step s < TOTAL with a checkpoint; resuming gives the reference."""
     saved = checkpoints.find_latest_checkpoint(log_dir, "model")
     assert saved is not None, "no checkpoint was saved on preemption"
     step = checkpoints.parse_step(saved, "model")
     assert 1 <= step < TOTAL
     for rank_log in ("log.txt", "log-rank001.txt"):  # both ranks stopped at the same step
         text = (log_dir / rank_log).read_text()
-        assert f"preempted by {sig_name}: stopped after step {step} with a complete checkpoint" in text
+        stopped = f"preempted by {sig_name}: stopped after step {step} with a complete checkpoint"
+        assert stopped in text
     assert f"{log_dir / f'model{step:06d}.pt'}; continue with --resume_checkpoint auto" in out
     proc = start(launcher, ["--data_dir", data, *MODEL, "--lr_anneal_steps", TOTAL,
                             "--save_interval", 100, "--log_dir", log_dir,
@@ -222,8 +224,8 @@ def test_torchrun_sigterm_stops_and_resumes_exactly(data, reference, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_sigkill_of_one_rank_ends_the_job(launcher, data, tmp_path):
-    proc = start(launcher, ["--data_dir", data, *MODEL, "--save_interval", 2, "--log_dir", tmp_path],
-                 tmp_path / "output")
+    proc = start(launcher, ["--data_dir", data, *MODEL, "--save_interval", 2,
+                            "--log_dir", tmp_path], tmp_path / "output")
     wait_for_steps(tmp_path, 3, proc)
     ranks = rank_pids(proc.pid)
     assert sorted(ranks) == [0, 1], ranks

@@ -139,14 +139,14 @@ def load(path):
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-# name, flags, total-steps flag, checkpoint files of step N (the marker last), signal
+# The files of the diffusion scripts' checkpoint of step N, the marker (model file) last.
+DIFFUSION_FILES = ["ema_0.9999_{:06d}.pt", "opt{:06d}.pt", "state{:06d}.pt", "model{:06d}.pt"]
+# name: flags, total-steps flag, checkpoint files of step N (the marker last), signal
 SCRIPTS = {
-    "image_train": (DIFFUSION, "--lr_anneal_steps", ["ema_0.9999_{:06d}.pt", "opt{:06d}.pt",
-                                                     "state{:06d}.pt", "model{:06d}.pt"], signal.SIGTERM),
-    "super_res_train": (SUPER_RES, "--lr_anneal_steps", ["ema_0.9999_{:06d}.pt", "opt{:06d}.pt",
-                                                         "state{:06d}.pt", "model{:06d}.pt"], signal.SIGUSR1),
-    "classifier_train": (CLASSIFIER, "--iterations", ["opt{:06d}.pt", "state{:06d}.pt",
-                                                      "model{:06d}.pt"], signal.SIGUSR1),
+    "image_train": (DIFFUSION, "--lr_anneal_steps", DIFFUSION_FILES, signal.SIGTERM),
+    "super_res_train": (SUPER_RES, "--lr_anneal_steps", DIFFUSION_FILES, signal.SIGUSR1),
+    "classifier_train": (CLASSIFIER, "--iterations",
+                         ["opt{:06d}.pt", "state{:06d}.pt", "model{:06d}.pt"], signal.SIGUSR1),
     "cgan_train": (CGAN, "--max_steps", ["cgan{:06d}.pt"], signal.SIGTERM),
     "vae_train": (VAE, "--iterations", ["vae{:06d}.pt"], signal.SIGUSR1),
 }
@@ -188,7 +188,8 @@ def test_state_file_holds_rng_and_data_position(data, tmp_path, monkeypatch):
     assert state["world_size"] == 1 and len(state["ranks"]) == 1
     (rank,) = state["ranks"]
     assert set(rank["rng"]) == {"torch", "cuda", "numpy", "random"}
-    assert rank["rng"]["torch"].dtype == torch.uint8 and rank["rng"]["numpy"]["keys"].shape == (624,)
+    assert rank["rng"]["torch"].dtype == torch.uint8
+    assert rank["rng"]["numpy"]["keys"].shape == (624,)
     position = rank["data"]["train"]
     # 4 batches of a 3-batch epoch: epoch 1, one batch into it.
     assert (position["epoch"], position["offset"], position["num_items"]) == (1, 1, 12)
@@ -349,4 +350,5 @@ def test_fp16_loss_scale_and_loss_aware_sampler_history_resume(tmp_path):
     assert resumed.mp_trainer.lg_loss_scale == 20.75
     assert int(resumed.schedule_sampler.state_dict()["loss_counts"].sum()) == 12
     state = load(tmp_path / "state000003.pt")["shared"]
-    assert state["lg_loss_scale"] == 20.75 and int(state["schedule_sampler"]["loss_counts"].sum()) == 12
+    assert state["lg_loss_scale"] == 20.75
+    assert int(state["schedule_sampler"]["loss_counts"].sum()) == 12
