@@ -337,3 +337,102 @@ def test_load_state_dict_round_trip_and_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="bad.pt"):
         dist_util.load_state_dict(str(bad), map_location="cpu")
+
+
+# ----------------------------------------------------------------------------- launcher vs MPI
+
+
+class FakeWorld(FakeNodeComm):
+    """COMM_WORLD of an MPI library that sees this process alone."""
+
+    rank, size = 0, 1
+
+    def __init__(self):
+        super().__init__(peer_gpu=None)
+
+    def allgather(self, value):
+        return [value]
+
+
+def fake_mpi(version):
+    return types.SimpleNamespace(
+        COMM_WORLD=FakeWorld(), COMM_TYPE_SHARED=object(), Get_library_version=lambda: version
+    )
+
+
+def test_mpich_launcher_with_open_mpi_library_is_refused(monkeypatch, fake_gpus):
+    # Hydra (MPICH's mpiexec) started 4 processes; mpi4py was built against Open MPI, which
+    # sees a singleton in each of them.
+    monkeypatch.setattr(dist_util, "_import_mpi",
+                        lambda: fake_mpi("Open MPI v4.1.4, package: Debian OpenMPI\x00"))
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setenv("PMI_RANK", "3")
+    with pytest.raises(dist_util.LauncherMismatchError) as info:
+        dist_util.setup_dist()
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, ValueError)
+    assert "started as rank 3 of 4 by the launcher of MPICH" in message and "PMI_SIZE=4" in message
+    assert "mpi4py loads Open MPI v4.1.4, package: Debian OpenMPI, which sees 1 process" in message
+    assert "start the job with the mpiexec of Open MPI" in message
+    assert "torchrun --nproc_per_node 4" in message
+    assert fake_gpus["started"] == []
+
+
+def test_matching_or_single_process_launches_are_not_refused(monkeypatch, fake_gpus):
+    monkeypatch.setattr(dist_util, "_import_mpi", lambda: fake_mpi("MPICH Version: 5.0.2"))
+    monkeypatch.setenv("PMI_SIZE", "1")  # mpiexec -n 1: one process, nothing to refuse
+    monkeypatch.setenv("PMI_RANK", "0")
+    dist_util.setup_dist()
+    assert fake_gpus["started"] == []
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 600.0), ("45", 45.0), ("2.5", 2.5)])
+def test_dist_timeout_from_the_environment(monkeypatch, value, seconds):
+    if value is None:
+        monkeypatch.delenv("GD_DIST_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("GD_DIST_TIMEOUT", value)
+    assert dist_util.dist_timeout().total_seconds() == seconds
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon"])
+def test_bad_dist_timeout_is_one_line(monkeypatch, value):
+    monkeypatch.setenv("GD_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match="GD_DIST_TIMEOUT=.*positive number of seconds"):
+        dist_util.dist_timeout()
+
+
+def test_single_process_collectives_helpers():
+    assert dist_util.gather_objects({"a": 1}) == [{"a": 1}]
+    assert dist_util.max_over_ranks(7) == 7
+
+
+HOST_COLLECTIVES = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from guided_diffusion import dist_util
+    dist_util.setup_dist()
+    # With NCCL these collectives run over a separate gloo group; pretend the default group is
+    # NCCL so that this CPU job takes that path.
+    real = dist.get_backend
+    dist.get_backend = lambda *a: "nccl"
+    rank = dist_util.get_rank()
+    out = {"max": dist_util.max_over_ranks(10 - rank), "gathered": dist_util.gather_objects([rank]),
+           "own_group": dist_util._host_group is not None}
+    dist.get_backend = real
+    with open(sys.argv[1] + "/host%d.json" % rank, "w") as f:
+        json.dump(out, f)
+    """
+)
+
+
+def test_host_collectives_over_their_own_gloo_group(tmp_path):
+    script = tmp_path / "host_collectives.py"
+    script.write_text(HOST_COLLECTIVES)
+    proc = subprocess.run([*torchrun_prefix(2), str(script), str(tmp_path)],
+                          env=child_env(cpu=True), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads((tmp_path / f"host{r}.json").read_text()) for r in (0, 1)]
+    assert out[0] == {"max": 10, "gathered": [[0], [1]], "own_group": True}
+    assert out[1] == {"max": 10, "gathered": None, "own_group": True}
