@@ -47,9 +47,14 @@ def test_chosen_mpiexec_starts_one_job_of_two_ranks(tmp_path):
     # The mpiexec found for mpi4py's library must make its ranks one job (an mpiexec of another
     # MPI would start two singletons, or fail).
     script = tmp_path / "size.py"
-    script.write_text("from mpi4py import MPI\nprint('size', MPI.COMM_WORLD.size, flush=True)\n")
-    proc = subprocess.run([*_launch.mpiexec_prefix(2), sys.executable, str(script)],
+    # Each rank writes its own file: two ranks printing to one pipe may interleave mid-line.
+    script.write_text(
+        "import sys\nfrom mpi4py import MPI\ncomm = MPI.COMM_WORLD\n"
+        "open(f'{sys.argv[1]}/rank{comm.rank}.txt', 'w').write(str(comm.size))\n"
+    )
+    proc = subprocess.run([*_launch.mpiexec_prefix(2), sys.executable, str(script), str(tmp_path)],
                           env=_launch.child_env(cpu=True), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["size", "2", "size", "2"]
+    sizes = {p.name: p.read_text() for p in tmp_path.glob("rank*.txt")}
+    assert sizes == {"rank0.txt": "2", "rank1.txt": "2"}
