@@ -148,6 +148,58 @@ def ddim_round_trip(diffusion, model, x_start, clip_denoised=True, model_kwargs=
     return x_T, reconstruction
 
 
+def round_trip_in_batches(diffusion, model, x_start, labels=None, batch_size=16, clip_denoised=True,
+                          progress=False, device=None):
+    """
+    ddim_round_trip over many images, batch_size at a time.
+
+    :param labels: None, or int64 class labels (one per image) passed to the model as y.
+    :param device: where to compute (default: x_start's device); results come back on the CPU.
+    :return: (x_T, reconstruction), float32 CPU tensors of x_start's shape.
+    """
+    latents, reconstructions = [], []
+    for batch, kwargs in _batches(x_start, labels, batch_size, device):
+        x_T, reconstruction = ddim_round_trip(
+            diffusion, model, batch, clip_denoised=clip_denoised, model_kwargs=kwargs, progress=progress
+        )
+        latents.append(x_T.float().cpu())
+        reconstructions.append(reconstruction.float().cpu())
+    return th.cat(latents), th.cat(reconstructions)
+
+
+def decode_in_batches(diffusion, model, x_T, labels=None, batch_size=16, clip_denoised=True,
+                      progress=False, device=None):
+    """
+    Decode latents with ddim_sample_loop(noise=x_T), batch_size at a time (draws no random numbers).
+
+    :param labels: None, or int64 class labels (one per latent) passed to the model as y.
+    :param device: where to compute (default: x_T's device); results come back on the CPU.
+    :return: float32 CPU images [N x C x H x W], about in [-1, 1] (not clamped).
+    """
+    images = []
+    for batch, kwargs in _batches(x_T, labels, batch_size, device):
+        images.append(
+            diffusion.ddim_sample_loop(
+                model, tuple(batch.shape), noise=batch, clip_denoised=clip_denoised,
+                model_kwargs=kwargs, progress=progress,
+            ).float().cpu()
+        )
+    return th.cat(images)
+
+
+def _batches(x, labels, batch_size, device):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"{len(labels)} labels for {len(x)} images")
+    device = x.device if device is None else device
+    for start in range(0, len(x), batch_size):
+        kwargs = {}
+        if labels is not None:
+            kwargs["y"] = th.as_tensor(labels[start : start + batch_size]).to(device)
+        yield x[start : start + batch_size].to(device), kwargs
+
+
 def reconstruction_mse(original, reconstruction):
     """
     Per-image mean squared error with pixels scaled to [0, 1] (the DDIM paper's Table 2 unit).

@@ -264,6 +264,40 @@ def require_single_process(script):
         )
 
 
+def ddim_tool_defaults(seed=True):
+    """
+    The flags of the DDIM tools (ddim_invert, ddim_interpolate, ddim_consistency): the model
+    flags without --timestep_respacing (their --steps choose the respacing, "ddim<steps>"), plus
+    sampling_extra_defaults() (without --seed when nothing is random).
+    """
+    from .script_util import model_and_diffusion_defaults
+
+    defaults = model_and_diffusion_defaults()
+    del defaults["timestep_respacing"]
+    extras = sampling_extra_defaults()
+    if not seed:
+        del extras["seed"]
+    defaults.update(extras)
+    return defaults
+
+
+def ddim_tool_model_flags(args):
+    """The create_model_and_diffusion flags (plus num_classes) of a DDIM tool's parsed args."""
+    from .script_util import model_and_diffusion_defaults
+
+    keys = [k for k in model_and_diffusion_defaults() if k != "timestep_respacing"]
+    flags = {k: getattr(args, k) for k in keys}
+    flags.update(timestep_respacing="", num_classes=args.num_classes)
+    return flags
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON, atomically. :return: path."""
+    import json
+
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
 def load_sampling_model(flags, model_path):
     """
     Build the UNet of create_model_and_diffusion(**flags), load a checkpoint into it (errors
