@@ -213,8 +213,9 @@ class SamplingMixin:
         Undo ddim_sample(eta=0) at timestep t: take x from the noise level ddim_sample(t) ends at
         (alpha_bar_prev[t], 1 for t = 0) to the level it starts from (alpha_bar[t]).
 
-        DDIM's update x_out = sqrt(abar_out) x0 + sqrt(1 - abar_out) eps, with
-        x0 = (x_in - sqrt(1 - abar_in) eps) / sqrt(abar_in), is solved the other way round with
+        DDIM's deterministic update (Song et al. 2021, eq. 12 with sigma = 0)
+        x_out = sqrt(abar_out) x0 + sqrt(1 - abar_out) eps, with
+        x0 = (x_in - sqrt(1 - abar_in) eps) / sqrt(abar_in), is taken the other way round, with
         abar_in and abar_out swapped. The exact inverse would need eps at the unknown output; it
         is taken at the known input instead (the model still sees timestep t, so the model calls
         of the inversion are those of sampling in reverse order). The error of that
@@ -313,7 +314,7 @@ class SamplingMixin:
             self.ddim_inverse_step,
             model,
             tuple(x_start.shape),
-            noise=x_start,
+            noise=x_start if device is None else x_start.to(device),
             device=device,
             progress=progress,
             reverse=True,
