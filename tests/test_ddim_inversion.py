@@ -84,6 +84,28 @@ def test_gaussian_data_reconstruction_and_latents_converge_as_steps_grow(schedul
     assert latent_errors == sorted(latent_errors, reverse=True), latent_errors
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_inversion_beats_chaining_the_reference_reverse_step(schedule):
+    # The reference's ddim_reverse_sample maps x_t to x_{t+1}; chained from t = 0 it treats the
+    # image as x at t = 0 and ends at alpha_bar = 0 rather than where decoding starts.
+    torch.manual_seed(0)
+    x0 = MU + S * torch.randn(8, 3, 4, 4)
+    model = gaussian_denoiser(alphas_cumprod(schedule))
+    for steps in (10, 20, 50, 100):
+        diffusion = create_gaussian_diffusion(noise_schedule=schedule, timestep_respacing=f"ddim{steps}")
+        chained = x0
+        for i in range(diffusion.num_timesteps):
+            t = torch.full((len(x0),), i)
+            chained = diffusion.ddim_reverse_sample(model, chained, t, clip_denoised=False)["sample"]
+        ours = diffusion.ddim_reverse_sample_loop(model, x0, clip_denoised=False)
+
+        def error(x_T):
+            decoded = diffusion.ddim_sample_loop(model, x0.shape, noise=x_T, clip_denoised=False)
+            return (decoded - x0).pow(2).mean().item()
+
+        assert error(ours) < 0.8 * error(chained), (steps, error(ours), error(chained))
+
+
 @pytest.mark.parametrize("respacing", ["", "ddim7", "5,3"])
 def test_inversion_is_exact_when_the_noise_prediction_ignores_x(respacing):
     # eps(x_t, t) = g(t) * pattern: evaluating it at the step's input instead of its output

@@ -217,6 +217,15 @@ def test_latents_that_do_not_fit_the_model(toys, tmp_path, capsys, script):
     assert "not a latents file" in line
 
 
+def test_several_ranks_are_refused(toys, tmp_path, capsys, monkeypatch):
+    from guided_diffusion import dist_util
+
+    monkeypatch.setattr(dist_util, "get_world_size", lambda: 2)
+    line = error_line(capsys, run_inprocess("ddim_consistency", [
+        "--model_path", toys["uncond"], *TOY, "--log_dir", tmp_path]))
+    assert "runs as one process" in line
+
+
 def test_command_line_error_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(SCRIPTS, "ddim_invert.py"), "--eta", "1", "--log_dir", str(tmp_path)],
