@@ -305,3 +305,38 @@ def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)
     top = random.randrange(arr.shape[0] - image_size + 1)
     left = random.randrange(arr.shape[1] - image_size + 1)
     return arr[top : top + image_size, left : left + image_size]
+
+
+def read_image_folder(data_dir, image_size, class_cond=False, limit=None):
+    """
+    Read the images of a folder as they are, for tools that compare outputs with them pixel by
+    pixel (e.g. DDIM inversion): no resizing, cropping or flipping, so every image must already
+    be image_size x image_size.
+
+    :param data_dir: the folder, searched recursively, files in sorted order (as load_data).
+    :param image_size: the side every image must have.
+    :param class_cond: if True, also return labels from the file names (as load_data).
+    :param limit: read only the first `limit` files (None or 0: all).
+    :return: (uint8 array [N, image_size, image_size, 3], int64 labels [N] or None).
+    :raises ValueError: naming the first image of another size, or an unreadable one.
+    """
+    paths = list_image_files_recursively(data_dir)
+    labels = None
+    if class_cond:
+        labels, _ = class_labels_from_paths(paths)
+    if limit:
+        paths = paths[:limit]
+        labels = None if labels is None else labels[:limit]
+    images = []
+    for path in paths:
+        pil_image = _read_image(path)
+        if pil_image.size != (image_size, image_size):
+            width, height = pil_image.size
+            other = f", or a model trained at --image_size {width}" if width == height else ""
+            raise ValueError(
+                f"image {path} is {width}x{height} but --image_size is {image_size}: give "
+                f"{image_size}x{image_size} images{other}"
+            )
+        images.append(np.asarray(pil_image, dtype=np.uint8))
+    label_arr = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return np.stack(images), label_arr

@@ -1,8 +1,8 @@
 """
 Library code shared by the reference scripts: loading checkpoints into networks built from flags
 (with errors that name the flag to change), seeding, the classifier-guidance gradient, the sampling
-loop that gathers every rank's batches in rank order, and the one-line error handling of the
-scripts' main functions.
+loop that gathers every rank's batches in rank order, the one-line error handling of the
+scripts' main functions, and reading and writing image and latent npz files.
 """
 
 import errno
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist_util, logger, sample_util
+from .checkpoints import atomic_write
 from .flag_hints import explain_state_dict_mismatch
 
 
@@ -289,3 +290,210 @@ def create_sr_model_and_diffusion(flags):
         timestep_respacing=flags["timestep_respacing"],
     )
     return model, diffusion
+
+
+def require_single_process(script):
+    """
+    Raise a ScriptError when launched on several ranks, for tools that run as one process.
+    """
+    if dist_util.get_world_size() > 1:
+        raise ScriptError(
+            f"{script} runs as one process: start it with python, not mpiexec or torchrun"
+        )
+
+
+def ddim_tool_defaults(seed=True):
+    """
+    The flags of the DDIM tools (ddim_invert, ddim_interpolate, ddim_consistency): the model
+    flags without --timestep_respacing (their --steps choose the respacing, "ddim<steps>"), plus
+    sampling_extra_defaults() (without --seed when nothing is random).
+    """
+    from .script_util import model_and_diffusion_defaults
+
+    defaults = model_and_diffusion_defaults()
+    del defaults["timestep_respacing"]
+    extras = sampling_extra_defaults()
+    if not seed:
+        del extras["seed"]
+    defaults.update(extras)
+    return defaults
+
+
+def ddim_tool_model_flags(args):
+    """The create_model_and_diffusion flags (plus num_classes) of a DDIM tool's parsed args."""
+    from .script_util import model_and_diffusion_defaults
+
+    keys = [k for k in model_and_diffusion_defaults() if k != "timestep_respacing"]
+    flags = {k: getattr(args, k) for k in keys}
+    flags.update(timestep_respacing="", num_classes=args.num_classes)
+    return flags
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON, atomically. :return: path."""
+    import json
+
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_sampling_model(flags, model_path):
+    """
+    Build the UNet of create_model_and_diffusion(**flags), load a checkpoint into it (errors
+    name the flags to change), move it to dev(), convert it to float16 when flags["use_fp16"],
+    and put it in eval mode.
+
+    :param flags: the model_and_diffusion_defaults() flags plus num_classes.
+    :param model_path: the checkpoint file.
+    :return: the model.
+    """
+    from .script_util import create_model_and_diffusion
+
+    model, _ = create_model_and_diffusion(**flags)
+    load_checkpoint_into(model, model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0])
+    model.to(dist_util.dev())
+    if flags.get("use_fp16"):
+        model.convert_to_fp16()
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------- npz files
+
+
+def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size", what="images",
+                   labels_hint="add them as arr_1 or pass --class_cond False"):
+    """
+    Read images as image_sample.py writes them: arr_0 uint8 [N, H, W, 3], arr_1 int64 labels.
+
+    :param path: the npz file.
+    :param image_size: the side the images must have.
+    :param class_cond: if True, the labels are required and returned.
+    :param size_flag: the flag that sets image_size (for messages).
+    :param what: what the file holds (for messages), e.g. "base samples".
+    :param labels_hint: what to do when labels are missing (for messages).
+    :return: (uint8 images, int64 labels or None; None unless class_cond).
+    :raises FileNotFoundError: when the file is missing.
+    :raises ScriptError: when it is unreadable or holds the wrong shapes.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with np.load(path) as obj:
+            image_arr = obj["arr_0"]
+            label_arr = obj["arr_1"] if "arr_1" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScriptError(f"cannot read {what} {path}: {exc}") from None
+    expected = (image_size, image_size, 3)
+    if image_arr.ndim != 4 or tuple(image_arr.shape[1:]) != expected:
+        hint = ""
+        if image_arr.ndim == 4 and image_arr.shape[1] == image_arr.shape[2]:
+            hint = f": pass {size_flag} {image_arr.shape[1]} (with a model trained for it)"
+        raise ScriptError(
+            f"{what} {path} have shape {tuple(image_arr.shape)}, expected "
+            f"(N, {image_size}, {image_size}, 3) for {size_flag} {image_size}{hint}"
+        )
+    if image_arr.dtype != np.uint8:
+        raise ScriptError(f"{what} {path} must be uint8 images, got {image_arr.dtype}")
+    if not class_cond:
+        return image_arr, None
+    if label_arr is None:
+        raise ScriptError(f"--class_cond True needs labels (arr_1) in {path}: {labels_hint}")
+    if label_arr.shape != (len(image_arr),):
+        raise ScriptError(
+            f"{path} holds {len(image_arr)} images but labels (arr_1) of shape {label_arr.shape}"
+        )
+    return image_arr, label_arr.astype(np.int64)
+
+
+def read_images(path, image_size, class_cond=False, limit=None):
+    """
+    Images to compare outputs with pixel by pixel: an image folder (read as is, labels from the
+    file names) or an npz of uint8 images (arr_0, with labels as arr_1).
+
+    :param limit: keep the first `limit` images (None or 0: all).
+    :return: (uint8 images [N, image_size, image_size, 3], int64 labels or None).
+    """
+    from .image_datasets import read_image_folder
+
+    if not path:
+        raise ScriptError("no images given: pass --input FOLDER or --input FILE.npz")
+    if os.path.isdir(path):
+        return read_image_folder(path, image_size, class_cond=class_cond, limit=limit)
+    images, labels = read_image_npz(path, image_size, class_cond=class_cond)
+    if limit:
+        images, labels = images[:limit], (None if labels is None else labels[:limit])
+    return images, labels
+
+
+def uint8_to_model_input(images):
+    """uint8 NHWC images (array or tensor) to a float32 NCHW tensor in [-1, 1]."""
+    tensor = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
+    return tensor.float() / 127.5 - 1.0
+
+
+def save_latents(path, x_T, labels=None, steps=None, images=None):
+    """
+    Write DDIM latents as an npz: "x_T" float32 [N, C, H, W], and when given "labels" int64 [N],
+    "steps" (the number of DDIM steps that produced them) and "images" (the uint8 NHWC images
+    they encode). Written atomically.
+
+    :return: path.
+    """
+    arrays = {"x_T": _numpy(x_T).astype(np.float32)}
+    if labels is not None:
+        arrays["labels"] = _numpy(labels).astype(np.int64)
+    if steps is not None:
+        arrays["steps"] = np.asarray(steps, dtype=np.int64)
+    if images is not None:
+        arrays["images"] = _numpy(images).astype(np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def load_latents(path, image_size, class_cond=False, channels=3):
+    """
+    Read latents written by save_latents (ddim_invert.py) and check they fit the model.
+
+    :param image_size: the model's image size.
+    :param class_cond: if True, the file must hold labels.
+    :return: (x_T float32 tensor [N, C, H, W], int64 label tensor or None, steps or None).
+    :raises FileNotFoundError: when the file is missing.
+    :raises ScriptError: when it is unreadable, not a latents file, or of another shape.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"latents not found: {path}")
+    try:
+        with np.load(path) as obj:
+            if "x_T" not in obj:
+                raise ScriptError(
+                    f"{path} is not a latents file (no x_T array): write one with ddim_invert.py"
+                )
+            x_T = obj["x_T"]
+            labels = obj["labels"] if "labels" in obj else None
+            steps = int(obj["steps"]) if "steps" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ScriptError):
+            raise
+        raise ScriptError(f"cannot read latents {path}: {exc}") from None
+    expected = (channels, image_size, image_size)
+    if x_T.ndim != 4 or tuple(x_T.shape[1:]) != expected:
+        hint = ""
+        if x_T.ndim == 4 and x_T.shape[2] == x_T.shape[3] and x_T.shape[1] == channels:
+            hint = f": pass --image_size {x_T.shape[2]} (with a model trained for it)"
+        raise ScriptError(
+            f"latents {path} have shape {tuple(x_T.shape)} but the model flags need "
+            f"(N, {channels}, {image_size}, {image_size}) for --image_size {image_size}{hint}"
+        )
+    if class_cond and labels is None:
+        raise ScriptError(
+            f"--class_cond True needs labels in {path}: invert the images with a "
+            "class-conditional model (ddim_invert.py --class_cond True)"
+        )
+    label_tensor = torch.from_numpy(labels.astype(np.int64)) if class_cond else None
+    return torch.from_numpy(x_T.astype(np.float32)), label_tensor, steps
+
+
+def _numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
