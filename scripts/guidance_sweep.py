@@ -105,7 +105,11 @@ def plot(results, path):
         for name in sorted({r["model"] for r in results}):
             rows = [r for r in results if r["model"] == name]
             ax.plot([r["scale"] for r in rows], [r[metric] for r in rows], marker="o", label=name)
-        ax.set_xscale("symlog", linthresh=0.5)
+        scales = sorted({r["scale"] for r in results})
+        ax.set_xscale("symlog", linthresh=max(1e-3, min([s for s in scales if s > 0], default=1.0)))
+        ax.set_xticks(scales)
+        ax.set_xticklabels([f"{s:g}" for s in scales])
+        ax.minorticks_off()
         ax.set_xlabel("classifier scale")
         ax.set_title(metric + (" (lower is better)" if metric == "fid" else ""), fontsize=9)
         ax.grid(alpha=0.3)
