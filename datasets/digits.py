@@ -36,6 +36,31 @@ def write_digits(out_dir, image_size=32, limit=None, resample="bicubic"):
         raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+
+    images, labels = digits_arrays(image_size, limit=limit, resample=resample)
+    os.makedirs(out_dir, exist_ok=True)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).convert("RGB").save(
+            os.path.join(out_dir, f"{int(label)}_{index:04d}.png")
+        )
+    return out_dir
+
+
+def digits_arrays(image_size=32, limit=None, resample="bicubic"):
+    """
+    The digits exactly as write_digits saves them (before the RGB conversion, which copies the
+    grey value into all three channels), for code that wants them in memory, e.g. to train an
+    evaluation classifier on real digits.
+
+    :param image_size: side of the square output images, at least 8.
+    :param limit: only the first `limit` images (None: all 1797).
+    :param resample: "bicubic" or "nearest", the upscaling filter.
+    :return: (uint8 array [N, image_size, image_size] of grey values, int64 array [N] of labels).
+    """
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 (the digits are 8x8), got {image_size}")
+    if resample not in RESAMPLE_FILTERS:
+        raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {resample!r}")
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -45,14 +70,13 @@ def write_digits(out_dir, image_size=32, limit=None, resample="bicubic"):
     images, labels = digits.images, digits.target
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    os.makedirs(out_dir, exist_ok=True)
-    for index, (image, label) in enumerate(zip(images, labels)):
+    out = np.empty((len(images), image_size, image_size), dtype=np.uint8)
+    for index, image in enumerate(images):
         grey = np.clip(np.round(image * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        pil = Image.fromarray(grey).resize(
-            (image_size, image_size), resample=RESAMPLE_FILTERS[resample]
+        out[index] = np.asarray(
+            Image.fromarray(grey).resize((image_size, image_size), resample=RESAMPLE_FILTERS[resample])
         )
-        pil.convert("RGB").save(os.path.join(out_dir, f"{int(label)}_{index:04d}.png"))
-    return out_dir
+    return out, np.asarray(labels, dtype=np.int64)
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ from .cgan import (
 from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
 from .nn import update_ema
 from .preemption import PreemptionWatch
+from .progress import StepMeter
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -228,11 +229,17 @@ class CGANTrainLoop:
         with PreemptionWatch() as preemption:
             state, self._saved_train_state = self._saved_train_state, None
             train_state.restore(state, {"train": self.data}, source=self.last_checkpoint)
+            meter = StepMeter(
+                global_batch=self.batch_size * dist_util.get_world_size(),
+                total_steps=self.max_steps,
+                start_step=self.step,
+            )
             while not self._done():
                 images, cond = next(self.data)
                 self.run_step(images, cond["y"])
                 self.step += 1
                 if self.step % self.log_interval == 0:
+                    meter.report(self.step, loss_key="loss_g")
                     logger.dumpkvs()
                 if self.step % self.save_interval == 0:
                     self.save()

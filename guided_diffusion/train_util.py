@@ -20,6 +20,7 @@ import torch
 from torch.optim import AdamW
 
 from . import checkpoints, dist_util, logger, train_state
+from .progress import StepMeter
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .preemption import PreemptionWatch
@@ -229,12 +230,18 @@ class TrainLoop:
 
     def _train(self, preemption):
         saved_at = None
+        meter = StepMeter(
+            global_batch=self.global_batch,
+            total_steps=self.lr_anneal_steps or (self.max_steps and self.resume_step + self.max_steps),
+            start_step=self.resume_step,
+        )
         while not self._done():
             batch, cond = next(self.data)
             self.run_step(batch, cond)
             # As in the reference, diagnostics are dumped after the first step of every
             # log_interval (self.step is still the index of the step just taken).
             if self.step % self.log_interval == 0:
+                meter.report(self.checkpoint_step() + 1)
                 logger.dumpkvs()
             self.step += 1
             if self.checkpoint_step() % self.save_interval == 0:

@@ -12,6 +12,7 @@ import torch
 from . import dist_util, logger, train_state
 from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
 from .preemption import PreemptionWatch
+from .progress import StepMeter
 from .vae import check_vae_checkpoint, vae_losses, vae_state
 
 CHECKPOINT_PREFIX = "vae"
@@ -117,10 +118,18 @@ class VAETrainLoop:
         with PreemptionWatch() as preemption:
             state, self._saved_train_state = self._saved_train_state, None
             train_state.restore(state, {"train": self.data}, source=self.last_checkpoint)
+            meter = None
             while not self._done():
                 batch, cond = next(self.data)
+                if meter is None:
+                    meter = StepMeter(
+                        global_batch=batch.shape[0] * dist_util.get_world_size(),
+                        total_steps=self.iterations,
+                        start_step=self.step,
+                    )
                 self.run_step(batch, cond)
                 if self.step % self.log_interval == 0:
+                    meter.report(self.step)
                     logger.dumpkvs()
                 if self.step % self.save_interval == 0:
                     last_saved = self.save()

@@ -19,6 +19,7 @@ from guided_diffusion import checkpoints, dist_util, logger, train_state
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.preemption import PreemptionWatch
+from guided_diffusion.progress import StepMeter
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
 from guided_diffusion.script_util import (
@@ -141,6 +142,14 @@ def main(argv=None):
     steps_done = resume_step
     # deviation from reference: resuming restores RNG streams and data positions, and SIGTERM or
     # SIGUSR1 stops the run with a checkpoint (exit status 75).
+    total = args.iterations
+    if args.max_steps:
+        total = min(total, resume_step + args.max_steps)
+    meter = StepMeter(
+        global_batch=args.batch_size * dist_util.get_world_size(),
+        total_steps=total,
+        start_step=resume_step,
+    )
     with PreemptionWatch() as preemption:
         shared = train_state.restore(saved_state, streams, source=resume_checkpoint)
         if "lg_loss_scale" in shared:
@@ -162,6 +171,7 @@ def main(argv=None):
                     forward_backward_log(val_data, prefix="val")
                     model.train()
             if not step % args.log_interval:
+                meter.report(steps_done + 1, loss_key="train_loss")
                 logger.dumpkvs()
             steps_done += 1
             # deviation from reference: checkpoints are named by the number of steps taken (the

@@ -251,8 +251,17 @@ def test_classifier_train_two_cpu_ranks(classifier_dir):
     names = set(os.listdir(classifier_dir))
     assert {"model000002.pt", "opt000002.pt", "model000003.pt", "log-rank001.txt"} <= names
     header = (classifier_dir / "progress.csv").read_text().splitlines()[0].split(",")
-    for key in ("train_loss", "train_acc@1", "train_acc@5", "val_loss", "grad_norm"):
+    for key in ("train_loss", "train_acc@1", "train_acc@5", "val_loss", "grad_norm",
+                "samples_per_sec"):
         assert key in header
+    # A progress line per log interval: steps taken of the total, the training loss, the speed.
+    lines = [l for l in (classifier_dir / "log.txt").read_text().splitlines()
+             if l.startswith("step ")]
+    assert [l.split(" | ")[0] for l in lines] == ["step 1/3 (33%)", "step 2/3 (67%)",
+                                                  "step 3/3 (100%)"]
+    for line in lines:
+        loss = float(line.split(" | ")[1].removeprefix("loss "))
+        assert 0 < loss < 10 and "samples/s" in line
 
 
 def test_classifier_sample_writes_labels(work, classifier_dir, tmp_path):
