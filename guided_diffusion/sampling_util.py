@@ -266,7 +266,8 @@ def create_sr_model_and_diffusion(flags):
         (and optionally class_dropout_prob).
     :return: (SuperResModel, SpacedDiffusion).
     """
-    from .script_util import create_gaussian_diffusion, sr_create_model, sr_create_model_and_diffusion
+    from .script_util import sr_create_model, sr_create_model_and_diffusion
+    from .solver_sampling import diffusion_from_flags
 
     flags = dict(flags)
     channel_mult = flags.pop("channel_mult", "")
@@ -280,17 +281,7 @@ def create_sr_model_and_diffusion(flags):
     model = sr_create_model(
         **{k: flags[k] for k in model_keys if k in flags}, channel_mult=channel_mult
     )
-    diffusion = create_gaussian_diffusion(
-        steps=flags["diffusion_steps"],
-        learn_sigma=flags["learn_sigma"],
-        noise_schedule=flags["noise_schedule"],
-        use_kl=flags["use_kl"],
-        predict_xstart=flags["predict_xstart"],
-        rescale_timesteps=flags["rescale_timesteps"],
-        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
-        timestep_respacing=flags["timestep_respacing"],
-    )
-    return model, diffusion
+    return model, diffusion_from_flags(flags, flags["timestep_respacing"])
 
 
 def require_single_process(script):

@@ -22,6 +22,7 @@ from .diffusion_types import ModelMeanType, ModelVarType
 __all__ = [
     "DiscreteDenoiser",
     "SAMPLER_NAMES",
+    "diffusion_from_flags",
     "make_sample_fn",
     "resolve_sampler",
     "solver_sample_loop",
@@ -284,11 +285,23 @@ def make_sample_fn(sampler, diffusion, flags):
         return diffusion.p_sample_loop
     if sampler == "ddim":
         return diffusion.ddim_sample_loop
-    from .script_util import create_gaussian_diffusion
-
     evaluations = diffusion.num_timesteps
     samplers.steps_for_evaluations(sampler, evaluations)  # refuse a too small budget now
-    full = create_gaussian_diffusion(
+    full = diffusion_from_flags(flags, "")
+    return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)
+
+
+def diffusion_from_flags(flags, timestep_respacing):
+    """
+    create_gaussian_diffusion for the diffusion flags of a model, with another respacing.
+
+    :param flags: a dict with the keys of diffusion_defaults() (other keys are ignored).
+    :param timestep_respacing: "" (all steps), "ddimN", "N", ...
+    :return: a SpacedDiffusion.
+    """
+    from .script_util import create_gaussian_diffusion
+
+    return create_gaussian_diffusion(
         steps=flags["diffusion_steps"],
         learn_sigma=flags["learn_sigma"],
         noise_schedule=flags["noise_schedule"],
@@ -296,6 +309,5 @@ def make_sample_fn(sampler, diffusion, flags):
         predict_xstart=flags["predict_xstart"],
         rescale_timesteps=flags["rescale_timesteps"],
         rescale_learned_sigmas=flags["rescale_learned_sigmas"],
-        timestep_respacing="",
+        timestep_respacing=timestep_respacing,
     )
-    return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)

@@ -189,6 +189,12 @@ def test_a_dropout_checkpoint_resumes(trained):
     assert resumed["label_emb.weight"].shape[0] == CLASSES + 1
     header, *rows = (trained["log"] / "progress.csv").read_text().splitlines()
     assert float(rows[-1].split(",")[header.split(",").index("step")]) == 2
+    # The resumed checkpoint samples, guided, with a solver.
+    out = trained["root"] / "resumed_samples"
+    images, labels = sample(trained, out, *CFG, "--sampler", "dpmpp_2m", "--timestep_respacing",
+                            "4", "--guidance_scale", 2.0, checkpoint="model000003.pt")
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
+    assert set(labels.tolist()) <= set(range(CLASSES))
 
 
 def sample(trained, out, *extra, checkpoint="model000002.pt", num=3):
@@ -297,3 +303,118 @@ def test_bad_input_one_liners(trained, tmp_path, capsys):
     assert "pass --class_dropout_prob 0.1" in line and "--num_classes 5" not in line
     line = error_line(capsys, sample(trained, tmp_path, "--num_classes", "1000"))
     assert "--num_classes 4 --class_dropout_prob 0.1" in line
+
+
+# ----------------------------------------------------------------------------- sampler_fid.py
+
+
+def test_classifier_features_are_the_penultimate_layer():
+    from guided_diffusion.cgan_eval import train_classifier
+    from guided_diffusion.sampler_fid import classifier_features
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 1, 8, 8, generator=gen)
+    classifier = train_classifier(images, torch.arange(40) % 3, num_classes=3, steps=5)
+    features = classifier_features(classifier, images, batch_size=16)
+    assert features.shape == (40, 64) and features.dtype == np.float64
+    assert (features >= 0).all() and (features > 0).any()  # after the ReLU
+    with torch.no_grad():  # the last layer on these features gives the classifier's logits
+        logits = classifier.head[-1](torch.from_numpy(features).float())
+        torch.testing.assert_close(logits, classifier(images), rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_fid_script(trained, tmp_path):
+    import json
+
+    status = run_inprocess("sampler_fid", [
+        "--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"], *TINY,
+        *CFG, "--samplers", "ddim,heun,dpmpp_2m", "--evaluations", "4,3", "--guidance_scales",
+        "1,2.5", "--num_samples", 8, "--batch_size", 5, "--classifier_steps", 10,
+        "--log_dir", tmp_path, "--progress", "False"])
+    assert status == 0
+    report = json.loads((tmp_path / "sampler_fid.json").read_text())
+    rows = report["rows"]
+    configs = [(r["guidance_scale"], r["sampler"], r["budget"]) for r in rows]
+    assert configs == [(w, n, b) for w in (1.0, 2.5) for n in ("ddim", "heun", "dpmpp_2m")
+                       for b in (3, 4)]
+    # Evaluations counted on the model: heun spends an even budget minus one.
+    used = {(n, b): r["evaluations"] for r in rows for n, b in [(r["sampler"], r["budget"])]}
+    assert used == {("ddim", 3): 3, ("ddim", 4): 4, ("heun", 3): 3, ("heun", 4): 3,
+                    ("dpmpp_2m", 3): 3, ("dpmpp_2m", 4): 4}
+    assert all(np.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert report["num_samples"] == 8 and report["subset_real_fid"] >= 0
+    table = (tmp_path / "sampler_fid.md").read_text()
+    assert "classifier-free guidance w = 2.5" in table and "| heun |" in table
+    assert (tmp_path / "sampler_fid.png").stat().st_size > 0
+    grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
+    assert len(grids) == len(rows) and "w2.5_heun_4.png" in grids
+
+    # Samplers measured in another process merge into one report.
+    from guided_diffusion.sampler_fid import merge_reports
+
+    assert run_inprocess("sampler_fid", [
+        "--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"], *TINY,
+        *CFG, "--samplers", "euler", "--evaluations", "3", "--num_samples", 8,
+        "--classifier_steps", 10, "--log_dir", tmp_path / "euler", "--progress", "False"]) == 0
+    text = merge_reports([tmp_path / "sampler_fid.json", tmp_path / "euler" / "sampler_fid.json"],
+                         tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "sampler_fid.json").read_text())
+    assert len(merged["rows"]) == len(rows) + 1 and "| euler |" in text
+    with pytest.raises(ValueError, match="same --data_dir, --seed and --num_samples"):
+        assert run_inprocess("sampler_fid", [
+            "--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"],
+            *TINY, *CFG, "--samplers", "euler", "--evaluations", "3", "--num_samples", 6,
+            "--classifier_steps", 10, "--log_dir", tmp_path / "six", "--progress", "False"]) == 0
+        merge_reports([tmp_path / "sampler_fid.json", tmp_path / "six" / "sampler_fid.json"],
+                      tmp_path / "merged")
+
+
+def test_sampler_fid_same_noise_for_every_configuration(trained):
+    """A solver and DDIM on one evaluation budget start from the same x_T; guidance changes it."""
+    from guided_diffusion.sampler_fid import generate
+    from guided_diffusion.solver_sampling import diffusion_from_flags
+
+    parsed = vars(load_script("image_sample").create_argparser().parse_args(TINY))
+    flags = {k: parsed[k] for k in model_and_diffusion_defaults()}
+    model, _ = create_model_and_diffusion(**flags, num_classes=CLASSES, class_dropout_prob=0.3)
+    model.load_state_dict(torch.load(trained["log"] / "model000002.pt", weights_only=True))
+    model.eval()
+    first = {}
+
+    def run(sampler, scale, batch_size):
+        calls = []
+
+        def watched(x, t, **kwargs):
+            calls.append(x[: x.shape[0] // (1 if scale == 1 else 2)].clone())
+            return model(x, t, **kwargs)
+
+        images, labels, used = generate(
+            watched, diffusion_from_flags(flags, "5"), flags, sampler=sampler,
+            guidance_scale=scale, num_samples=6, batch_size=batch_size, num_classes=CLASSES,
+            seed=3, image_size=8)
+        return images, labels, calls, used
+
+    _, labels, calls, used = run("ddim", 1.0, 6)
+    assert labels.tolist() == [0, 1, 2, 3, 0, 1] and used == 5
+    first["ddim"] = calls[0]
+    _, _, calls, used = run("dpmpp_2m", 1.0, 6)
+    # The solver's state at its first (largest) noise level is x_T read at that level.
+    torch.testing.assert_close(calls[0], first["ddim"])
+    guided, _, calls, used = run("dpmpp_2m", 3.0, 4)  # two batches (4 + 2)
+    assert used == 5
+    torch.testing.assert_close(torch.cat([calls[0], calls[5]]), first["ddim"])
+    plain, _, _, _ = run("dpmpp_2m", 1.0, 4)
+    assert not np.array_equal(guided, plain)
+
+
+def test_sampler_fid_bad_input(trained, tmp_path, capsys):
+    base = ["--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"],
+            *TINY, "--num_samples", 4, "--log_dir", tmp_path]
+    line = error_line(capsys, run_inprocess("sampler_fid", [*base, *CFG, "--samplers", "ddim,rk4"]))
+    assert "unknown --sampler 'rk4'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m" in line
+    line = error_line(capsys, run_inprocess("sampler_fid", [
+        *base, *CFG, "--samplers", "heun", "--evaluations", "2,10"]))
+    assert "heun needs at least 3 model evaluations" in line
+    line = error_line(capsys, run_inprocess("sampler_fid", [*base, "--guidance_scales", "1,3"]))
+    assert "image_train.py --class_dropout_prob" in line
+    assert not (tmp_path / "sampler_fid.json").exists()
