@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch as th
 
-from .script_util import create_gaussian_diffusion
+from .solver_sampling import diffusion_from_flags
 
 # Below this sin(theta) two latents are treated as parallel and interpolated linearly: the slerp
 # weights sin(a * theta) / sin(theta) lose all precision there, and their limit is linear.
@@ -114,16 +114,7 @@ def diffusion_for_steps(flags, steps):
     :return: a SpacedDiffusion.
     :raises ValueError: when no integer stride gives exactly that many steps.
     """
-    return create_gaussian_diffusion(
-        steps=flags["diffusion_steps"],
-        learn_sigma=flags["learn_sigma"],
-        noise_schedule=flags["noise_schedule"],
-        use_kl=flags["use_kl"],
-        predict_xstart=flags["predict_xstart"],
-        rescale_timesteps=flags["rescale_timesteps"],
-        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
-        timestep_respacing=f"ddim{steps}",
-    )
+    return diffusion_from_flags(flags, f"ddim{steps}")
 
 
 def ddim_round_trip(diffusion, model, x_start, clip_denoised=True, model_kwargs=None, progress=False):

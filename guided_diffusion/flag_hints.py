@@ -28,6 +28,9 @@ _ATTENTION_FLAGS = ("attention_resolutions", "classifier_attention_resolutions")
 _SIZE_FLAGS = ("image_size", "large_size")
 _CHANNEL_MULT_FLAGS = ("channel_mult", "classifier_channel_mult")
 _BUILTIN_SIZES = (32, 64, 128, 256, 512)
+# The --class_dropout_prob suggested for a checkpoint with a null-class row: any value > 0 gives
+# the same layout; 0.1 is the usual training value.
+_NULL_CLASS_PROB = 0.1
 _BUILTIN_MULTS = ("1,2,2,2", "1,2,3,4", "1,1,2,3,4", "1,1,2,2,4,4", "0.5,1,1,2,2,4,4")
 _FALLBACK = (
     "check --num_res_blocks, --channel_mult/--image_size, --attention_resolutions, "
@@ -101,10 +104,7 @@ def _direct_changes(expected, given, flags, is_classifier):
     elif "label_emb.weight" in expected and "label_emb.weight" not in given:
         changes["class_cond"] = False
     if "label_emb.weight" in given:
-        classes = given["label_emb.weight"][0]
-        current = flags.get("num_classes", expected.get("label_emb.weight", (classes,))[0])
-        if classes != current:
-            changes["num_classes"] = classes
+        changes.update(_label_row_changes(given["label_emb.weight"][0], expected, flags))
     if "time_embed.0.weight" in given and "time_embed.0.weight" in expected:
         width = given["time_embed.0.weight"][1]
         if width != expected["time_embed.0.weight"][1]:
@@ -123,15 +123,45 @@ def _direct_changes(expected, given, flags, is_classifier):
     return changes
 
 
+def _label_row_changes(rows, expected, flags):
+    """
+    The flags that give the label embedding `rows` rows: --num_classes, or --class_dropout_prob
+    for a checkpoint trained for classifier-free guidance (its extra row is the null class).
+    """
+    if "num_classes" not in flags:
+        current = expected.get("label_emb.weight", (rows,))[0]
+        return {} if rows == current else {"num_classes": rows}
+    classes = flags["num_classes"]
+    if "class_dropout_prob" not in flags:
+        return {} if rows == classes else {"num_classes": rows}
+    null_row = flags["class_dropout_prob"] > 0
+    if rows == classes + null_row:
+        return {}
+    if rows == classes + 1 and not null_row:
+        return {"class_dropout_prob": _NULL_CLASS_PROB}
+    if rows == classes and null_row:
+        return {"class_dropout_prob": 0.0}
+    return {"num_classes": rows - null_row}
+
+
 def _hints(expected, given, flags, build, is_classifier):
     direct = _direct_changes(expected, given, flags, is_classifier)
     prefix = ""
     if "class_cond" in direct:
         prefix = f"checkpoint {'has' if direct['class_cond'] else 'has no'} label_emb.weight: "
+    elif direct.get("class_dropout_prob", 0) > 0:
+        rows = given["label_emb.weight"][0]
+        prefix = (
+            f"checkpoint has {rows} label rows, one more than --num_classes {rows - 1}: it was "
+            "trained for classifier-free guidance (the extra row is the null class; any "
+            "--class_dropout_prob > 0 builds it): "
+        )
+    elif direct.get("class_dropout_prob", None) == 0:
+        prefix = "checkpoint has no null-class label row (trained without --class_dropout_prob): "
     if flags is not None and build is not None:
         base = {**flags, **direct}
         if direct and _fits(build, base, given):
-            return f"{prefix}pass {_format(direct)}"
+            return f"{prefix}pass {_format(direct)}{_null_class_note(direct, flags)}"
         # Several single changes can fit (another image size moves the attention levels just as
         # other attention_resolutions do); the likeliest come first.
         fitting = []
@@ -145,6 +175,17 @@ def _hints(expected, given, flags, build, is_classifier):
     if direct:
         return f"{prefix}pass {_format(direct)} (other flags may differ too: {_FALLBACK})"
     return _FALLBACK
+
+
+def _null_class_note(direct, flags):
+    # A label count read off the checkpoint may include a null-class row: say so when the
+    # script could build one instead.
+    if "num_classes" not in direct or flags.get("class_dropout_prob", None) != 0:
+        return ""
+    return (
+        f" (or --num_classes {direct['num_classes'] - 1} --class_dropout_prob {_NULL_CLASS_PROB}"
+        " if it was trained for classifier-free guidance)"
+    )
 
 
 def _single_changes(flags):

@@ -262,10 +262,12 @@ def create_sr_model_and_diffusion(flags):
     sr_create_model_and_diffusion(**flags), also honouring an optional "channel_mult" entry
     (needed for sizes outside the built-in table, e.g. 16).
 
-    :param flags: the sr_model_and_diffusion_defaults() flags, plus num_classes and channel_mult.
+    :param flags: the sr_model_and_diffusion_defaults() flags, plus num_classes and channel_mult
+        (and optionally class_dropout_prob).
     :return: (SuperResModel, SpacedDiffusion).
     """
-    from .script_util import create_gaussian_diffusion, sr_create_model, sr_create_model_and_diffusion
+    from .script_util import sr_create_model, sr_create_model_and_diffusion
+    from .solver_sampling import diffusion_from_flags
 
     flags = dict(flags)
     channel_mult = flags.pop("channel_mult", "")
@@ -274,22 +276,12 @@ def create_sr_model_and_diffusion(flags):
     model_keys = (
         "large_size small_size num_channels num_res_blocks learn_sigma class_cond use_checkpoint "
         "attention_resolutions num_heads num_head_channels num_heads_upsample "
-        "use_scale_shift_norm dropout resblock_updown use_fp16 num_classes"
+        "use_scale_shift_norm dropout resblock_updown use_fp16 num_classes class_dropout_prob"
     ).split()
     model = sr_create_model(
         **{k: flags[k] for k in model_keys if k in flags}, channel_mult=channel_mult
     )
-    diffusion = create_gaussian_diffusion(
-        steps=flags["diffusion_steps"],
-        learn_sigma=flags["learn_sigma"],
-        noise_schedule=flags["noise_schedule"],
-        use_kl=flags["use_kl"],
-        predict_xstart=flags["predict_xstart"],
-        rescale_timesteps=flags["rescale_timesteps"],
-        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
-        timestep_respacing=flags["timestep_respacing"],
-    )
-    return model, diffusion
+    return model, diffusion_from_flags(flags, flags["timestep_respacing"])
 
 
 def require_single_process(script):
@@ -306,12 +298,15 @@ def ddim_tool_defaults(seed=True):
     """
     The flags of the DDIM tools (ddim_invert, ddim_interpolate, ddim_consistency): the model
     flags without --timestep_respacing (their --steps choose the respacing, "ddim<steps>"), plus
-    sampling_extra_defaults() (without --seed when nothing is random).
+    sampling_extra_defaults() (without --seed when nothing is random) and --class_dropout_prob
+    (so that checkpoints trained for classifier-free guidance load).
     """
+    from .cfg import cfg_defaults
     from .script_util import model_and_diffusion_defaults
 
     defaults = model_and_diffusion_defaults()
     del defaults["timestep_respacing"]
+    defaults.update(cfg_defaults())
     extras = sampling_extra_defaults()
     if not seed:
         del extras["seed"]
@@ -320,12 +315,19 @@ def ddim_tool_defaults(seed=True):
 
 
 def ddim_tool_model_flags(args):
-    """The create_model_and_diffusion flags (plus num_classes) of a DDIM tool's parsed args."""
+    """
+    The create_model_and_diffusion flags (plus num_classes and class_dropout_prob) of a DDIM
+    tool's parsed args.
+    """
     from .script_util import model_and_diffusion_defaults
 
     keys = [k for k in model_and_diffusion_defaults() if k != "timestep_respacing"]
     flags = {k: getattr(args, k) for k in keys}
-    flags.update(timestep_respacing="", num_classes=args.num_classes)
+    flags.update(
+        timestep_respacing="",
+        num_classes=args.num_classes,
+        class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
+    )
     return flags
 
 

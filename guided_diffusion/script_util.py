@@ -11,6 +11,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
+from .cfg import check_class_dropout_prob, label_rows
 from .respace import SpacedDiffusion, space_timesteps
 from .flag_hints import explain_state_dict_mismatch  # noqa: F401  (public here)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
@@ -195,11 +196,13 @@ def create_model_and_diffusion(
     use_fp16,
     use_new_attention_order,
     num_classes=NUM_CLASSES,
+    class_dropout_prob=0.0,
 ):
     """
     Build a UNet and its diffusion from the flags of model_and_diffusion_defaults().
 
     :param num_classes: number of classes when class_cond (extra to the reference).
+    :param class_dropout_prob: see create_model (extra to the reference).
     :return: (UNetModel, SpacedDiffusion).
     """
     model = create_model(
@@ -220,6 +223,7 @@ def create_model_and_diffusion(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
+        class_dropout_prob=class_dropout_prob,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -252,6 +256,7 @@ def create_model(
     use_fp16=False,
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
+    class_dropout_prob=0.0,
 ):
     """
     Build the diffusion UNet (3 input channels; 6 outputs with learn_sigma, else 3).
@@ -259,9 +264,13 @@ def create_model(
     :param channel_mult: "" to pick by image size (512, 256, 128, 64, 32), or e.g. "1,2,2,2".
     :param attention_resolutions: feature-map sizes with attention, e.g. "16,8".
     :param num_classes: number of classes when class_cond (extra to the reference).
+    :param class_dropout_prob: > 0 for classifier-free guidance training: the label embedding
+        gets one more row, the null class (index num_classes), and the model's num_classes
+        counts it. 0 (the default) keeps the reference's layout (extra to the reference).
     :return: a UNetModel.
     """
     _check_num_classes(num_classes)
+    check_class_dropout_prob(class_dropout_prob, class_cond)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -273,7 +282,7 @@ def create_model(
         channel_mult=_parse_channel_mult(
             channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
         ),
-        num_classes=num_classes if class_cond else None,
+        num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -402,11 +411,13 @@ def sr_create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     num_classes=NUM_CLASSES,
+    class_dropout_prob=0.0,
 ):
     """
     Build a super-resolution UNet and its diffusion from sr_model_and_diffusion_defaults() flags.
 
     :param num_classes: number of classes when class_cond (extra to the reference).
+    :param class_dropout_prob: see create_model (extra to the reference).
     :return: (SuperResModel, SpacedDiffusion).
     """
     model = sr_create_model(
@@ -426,6 +437,7 @@ def sr_create_model_and_diffusion(
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
         num_classes=num_classes,
+        class_dropout_prob=class_dropout_prob,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -458,16 +470,19 @@ def sr_create_model(
     use_fp16,
     num_classes=NUM_CLASSES,
     channel_mult="",
+    class_dropout_prob=0.0,
 ):
     """
     Build the super-resolution UNet working at large_size (small_size only describes the data).
 
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param channel_mult: "" for the built-in table, or an explicit list (extra to the reference).
+    :param class_dropout_prob: see create_model (extra to the reference).
     :return: a SuperResModel.
     """
     del small_size  # the low-resolution input is upsampled to large_size before the network
     _check_num_classes(num_classes)
+    check_class_dropout_prob(class_dropout_prob, class_cond)
     # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
     # to the image-model table instead of being rejected.
     table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
@@ -480,7 +495,7 @@ def sr_create_model(
         attention_resolutions=_attention_ds(attention_resolutions, large_size),
         dropout=dropout,
         channel_mult=_parse_channel_mult(channel_mult, large_size, table, "large size"),
-        num_classes=num_classes if class_cond else None,
+        num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_head_channels=num_head_channels,

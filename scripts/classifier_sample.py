@@ -11,6 +11,12 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cfg import (
+    cfg_defaults,
+    check_guidance_scale,
+    classifier_free_guidance,
+    sampling_guidance_defaults,
+)
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
     ScriptError,
@@ -32,18 +38,25 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from guided_diffusion.solver_sampling import make_sample_fn, resolve_sampler
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
+    sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_guidance_scale(
+        args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
+    )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
+    flags["class_dropout_prob"] = args.class_dropout_prob
     model, diffusion = create_model_and_diffusion(**flags)
+    sample_fn = make_sample_fn(sampler, diffusion, flags)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
@@ -79,13 +92,17 @@ def main(argv=None):
 
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
 
+    # Classifier-free guidance on top of classifier guidance; the model itself at scale 1.
+    guided = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
+
     def model_fn(x, t, y=None):
         # The labels steer the classifier always, the diffusion model only when it is conditional.
-        return model(x, t, y if args.class_cond else None)
+        if args.class_cond:
+            return guided(x, t, y=y)
+        return model(x, t, None)
 
     seed_sampling(args.seed)
-    logger.log("sampling...")
-    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    logger.log(f"sampling with {sampler}...")
     shape = (args.batch_size, 3, args.image_size, args.image_size)
 
     def make_batch():
@@ -121,6 +138,8 @@ def create_argparser():
     defaults.update(model_and_diffusion_defaults())
     defaults.update(classifier_defaults())
     defaults.update(sampling_extra_defaults())
+    defaults.update(cfg_defaults())
+    defaults.update(sampling_guidance_defaults())
     # Needed for classifiers at sizes without a built-in channel table (e.g. 16).
     defaults.update(classifier_channel_mult="")
     parser = argparse.ArgumentParser(description="Sample with classifier guidance.")

@@ -10,6 +10,12 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cfg import (
+    cfg_defaults,
+    check_guidance_scale,
+    classifier_free_guidance,
+    sampling_guidance_defaults,
+)
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
     autocast_context,
@@ -27,18 +33,25 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from guided_diffusion.solver_sampling import make_sample_fn, resolve_sampler
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
+    sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_guidance_scale(
+        args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
+    )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
+    flags["class_dropout_prob"] = args.class_dropout_prob
     model, diffusion = create_model_and_diffusion(**flags)
+    sample_fn = make_sample_fn(sampler, diffusion, flags)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
@@ -48,8 +61,9 @@ def main(argv=None):
     model.eval()
 
     seed_sampling(args.seed)
-    logger.log("sampling...")
-    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    logger.log(f"sampling with {sampler}...")
+    # The null class is label num_classes; with --guidance_scale 1 this is the model itself.
+    model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
 
     def make_batch():
@@ -63,10 +77,11 @@ def main(argv=None):
             model_kwargs["y"] = labels
         with autocast_context(args.use_bf16):
             sample = sample_fn(
-                model,
+                model_fn,
                 shape,
                 clip_denoised=args.clip_denoised,
                 model_kwargs=model_kwargs,
+                device=dist_util.dev(),  # model_fn may be a plain function (guidance)
             )
         return to_uint8(sample.float()), labels
 
@@ -85,6 +100,8 @@ def create_argparser():
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(sampling_extra_defaults())
+    defaults.update(cfg_defaults())
+    defaults.update(sampling_guidance_defaults())
     parser = argparse.ArgumentParser(description="Sample images from a diffusion model.")
     add_dict_to_argparser(parser, defaults)
     return parser

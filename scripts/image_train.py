@@ -10,6 +10,7 @@ optNNNNNN.pt) and progress.csv go to --log_dir (default $OPENAI_LOGDIR).
 import argparse
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cfg import cfg_defaults, with_label_dropout
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.sampling_util import run_main, seed_training
@@ -31,7 +32,9 @@ def main(argv=None):
 
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes
+        **args_to_dict(args, model_and_diffusion_defaults().keys()),
+        num_classes=args.num_classes,
+        class_dropout_prob=args.class_dropout_prob,
     )
     model.to(dist_util.dev())
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
@@ -45,6 +48,8 @@ def main(argv=None):
         image_size=args.image_size,
         class_cond=args.class_cond,
     )
+    # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
+    data = with_label_dropout(data, prob=args.class_dropout_prob, null_label=args.num_classes)
 
     logger.log("training...")
     TrainLoop(
@@ -86,6 +91,7 @@ def create_argparser():
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(training_extra_defaults())
+    defaults.update(cfg_defaults())
     parser = argparse.ArgumentParser(description="Train a diffusion model on a folder of images.")
     add_dict_to_argparser(parser, defaults)
     return parser

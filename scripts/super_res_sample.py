@@ -12,6 +12,12 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cfg import (
+    cfg_defaults,
+    check_guidance_scale,
+    classifier_free_guidance,
+    sampling_guidance_defaults,
+)
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
     ScriptError,
@@ -31,18 +37,28 @@ from guided_diffusion.script_util import (
     args_to_dict,
     sr_model_and_diffusion_defaults,
 )
+from guided_diffusion.solver_sampling import make_sample_fn, resolve_sampler
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
+    sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_guidance_scale(
+        args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
+    )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
 
     logger.log("creating model...")
     flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-    flags.update(num_classes=args.num_classes, channel_mult=args.channel_mult)
+    flags.update(
+        num_classes=args.num_classes,
+        channel_mult=args.channel_mult,
+        class_dropout_prob=args.class_dropout_prob,
+    )
     model, diffusion = create_sr_model_and_diffusion(flags)
+    sample_fn = make_sample_fn(sampler, diffusion, flags)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_sr_model_and_diffusion(f)[0]
     )
@@ -55,16 +71,21 @@ def main(argv=None):
     data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)
 
     seed_sampling(args.seed)
-    logger.log("creating samples...")
+    logger.log(f"creating samples with {sampler}...")
     # deviation from reference: the reference always used p_sample_loop, ignoring --use_ddim.
-    sample_fn = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    # The low-resolution input is repeated for the unconditional half of guidance.
+    model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
     shape = (args.batch_size, 3, args.large_size, args.large_size)
 
     def make_batch():
         model_kwargs = {k: v.to(dist_util.dev()) for k, v in next(data).items()}
         with autocast_context(args.use_bf16):
             sample = sample_fn(
-                model, shape, clip_denoised=args.clip_denoised, model_kwargs=model_kwargs
+                model_fn,
+                shape,
+                clip_denoised=args.clip_denoised,
+                model_kwargs=model_kwargs,
+                device=dist_util.dev(),  # model_fn may be a plain function (guidance)
             )
         # deviation from reference: the labels of class-conditional runs are kept as arr_1.
         return to_uint8(sample.float()), model_kwargs.get("y")
@@ -126,6 +147,8 @@ def create_argparser():
     )
     defaults.update(sr_model_and_diffusion_defaults())
     defaults.update(sampling_extra_defaults())
+    defaults.update(cfg_defaults())
+    defaults.update(sampling_guidance_defaults())
     defaults.update(channel_mult="")  # "" = by large_size; needed for sizes like 16
     parser = argparse.ArgumentParser(description="Upsample samples with a super-resolution model.")
     add_dict_to_argparser(parser, defaults)

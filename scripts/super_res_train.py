@@ -11,6 +11,7 @@ import functools
 import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cfg import cfg_defaults, with_label_dropout
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.resumable_data import MappedBatches
@@ -32,7 +33,11 @@ def main(argv=None):
 
     logger.log("creating model...")
     flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-    flags.update(num_classes=args.num_classes, channel_mult=args.channel_mult)
+    flags.update(
+        num_classes=args.num_classes,
+        channel_mult=args.channel_mult,
+        class_dropout_prob=args.class_dropout_prob,
+    )
     model, diffusion = create_sr_model_and_diffusion(flags)
     model.to(dist_util.dev())
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
@@ -47,6 +52,8 @@ def main(argv=None):
         small_size=args.small_size,
         class_cond=args.class_cond,
     )
+    # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
+    data = with_label_dropout(data, prob=args.class_dropout_prob, null_label=args.num_classes)
 
     logger.log("training...")
     TrainLoop(
@@ -107,6 +114,7 @@ def create_argparser():
     )
     defaults.update(sr_model_and_diffusion_defaults())
     defaults.update(training_extra_defaults())
+    defaults.update(cfg_defaults())
     defaults.update(channel_mult="")  # "" = by large_size; needed for sizes like 16
     parser = argparse.ArgumentParser(description="Train a super-resolution diffusion model.")
     add_dict_to_argparser(parser, defaults)

@@ -1,0 +1,313 @@
+"""
+The ODE solvers of samplers.py on this project's discrete-time models, and the one `--sampler`
+flag of the sampling scripts.
+
+A GaussianDiffusion trained over T steps defines noise levels only at its integer timesteps:
+sigma_t = sqrt((1 - abar_t) / abar_t). The solvers work in continuous sigma, so a sigma between
+two levels is given the fractional timestep that interpolates log sigma linearly between them
+(as k-diffusion does for discrete DDPM models; Karras et al. 2022, appendix C.3.4, instead round
+to the nearest level). The network takes fractional timesteps as they are: its timestep
+embedding is a continuous function of t.
+"""
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from . import samplers
+from .diffusion_types import ModelMeanType, ModelVarType
+
+__all__ = [
+    "DiscreteDenoiser",
+    "SAMPLER_NAMES",
+    "diffusion_from_flags",
+    "make_sample_fn",
+    "resolve_sampler",
+    "solver_sample_loop",
+    "solver_sample_loop_progressive",
+    "solver_sigmas",
+]
+
+# The samplers of the scripts' --sampler flag: the diffusion's own loops, then the ODE solvers.
+SAMPLER_NAMES = ("ddpm", "ddim") + tuple(samplers.SOLVERS)
+
+# The noise range of Karras et al. (2022) for data in [-1, 1], clipped to the model's own range
+# as they do for discrete models.
+DEFAULT_SIGMA_MIN = 0.002
+DEFAULT_SIGMA_MAX = 80.0
+
+
+class DiscreteDenoiser:
+    """
+    D(x; sigma) of a discrete-time diffusion model, for the solvers of samplers.py.
+
+    The solver's x = x_t / sqrt(abar) is scaled back to the model's x_t, the model is called at
+    the (fractional) timestep of sigma, and its output is read as a prediction of x_0: directly
+    for START_X models, as x - sigma * eps for EPSILON models. Learned-variance channels are
+    dropped: an ODE solver has no use for them.
+
+    :param diffusion: a GaussianDiffusion over all of its training steps (a SpacedDiffusion
+        with timestep_respacing "" is fine; a respaced one is refused, see solver_sample_loop).
+    :param model: called as model(x_t, t, **model_kwargs) with t a float tensor of timesteps
+        (scaled to [0, 1000) when diffusion.rescale_timesteps).
+    :param clip_denoised: clip the x_0 prediction to [-1, 1].
+    :param denoised_fn: if not None, applied to the x_0 prediction before clipping.
+    :param cond_fn: classifier guidance: cond_fn(x_t, t, **model_kwargs) returns
+        scale * grad log p(y | x_t); the noise prediction is shifted by -sqrt(1 - abar) times
+        it, as condition_score does for DDIM (Dhariwal & Nichol 2021, Algorithm 2).
+    """
+
+    def __init__(self, diffusion, model, *, clip_denoised=True, denoised_fn=None, cond_fn=None):
+        mean_type = ModelMeanType(diffusion.model_mean_type)
+        if mean_type not in (ModelMeanType.EPSILON, ModelMeanType.START_X):
+            raise ValueError(
+                "the ODE solvers need a model that predicts the noise or x_0, not the previous "
+                "x (ModelMeanType.PREVIOUS_X): use --sampler ddpm or ddim"
+            )
+        _check_full(diffusion)
+        self.model = model
+        self.mean_type = mean_type
+        self.learned_variance = ModelVarType(diffusion.model_var_type) in (
+            ModelVarType.LEARNED,
+            ModelVarType.LEARNED_RANGE,
+        )
+        self.clip_denoised = clip_denoised
+        self.denoised_fn = denoised_fn
+        self.cond_fn = cond_fn
+        self.num_timesteps = diffusion.num_timesteps
+        self.rescale_timesteps = diffusion.rescale_timesteps
+        abar = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+        self.sigmas = np.sqrt((1.0 - abar) / abar)
+        self.log_sigmas = np.log(self.sigmas)
+        self.evaluations = 0
+
+    @property
+    def sigma_min(self):
+        """The noise level of timestep 0."""
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self):
+        """The noise level of timestep T - 1."""
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma):
+        """
+        The fractional timestep of a noise level: log sigma interpolated linearly between the
+        model's levels, clamped to [0, T - 1]. Pure float64 host arithmetic (no device sync).
+        """
+        return float(np.interp(math.log(sigma), self.log_sigmas, np.arange(self.num_timesteps)))
+
+    def model_timestep(self, sigma):
+        """The timestep value the network is called with for noise level sigma."""
+        t = self.sigma_to_t(sigma)
+        return t * (1000.0 / self.num_timesteps) if self.rescale_timesteps else t
+
+    def __call__(self, x, sigma, **model_kwargs):
+        """
+        :param x: the solver's state x_0 + sigma * eps, an [N x C x ...] tensor.
+        :param sigma: the noise level, a Python float > 0.
+        :return: the prediction of x_0, of x's shape.
+        """
+        self.evaluations += 1
+        abar = 1.0 / (1.0 + sigma * sigma)
+        x_t = x * math.sqrt(abar)
+        t = torch.full((x.shape[0],), self.model_timestep(sigma), device=x.device)
+        with torch.no_grad():
+            out = self.model(x_t, t, **model_kwargs)
+        channels = x.shape[1]
+        expected = channels * (2 if self.learned_variance else 1)
+        if out.shape[1] != expected:
+            raise ValueError(
+                f"the model outputs {out.shape[1]} channels but this diffusion expects "
+                f"{expected} for {channels}-channel images (check --learn_sigma)"
+            )
+        out = out[:, :channels].to(x.dtype)
+        if self.mean_type == ModelMeanType.EPSILON:
+            # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) = x - sigma * eps.
+            denoised = x - sigma * out
+        else:
+            denoised = out
+        if self.denoised_fn is not None:
+            denoised = self.denoised_fn(denoised)
+        if self.clip_denoised:
+            denoised = denoised.clamp(-1, 1)
+        if self.cond_fn is not None:
+            # eps' = eps - sqrt(1 - abar) * grad, so x_0' = x - sigma * eps' shifts by
+            # sigma * sqrt(1 - abar) * grad; like condition_score, after clipping.
+            gradient = self.cond_fn(x_t, t, **model_kwargs)
+            denoised = denoised + (sigma * math.sqrt(1.0 - abar)) * gradient.to(x.dtype)
+        return denoised
+
+
+def _check_full(diffusion):
+    timestep_map = getattr(diffusion, "timestep_map", None)
+    if timestep_map is not None and list(timestep_map) != list(range(len(timestep_map))):
+        raise ValueError(
+            "the ODE solvers need the diffusion over all of its training steps (build it with "
+            "timestep_respacing ''); give the number of model evaluations as `evaluations`"
+        )
+
+
+def solver_sigmas(denoiser, num_steps, *, sigma_min=None, sigma_max=None, rho=7.0):
+    """
+    The noise levels the solvers visit: karras_sigmas between max(0.002, the model's smallest
+    level) and min(80, its largest) unless sigma_min / sigma_max are given (Karras et al. 2022,
+    Table 1 and their handling of discrete models).
+    """
+    lo = max(DEFAULT_SIGMA_MIN, denoiser.sigma_min) if sigma_min is None else sigma_min
+    hi = min(DEFAULT_SIGMA_MAX, denoiser.sigma_max) if sigma_max is None else sigma_max
+    return samplers.karras_sigmas(num_steps, lo, hi, rho=rho)
+
+
+def solver_sample_loop_progressive(
+    diffusion,
+    model,
+    shape,
+    *,
+    sampler,
+    evaluations=None,
+    sigmas=None,
+    noise=None,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    device=None,
+    progress=False,
+    sigma_min=None,
+    sigma_max=None,
+    rho=7.0,
+):
+    """
+    Like solver_sample_loop, but yield a dict per solver step: "sample" (the state as the
+    model's x_t at the step's end; the image after the last step), "pred_xstart" (the x_0
+    prediction the step used), "sigma" and "sigma_next".
+    """
+    from .diffusion_sampling import _model_device
+
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
+    if sampler not in samplers.SOLVERS:
+        raise ValueError(f"unknown solver {sampler!r}; known solvers: {', '.join(samplers.SOLVERS)}")
+    denoiser = DiscreteDenoiser(
+        diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn
+    )
+    if sigmas is None:
+        if evaluations is None:
+            raise ValueError("give the number of model evaluations (evaluations=) or sigmas=")
+        steps = samplers.steps_for_evaluations(sampler, evaluations)
+        sigmas = solver_sigmas(denoiser, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    if device is None:
+        device = _model_device(model, noise)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
+        x_t = noise
+    else:
+        # The seed contract of the DDIM loop: one randn(*shape), and nothing else is drawn.
+        x_t = torch.randn(*shape, device=device)
+    # The start is x_t itself, read at the first level: x = x_t / sqrt(abar).
+    x = x_t * math.sqrt(1.0 + sigmas[0] ** 2)
+    solver = samplers.SOLVERS[sampler]
+    for out in solver(denoiser, x, sigmas, extra_args=model_kwargs or {}, progress=progress):
+        yield {
+            "sample": out["x"] / math.sqrt(1.0 + out["sigma_next"] ** 2),
+            "pred_xstart": out["denoised"],
+            "sigma": out["sigma"],
+            "sigma_next": out["sigma_next"],
+        }
+
+
+def solver_sample_loop(diffusion, model, shape, *, sampler, evaluations=None, **kwargs):
+    """
+    Generate samples with a deterministic ODE solver of samplers.py ("euler", "heun",
+    "dpmpp_2m") on the noise levels of Karras et al. (2022), eq. 5.
+
+    :param diffusion: a GaussianDiffusion over all of its training steps (a respaced one is
+        refused: the solvers choose their own noise levels, between any two timesteps).
+    :param model: the model, as for p_sample_loop.
+    :param shape: the shape of the samples, (N, C, H, W).
+    :param sampler: the solver's name.
+    :param evaluations: the budget of model evaluations (the scripts' --timestep_respacing
+        count); see samplers.steps_for_evaluations for how each solver spends it.
+    :param sigmas: instead of evaluations, the noise levels to visit (decreasing, ending 0).
+    :param noise: the starting x_T; else drawn with one randn(*shape), the only random draw.
+    :param clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress: as for
+        ddim_sample_loop (see DiscreteDenoiser).
+    :param sigma_min, sigma_max, rho: override the noise range and warp (solver_sigmas).
+    :return: the final batch of samples.
+    """
+    final = None
+    for final in solver_sample_loop_progressive(
+        diffusion, model, shape, sampler=sampler, evaluations=evaluations, **kwargs
+    ):
+        pass
+    return final["sample"]
+
+
+def resolve_sampler(sampler, use_ddim):
+    """
+    The sampler a script runs: --sampler when given, else ddim with --use_ddim True and ddpm
+    without (the reference's behaviour).
+
+    :raises ValueError: for an unknown name, or --use_ddim True with another --sampler.
+    """
+    if not sampler:
+        return "ddim" if use_ddim else "ddpm"
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown --sampler {sampler!r}; known samplers: {', '.join(SAMPLER_NAMES)}")
+    if use_ddim and sampler != "ddim":
+        raise ValueError(
+            f"--use_ddim True asks for ddim but --sampler is {sampler}: pass only one of them"
+        )
+    return sampler
+
+
+def make_sample_fn(sampler, diffusion, flags):
+    """
+    The sampling loop of a script for a resolved sampler name, called like p_sample_loop:
+    fn(model, shape, noise=None, clip_denoised=..., denoised_fn=..., cond_fn=...,
+    model_kwargs=..., device=..., progress=...).
+
+    For ddpm and ddim it is the diffusion's own loop over its (respaced) steps. For the ODE
+    solvers the number of respaced steps is the budget of model evaluations, and the solver
+    runs on the diffusion over all steps, rebuilt from the flags.
+
+    :param sampler: a name from resolve_sampler.
+    :param diffusion: the diffusion built from the flags (respaced by --timestep_respacing).
+    :param flags: the diffusion flags (diffusion_steps, noise_schedule, learn_sigma, ...).
+    :raises ValueError: when the budget is too small for the solver.
+    """
+    if sampler == "ddpm":
+        return diffusion.p_sample_loop
+    if sampler == "ddim":
+        return diffusion.ddim_sample_loop
+    evaluations = diffusion.num_timesteps
+    samplers.steps_for_evaluations(sampler, evaluations)  # refuse a too small budget now
+    full = diffusion_from_flags(flags, "")
+    return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)
+
+
+def diffusion_from_flags(flags, timestep_respacing):
+    """
+    create_gaussian_diffusion for the diffusion flags of a model, with another respacing.
+
+    :param flags: a dict with the keys of diffusion_defaults() (other keys are ignored).
+    :param timestep_respacing: "" (all steps), "ddimN", "N", ...
+    :return: a SpacedDiffusion.
+    """
+    from .script_util import create_gaussian_diffusion
+
+    return create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        learn_sigma=flags["learn_sigma"],
+        noise_schedule=flags["noise_schedule"],
+        use_kl=flags["use_kl"],
+        predict_xstart=flags["predict_xstart"],
+        rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
+        timestep_respacing=timestep_respacing,
+    )
