@@ -30,9 +30,22 @@ def convert_module_to_f16(module):
             module.bias.data = module.bias.data.half()
 
 
+def convert_module_to_bf16(module):
+    """
+    Like convert_module_to_f16, but to bfloat16 (the float32 exponent range, so no loss scaling
+    is needed in training).
+
+    :param module: a module visited by `apply`.
+    """
+    if isinstance(module, _CONV_TYPES):
+        module.weight.data = module.weight.data.bfloat16()
+        if module.bias is not None:
+            module.bias.data = module.bias.data.bfloat16()
+
+
 def convert_module_to_f32(module):
     """
-    Undo convert_module_to_f16: cast a convolution's weights back to float32.
+    Undo convert_module_to_f16 (or _bf16): cast a convolution's weights back to float32.
 
     :param module: a module visited by `apply`.
     """
