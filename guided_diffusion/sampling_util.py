@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger, sample_util
 from .flag_hints import explain_state_dict_mismatch
+from .perf_util import compile_model, performance_defaults, preserved_float32_precision
 
 
 class ScriptError(ValueError):
@@ -40,7 +41,10 @@ def run_main(main, argv=None):
     from .train_util import NonFiniteLossError
 
     try:
-        return main(argv)
+        # Scripts may switch TF32 on (--tf32); a caller running main() in-process gets its own
+        # settings back.
+        with preserved_float32_precision():
+            return main(argv)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError,
             NonFiniteLossError) as exc:
         if os.environ.get("GD_TRACEBACK"):
@@ -141,7 +145,9 @@ def make_classifier_cond_fn(classifier, classifier_scale):
             x_in = x.detach().requires_grad_(True)
             logits = classifier(x_in, t)
             log_probs = F.log_softmax(logits, dim=-1)
-            selected = log_probs[range(len(logits)), y.view(-1)]
+            # gather rather than indexing with range(N): that index would be built on the host
+            # and copied to the device at every step (a synchronisation on a GPU).
+            selected = log_probs.gather(1, y.view(-1, 1).to(logits.device)).squeeze(1)
             return torch.autograd.grad(selected.sum(), x_in)[0] * classifier_scale
 
     return cond_fn
@@ -192,9 +198,25 @@ def write_samples(arr, label_arr, out_dir):
     return path
 
 
-def autocast_context(use_bf16):
-    """bfloat16 autocast on the compute device when use_bf16, else a no-op context."""
-    return torch.autocast(dist_util.dev().type, dtype=torch.bfloat16, enabled=bool(use_bf16))
+def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False):
+    """
+    Get a loaded network ready to sample with: move it to the compute device, convert its torso
+    to float16 or bfloat16, switch to eval mode and, with compile, torch.compile its forward.
+
+    # deviation from reference: --use_bf16 (an addition) converts the torso like --use_fp16,
+    # instead of running float32 weights under autocast (a cast of every weight at every call).
+
+    :return: the same model.
+    """
+    if use_fp16 and use_bf16:
+        raise ScriptError("--use_fp16 and --use_bf16 exclude each other: pick one")
+    model.to(dist_util.dev())
+    if use_fp16:
+        model.convert_to_fp16()
+    elif use_bf16:
+        model.convert_to_bf16()
+    model.eval()
+    return compile_model(model, compile)
 
 
 def sampling_extra_defaults():
@@ -206,9 +228,13 @@ def sampling_extra_defaults():
     log_dir: the logger's folder ("" = $OPENAI_LOGDIR, else a dated temp folder).
     out_dir: where the npz files go ("" = the log folder, as the reference).
     progress: progress bars on rank 0.
-    use_bf16: bfloat16 autocast for the networks (GPUs).
+    use_bf16: the networks' torsos in bfloat16 (like use_fp16).
+    compile, tf32: see perf_util.performance_defaults().
     """
-    return dict(seed=0, num_classes=1000, log_dir="", out_dir="", progress=True, use_bf16=False)
+    return dict(
+        seed=0, num_classes=1000, log_dir="", out_dir="", progress=True, use_bf16=False,
+        **performance_defaults(),
+    )
 
 
 def output_dir(args):

@@ -10,12 +10,13 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
-    autocast_context,
     gather_samples,
     load_checkpoint_into,
     output_dir,
+    prepare_network,
     run_main,
     sampling_extra_defaults,
     seed_sampling,
@@ -34,6 +35,7 @@ def main(argv=None):
 
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
@@ -42,10 +44,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    model.to(dist_util.dev())
-    if args.use_fp16:
-        model.convert_to_fp16()
-    model.eval()
+    prepare_network(model, use_fp16=args.use_fp16, use_bf16=args.use_bf16, compile=args.compile)
 
     seed_sampling(args.seed)
     logger.log("sampling...")
@@ -61,13 +60,12 @@ def main(argv=None):
                 low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
             )
             model_kwargs["y"] = labels
-        with autocast_context(args.use_bf16):
-            sample = sample_fn(
-                model,
-                shape,
-                clip_denoised=args.clip_denoised,
-                model_kwargs=model_kwargs,
-            )
+        sample = sample_fn(
+            model,
+            shape,
+            clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs,
+        )
         return to_uint8(sample.float()), labels
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)

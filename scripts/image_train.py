@@ -12,6 +12,7 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.perf_util import compile_model, set_tf32
 from guided_diffusion.sampling_util import run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -28,12 +29,14 @@ def main(argv=None):
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     seed_training(args.seed)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(
         **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes
     )
     model.to(dist_util.dev())
+    compile_model(model, args.compile)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
