@@ -17,7 +17,12 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger, sample_util
 from .flag_hints import explain_state_dict_mismatch
-from .perf_util import compile_model, performance_defaults, preserved_float32_precision
+from .perf_util import (
+    compile_model,
+    performance_defaults,
+    preserved_float32_precision,
+    to_channels_last,
+)
 
 
 class ScriptError(ValueError):
@@ -198,10 +203,11 @@ def write_samples(arr, label_arr, out_dir):
     return path
 
 
-def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False):
+def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, channels_last=False):
     """
     Get a loaded network ready to sample with: move it to the compute device, convert its torso
-    to float16 or bfloat16, switch to eval mode and, with compile, torch.compile its forward.
+    to float16 or bfloat16, switch to eval mode, optionally store it channels-last and
+    torch.compile its forward.
 
     # deviation from reference: --use_bf16 (an addition) converts the torso like --use_fp16,
     # instead of running float32 weights under autocast (a cast of every weight at every call).
@@ -216,6 +222,7 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False):
     elif use_bf16:
         model.convert_to_bf16()
     model.eval()
+    to_channels_last(model, channels_last)
     return compile_model(model, compile)
 
 
@@ -229,7 +236,7 @@ def sampling_extra_defaults():
     out_dir: where the npz files go ("" = the log folder, as the reference).
     progress: progress bars on rank 0.
     use_bf16: the networks' torsos in bfloat16 (like use_fp16).
-    compile, tf32: see perf_util.performance_defaults().
+    compile, tf32, channels_last: see perf_util.performance_defaults().
     """
     return dict(
         seed=0, num_classes=1000, log_dir="", out_dir="", progress=True, use_bf16=False,

@@ -505,7 +505,7 @@ def training_extra_defaults():
     log_dir: where logs and checkpoints go ("" = $OPENAI_LOGDIR, else a dated temp folder).
     max_steps: stop after this many steps of this run (0 = no limit).
     use_bf16: the torso in bfloat16 with float32 master weights (no loss scaling).
-    compile, tf32: see perf_util.performance_defaults().
+    compile, tf32, channels_last: see perf_util.performance_defaults().
     """
     from .perf_util import performance_defaults
 

@@ -399,14 +399,17 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x):
         batch, channels, *spatial = x.shape
-        x = x.reshape(batch, channels, -1)
         # The 1x1 convolutions run token-major ([N, T, C]) so that the attention kernel gets
         # q, k, v with contiguous channels without any copy (see _attend); the parameters are
-        # still those of the reference's Conv1d modules.
-        qkv = _pointwise_tokens(self.qkv, self.norm(x).transpose(1, 2))
+        # still those of the reference's Conv1d modules. The norm sees the N-d input (the same
+        # statistics as over [N, C, T]), so a channels_last input is already token-major and
+        # needs no copy at all; contiguous() copies the others once (a matmul on the transposed
+        # view can take a slow strided path on CPU).
+        tokens = self.norm(x).reshape(batch, channels, -1).transpose(1, 2).contiguous()
+        qkv = _pointwise_tokens(self.qkv, tokens)
         h = self.attention(qkv.transpose(1, 2)).transpose(1, 2)
         h = _pointwise_tokens(self.proj_out, h)
-        return (x + h.transpose(1, 2)).reshape(batch, channels, *spatial)
+        return x + h.transpose(1, 2).reshape(batch, channels, *spatial)
 
 
 def _fp16_dtype(use_fp16):

@@ -49,7 +49,13 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(model, use_fp16=args.use_fp16, use_bf16=args.use_bf16, compile=args.compile)
+    prepare_network(
+        model,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
 
     logger.log("loading classifier...")
     classifier_flags = args_to_dict(args, classifier_defaults().keys())
@@ -76,6 +82,7 @@ def main(argv=None):
         use_fp16=args.classifier_use_fp16,
         use_bf16=args.use_bf16 and not args.classifier_use_fp16,
         compile=args.compile,
+        channels_last=args.channels_last,
     )
 
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)

@@ -18,7 +18,7 @@ from guided_diffusion import checkpoints, dist_util, logger
 from guided_diffusion.fp16_util import MixedPrecisionTrainer, make_adamw
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.perf_util import compile_model, set_tf32
+from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -49,6 +49,7 @@ def main(argv=None):
     flags["classifier_channel_mult"] = args.classifier_channel_mult
     model, diffusion = create_classifier_and_diffusion(**flags)
     model.to(dist_util.dev())
+    to_channels_last(model, args.channels_last)
     compile_model(model, args.compile)
     schedule_sampler = None
     if args.noised:

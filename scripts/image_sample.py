@@ -44,7 +44,13 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(model, use_fp16=args.use_fp16, use_bf16=args.use_bf16, compile=args.compile)
+    prepare_network(
+        model,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
 
     seed_sampling(args.seed)
     logger.log("sampling...")

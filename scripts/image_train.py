@@ -12,7 +12,7 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.perf_util import compile_model, set_tf32
+from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.sampling_util import run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -36,6 +36,7 @@ def main(argv=None):
         **args_to_dict(args, model_and_diffusion_defaults().keys()), num_classes=args.num_classes
     )
     model.to(dist_util.dev())
+    to_channels_last(model, args.channels_last)
     compile_model(model, args.compile)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 

@@ -48,7 +48,13 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_sr_model_and_diffusion(f)[0]
     )
-    prepare_network(model, use_fp16=args.use_fp16, use_bf16=args.use_bf16, compile=args.compile)
+    prepare_network(
+        model,
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
 
     logger.log("loading data...")
     data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.perf_util import compile_model, set_tf32
+from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.sampling_util import create_sr_model_and_diffusion, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -35,6 +35,7 @@ def main(argv=None):
     flags.update(num_classes=args.num_classes, channel_mult=args.channel_mult)
     model, diffusion = create_sr_model_and_diffusion(flags)
     model.to(dist_util.dev())
+    to_channels_last(model, args.channels_last)
     compile_model(model, args.compile)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 

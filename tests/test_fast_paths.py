@@ -197,7 +197,7 @@ def trap_host_reads():
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_forward_training_and_sampling_steps_never_read_tensors_on_the_host(tmp_path, precision):
     kwargs = {"fp16": dict(use_fp16=True), "bf16": dict(use_bf16=True)}.get(precision, {})
-    loop = run_every_step_kind(tmp_path, "cpu", check=trap_host_reads, **kwargs)
+    run_every_step_kind(tmp_path, "cpu", check=trap_host_reads, **kwargs)
     # The logged values were kept as tensors and arrive at the dump.
     row = logger.dumpkvs()
     for key in ("loss", "mse", "vb", "grad_norm", "param_norm", "step", "samples"):
@@ -401,3 +401,31 @@ def test_compile_and_bf16_flags_reach_the_networks(tmp_path, monkeypatch):
     # Both precisions at once are refused with one line.
     assert run("image_sample", ["--model_path", tmp_path / "train" / "model000001.pt",
                                 *model_flags, "--use_fp16", True, "--use_bf16", True]) == 2
+
+
+# ---------------------------------------------------------------- channels_last
+
+
+def test_channels_last_model_matches_and_trains(tmp_path):
+    import copy
+
+    model = tiny_unet()
+    plain = copy.deepcopy(model)
+    perf_util.to_channels_last(model)
+    conv = model.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert list(model.state_dict()) == list(plain.state_dict())
+    x, t, y = unet_inputs()
+    out, grads = _loss_and_grads(model, lambda: model(x, t, y=y))
+    expected, expected_grads = _loss_and_grads(plain, lambda: plain(x, t, y=y))
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    # Flat float32 masters (bf16 torso) round-trip channels-last weights.
+    loop = make_train_loop(tmp_path, model, "cpu", use_bf16=True)
+    batch, cond = next(loop.data)
+    loop.run_step(batch, cond)
+    state = loop.mp_trainer.master_params_to_state_dict(loop.mp_trainer.master_params)
+    torch.testing.assert_close(conv.detach().float(), state["input_blocks.0.0.weight"],
+                               rtol=1e-2, atol=1e-2)
