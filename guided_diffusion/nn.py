@@ -76,8 +76,13 @@ def update_ema(target_params, source_params, rate=0.99):
     :param source_params: the live parameters, same order and shapes.
     :param rate: the EMA decay; closer to 1 means a slower average.
     """
-    for target, source in zip(target_params, source_params):
-        target.mul_(rate).add_(source, alpha=1 - rate)
+    targets, sources = list(target_params), list(source_params)
+    if len(targets) != len(sources):
+        raise ValueError(f"update_ema got {len(targets)} targets but {len(sources)} sources")
+    # The reference's mul_ then add_ per tensor, as two foreach calls (no Python loop over the
+    # parameters; the same arithmetic).
+    torch._foreach_mul_(targets, rate)
+    torch._foreach_add_(targets, sources, alpha=1 - rate)
 
 
 @torch.no_grad()

@@ -429,3 +429,26 @@ def test_channels_last_model_matches_and_trains(tmp_path):
     state = loop.mp_trainer.master_params_to_state_dict(loop.mp_trainer.master_params)
     torch.testing.assert_close(conv.detach().float(), state["input_blocks.0.0.weight"],
                                rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------- TF32
+
+
+def test_tf32_switch_is_cuda_only_and_restored():
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+
+    def state():
+        if new_api:
+            return matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        return matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    before = state()
+    with perf_util.preserved_float32_precision():
+        perf_util.set_tf32(True, device="cpu")
+        assert state() == before  # CPU runs never change the CUDA numerics
+        perf_util.set_tf32(True, device="cuda")
+        assert state() == (("tf32", "tf32") if new_api else (True, True))
+        perf_util.set_tf32(False, device="cuda")
+        assert state() == (("ieee", "ieee") if new_api else (False, False))
+    assert state() == before
