@@ -19,7 +19,7 @@ CPU seconds, peak memory
 (torch.utils.flop_counter, attention counted as its matmuls; "gflop_per_image" is what each
 process executes, the reference recomputing its attention in backward) and the model FLOP
 utilisation ("mfu", the port's FLOP count for both) against --peak_tflops, or else against a
-dense matmul rate measured here. Without --reference
+dense matmul rate each process measures right before its timed part. Without --reference
 only the port runs. Weights are random: speed does not depend on them.
 """
 
@@ -109,9 +109,6 @@ def main(argv=None):
             )
         args.reference = reference
         impls.append("reference")
-    peak = args.peak_tflops * 1e12 if args.peak_tflops > 0 else measure_matmul_rate(args)
-    peak_source = "given" if args.peak_tflops > 0 else "measured matmul"
-
     records = {w: {impl: [] for impl in impls} for w in workloads}
     # Model FLOPs per image are the port's count for both: the reference also recomputes every
     # attention block in backward (always-on checkpointing), which is work, not model FLOPs.
@@ -122,12 +119,12 @@ def main(argv=None):
             order = impls if run % 2 == 0 else impls[::-1]
             for impl in order:
                 record = spawn_worker(args, impl, workload)
-                record.update(run=run, peak_flops=peak, peak_source=peak_source)
+                record["run"] = run
                 if impl == "port" and record.get("gflop_per_image"):
                     model_gflop.setdefault(workload, record["gflop_per_image"])
                 gflop = model_gflop.get(workload, record.get("gflop_per_image"))
-                if gflop and record.get("throughput"):
-                    record["mfu"] = gflop * 1e9 * record["throughput"] / peak
+                if gflop and record.get("throughput") and record.get("peak_flops"):
+                    record["mfu"] = gflop * 1e9 * record["throughput"] / record["peak_flops"]
                 print(json.dumps(record), flush=True)
                 records[workload][impl].append(record)
     for workload in workloads:
@@ -173,7 +170,7 @@ def worker_env(args):
 def spawn_worker(args, impl, workload):
     argv = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--workload", workload]
     for key, value in vars(args).items():
-        if key in ("impl", "workload", "workloads", "repeat", "peak_tflops") or value is None:
+        if key in ("impl", "workload", "workloads", "repeat") or value is None:
             continue
         argv += [f"--{key}", str(value)]
     result = subprocess.run(argv, env=worker_env(args), capture_output=True, text=True)
@@ -191,7 +188,8 @@ def measure_matmul_rate(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.float16 if args.use_fp16 else torch.bfloat16 if args.use_bf16 else torch.float32
+    bf16 = args.use_bf16 and args.impl != "reference"  # the reference has no bf16 path
+    dtype = torch.float16 if args.use_fp16 else torch.bfloat16 if bf16 else torch.float32
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # CPU half matmuls are not a meaningful peak
     n = 8192 if device.type == "cuda" else 1024
@@ -315,6 +313,12 @@ def _run_worker(args):
         measure = sampling_workload(args, api, model, diffusion, classifier, size, device, port)
         batch = args.guided_batch_size if classifier is not None else args.sample_batch_size
 
+    # The peak is measured in each process right before its timed part, so that a busy machine
+    # lowers both alike.
+    if args.peak_tflops > 0:
+        peak, peak_source = args.peak_tflops * 1e12, "given"
+    else:
+        peak, peak_source = measure_matmul_rate(args), "measured matmul"
     tracker = peak_memory_tracker(device)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     units, step_times = measure()
@@ -330,6 +334,7 @@ def _run_worker(args):
         "seconds": wall, "cpu_s": cpu, "peak_mem_mb": tracker(), "peak_mem_kind": tracker.kind,
         "use_fp16": args.use_fp16, "ddp": ddp,
         "gflop_per_image": measure.flops_per_image / 1e9,
+        "peak_flops": peak, "peak_source": peak_source,
     }
     if step_times:
         # On a shared machine the fastest step is the least disturbed estimate; the median step
