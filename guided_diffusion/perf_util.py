@@ -29,8 +29,7 @@ def to_channels_last(model, enabled=True):
     channels-last activations, which the attention blocks read as tokens without a copy.
     Shapes, values and state-dict keys are unchanged; inputs may stay NCHW.
 
-    Measured on a 2-core CPU (attn32): about 1.2x faster eager, and with torch.compile about 2x
-    more than compile alone; unmeasured on GPU.
+    No clear gain on the CPU measured (README, Benchmarks); unmeasured on GPU.
 
     :return: the same model.
     """
