@@ -226,6 +226,16 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, cha
     return compile_model(model, compile)
 
 
+def network_flags(args):
+    """The prepare_network keywords a sampling script's parsed flags give for its main network."""
+    return dict(
+        use_fp16=args.use_fp16,
+        use_bf16=args.use_bf16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
+
+
 def sampling_extra_defaults():
     """
     Flags the sampling scripts add to the reference's; each default keeps reference behaviour.

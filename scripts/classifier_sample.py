@@ -17,6 +17,7 @@ from guided_diffusion.sampling_util import (
     ScriptError,
     gather_samples,
     load_checkpoint_into,
+    network_flags,
     make_classifier_cond_fn,
     output_dir,
     prepare_network,
@@ -49,13 +50,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(
-        model,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    )
+    prepare_network(model, **network_flags(args))
 
     logger.log("loading classifier...")
     classifier_flags = args_to_dict(args, classifier_defaults().keys())

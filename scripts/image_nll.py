@@ -17,6 +17,7 @@ from guided_diffusion.image_datasets import load_data
 from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sampling_util import (
     load_checkpoint_into,
+    network_flags,
     output_dir,
     prepare_network,
     run_main,
@@ -45,13 +46,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(
-        model,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    )
+    prepare_network(model, **network_flags(args))
 
     logger.log("creating data loader...")
     data = load_data(

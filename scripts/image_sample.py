@@ -15,6 +15,7 @@ from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
     gather_samples,
     load_checkpoint_into,
+    network_flags,
     output_dir,
     prepare_network,
     run_main,
@@ -44,13 +45,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(
-        model,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    )
+    prepare_network(model, **network_flags(args))
 
     seed_sampling(args.seed)
     logger.log("sampling...")

@@ -20,6 +20,7 @@ from guided_diffusion.sampling_util import (
     create_sr_model_and_diffusion,
     gather_samples,
     load_checkpoint_into,
+    network_flags,
     output_dir,
     prepare_network,
     run_main,
@@ -48,13 +49,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_sr_model_and_diffusion(f)[0]
     )
-    prepare_network(
-        model,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    )
+    prepare_network(model, **network_flags(args))
 
     logger.log("loading data...")
     data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)
