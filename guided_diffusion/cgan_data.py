@@ -19,6 +19,7 @@ from .image_datasets import (
     list_image_files_recursively,
     load_data,
 )
+from .resumable_data import ResumableBatches, epoch_order
 from .sample_util import to_uint8
 
 # The four files of LeCun's MNIST distribution; both the "-idx3-" and ".idx3-" spellings occur.
@@ -141,32 +142,78 @@ def uint8_to_float(images):
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def array_batches(images, labels, *, batch_size, random_flip=False):
+def array_batches(images, labels, *, batch_size, random_flip=False, seed=None):
     """
-    Endless shuffled batches from arrays held in memory (reshuffled every epoch with torch's
-    global generator, so seeding torch makes the order reproducible).
+    Endless shuffled batches from arrays held in memory.
+
+    Each epoch's order and flips are a pure function of (seed, rank, epoch) (as load_data's), and
+    the stream's position saves and restores (state_dict / load_state_dict), so a resumed run
+    continues with the batches the interrupted one would have drawn.
 
     :param images: uint8 [N, H, W, C].
     :param labels: int64 [N].
     :param batch_size: images per batch; incomplete batches at the end of an epoch are dropped.
     :param random_flip: flip each image horizontally with probability 1/2.
-    :return: a generator of (float NCHW in [-1, 1], {"y": int64 tensor}) that never ends.
+    :param seed: seed of order and flips; None: torch.initial_seed() (the scripts seed torch
+        with --seed + rank).
+    :return: an iterator of (float NCHW in [-1, 1], {"y": int64 tensor}) that never ends.
     """
     if len(images) < batch_size:
         raise ValueError(
             f"only {len(images)} training images for batch_size {batch_size}: lower --batch_size"
         )
-    data = uint8_to_float(images)
-    targets = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    while True:
-        order = torch.randperm(len(data))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            batch = data[idx]
-            if random_flip:
-                flip = torch.rand(batch_size) < 0.5
-                batch[flip] = batch[flip].flip(-1)
-            yield batch, {"y": targets[idx]}
+    return ArrayBatches(
+        uint8_to_float(images),
+        torch.as_tensor(np.asarray(labels), dtype=torch.int64),
+        batch_size=batch_size,
+        random_flip=random_flip,
+        seed=seed,
+    )
+
+
+class ArrayBatches(ResumableBatches):
+    """
+    ResumableBatches over tensors in memory: batches are cut in the consumer (no loader workers)
+    and flipped by their items' seeds, so nothing draws from torch's global stream.
+    """
+
+    def __init__(self, data, targets, *, batch_size, random_flip=False, seed=None):
+        super().__init__(_TensorItems(data, targets), batch_size, seed=seed, num_workers=0)
+        self.data = data
+        self.targets = targets
+        self.random_flip = random_flip
+        self._epoch_order = None
+
+    def __next__(self):
+        if self.offset >= self.batches_per_epoch:
+            self.epoch += 1
+            self.offset = 0
+        key = (self.seed, self.rank, self.epoch)
+        if self._epoch_order is None or self._epoch_order[0] != key:
+            order, item_seeds = epoch_order(*key, len(self.data))
+            self._epoch_order = (key, torch.from_numpy(order), item_seeds)
+        _, order, item_seeds = self._epoch_order
+        start = self.offset * self.batch_size
+        idx = order[start : start + self.batch_size]
+        batch = self.data[idx]
+        if self.random_flip:
+            # The item seeds are uniform 63-bit numbers, so their lowest bit is a fair coin that
+            # belongs to the item's place in the stream.
+            flip = torch.from_numpy(item_seeds[start : start + self.batch_size] & 1).bool()
+            batch[flip] = batch[flip].flip(-1)
+        self.offset += 1
+        return batch, {"y": self.targets[idx]}
+
+
+class _TensorItems(torch.utils.data.Dataset):
+    def __init__(self, data, targets):
+        self.data, self.targets = data, targets
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index], {"y": self.targets[index]}
 
 
 def cgan_training_batches(*, data_dir, batch_size, image_size, random_flip=False, preload=True):

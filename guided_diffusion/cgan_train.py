@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import dist_util, logger
+from . import dist_util, logger, train_state
 from .cgan import (
     MODEL_FLAG_KEYS,
     OPTIMIZERS,
@@ -23,8 +23,9 @@ from .cgan import (
     real_to_model_space,
     sample_noise,
 )
-from .checkpoints import find_latest_checkpoint, load_checkpoint, save_atomic
+from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
 from .nn import update_ema
+from .preemption import PreemptionWatch
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -182,6 +183,9 @@ class CGANTrainLoop:
         # The EMA is a full copy so buffers (batch-norm statistics) travel with it.
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False)
 
+        # RNG streams and data position of the checkpoint, applied when run_loop starts.
+        self._saved_train_state = None
+        self.last_checkpoint = None
         path = resolve_resume_checkpoint(resume_checkpoint, logger.get_dir())
         if path:
             self._resume(path)
@@ -208,23 +212,40 @@ class CGANTrainLoop:
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         self.step = int(ckpt["step"])
+        self.last_checkpoint = path
+        self._saved_train_state = train_state.from_checkpoint(ckpt, path)
 
     def run_loop(self):
-        """Train until max_steps (forever when 0), logging and saving at their intervals."""
+        """
+        Train until max_steps (forever when 0), logging and saving at their intervals.
+
+        A resumed run first restores the checkpoint's RNG streams and data position; SIGTERM or
+        SIGUSR1 stops the run after the current step with a checkpoint (exit status 75).
+        """
         # deviation from reference: the paper stopped at the best validation log-likelihood; we
         # stop at max_steps and leave model selection to cgan_eval.py on the saved checkpoints.
         saved_at = self.step
-        while self.max_steps == 0 or self.step < self.max_steps:
-            images, cond = next(self.data)
-            self.run_step(images, cond["y"])
-            self.step += 1
-            if self.step % self.log_interval == 0:
-                logger.dumpkvs()
-            if self.step % self.save_interval == 0:
+        with PreemptionWatch() as preemption:
+            state, self._saved_train_state = self._saved_train_state, None
+            train_state.restore(state, {"train": self.data}, source=self.last_checkpoint)
+            while not self._done():
+                images, cond = next(self.data)
+                self.run_step(images, cond["y"])
+                self.step += 1
+                if self.step % self.log_interval == 0:
+                    logger.dumpkvs()
+                if self.step % self.save_interval == 0:
+                    self.save()
+                    saved_at = self.step
+                if not self._done() and preemption.requested():
+                    if self.step != saved_at:
+                        self.save()
+                    preemption.stop(self.step, self.last_checkpoint)
+            if self.step != saved_at:
                 self.save()
-                saved_at = self.step
-        if self.step != saved_at:
-            self.save()
+
+    def _done(self):
+        return self.max_steps != 0 and self.step >= self.max_steps
 
     def run_step(self, images, labels):
         """
@@ -304,11 +325,18 @@ class CGANTrainLoop:
         )
 
     def save(self):
-        """Write cgan<step>.pt to the log directory (rank 0 only; other ranks wait)."""
+        """
+        Write cgan<step>.pt to the log directory (rank 0 only; other ranks wait), with every
+        rank's RNG streams and data position under "train_state".
+        """
+        path = os.path.join(logger.get_dir(), f"{CHECKPOINT_PREFIX}{self.step:06d}.pt")
+        state = train_state.gather(self.step, {"train": self.data})  # a collective
         if dist_util.is_main_process():
-            path = os.path.join(logger.get_dir(), f"{CHECKPOINT_PREFIX}{self.step:06d}.pt")
             logger.log(f"saving {path}")
-            save_atomic(self.state_dict(), path)
+            checkpoint = self.state_dict()
+            checkpoint["train_state"] = state
+            save_checkpoint_files([(checkpoint, path)], previous=self.last_checkpoint)
+        self.last_checkpoint = path
         dist_util.barrier()
 
 

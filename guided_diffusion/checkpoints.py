@@ -54,21 +54,52 @@ def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     # The temporary name starts with "." and ends with ".tmp" so it never matches "<prefix>NNN.pt".
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _ErrorRecorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         # Also on KeyboardInterrupt: leave no temporary file behind.
         try:
             os.remove(tmp_path)
         except FileNotFoundError:
             pass
+        if recorder is not None and recorder.error is not None and not isinstance(exc, OSError):
+            # torch.save's writer swallows the OSError of a failed write (a full disk) and
+            # fails later with "unexpected pos ..."; the OSError is the real cause.
+            raise recorder.error from None
         raise
     _fsync_dir(folder)
     return path
+
+
+class _ErrorRecorder:
+    """A binary file that remembers the first OSError its write or flush raised."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name):  # seek, tell, fileno, ... for writers that need them
+        return getattr(self._f, name)
 
 
 def _fsync_dir(folder):
@@ -200,3 +231,52 @@ def find_latest_checkpoint(log_dir, prefix):
         if _is_remote(path) or is_complete_checkpoint(path):
             return path
     return None
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission, ...); the message says what
+    was kept."""
+
+
+def save_checkpoint_files(files, previous=None):
+    """
+    Write the files of one checkpoint atomically, in order; the last one marks it complete.
+
+    Readers (find_latest_checkpoint) look for the last file, so it is written last, and an old
+    file of that name is removed first: a save that fails half-way must not leave it paired with
+    files of another run. When a write fails (disk full, permissions), the files of this
+    checkpoint written so far are removed again, which frees their space and leaves the previous
+    checkpoint the newest complete one.
+
+    :param files: a list of (object, path) pairs; the last path is the marker (the model file).
+        An object may be a function without arguments that builds it, so that only one of
+        several large state dicts is held at a time.
+    :param previous: the previous complete checkpoint, named in the error message.
+    :raises CheckpointWriteError: with one line saying which file failed, why, and what is intact.
+    """
+    paths = [os.fspath(path) for _, path in files]
+    marker = paths[-1]
+    written = []
+    try:
+        if not _is_remote(marker) and os.path.exists(marker):
+            os.remove(marker)
+        for (obj, _), path in zip(files, paths):
+            save_atomic(obj() if callable(obj) else obj, path)
+            written.append(path)
+    except OSError as exc:
+        for path in written:
+            try:
+                bf.remove(path) if _is_remote(path) else os.remove(path)
+            except Exception:  # best effort: the error below is what matters
+                pass
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        failed = paths[len(written)]
+        kept = (
+            f"the previous checkpoint {previous} is intact" if previous
+            else "no earlier checkpoint of this run exists"
+        )
+        raise CheckpointWriteError(
+            f"cannot write checkpoint file {failed}: {reason}; the files of this checkpoint were "
+            f"removed and {kept}: free space (or fix the folder's permissions) and continue with "
+            "--resume_checkpoint auto"
+        ) from None

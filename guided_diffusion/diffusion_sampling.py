@@ -1,10 +1,12 @@
 """
-Samplers of a GaussianDiffusion: ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM
-(Song et al. 2021, eq. 12), each one step function plus one shared loop.
+Samplers of a GaussianDiffusion: ancestral sampling (Ho et al. 2020, Algorithm 2), DDIM
+(Song et al. 2021, eq. 12) and DDIM inversion (the same deterministic map run from x_0 to x_T,
+Song et al. 2021, section 5.4), each one step function plus one shared loop.
 
 The order of random draws is part of the contract (tests compare against reference runs under a
 fixed seed): a loop draws its starting noise with one randn(*shape) when none is given, then each
-step draws exactly one randn_like(x) after the model call, even when the noise is not used.
+step draws exactly one randn_like(x) after the model call, even when the noise is not used. The
+inversion loop draws nothing.
 """
 
 import torch as th
@@ -204,8 +206,131 @@ class SamplingMixin:
             eta=eta,
         )
 
-    def _sample_loop_progressive(self, step, model, shape, *, noise, device, progress, **step_kwargs):
-        """The one sampling loop: run `step` from t = T-1 down to 0, yielding each output."""
+    def ddim_inverse_step(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None
+    ):
+        """
+        Undo ddim_sample(eta=0) at timestep t: take x from the noise level ddim_sample(t) ends at
+        (alpha_bar_prev[t], 1 for t = 0) to the level it starts from (alpha_bar[t]).
+
+        DDIM's deterministic update (Song et al. 2021, eq. 12 with sigma = 0)
+        x_out = sqrt(abar_out) x0 + sqrt(1 - abar_out) eps, with
+        x0 = (x_in - sqrt(1 - abar_in) eps) / sqrt(abar_in), is taken the other way round, with
+        abar_in and abar_out swapped. The exact inverse would need eps at the unknown output; it
+        is taken at the known input instead (the model still sees timestep t, so the model calls
+        of the inversion are those of sampling in reverse order). The error of that
+        substitution vanishes as the steps get finer; for a model whose noise prediction does not
+        depend on x the inversion is exact.
+
+        The noise prediction is the one ddim_sample uses: recomputed from the x_0 prediction, so
+        clip_denoised, denoised_fn and cond_fn (condition_score) change it the same way. Invert
+        and decode with the same settings; then decoding undoes inversion up to the substitution
+        above.
+
+        The reference's ddim_reverse_sample (kept as is) maps x_t to x_{t+1} with eps at t;
+        chaining it from t = 0 treats the clean image as x at t = 0 and ends at alpha_bar = 0,
+        not at the level where ddim_sample_loop starts.
+
+        :return: a dict with 'sample' (x at alpha_bar[t]) and 'pred_xstart'.
+        """
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar_in = _extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar_out = _extract(self.alphas_cumprod, t, x.shape)
+        x0 = (x - th.sqrt(1 - alpha_bar_in) * eps) / th.sqrt(alpha_bar_in)
+        sample = th.sqrt(alpha_bar_out) * x0 + th.sqrt(1 - alpha_bar_out) * eps
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample_loop(
+        self,
+        model,
+        x_start,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
+        """
+        Encode images into DDIM latents: run the deterministic DDIM sampler backwards, from x_0
+        to x_T (Song et al. 2021, section 5.4). ddim_sample_loop(model, x_start.shape,
+        noise=x_T) with the same diffusion (respacing), clip_denoised, denoised_fn, cond_fn and
+        model_kwargs decodes x_T back to approximately x_start; the error falls as the number
+        of steps grows.
+
+        :param x_start: the images x_0, an [N x C x ...] tensor in [-1, 1].
+        :param clip_denoised: as in ddim_sample_loop (see ddim_inverse_step); True by default
+            like ddim_sample_loop, so that the defaults of both make a matching pair.
+        :param model_kwargs: extra model inputs, e.g. {"y": labels} for a class-conditional
+            model: the latents then belong to those labels.
+        :param device: where to compute; defaults to x_start's device.
+        :param progress: if True, show a progress bar.
+        :param eta: must be 0: with eta > 0 sampling adds fresh noise at every step, so it is
+            not a deterministic map and has no inverse.
+        :return: x_T, a tensor of x_start's shape.
+        """
+        return _last_sample(
+            self.ddim_reverse_sample_loop_progressive(
+                model,
+                x_start,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+                device=device,
+                progress=progress,
+                eta=eta,
+            )
+        )
+
+    def ddim_reverse_sample_loop_progressive(
+        self,
+        model,
+        x_start,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+    ):
+        """
+        Like ddim_reverse_sample_loop, but yield each step's ddim_inverse_step output, from
+        t = 0 up to T-1 (the timesteps of ddim_sample_loop in reverse order).
+
+        Bad arguments (eta != 0) raise here, at the call, not at the first step.
+        """
+        check_invertible_eta(eta)
+        if not isinstance(x_start, th.Tensor):
+            raise TypeError(f"x_start must be a tensor of images, got {type(x_start).__name__}")
+        return self._sample_loop_progressive(
+            self.ddim_inverse_step,
+            model,
+            tuple(x_start.shape),
+            noise=x_start if device is None else x_start.to(device),
+            device=device,
+            progress=progress,
+            reverse=True,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+        )
+
+    def _sample_loop_progressive(
+        self, step, model, shape, *, noise, device, progress, reverse=False, **step_kwargs
+    ):
+        """
+        The one sampling loop: run `step` from t = T-1 down to 0 (from 0 up to T-1 when
+        reverse, for inversion), yielding each output; `noise` is the starting tensor.
+        """
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         if device is None:
@@ -216,13 +341,28 @@ class SamplingMixin:
             img = noise
         else:
             img = th.randn(*shape, device=device)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling"):
+        if reverse:
+            order, desc = range(self.num_timesteps), "inverting"
+        else:
+            order, desc = range(self.num_timesteps - 1, -1, -1), "sampling"
+        for i in tqdm(order, disable=not progress, desc=desc):
             t = th.full((shape[0],), i, device=device, dtype=th.long)
             # Guidance functions enable gradients themselves; the model never needs them here.
             with th.no_grad():
                 out = step(model, img, t, **step_kwargs)
             yield out
             img = out["sample"]
+
+
+def check_invertible_eta(eta):
+    """
+    Raise a ValueError unless eta == 0, the only DDIM sampler that can be inverted.
+    """
+    if eta != 0:
+        raise ValueError(
+            f"DDIM inversion needs --eta 0 (got {eta}): with eta > 0 every sampling step adds "
+            "fresh noise, so x_T -> x_0 is not a deterministic map and cannot be inverted"
+        )
 
 
 def _last_sample(progressive):

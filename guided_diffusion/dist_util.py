@@ -14,13 +14,27 @@ Three ways to start a job all end up in the same place, a torch.distributed proc
 
 The backend is gloo on CPU and NCCL on GPU. The GPU of a process is its node-local rank modulo the
 number of visible devices, so a CUDA_VISIBLE_DEVICES set by the user or the cluster is respected.
+NCCL cannot run two ranks of a job on one GPU: when two ranks of a node would use the same GPU (more
+ranks than visible GPUs, so the modulo wraps around), setup_dist stops with a one-line ValueError
+saying what to change, instead of NCCL failing in its first collective. Hiding the GPUs
+(CUDA_VISIBLE_DEVICES=) runs any number of ranks on CPU with gloo.
+
+An mpiexec of one MPI library running a program whose mpi4py loads another starts N singletons
+(each rank 0 of 1) instead of one job of N ranks; setup_dist sees the launcher's variables disagree
+with MPI's size and stops with a one-line LauncherMismatchError naming both libraries.
+
+Collectives and the rendezvous give up after GD_DIST_TIMEOUT seconds (default 600), so a rank that
+hangs or never arrives ends the job instead of blocking it forever.
 """
 
 import atexit
 import datetime
 import os
+import re
 import socket
+import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -39,6 +53,22 @@ _MPI_LAUNCHER_VARS = (
     "MV2_COMM_WORLD_SIZE",
 )
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_RANK_VARS = {
+    "PMI_SIZE": "PMI_RANK",
+    "OMPI_COMM_WORLD_SIZE": "OMPI_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_SIZE": "MV2_COMM_WORLD_RANK",
+}
+# Which MPI's launcher sets which variables (PMI is MPICH's process-manager interface, which
+# Intel MPI, MVAPICH's Hydra and srun --mpi=pmi2 also speak).
+_LAUNCHER_LIBRARIES = {
+    "PMI_SIZE": "MPICH (or another PMI launcher: Intel MPI, srun --mpi=pmi2)",
+    "OMPI_COMM_WORLD_SIZE": "Open MPI",
+    "MV2_COMM_WORLD_SIZE": "MVAPICH2",
+}
+
+# Seconds before a collective (or the rendezvous) waiting for a missing rank gives up.
+DIST_TIMEOUT_ENV = "GD_DIST_TIMEOUT"
+DEFAULT_DIST_TIMEOUT = 600
 
 # Node-local rank of this process, decided by setup_dist(); it selects the GPU.
 _local_rank = 0
@@ -47,10 +77,69 @@ _local_rank = 0
 def _import_mpi():
     """Return mpi4py's MPI module, or None when mpi4py is not installed."""
     try:
-        from mpi4py import MPI
+        with warnings.catch_warnings():
+            # mpi4py warns (several lines) when the launcher's variables belong to another MPI;
+            # setup_dist turns that situation into its own one-line error.
+            warnings.filterwarnings("ignore", message="suspicious MPI execution environment")
+            from mpi4py import MPI
     except ImportError:
         return None
     return MPI
+
+
+class LauncherMismatchError(ValueError):
+    """The launcher started N processes, but MPI (through mpi4py) sees a job of another size."""
+
+
+def _mpi_size_var():
+    """(variable, size) of the first MPI launcher size variable set, else (None, None)."""
+    for name in _MPI_SIZE_VARS:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return name, int(value)
+    return None, None
+
+
+def _mpi_library_name(MPI):
+    """The first line of MPI.Get_library_version(), squeezed (e.g. 'MPICH Version: 5.0.2')."""
+    try:
+        text = MPI.Get_library_version()
+    except Exception:  # very old MPIs lack MPI_Get_library_version
+        return "an unknown MPI library"
+    lines = [line for line in text.replace("\x00", "").strip().splitlines() if line.strip()]
+    return re.sub(r"\s+", " ", lines[0]).strip() if lines else "an unknown MPI library"
+
+
+def _mpi_family(library):
+    lowered = library.lower()
+    for needle, family in (("open mpi", "Open MPI"), ("mvapich", "MVAPICH2"),
+                           ("intel", "Intel MPI"), ("mpich", "MPICH")):
+        if needle in lowered:
+            return family
+    return library
+
+
+def _check_launcher_matches_mpi(MPI, comm):
+    """
+    :raises LauncherMismatchError: when the launcher's variables say N > 1 processes but MPI
+        reports another size (the mpiexec belongs to another MPI than the one mpi4py loads).
+    """
+    name, size = _mpi_size_var()
+    if size is None or size <= 1 or size == comm.size:
+        return
+    rank = os.environ.get(_MPI_RANK_VARS[name], "?")
+    library = _mpi_library_name(MPI)
+    family = _mpi_family(library)
+    own = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    example = f" (e.g. {own})" if os.path.isfile(own) else ""
+    raise LauncherMismatchError(
+        f"launcher/MPI mismatch: this process was started as rank {rank} of {size} by the "
+        f"launcher of {_LAUNCHER_LIBRARIES[name]} ({name}={size}), but mpi4py loads {library}, "
+        f"which sees {comm.size} process{'es' if comm.size != 1 else ''}, so every process would "
+        "train alone as rank 0 and "
+        f"overwrite the others' checkpoints: start the job with the mpiexec of {family}{example}, "
+        f"or with torchrun --nproc_per_node {size} (no MPI needed)"
+    )
 
 
 def _launched_by_mpi():
@@ -63,6 +152,12 @@ def _mpi_size_from_env():
         if value and value.isdigit():
             return int(value)
     return None
+
+
+def _started_by_torchrun():
+    # torchrun (torch.distributed.run) sets these in every worker; a cluster script that only sets
+    # RANK/WORLD_SIZE/LOCAL_RANK may give each rank its own GPUs, so nothing is assumed there.
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
 
 
 def _find_free_port():
@@ -83,6 +178,34 @@ def _select_device(local_rank):
         torch.cuda.set_device(dev())
 
 
+def _refuse_shared_gpus(gpus):
+    """
+    Stop before NCCL starts when ranks of this node would share a GPU.
+
+    :param gpus: one identifier per rank on this node of the GPU it would use (None where
+        unknown, e.g. on CPU); ranks see the same list, so they all stop together.
+    :raises ValueError: when two ranks name the same GPU.
+    """
+    known = [g for g in gpus if g is not None]
+    distinct = len(set(known))
+    if distinct < len(known):
+        gpus_text = "1 GPU" if distinct == 1 else f"{distinct} GPUs"
+        raise ValueError(
+            f"{len(known)} ranks on this node would share {gpus_text}, and NCCL needs one GPU "
+            f"per rank: start at most {distinct} per node (e.g. torchrun --nproc_per_node "
+            f"{distinct}), make more GPUs visible, or hide them (CUDA_VISIBLE_DEVICES=) to run on "
+            "CPU with gloo"
+        )
+
+
+def _gpu_uuid():
+    """The UUID of this process's GPU (None on CPU, or where torch does not report it)."""
+    if not torch.cuda.is_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(dev()), "uuid", None)
+    return None if uuid is None else str(uuid)
+
+
 def setup_dist():
     """
     Set up a torch.distributed process group if this process is one of several.
@@ -92,6 +215,10 @@ def setup_dist():
     process on its own (rank 0 of 1).
 
     :raises RuntimeError: when an MPI launcher started several processes but mpi4py is missing.
+    :raises LauncherMismatchError: (a ValueError) when the launcher started N processes but
+        mpi4py's MPI library sees another number (an mpiexec of another MPI).
+    :raises ValueError: when ranks on one node would share a GPU (NCCL cannot do that), or
+        GD_DIST_TIMEOUT is not a positive number.
     """
     if is_distributed():
         return
@@ -100,6 +227,11 @@ def setup_dist():
         # torchrun (or a cluster launcher that mimics it) already set everything up.
         world_size = int(os.environ["WORLD_SIZE"])
         _select_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > 1 and torch.cuda.is_available() and _started_by_torchrun():
+            # torchrun gives all its workers one environment, hence the same visible GPUs.
+            count = torch.cuda.device_count()
+            local_size = int(os.environ["LOCAL_WORLD_SIZE"])
+            _refuse_shared_gpus([r % count for r in range(local_size)])
         if world_size > 1:
             _init_process_group()
         return
@@ -120,11 +252,16 @@ def setup_dist():
         return
 
     comm = MPI.COMM_WORLD
+    _check_launcher_matches_mpi(MPI, comm)
     # Processes sharing memory are on the same node; their rank among themselves picks the GPU.
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
-    node_comm.Free()
     _select_device(local_rank)
+    # Ranks may see different GPUs (a cluster can give each one its own CUDA_VISIBLE_DEVICES or
+    # cgroup), so compare the physical GPUs themselves.
+    gpus = node_comm.allgather(_gpu_uuid())
+    node_comm.Free()
+    _refuse_shared_gpus(gpus)
     if comm.size == 1:
         return
 
@@ -152,8 +289,30 @@ def setup_dist():
     _init_process_group(mpi_comm=comm)
 
 
+def dist_timeout():
+    """
+    How long a collective or the rendezvous waits for the other ranks: $GD_DIST_TIMEOUT seconds,
+    default 600 (long enough for rank 0 to write a multi-GB checkpoint while the others wait).
+
+    :return: a datetime.timedelta.
+    :raises ValueError: when the variable is not a positive number.
+    """
+    text = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(seconds=DEFAULT_DIST_TIMEOUT)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={text!r}: give a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
 def _init_process_group(mpi_comm=None):
-    dist.init_process_group(backend=_backend(), init_method="env://")
+    # deviation from reference: bounded collectives; a dead or stuck rank ends the job (torch's
+    # own defaults wait 10 minutes for NCCL and 30 for gloo).
+    dist.init_process_group(backend=_backend(), init_method="env://", timeout=dist_timeout())
     # atexit runs this before mpi4py's own finaliser, which was registered earlier.
     atexit.register(_destroy_process_group, mpi_comm)
 
@@ -318,3 +477,52 @@ def print0(*args, **kwargs):
     if is_main_process():
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
+
+
+def gather_objects(obj):
+    """
+    Collect a picklable object from every rank on rank 0.
+
+    :param obj: this rank's object (small: it is pickled and sent whole).
+    :return: on rank 0 the list of every rank's object, in rank order; None on other ranks;
+        [obj] on a single process.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if is_main_process() else None
+    # Over the CPU group: nothing here concerns the GPU, and NCCL would stage the bytes there.
+    dist.gather_object(obj, gathered, dst=0, group=_cpu_group())
+    return gathered
+
+
+_host_group = None
+
+
+def _cpu_group():
+    """A gloo group for small host-side collectives (the default group when it is gloo)."""
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _host_group is None:
+        # Every rank reaches this at the same call, as new_group requires. A gloo collective on
+        # a CPU tensor never waits for the GPU's queued work, unlike an NCCL one read back with
+        # .item().
+        _host_group = dist.new_group(backend="gloo", timeout=dist_timeout())
+    return _host_group
+
+
+def max_over_ranks(value):
+    """
+    The largest of an integer over all ranks (every rank must call it at the same point).
+
+    Runs on the CPU (over gloo even when training uses NCCL), so it does not synchronise with
+    the GPU.
+
+    :param value: this rank's int.
+    :return: the maximum, the same int on every rank; value itself on a single process.
+    """
+    if not is_distributed():
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return int(tensor[0])

@@ -13,9 +13,10 @@ import random
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from . import dist_util
+from .resumable_data import ResumableBatches
 
 try:
     import blobfile as bf
@@ -34,9 +35,14 @@ def load_data(
     deterministic=False,
     random_crop=False,
     random_flip=True,
+    seed=None,
 ):
     """
-    An endless generator of (images, kwargs) batches from an image folder.
+    An endless stream of (images, kwargs) batches from an image folder.
+
+    The stream's order is a pure function of (seed, rank, epoch) and its position can be saved
+    and restored (state_dict / load_state_dict), so a resumed run reads the batches the
+    interrupted run would have read next (see resumable_data).
 
     :param data_dir: the dataset folder.
     :param batch_size: images per batch on this rank.
@@ -45,7 +51,10 @@ def load_data(
     :param deterministic: if True, read files in sorted order instead of shuffling.
     :param random_crop: if True, crop at a random place and scale (augmentation).
     :param random_flip: if True, flip each image horizontally with probability 1/2.
-    :return: a generator of (float32 NCHW tensor in [-1, 1], dict) pairs that never ends.
+    :param seed: seed of the order and the augmentations; None: torch.initial_seed(), which the
+        training scripts set to --seed + rank.
+    :return: an iterator of (float32 NCHW tensor in [-1, 1], dict) pairs that never ends, with
+        state_dict() and load_state_dict().
     :raises ValueError: on an unspecified or empty folder, unlabelled files with class_cond, or
                         fewer images on this rank than batch_size.
     :raises FileNotFoundError: when data_dir does not exist.
@@ -74,22 +83,17 @@ def load_data(
             f"rank {rank} of {world} has {len(dataset)} images in {data_dir} but batch_size is "
             f"{batch_size}: lower --batch_size or add images"
         )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=not deterministic,
-        num_workers=1,
-        drop_last=True,
+    # deviation from reference: the reference was itself a generator over a shuffled DataLoader,
+    # so every error above only surfaced at the first next(), and its order could not be resumed.
+    return _ImageBatches(
+        dataset, batch_size, shuffle=not deterministic, seed=seed, rank=rank, num_workers=1
     )
-    # deviation from reference: the reference was itself a generator, so every error above only
-    # surfaced at the first next(); returning an inner generator reports them at the call.
-    return _forever(loader)
 
 
-def _forever(loader):
-    while True:
+class _ImageBatches(ResumableBatches):
+    def __next__(self):
         try:
-            yield from loader
+            return super().__next__()
         except UnreadableImageError as exc:
             # A worker's error comes back wrapped in its traceback text; keep only our message.
             raise UnreadableImageError(_last_line(str(exc))) from None
@@ -301,3 +305,38 @@ def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)
     top = random.randrange(arr.shape[0] - image_size + 1)
     left = random.randrange(arr.shape[1] - image_size + 1)
     return arr[top : top + image_size, left : left + image_size]
+
+
+def read_image_folder(data_dir, image_size, class_cond=False, limit=None):
+    """
+    Read the images of a folder as they are, for tools that compare outputs with them pixel by
+    pixel (e.g. DDIM inversion): no resizing, cropping or flipping, so every image must already
+    be image_size x image_size.
+
+    :param data_dir: the folder, searched recursively, files in sorted order (as load_data).
+    :param image_size: the side every image must have.
+    :param class_cond: if True, also return labels from the file names (as load_data).
+    :param limit: read only the first `limit` files (None or 0: all).
+    :return: (uint8 array [N, image_size, image_size, 3], int64 labels [N] or None).
+    :raises ValueError: naming the first image of another size, or an unreadable one.
+    """
+    paths = list_image_files_recursively(data_dir)
+    labels = None
+    if class_cond:
+        labels, _ = class_labels_from_paths(paths)
+    if limit:
+        paths = paths[:limit]
+        labels = None if labels is None else labels[:limit]
+    images = []
+    for path in paths:
+        pil_image = _read_image(path)
+        if pil_image.size != (image_size, image_size):
+            width, height = pil_image.size
+            other = f", or a model trained at --image_size {width}" if width == height else ""
+            raise ValueError(
+                f"image {path} is {width}x{height} but --image_size is {image_size}: give "
+                f"{image_size}x{image_size} images{other}"
+            )
+        images.append(np.asarray(pil_image, dtype=np.uint8))
+    label_arr = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return np.stack(images), label_arr

@@ -569,6 +569,10 @@ def _shared_dated_dir():
     return path
 
 
+class UnwritableLogDirError(OSError):
+    """The log folder cannot be created or written."""
+
+
 def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     """
     Start a new current logger.
@@ -585,7 +589,6 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     if dir is None:
         dir = _shared_dated_dir()
     dir = osp.expanduser(os.fspath(dir))
-    os.makedirs(dir, exist_ok=True)
 
     rank = _get_rank()
     if rank > 0:
@@ -595,7 +598,15 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
             format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
         else:
             format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
-    output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
+    try:
+        os.makedirs(dir, exist_ok=True)
+        output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
+    except OSError as exc:
+        # deviation from reference: one line saying what to do instead of a traceback.
+        raise UnwritableLogDirError(
+            f"cannot write to the log folder {dir} ({exc.strerror or exc}): pass --log_dir (or "
+            "set OPENAI_LOGDIR to) a folder you can write to"
+        ) from None
 
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
     if output_formats:

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch as th
 
-from . import dist_util
+from . import dist_util, logger
 
 SAMPLER_NAMES = ("uniform", "loss-second-moment")
 
@@ -127,3 +127,22 @@ class LossSecondMomentResampler(LossAwareSampler):
 
     def _warmed_up(self):
         return (self._loss_counts == self.history_per_term).all()
+
+    def state_dict(self):
+        """The loss history (equal on every rank), as tensors; saved for exact resuming."""
+        return {
+            "loss_history": th.from_numpy(self._loss_history.copy()),
+            "loss_counts": th.from_numpy(self._loss_counts.copy()),
+        }
+
+    def load_state_dict(self, state):
+        """Restore a history from state_dict(); one of another length is ignored."""
+        history = state["loss_history"].numpy()
+        if history.shape != self._loss_history.shape:
+            logger.warn(
+                f"the saved loss history has shape {history.shape}, not "
+                f"{self._loss_history.shape}: the loss-second-moment sampler starts afresh"
+            )
+            return
+        self._loss_history = history.astype(np.float64).copy()
+        self._loss_counts = state["loss_counts"].numpy().astype(np.int64).copy()

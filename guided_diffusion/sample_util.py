@@ -72,6 +72,30 @@ def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0):
     return path
 
 
+def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
+    """
+    Save images as an npz in the samples format (arr_0: uint8 NHWC images, arr_1: int64 labels
+    when given), written to a temporary file and renamed, so readers never see a partial file.
+
+    :return: path.
+    """
+    images = _as_uint8_nhwc(images_uint8_nhwc)
+    arrays = [images]
+    if labels_or_None is not None:
+        labels = labels_or_None
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels).astype(np.int64)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"got {labels.shape} labels for {images.shape[0]} images; expected one per image"
+            )
+        arrays.append(labels)
+    # positional arrays are stored as arr_0, arr_1
+    atomic_write(path, lambda f: np.savez(f, *arrays))
+    return path
+
+
 def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEFAULT_GRID_MAX_IMAGES):
     """
     Save samples as out_dir/samples_NxHxWxC.npz (arr_0: the uint8 NHWC images, arr_1: the int64
@@ -86,24 +110,10 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
     :return: the npz path.
     """
     images = _as_uint8_nhwc(images_uint8_nhwc)
-    arrays = [images]
-    if labels_or_None is not None:
-        labels = labels_or_None
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-        labels = np.asarray(labels).astype(np.int64)
-        if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"got {labels.shape} labels for {images.shape[0]} images; expected one per image"
-            )
-        arrays.append(labels)
-
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     shape_str = "x".join(str(s) for s in images.shape)
-    npz_path = os.path.join(out_dir, f"samples_{shape_str}.npz")
-    # positional arrays are stored as arr_0, arr_1
-    atomic_write(npz_path, lambda f: np.savez(f, *arrays))
+    npz_path = save_images_npz(os.path.join(out_dir, f"samples_{shape_str}.npz"), images, labels_or_None)
     if images.shape[0] > 0 and grid_max_images > 0:
         make_grid_png(images[:grid_max_images], os.path.splitext(npz_path)[0] + ".png")
     return npz_path

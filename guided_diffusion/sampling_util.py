@@ -1,10 +1,11 @@
 """
 Library code shared by the reference scripts: loading checkpoints into networks built from flags
 (with errors that name the flag to change), seeding, the classifier-guidance gradient, the sampling
-loop that gathers every rank's batches in rank order, and the one-line error handling of the
-scripts' main functions.
+loop that gathers every rank's batches in rank order, the one-line error handling of the
+scripts' main functions, and reading and writing image and latent npz files.
 """
 
+import errno
 import math
 import os
 import sys
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dist_util, logger, sample_util
+from .checkpoints import atomic_write
 from .flag_hints import explain_state_dict_mismatch
 from .perf_util import (
     compile_model,
@@ -37,8 +39,11 @@ def run_main(main, argv=None):
     Run a script's main(argv) and turn bad input into one line "error: ..." and exit status 2,
     instead of a traceback.
 
-    ValueError (ScriptError, unreadable images, ...), FileNotFoundError and NotImplementedError
-    (an unknown schedule sampler) count as bad input. Set GD_TRACEBACK=1 to see the traceback.
+    ValueError (ScriptError, unreadable images, a launcher/MPI mismatch, ...), FileNotFoundError
+    and NotImplementedError (an unknown schedule sampler) count as bad input, and so do storage
+    failures: an unwritable log folder, a checkpoint that cannot be written, a full disk. Set
+    GD_TRACEBACK=1 to see the traceback. A training run stopped by SIGTERM/SIGUSR1 leaves through
+    preemption.TrainingPreempted (exit status preemption.EXIT_PREEMPTED), untouched here.
 
     :param main: a function taking argv (or None for sys.argv).
     :param argv: passed to main.
@@ -51,19 +56,53 @@ def run_main(main, argv=None):
         with preserved_float32_precision():
             return main(argv)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError,
-            NonFiniteLossError) as exc:
-        if os.environ.get("GD_TRACEBACK"):
-            traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            NonFiniteLossError, OSError) as exc:
         prefix = "error" if dist_util.get_rank() == 0 else f"error (rank {dist_util.get_rank()})"
-        print(f"{prefix}: {message}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        if dist_util.is_distributed():
-            # Other ranks may wait in a collective for this one; leaving without the normal
-            # shutdown (MPI_Finalize, process-group teardown) lets the launcher end them instead
-            # of everyone hanging.
-            os._exit(2)
-        sys.exit(2)
+        exit_with_error(exc, prefix, 2)
+
+
+def exit_with_error(exc, prefix, status):
+    """
+    Print an exception as the one line "<prefix>: <first line of its message>" on stderr and
+    leave with `status`; an OSError that is not a storage problem (storage_error_message) is
+    re-raised with its traceback instead. Call it from an except block.
+    """
+    message = storage_error_message(exc) if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and message is None:
+        raise exc
+    if os.environ.get("GD_TRACEBACK"):
+        traceback.print_exc()
+    if message is None:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if dist_util.is_distributed():
+        # Other ranks may wait in a collective for this one; leaving without the normal
+        # shutdown (MPI_Finalize, process-group teardown) lets the launcher end them instead
+        # of everyone hanging.
+        os._exit(status)
+    sys.exit(status)
+
+
+# Failures of the file system that the user fixes (space, quota, permissions), not bugs.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR}
+
+
+def storage_error_message(exc):
+    """
+    One line for an OSError the user can fix (disk full, quota, permissions, read-only file
+    system, a missing or misnamed path), or None for other OSErrors (bugs keep their traceback).
+    """
+    from .checkpoints import CheckpointWriteError
+    from .logger import UnwritableLogDirError
+
+    if isinstance(exc, (CheckpointWriteError, UnwritableLogDirError)):
+        return str(exc).strip().splitlines()[0]
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno in _STORAGE_ERRNOS:
+        if exc.strerror is None:  # raised by our code with a message of its own
+            return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return None
 
 
 # ---------------------------------------------------------------------------------- seeding
@@ -294,3 +333,208 @@ def create_sr_model_and_diffusion(flags):
         timestep_respacing=flags["timestep_respacing"],
     )
     return model, diffusion
+
+
+def require_single_process(script):
+    """
+    Raise a ScriptError when launched on several ranks, for tools that run as one process.
+    """
+    if dist_util.get_world_size() > 1:
+        raise ScriptError(
+            f"{script} runs as one process: start it with python, not mpiexec or torchrun"
+        )
+
+
+def ddim_tool_defaults(seed=True):
+    """
+    The flags of the DDIM tools (ddim_invert, ddim_interpolate, ddim_consistency): the model
+    flags without --timestep_respacing (their --steps choose the respacing, "ddim<steps>"), plus
+    sampling_extra_defaults() (without --seed when nothing is random).
+    """
+    from .script_util import model_and_diffusion_defaults
+
+    defaults = model_and_diffusion_defaults()
+    del defaults["timestep_respacing"]
+    extras = sampling_extra_defaults()
+    if not seed:
+        del extras["seed"]
+    defaults.update(extras)
+    return defaults
+
+
+def ddim_tool_model_flags(args):
+    """The create_model_and_diffusion flags (plus num_classes) of a DDIM tool's parsed args."""
+    from .script_util import model_and_diffusion_defaults
+
+    keys = [k for k in model_and_diffusion_defaults() if k != "timestep_respacing"]
+    flags = {k: getattr(args, k) for k in keys}
+    flags.update(timestep_respacing="", num_classes=args.num_classes)
+    return flags
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON, atomically. :return: path."""
+    import json
+
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_sampling_model(flags, model_path, **network):
+    """
+    Build the UNet of create_model_and_diffusion(**flags), load a checkpoint into it (errors
+    name the flags to change), and get it ready with prepare_network.
+
+    :param flags: the model_and_diffusion_defaults() flags plus num_classes.
+    :param model_path: the checkpoint file.
+    :param network: prepare_network keywords (network_flags(args)); use_fp16 defaults to
+        flags["use_fp16"].
+    :return: the model (compiled when network["compile"]).
+    """
+    from .script_util import create_model_and_diffusion
+
+    network.setdefault("use_fp16", bool(flags.get("use_fp16")))
+    model, _ = create_model_and_diffusion(**flags)
+    load_checkpoint_into(model, model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0])
+    return prepare_network(model, **network)
+
+
+# ---------------------------------------------------------------------------------- npz files
+
+
+def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size", what="images",
+                   labels_hint="add them as arr_1 or pass --class_cond False"):
+    """
+    Read images as image_sample.py writes them: arr_0 uint8 [N, H, W, 3], arr_1 int64 labels.
+
+    :param path: the npz file.
+    :param image_size: the side the images must have.
+    :param class_cond: if True, the labels are required and returned.
+    :param size_flag: the flag that sets image_size (for messages).
+    :param what: what the file holds (for messages), e.g. "base samples".
+    :param labels_hint: what to do when labels are missing (for messages).
+    :return: (uint8 images, int64 labels or None; None unless class_cond).
+    :raises FileNotFoundError: when the file is missing.
+    :raises ScriptError: when it is unreadable or holds the wrong shapes.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with np.load(path) as obj:
+            image_arr = obj["arr_0"]
+            label_arr = obj["arr_1"] if "arr_1" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScriptError(f"cannot read {what} {path}: {exc}") from None
+    expected = (image_size, image_size, 3)
+    if image_arr.ndim != 4 or tuple(image_arr.shape[1:]) != expected:
+        hint = ""
+        if image_arr.ndim == 4 and image_arr.shape[1] == image_arr.shape[2]:
+            hint = f": pass {size_flag} {image_arr.shape[1]} (with a model trained for it)"
+        raise ScriptError(
+            f"{what} {path} have shape {tuple(image_arr.shape)}, expected "
+            f"(N, {image_size}, {image_size}, 3) for {size_flag} {image_size}{hint}"
+        )
+    if image_arr.dtype != np.uint8:
+        raise ScriptError(f"{what} {path} must be uint8 images, got {image_arr.dtype}")
+    if not class_cond:
+        return image_arr, None
+    if label_arr is None:
+        raise ScriptError(f"--class_cond True needs labels (arr_1) in {path}: {labels_hint}")
+    if label_arr.shape != (len(image_arr),):
+        raise ScriptError(
+            f"{path} holds {len(image_arr)} images but labels (arr_1) of shape {label_arr.shape}"
+        )
+    return image_arr, label_arr.astype(np.int64)
+
+
+def read_images(path, image_size, class_cond=False, limit=None):
+    """
+    Images to compare outputs with pixel by pixel: an image folder (read as is, labels from the
+    file names) or an npz of uint8 images (arr_0, with labels as arr_1).
+
+    :param limit: keep the first `limit` images (None or 0: all).
+    :return: (uint8 images [N, image_size, image_size, 3], int64 labels or None).
+    """
+    from .image_datasets import read_image_folder
+
+    if not path:
+        raise ScriptError("no images given: pass --input FOLDER or --input FILE.npz")
+    if os.path.isdir(path):
+        return read_image_folder(path, image_size, class_cond=class_cond, limit=limit)
+    images, labels = read_image_npz(path, image_size, class_cond=class_cond)
+    if limit:
+        images, labels = images[:limit], (None if labels is None else labels[:limit])
+    return images, labels
+
+
+def uint8_to_model_input(images):
+    """uint8 NHWC images (array or tensor) to a float32 NCHW tensor in [-1, 1]."""
+    tensor = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
+    return tensor.float() / 127.5 - 1.0
+
+
+def save_latents(path, x_T, labels=None, steps=None, images=None):
+    """
+    Write DDIM latents as an npz: "x_T" float32 [N, C, H, W], and when given "labels" int64 [N],
+    "steps" (the number of DDIM steps that produced them) and "images" (the uint8 NHWC images
+    they encode). Written atomically.
+
+    :return: path.
+    """
+    arrays = {"x_T": _numpy(x_T).astype(np.float32)}
+    if labels is not None:
+        arrays["labels"] = _numpy(labels).astype(np.int64)
+    if steps is not None:
+        arrays["steps"] = np.asarray(steps, dtype=np.int64)
+    if images is not None:
+        arrays["images"] = _numpy(images).astype(np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def load_latents(path, image_size, class_cond=False, channels=3):
+    """
+    Read latents written by save_latents (ddim_invert.py) and check they fit the model.
+
+    :param image_size: the model's image size.
+    :param class_cond: if True, the file must hold labels.
+    :return: (x_T float32 tensor [N, C, H, W], int64 label tensor or None, steps or None).
+    :raises FileNotFoundError: when the file is missing.
+    :raises ScriptError: when it is unreadable, not a latents file, or of another shape.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"latents not found: {path}")
+    try:
+        with np.load(path) as obj:
+            if "x_T" not in obj:
+                raise ScriptError(
+                    f"{path} is not a latents file (no x_T array): write one with ddim_invert.py"
+                )
+            x_T = obj["x_T"]
+            labels = obj["labels"] if "labels" in obj else None
+            steps = int(obj["steps"]) if "steps" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ScriptError):
+            raise
+        raise ScriptError(f"cannot read latents {path}: {exc}") from None
+    expected = (channels, image_size, image_size)
+    if x_T.ndim != 4 or tuple(x_T.shape[1:]) != expected:
+        hint = ""
+        if x_T.ndim == 4 and x_T.shape[2] == x_T.shape[3] and x_T.shape[1] == channels:
+            hint = f": pass --image_size {x_T.shape[2]} (with a model trained for it)"
+        raise ScriptError(
+            f"latents {path} have shape {tuple(x_T.shape)} but the model flags need "
+            f"(N, {channels}, {image_size}, {image_size}) for --image_size {image_size}{hint}"
+        )
+    if class_cond and labels is None:
+        raise ScriptError(
+            f"--class_cond True needs labels in {path}: invert the images with a "
+            "class-conditional model (ddim_invert.py --class_cond True)"
+        )
+    label_tensor = torch.from_numpy(labels.astype(np.int64)) if class_cond else None
+    return torch.from_numpy(x_T.astype(np.float32)), label_tensor, steps
+
+
+def _numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -2,7 +2,9 @@
 The diffusion training loop: AdamW on the simplified (or hybrid) objective, EMA copies of the
 weights, optional fp16 with a dynamic loss scale, microbatching, periodic atomic checkpoints, and
 resuming (model, every EMA rate, optimizer and step) from a checkpoint or the newest one in the log
-directory.
+directory, exactly: the stateNNNNNN.pt beside each checkpoint restores every rank's random-number
+streams and data position (train_state), and SIGTERM/SIGUSR1 stop the run with a checkpoint
+(preemption).
 
 Step numbering follows the reference: the logged "step" is the index of the optimizer step just
 taken (0 for the first one) plus the resume step, and "samples" counts the images consumed so far
@@ -16,8 +18,9 @@ import os
 
 import torch
 
-from . import checkpoints, dist_util, logger
+from . import checkpoints, dist_util, logger, train_state
 from .fp16_util import MixedPrecisionTrainer, make_adamw
+from .preemption import PreemptionWatch
 from .resample import LossAwareSampler, UniformSampler
 
 # With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
@@ -119,16 +122,23 @@ class TrainLoop:
             fp16_scale_growth=fp16_scale_growth,
             use_bf16=self.use_bf16,
         )
-        self.opt = make_adamw(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        self.opt = make_adamw(
+            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay
+        )
         # Skipped steps already reported by _check_health (a device counter lives in mp_trainer).
         self._skips_seen = 0
         # The step after which the last health check passed (the start of this run at first).
         self._healthy_until = 0
+        # RNG streams and data position of the checkpoint, applied when run_loop starts.
+        self._saved_train_state = None
         if self.resume_step:
             self._load_optimizer_state()
             # The EMA copies are loaded after the optimizer so that a missing EMA file falls back
             # to the (already restored) model weights.
             self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+            self._saved_train_state = train_state.load_beside(
+                self.resume_checkpoint, self.resume_step
+            )
         else:
             self.ema_params = [
                 copy.deepcopy(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))
@@ -184,6 +194,26 @@ class TrainLoop:
         except ValueError as exc:
             raise ValueError(f"{path} does not fit this model's optimizer ({exc})") from None
 
+    def _shared_train_state(self):
+        """Resume state that is equal on every rank (saved once, by rank 0)."""
+        shared = {"lg_loss_scale": train_state.loss_scale(self.mp_trainer)}
+        sampler_state = getattr(self.schedule_sampler, "state_dict", None)
+        if callable(sampler_state):
+            shared["schedule_sampler"] = sampler_state()
+        return shared
+
+    def _restore_train_state(self):
+        """Put the RNG streams, data position and loss scale back as the checkpoint saved them."""
+        state, self._saved_train_state = self._saved_train_state, None
+        if state is None:
+            return
+        shared = train_state.restore(state, {"train": self.data}, source=self.resume_checkpoint)
+        if "lg_loss_scale" in shared:
+            train_state.set_loss_scale(self.mp_trainer, shared["lg_loss_scale"])
+        load_sampler = getattr(self.schedule_sampler, "load_state_dict", None)
+        if callable(load_sampler) and shared.get("schedule_sampler") is not None:
+            load_sampler(shared["schedule_sampler"])
+
     # ----------------------------------------------------------------------------- the loop
 
     def _done(self):
@@ -195,10 +225,21 @@ class TrainLoop:
         """
         Train until lr_anneal_steps (or max_steps) is reached, or forever when both are 0.
 
+        A resumed run first restores the checkpoint's RNG streams and data position. On SIGTERM
+        or SIGUSR1 (any rank) the step in progress finishes, a checkpoint is saved and the run
+        leaves through preemption.TrainingPreempted (exit status 75).
+
         :raises NonFiniteLossError: when the loss stops being finite (or, in fp16, the loss scale
             falls below 1); checked at every log interval and before every save, so nothing broken
             is saved, and the message names the last good checkpoint.
         """
+        # deviation from reference: the reference neither restored RNG streams and data order on
+        # resume nor handled the signals schedulers send before they kill a job.
+        with PreemptionWatch() as preemption:
+            self._restore_train_state()
+            self._train(preemption)
+
+    def _train(self, preemption):
         saved_at = None
         while not self._done():
             batch, cond = next(self.data)
@@ -212,6 +253,10 @@ class TrainLoop:
             if self.checkpoint_step() % self.save_interval == 0:
                 self.save()
                 saved_at = self.step
+            if not self._done() and preemption.requested():
+                if saved_at != self.step:
+                    self.save()
+                preemption.stop(self.checkpoint_step(), self.last_checkpoint)
         # The final state is saved unless the last step was just saved.
         if self.step and saved_at != self.step:
             self.save()
@@ -347,32 +392,41 @@ class TrainLoop:
 
     def save(self):
         """
-        Write modelNNNNNN.pt, ema_<rate>_NNNNNN.pt for each rate and optNNNNNN.pt (rank 0), each
-        atomically, then wait for every rank.
+        Write ema_<rate>_NNNNNN.pt for each rate, optNNNNNN.pt, stateNNNNNN.pt (every rank's RNG
+        streams and data position, gathered to rank 0) and modelNNNNNN.pt, each atomically, on
+        rank 0, then wait for every rank.
 
         # deviation from reference: NNNNNN is the number of steps taken, so that resuming from it
         # continues with the next step (the reference saves after step index N under the name N
         # and repeats step N on resume).
+
+        :raises checkpoints.CheckpointWriteError: when a file cannot be written (disk full, no
+            permission); this checkpoint's files are removed and the previous one is intact.
         """
         # Never write a broken state: this reads the loop's health flags (one synchronisation).
         self._check_health()
         step = self.checkpoint_step()
         folder = get_blob_logdir()
-        # Every rank builds the state dicts (cheap) but only rank 0 writes.
+        model_path = os.path.join(folder, f"model{step:06d}.pt")
+        # A collective: every rank's RNG and data position go to rank 0.
+        state = train_state.gather(step, {"train": self.data}, self._shared_train_state())
         if dist_util.is_main_process():
             logger.log(f"saving model and EMA checkpoints at step {step}...")
-            model_path = os.path.join(folder, f"model{step:06d}.pt")
-            for rate, params in zip(self.ema_rate, self.ema_params):
-                state = self.mp_trainer.master_params_to_state_dict(params)
-                checkpoints.save_atomic(state, os.path.join(folder, f"ema_{rate}_{step:06d}.pt"))
-            checkpoints.save_atomic(
-                self.opt.state_dict(), os.path.join(folder, f"opt{step:06d}.pt")
-            )
+            to_state_dict = self.mp_trainer.master_params_to_state_dict
+            files = [
+                (functools.partial(to_state_dict, params),
+                 os.path.join(folder, f"ema_{rate}_{step:06d}.pt"))
+                for rate, params in zip(self.ema_rate, self.ema_params)
+            ]
+            files.append((self.opt.state_dict, os.path.join(folder, f"opt{step:06d}.pt")))
+            files.append((state, train_state.state_path(folder, step)))
             # The model file goes last: find_resume_checkpoint looks for it, so its presence means
-            # the EMA and optimizer files of that step are complete too.
-            state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
-            checkpoints.save_atomic(state, model_path)
-        self.last_checkpoint = os.path.join(folder, f"model{step:06d}.pt")
+            # the other files of that step are complete too.
+            files.append(
+                (functools.partial(to_state_dict, self.mp_trainer.master_params), model_path)
+            )
+            checkpoints.save_checkpoint_files(files, previous=self.last_checkpoint)
+        self.last_checkpoint = model_path
         dist_util.barrier()
 
 
@@ -419,10 +473,10 @@ def resolve_resume_checkpoint(resume_checkpoint):
             f"resume checkpoint not found: {resume_checkpoint} (pass a modelNNNNNN.pt file or auto)"
         )
     name = os.path.basename(resume_checkpoint)
-    if name.startswith("opt") or name.startswith("ema_"):
+    if name.startswith(("opt", "ema_", train_state.STATE_PREFIX)):
         raise ValueError(
-            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA and optimizer "
-            "files next to it are found automatically"
+            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
+            "and state files next to it are found automatically"
         )
     return resume_checkpoint
 

@@ -9,8 +9,9 @@ import os
 
 import torch
 
-from . import dist_util, logger
-from .checkpoints import find_latest_checkpoint, load_checkpoint, save_atomic
+from . import dist_util, logger, train_state
+from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
+from .preemption import PreemptionWatch
 from .vae import check_vae_checkpoint, vae_losses, vae_state
 
 CHECKPOINT_PREFIX = "vae"
@@ -77,6 +78,9 @@ class VAETrainLoop:
         self.save_interval = save_interval
         self.log_dir = log_dir or logger.get_dir()
         self.step = 0
+        # RNG streams and data position of the checkpoint, applied when run_loop starts.
+        self._saved_train_state = None
+        self.last_checkpoint = None
 
         # Adam instead of the paper's Adagrad: it needs no per-dataset step-size search.
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -95,23 +99,37 @@ class VAETrainLoop:
         if state.get("opt") is not None:
             self.opt.load_state_dict(state["opt"])
         self.step = int(state["step"])
+        self.last_checkpoint = path
+        self._saved_train_state = train_state.from_checkpoint(state, path)
         logger.log(f"resumed from {path} at step {self.step}")
 
     def _done(self):
         return self.iterations and self.step >= self.iterations
 
     def run_loop(self):
-        """Train until ``iterations`` steps; returns the final checkpoint path (rank 0) or None."""
+        """
+        Train until ``iterations`` steps; returns the final checkpoint path (rank 0) or None.
+
+        A resumed run first restores the checkpoint's RNG streams and data position; SIGTERM or
+        SIGUSR1 stops the run after the current step with a checkpoint (exit status 75).
+        """
         last_saved = None
-        while not self._done():
-            batch, cond = next(self.data)
-            self.run_step(batch, cond)
-            if self.step % self.log_interval == 0:
-                logger.dumpkvs()
-            if self.step % self.save_interval == 0:
+        with PreemptionWatch() as preemption:
+            state, self._saved_train_state = self._saved_train_state, None
+            train_state.restore(state, {"train": self.data}, source=self.last_checkpoint)
+            while not self._done():
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                if self.step % self.log_interval == 0:
+                    logger.dumpkvs()
+                if self.step % self.save_interval == 0:
+                    last_saved = self.save()
+                if not self._done() and preemption.requested():
+                    if last_saved != self.step:
+                        last_saved = self.save()
+                    preemption.stop(self.step, self.last_checkpoint)
+            if last_saved != self.step:
                 last_saved = self.save()
-        if last_saved != self.step:
-            last_saved = self.save()
         return self._path(self.step) if dist_util.is_main_process() else None
 
     def run_step(self, batch, cond):
@@ -147,11 +165,18 @@ class VAETrainLoop:
         return os.path.join(self.log_dir, f"{CHECKPOINT_PREFIX}{step:06d}.pt")
 
     def save(self):
-        """Rank 0 writes vae<step>.pt atomically; every rank waits for it. Returns the step."""
+        """
+        Rank 0 writes vae<step>.pt atomically, with every rank's RNG streams and data position
+        under "train_state"; every rank waits for it. Returns the step.
+        """
+        path = self._path(self.step)
+        state = train_state.gather(self.step, {"train": self.data})  # a collective
         if dist_util.is_main_process():
-            path = self._path(self.step)
-            save_atomic(vae_state(self.model, self.opt, self.step, self.flags), path)
+            checkpoint = vae_state(self.model, self.opt, self.step, self.flags)
+            checkpoint["train_state"] = state
+            save_checkpoint_files([(checkpoint, path)], previous=self.last_checkpoint)
             logger.log(f"saved {path}")
+        self.last_checkpoint = path
         dist_util.barrier()
         return self.step
 

@@ -10,7 +10,6 @@ folder ($OPENAI_LOGDIR).
 """
 
 import argparse
-import sys
 
 import torch
 
@@ -18,6 +17,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.cgan import cgan_defaults, create_cgan
 from guided_diffusion.cgan_data import cgan_training_batches, count_classes
 from guided_diffusion.cgan_train import CGANTrainLoop, cgan_train_defaults
+from guided_diffusion.sampling_util import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 
@@ -76,6 +76,6 @@ if __name__ == "__main__":
     parsed = create_argparser().parse_args()
     try:
         main(parsed)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"cgan_train.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as exc:
+        # A full disk or an unwritable folder is one line too; other OSErrors are bugs.
+        exit_with_error(exc, "cgan_train.py: error", 1)

@@ -14,9 +14,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion import checkpoints, dist_util, logger
+from guided_diffusion import checkpoints, dist_util, logger, train_state
 from guided_diffusion.fp16_util import MixedPrecisionTrainer, make_adamw
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.preemption import PreemptionWatch
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
@@ -57,6 +58,7 @@ def main(argv=None):
 
     resume_checkpoint = resolve_resume_checkpoint(args.resume_checkpoint)
     resume_step = 0
+    saved_state = None  # RNG streams and data positions of the checkpoint
     if resume_checkpoint:
         resume_step = parse_resume_step_from_filename(resume_checkpoint)
         logger.log(f"loading model from checkpoint: {resume_checkpoint}... at {resume_step} step")
@@ -101,6 +103,8 @@ def main(argv=None):
             opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev()))
         else:
             logger.warn(f"no {opt_checkpoint}: the optimizer state restarts from zero")
+        saved_state = train_state.load_beside(resume_checkpoint, resume_step)
+    streams = {"train": data, "val": val_data}
 
     def forward_backward_log(data_loader, prefix="train"):
         batch, extra = next(data_loader)
@@ -130,34 +134,52 @@ def main(argv=None):
                     mp_trainer.zero_grad()
                 mp_trainer.backward(loss * len(sub_batch) / len(batch))
 
+    def done(steps_done):
+        return steps_done >= args.iterations or bool(
+            args.max_steps and steps_done - resume_step >= args.max_steps
+        )
+
+    last_checkpoint = resume_checkpoint or None
     last_saved = None
     steps_done = resume_step
-    while steps_done < args.iterations:
-        step = steps_done - resume_step  # index within this run, as the reference's loop variable
-        if args.max_steps and step >= args.max_steps:
-            break
-        logger.logkv("step", steps_done)
-        logger.logkv("samples", (steps_done + 1) * args.batch_size * dist_util.get_world_size())
-        if args.anneal_lr:
-            set_annealed_lr(opt, args.lr, steps_done / args.iterations)
-        forward_backward_log(data)
-        mp_trainer.optimize_no_sync(opt)
-        if val_data is not None and not step % args.eval_interval:
-            no_sync = ddp_model.no_sync() if ddp_model is not model else contextlib.nullcontext()
-            with torch.no_grad(), no_sync:
-                model.eval()
-                forward_backward_log(val_data, prefix="val")
-                model.train()
-        if not step % args.log_interval:
-            logger.dumpkvs()
-        steps_done += 1
-        # deviation from reference: checkpoints are named by the number of steps taken (the
-        # reference names them by the index of the last step, so a resume repeated one step).
-        if not steps_done % args.save_interval:
-            save_model(mp_trainer, opt, steps_done)
-            last_saved = steps_done
-    if steps_done > resume_step and steps_done != last_saved:
-        save_model(mp_trainer, opt, steps_done)
+    # deviation from reference: resuming restores RNG streams and data positions, and SIGTERM or
+    # SIGUSR1 stops the run with a checkpoint (exit status 75).
+    with PreemptionWatch() as preemption:
+        shared = train_state.restore(saved_state, streams, source=resume_checkpoint)
+        if "lg_loss_scale" in shared:
+            train_state.set_loss_scale(mp_trainer, shared["lg_loss_scale"])
+        while not done(steps_done):
+            step = steps_done - resume_step  # index within this run, as the reference's loop
+            logger.logkv("step", steps_done)
+            logger.logkv("samples", (steps_done + 1) * args.batch_size * dist_util.get_world_size())
+            if args.anneal_lr:
+                set_annealed_lr(opt, args.lr, steps_done / args.iterations)
+            forward_backward_log(data)
+            mp_trainer.optimize_no_sync(opt)
+            if val_data is not None and not step % args.eval_interval:
+                no_sync = (
+                    ddp_model.no_sync() if ddp_model is not model else contextlib.nullcontext()
+                )
+                with torch.no_grad(), no_sync:
+                    model.eval()
+                    forward_backward_log(val_data, prefix="val")
+                    model.train()
+            if not step % args.log_interval:
+                logger.dumpkvs()
+            steps_done += 1
+            # deviation from reference: checkpoints are named by the number of steps taken (the
+            # reference names them by the index of the last step, so a resume repeated one step).
+            if not steps_done % args.save_interval:
+                last_checkpoint = save_model(mp_trainer, opt, steps_done, streams, last_checkpoint)
+                last_saved = steps_done
+            if not done(steps_done) and preemption.requested():
+                if last_saved != steps_done:
+                    last_checkpoint = save_model(
+                        mp_trainer, opt, steps_done, streams, last_checkpoint
+                    )
+                preemption.stop(steps_done, last_checkpoint)
+        if steps_done > resume_step and steps_done != last_saved:
+            save_model(mp_trainer, opt, steps_done, streams, last_checkpoint)
 
 
 def set_annealed_lr(opt, base_lr, frac_done):
@@ -166,16 +188,29 @@ def set_annealed_lr(opt, base_lr, frac_done):
         param_group["lr"] = lr
 
 
-def save_model(mp_trainer, opt, step):
-    """Write modelNNNNNN.pt and optNNNNNN.pt atomically on rank 0, then wait for all ranks."""
+def save_model(mp_trainer, opt, step, streams=None, previous=None):
+    """
+    Write optNNNNNN.pt, stateNNNNNN.pt (every rank's RNG streams and data positions) and
+    modelNNNNNN.pt atomically on rank 0, the model file last, then wait for all ranks.
+
+    :return: the path of the model file.
+    """
+    folder = logger.get_dir()
+    model_path = os.path.join(folder, f"model{step:06d}.pt")
+    state = train_state.gather(step, streams, {"lg_loss_scale": train_state.loss_scale(mp_trainer)})
     if dist_util.is_main_process():
         logger.log("saving model...")
-        checkpoints.save_atomic(opt.state_dict(), os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
-        checkpoints.save_atomic(
-            mp_trainer.master_params_to_state_dict(mp_trainer.master_params),
-            os.path.join(logger.get_dir(), f"model{step:06d}.pt"),
+        checkpoints.save_checkpoint_files(
+            [
+                (opt.state_dict, os.path.join(folder, f"opt{step:06d}.pt")),
+                (state, train_state.state_path(folder, step)),
+                (lambda: mp_trainer.master_params_to_state_dict(mp_trainer.master_params),
+                 model_path),
+            ],
+            previous=previous,
         )
     dist_util.barrier()
+    return model_path
 
 
 def compute_top_k(logits, labels, k, reduction="mean"):

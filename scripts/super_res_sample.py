@@ -7,7 +7,6 @@ save samples_NxHxWx3.npz plus a PNG grid.
 """
 
 import argparse
-import os
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from guided_diffusion.sampling_util import (
     network_flags,
     output_dir,
     prepare_network,
+    read_image_npz,
     run_main,
     sampling_extra_defaults,
     seed_sampling,
@@ -78,31 +78,10 @@ def read_base_samples(base_samples, small_size, class_cond):
     """
     if not base_samples:
         raise ScriptError("pass --base_samples FILE.npz (the output of image_sample.py)")
-    if not os.path.exists(base_samples):
-        raise FileNotFoundError(f"base samples not found: {base_samples}")
-    try:
-        with np.load(base_samples) as obj:
-            image_arr = obj["arr_0"]
-            label_arr = obj["arr_1"] if "arr_1" in obj else None
-    except (OSError, ValueError, KeyError) as exc:
-        raise ScriptError(f"cannot read base samples {base_samples}: {exc}") from None
-    expected = (small_size, small_size, 3)
-    if image_arr.ndim != 4 or tuple(image_arr.shape[1:]) != expected:
-        hint = ""
-        if image_arr.ndim == 4 and image_arr.shape[1] == image_arr.shape[2]:
-            hint = f": pass --small_size {image_arr.shape[1]} (with a model trained for it)"
-        raise ScriptError(
-            f"base samples {base_samples} have shape {tuple(image_arr.shape)}, expected "
-            f"(N, {small_size}, {small_size}, 3) for --small_size {small_size}{hint}"
-        )
-    if image_arr.dtype != np.uint8:
-        raise ScriptError(f"base samples {base_samples} must be uint8 images, got {image_arr.dtype}")
-    if class_cond and label_arr is None:
-        raise ScriptError(
-            f"--class_cond True needs labels (arr_1) in {base_samples}: sample the base images "
-            "with a class-conditional model"
-        )
-    return image_arr, (label_arr if class_cond else None)
+    return read_image_npz(
+        base_samples, small_size, class_cond=class_cond, size_flag="--small_size",
+        what="base samples", labels_hint="sample the base images with a class-conditional model",
+    )
 
 
 def load_data_for_worker(base_samples, batch_size, small_size, class_cond):

@@ -6,6 +6,7 @@ small_size versions (area-downsampled from the same images).
 """
 
 import argparse
+import functools
 
 import torch.nn.functional as F
 
@@ -13,6 +14,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
+from guided_diffusion.resumable_data import MappedBatches
 from guided_diffusion.sampling_util import create_sr_model_and_diffusion, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -82,13 +84,13 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
         image_size=large_size,
         class_cond=class_cond,
     )
-    return _with_low_res(data, small_size)
+    # A mapped stream rather than a generator, so that its position saves with the checkpoint.
+    return MappedBatches(data, functools.partial(_with_low_res, small_size=small_size))
 
 
-def _with_low_res(data, small_size):
-    for large_batch, model_kwargs in data:
-        model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
-        yield large_batch, model_kwargs
+def _with_low_res(large_batch, model_kwargs, small_size):
+    model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
+    return large_batch, model_kwargs
 
 
 def create_argparser():

@@ -8,12 +8,12 @@ to the logger folder ($OPENAI_LOGDIR); losses are logged in nats per image.
 """
 
 import argparse
-import sys
 
 import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.sampling_util import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 from guided_diffusion.vae import ARCH_FLAGS, create_vae, vae_defaults
 from guided_diffusion.vae_train_util import VAETrainLoop
@@ -75,6 +75,6 @@ if __name__ == "__main__":
     parsed = create_argparser().parse_args()
     try:
         main(parsed)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
-        print(f"vae_train.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError) as exc:
+        # A full disk or an unwritable folder is one line too; other OSErrors are bugs.
+        exit_with_error(exc, "vae_train.py: error", 1)

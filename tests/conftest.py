@@ -1,4 +1,7 @@
-"""Shared fixtures: locating the conformance vectors and keeping tests small and deterministic."""
+"""
+Shared fixtures: locating the conformance vectors, the `cuda` marker, and running code under test
+as on a machine without a GPU.
+"""
 
 import os
 from pathlib import Path
@@ -35,3 +38,50 @@ def conformance():
 
 def load_vector(path):
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------- devices
+
+CUDA_MARKER = (
+    "cuda: exercises a GPU path; skipped with the reason when no CUDA GPU is visible "
+    "(run them with: python -m pytest -q -m cuda tests)"
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", CUDA_MARKER)
+
+
+def _no_cuda_reason():
+    if torch.version.cuda is None:
+        return f"needs a CUDA GPU: this torch build ({torch.__version__}) has no CUDA support"
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        return f"needs a CUDA GPU: torch {torch.__version__} sees none{hint}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    reason = _no_cuda_reason()
+    if reason is not None:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """
+    Run the code under test as on a machine without a GPU, even where one is visible.
+
+    The library picks its device from torch.cuda.is_available() (dist_util.dev(), the backend,
+    DDP's device_ids), so this is what CUDA_VISIBLE_DEVICES="" does for a child process. Use it
+    for tests whose expectations are CPU results, e.g. against a reference computed on CPU.
+    """
+    from guided_diffusion import dist_util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist_util.dev() == torch.device("cpu")

@@ -1,5 +1,7 @@
-"""TrainLoop semantics: AdamW + lr decay, EMA after taken steps only, fp16 loss scale, logging,
-checkpoints and resuming, non-finite losses, and DDP gradient averaging over two CPU ranks."""
+"""TrainLoop semantics on CPU: AdamW + lr decay, EMA after taken steps only, fp16 loss scale,
+logging, checkpoints and resuming, non-finite losses, and DDP gradient averaging over two CPU ranks.
+(TrainLoop computes on dist_util.dev(); these tests pin it to the CPU, where their models live.
+The same loop on a GPU is tested in test_cuda.py.)"""
 
 import math
 import os
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from _launch import child_env, mpiexec_prefix
 from guided_diffusion import logger
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from guided_diffusion.train_util import (
@@ -22,7 +25,7 @@ from guided_diffusion.train_util import (
     parse_resume_step_from_filename,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("cpu_only")
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +200,8 @@ class FixedSampler:
         self.t = t
 
     def sample(self, batch_size, device):
-        return torch.full((batch_size,), self.t, dtype=torch.long), torch.ones(batch_size)
+        t = torch.full((batch_size,), self.t, dtype=torch.long, device=device)
+        return t, torch.ones(batch_size, device=device)
 
 
 class FixedNoiseDiffusion:
@@ -308,20 +312,12 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def child_env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not installed")
 def test_ddp_two_ranks_keep_identical_parameters(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     result = subprocess.run(
-        ["mpiexec", "-n", "2", sys.executable, str(script), str(tmp_path)],
-        env=child_env(), capture_output=True, text=True, timeout=120,
+        [*mpiexec_prefix(2), sys.executable, str(script), str(tmp_path)],
+        env=child_env(cpu=True), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = torch.load(tmp_path / "ddp.pt", weights_only=True)

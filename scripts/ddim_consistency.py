@@ -1,0 +1,116 @@
+"""
+Sample consistency of DDIM (Song et al. 2021, section 5.2): decode the same latents x_T with
+several numbers of steps and measure how far each result is from the one with the most steps.
+
+    python scripts/ddim_consistency.py --model_path model.pt --steps 10,20,50,100 --num_samples 8 $MODEL_FLAGS
+    python scripts/ddim_consistency.py --model_path model.pt --latents latents.npz $MODEL_FLAGS
+
+The latents are drawn with --seed (labels first, as the sampling scripts, then x_T), or the first
+--num_samples entries of --latents (from ddim_invert.py). Writes, in --out_dir (default: the log
+folder):
+    consistency.npz    arr_0 uint8 [len(steps) * N, H, W, 3], one block of N per step count in
+                       increasing order; arr_1 labels (class_cond)
+    consistency.png    one row per step count (fewest steps on top), one column per latent
+    consistency.json   {"reference_steps": most steps, "steps": {S: {"mean_abs_pixel_distance":
+                       mean |difference| in 0..255 to the most-steps decoding, "mse": the same
+                       as a mean squared error with pixels in [0, 1]}}}
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.ddim_tools import (
+    consistency_distances,
+    decode_in_batches,
+    diffusion_for_steps,
+    parse_step_counts,
+)
+from guided_diffusion.perf_util import set_tf32
+from guided_diffusion.sample_util import make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.sampling_util import (
+    ddim_tool_defaults,
+    ddim_tool_model_flags,
+    load_latents,
+    load_sampling_model,
+    network_flags,
+    output_dir,
+    require_single_process,
+    run_main,
+    seed_sampling,
+    write_json,
+)
+from guided_diffusion.script_util import add_dict_to_argparser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    step_counts = parse_step_counts(args.steps)
+
+    dist_util.setup_dist()
+    require_single_process("ddim_consistency.py")
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+
+    flags = ddim_tool_model_flags(args)
+    if args.latents:
+        x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond)
+        x_T = x_T[: args.num_samples]
+        labels = None if labels is None else labels[: args.num_samples]
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
+    diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
+    if not args.latents:
+        seed_sampling(args.seed)
+        labels = None
+        if args.class_cond:
+            labels = torch.randint(0, args.num_classes, (args.num_samples,), device=dist_util.dev()).cpu()
+        x_T = torch.randn(args.num_samples, 3, args.image_size, args.image_size, device=dist_util.dev()).cpu()
+
+    decoded = {}
+    for steps, diffusion in diffusions.items():
+        logger.log(f"decoding {len(x_T)} latents with {steps} DDIM steps...")
+        images = decode_in_batches(
+            diffusion, model, x_T, labels=labels, batch_size=args.batch_size,
+            clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+        )
+        decoded[steps] = to_uint8(images).numpy()
+    distances = consistency_distances(decoded)
+
+    out = output_dir(args)
+    grid = np.concatenate([decoded[steps] for steps in step_counts])
+    grid_labels = None if labels is None else labels.repeat(len(step_counts))
+    save_images_npz(os.path.join(out, "consistency.npz"), grid, grid_labels)
+    make_grid_png(grid, os.path.join(out, "consistency.png"), nrow=len(x_T))
+    write_json(os.path.join(out, "consistency.json"),
+               {"reference_steps": max(step_counts), "num_samples": len(x_T), "steps": distances})
+    logger.log(format_table(distances, max(step_counts)))
+    logger.log(f"wrote consistency.npz, consistency.png and consistency.json to {out}")
+
+
+def format_table(distances, reference):
+    lines = [f"steps  mean |pixel difference| to {reference} steps (0..255)  mse (pixels in [0, 1])"]
+    for steps, row in distances.items():
+        lines.append(f"{steps:>5}  {row['mean_abs_pixel_distance']:>45.3f}  {row['mse']:>22.6f}")
+    return "\n".join(lines)
+
+
+def create_argparser():
+    defaults = dict(
+        model_path="",
+        latents="",
+        num_samples=8,
+        steps="10,20,50,100",
+        batch_size=16,
+        clip_denoised=True,
+    )
+    defaults.update(ddim_tool_defaults())
+    parser = argparse.ArgumentParser(description="Decode the same DDIM latents with several step counts.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

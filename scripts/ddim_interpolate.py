@@ -1,0 +1,115 @@
+"""
+Interpolate between pairs of DDIM latents x_T along great circles (the slerp of Song et al. 2021,
+section 5.3) and decode every point with deterministic DDIM: one grid row per pair.
+
+    python scripts/ddim_interpolate.py --model_path model.pt --num_pairs 4 --num_points 8 --steps 50 $MODEL_FLAGS
+    python scripts/ddim_interpolate.py --model_path model.pt --latents latents.npz $MODEL_FLAGS
+
+Pairs are drawn with --seed (labels first, as the sampling scripts, then the two ends), or taken
+from --latents (entries 0 and 1, 2 and 3, ...; the row uses the label of its first entry).
+Writes, in --out_dir (default: the log folder):
+    interpolation.npz   arr_0 uint8 [num_pairs * num_points, H, W, 3] row by row, arr_1 labels
+                        (class_cond)
+    interpolation.png   one row per pair, from its first latent (left) to its second (right)
+"""
+
+import argparse
+import os
+
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.ddim_tools import decode_in_batches, diffusion_for_steps, parse_step_counts, slerp_pairs
+from guided_diffusion.perf_util import set_tf32
+from guided_diffusion.sample_util import make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.sampling_util import (
+    ScriptError,
+    ddim_tool_defaults,
+    ddim_tool_model_flags,
+    load_latents,
+    load_sampling_model,
+    network_flags,
+    output_dir,
+    require_single_process,
+    run_main,
+    seed_sampling,
+)
+from guided_diffusion.script_util import add_dict_to_argparser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    steps = parse_step_counts(args.steps)
+    if len(steps) != 1:
+        raise ScriptError(f"--steps takes one step count here, got {args.steps!r}")
+    if args.num_points < 2:
+        raise ScriptError(f"--num_points must be at least 2 (the two ends), got {args.num_points}")
+
+    dist_util.setup_dist()
+    require_single_process("ddim_interpolate.py")
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+
+    flags = ddim_tool_model_flags(args)
+    if args.latents:
+        starts, ends, labels = pairs_from_file(args)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
+    diffusion = diffusion_for_steps(flags, steps[0])
+    if not args.latents:
+        seed_sampling(args.seed)
+        starts, ends, labels = draw_pairs(args)
+
+    path = slerp_pairs(starts, ends, args.num_points)
+    path_labels = None if labels is None else labels.repeat_interleave(args.num_points)
+    logger.log(f"decoding {len(starts)} pairs x {args.num_points} points with {steps[0]} DDIM steps...")
+    images = decode_in_batches(
+        diffusion, model, path, labels=path_labels, batch_size=args.batch_size,
+        clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+    )
+    images = to_uint8(images).numpy()
+
+    out = output_dir(args)
+    save_images_npz(os.path.join(out, "interpolation.npz"), images, path_labels)
+    make_grid_png(images, os.path.join(out, "interpolation.png"), nrow=args.num_points)
+    logger.log(f"wrote interpolation.npz and interpolation.png to {out}")
+
+
+def draw_pairs(args):
+    """Labels first (class_cond), then both ends of every pair: (starts, ends, labels)."""
+    shape = (args.num_pairs, 3, args.image_size, args.image_size)
+    labels = None
+    if args.class_cond:
+        labels = torch.randint(0, args.num_classes, (args.num_pairs,), device=dist_util.dev()).cpu()
+    starts = torch.randn(*shape, device=dist_util.dev()).cpu()
+    ends = torch.randn(*shape, device=dist_util.dev()).cpu()
+    return starts, ends, labels
+
+
+def pairs_from_file(args):
+    """Entries 0-1, 2-3, ... of --latents (at most --num_pairs): (starts, ends, labels)."""
+    x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond)
+    count = min(args.num_pairs, len(x_T) // 2)
+    if count < 1:
+        raise ScriptError(f"{args.latents} holds {len(x_T)} latents; a pair needs 2")
+    starts, ends = x_T[0 : 2 * count : 2], x_T[1 : 2 * count : 2]
+    return starts, ends, None if labels is None else labels[0 : 2 * count : 2]
+
+
+def create_argparser():
+    defaults = dict(
+        model_path="",
+        latents="",
+        num_pairs=4,
+        num_points=8,
+        steps="50",
+        batch_size=16,
+        clip_denoised=True,
+    )
+    defaults.update(ddim_tool_defaults())
+    parser = argparse.ArgumentParser(description="Decode slerp paths between DDIM latents.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,114 @@
+"""
+Encode images into DDIM latents x_T by running the deterministic DDIM sampler backwards
+(Song et al. 2021, section 5.4), decode them again, and report how well each number of steps
+reconstructs the images.
+
+    python scripts/ddim_invert.py --model_path model.pt --input images/ --steps 10,20,50,100 $MODEL_FLAGS
+
+Writes, in --out_dir (default: the log folder):
+    latents.npz           x_T [N, 3, H, W] float32 from the most steps, labels (class_cond),
+                          steps, images (the uint8 originals)
+    reconstructions.png   the originals in the first row, then one row per step count
+    reconstruction.json   {"steps": {S: {"mse": ..., "psnr": ...}}, "num_images": N}
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.ddim_tools import (
+    diffusion_for_steps,
+    parse_step_counts,
+    psnr,
+    reconstruction_mse,
+    round_trip_in_batches,
+)
+from guided_diffusion.diffusion_sampling import check_invertible_eta
+from guided_diffusion.perf_util import set_tf32
+from guided_diffusion.sample_util import make_grid_png, to_uint8
+from guided_diffusion.sampling_util import (
+    ddim_tool_defaults,
+    ddim_tool_model_flags,
+    load_sampling_model,
+    network_flags,
+    output_dir,
+    read_images,
+    require_single_process,
+    run_main,
+    save_latents,
+    uint8_to_model_input,
+    write_json,
+)
+from guided_diffusion.script_util import add_dict_to_argparser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    check_invertible_eta(args.eta)
+    step_counts = parse_step_counts(args.steps)
+
+    dist_util.setup_dist()
+    require_single_process("ddim_invert.py")
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+
+    images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images)
+    logger.log(f"read {len(images)} images from {args.input}")
+    flags = ddim_tool_model_flags(args)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
+    diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
+
+    x_start = uint8_to_model_input(images)
+    y = None if labels is None else torch.from_numpy(labels)
+    results, rows, latents = {}, [], None
+    for steps, diffusion in diffusions.items():
+        logger.log(f"inverting and reconstructing with {steps} DDIM steps...")
+        x_T, recon = round_trip_in_batches(
+            diffusion, model, x_start, labels=y, batch_size=args.batch_size,
+            clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+        )
+        mse = reconstruction_mse(x_start, recon)
+        results[steps] = {"mse": float(mse.mean()), "psnr": psnr(mse.mean())}
+        rows.append(to_uint8(recon[: args.grid_images]).numpy())
+        latents = x_T
+
+    out = output_dir(args)
+    save_latents(os.path.join(out, "latents.npz"), latents, labels=y, steps=max(step_counts), images=images)
+    grid = np.concatenate([images[: args.grid_images]] + rows)
+    make_grid_png(grid, os.path.join(out, "reconstructions.png"), nrow=min(len(images), args.grid_images))
+    report = {"num_images": len(images), "clip_denoised": args.clip_denoised, "steps": results}
+    write_json(os.path.join(out, "reconstruction.json"), report)
+    logger.log(format_table(results))
+    logger.log(f"wrote latents.npz (x_T from {max(step_counts)} steps), reconstructions.png and "
+               f"reconstruction.json to {out}")
+
+
+def format_table(results):
+    lines = ["steps  mse (pixels in [0, 1])  psnr (dB)"]
+    for steps, row in results.items():
+        lines.append(f"{steps:>5}  {row['mse']:>22.6f}  {row['psnr']:>9.2f}")
+    return "\n".join(lines)
+
+
+def create_argparser():
+    defaults = dict(
+        model_path="",
+        input="",
+        num_images=0,
+        steps="10,20,50,100",
+        batch_size=16,
+        clip_denoised=True,
+        eta=0.0,
+        grid_images=16,
+    )
+    defaults.update(ddim_tool_defaults(seed=False))  # nothing random happens
+    parser = argparse.ArgumentParser(description="Encode images into DDIM latents and reconstruct them.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)
