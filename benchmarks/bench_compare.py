@@ -164,6 +164,9 @@ def worker_env(args):
         env["MKL_NUM_THREADS"] = str(args.threads)
     # The worker decides which guided_diffusion it imports; an inherited path must not.
     env.pop("PYTHONPATH", None)
+    if not args.device.startswith("cuda"):
+        # The reference picks CUDA (and DDP) whenever a GPU is visible, whatever --device says.
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -36,7 +36,8 @@ class TrainLoop:
     """
     Train a diffusion model on batches from `data`.
 
-    :param model: the UNet (already on dist_util.dev()).
+    :param model: the UNet, already on its device (dist_util.dev() in the scripts); batches are
+        moved to the device of its parameters.
     :param diffusion: the diffusion whose training_losses define the objective.
     :param data: an iterator of (images, model_kwargs) batches, as load_data returns.
     :param batch_size: images per rank per step.
@@ -108,6 +109,10 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.use_bf16 = use_bf16
+        # deviation from reference: the reference sends batches to dist_util.dev(); the model's
+        # own device is the same in the scripts and also right for a caller that chose another
+        # (e.g. a CPU benchmark on a machine with a GPU).
+        self.device = _parameter_device(model)
 
         # self.step counts the steps of this run; resume_step is where the checkpoint left off.
         self.step = 0
@@ -152,7 +157,7 @@ class TrainLoop:
         if self.resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
-            state = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+            state = dist_util.load_state_dict(self.resume_checkpoint, map_location=self.device)
             # Imported here: sampling_util imports the networks, which train_util does not need.
             from .sampling_util import load_model_weights
 
@@ -170,7 +175,7 @@ class TrainLoop:
             )
         else:
             logger.log(f"loading EMA from checkpoint: {path}...")
-            state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+            state = dist_util.load_state_dict(path, map_location=self.device)
             from .sampling_util import check_model_weights
 
             check_model_weights(self.model, state, path)
@@ -186,7 +191,7 @@ class TrainLoop:
             logger.warn(f"no {path}: the optimizer state (Adam moments) restarts from zero")
             return
         logger.log(f"loading optimizer state from checkpoint: {path}")
-        state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+        state = dist_util.load_state_dict(path, map_location=self.device)
         if not (isinstance(state, dict) and "param_groups" in state):
             raise ValueError(f"{path} is not an optimizer checkpoint")
         try:
@@ -276,7 +281,7 @@ class TrainLoop:
     def forward_backward(self, batch, cond):
         """Accumulate the gradients of the batch, one microbatch at a time."""
         self.mp_trainer.zero_grad()
-        device = dist_util.dev()
+        device = self.device
         for i in range(0, batch.shape[0], self.microbatch):
             # non_blocking: a copy from pageable memory is still safe, and it does not stop the
             # host the way a blocking copy does.
@@ -315,7 +320,7 @@ class TrainLoop:
         # deviation from reference: nothing runs under autocast; --use_bf16 converts the torso
         # (MixedPrecisionTrainer) instead. Autocast stays disabled so that an enclosing autocast
         # cannot change the training numerics.
-        return torch.autocast(dist_util.dev().type, enabled=False)
+        return torch.autocast(self.device.type, enabled=False)
 
     def _check_health(self):
         """
@@ -428,6 +433,13 @@ class TrainLoop:
             checkpoints.save_checkpoint_files(files, previous=self.last_checkpoint)
         self.last_checkpoint = model_path
         dist_util.barrier()
+
+
+def _parameter_device(model):
+    """The device of the model's first parameter (dist_util.dev() for a model without any)."""
+    for param in model.parameters():
+        return param.device
+    return dist_util.dev()
 
 
 def parse_ema_rates(ema_rate):

@@ -121,3 +121,31 @@ def test_bench_compare_bad_arguments_are_one_line_errors(tmp_path):
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_train_honours_device_when_dist_util_names_a_gpu(tmp_path, monkeypatch):
+    # On a GPU machine dist_util.dev() is cuda:0; `--device cpu` must still train on the CPU
+    # (TrainLoop once sent every batch to dist_util.dev(), so this crashed there). Here the GPU
+    # is only named: any tensor sent to it fails on a CPU-only torch.
+    import bench_train
+
+    from guided_diffusion import dist_util
+
+    monkeypatch.setattr(dist_util, "dev", lambda: torch.device("cuda", 0))
+    args = bench_train.create_argparser().parse_args(
+        ["--device", "cpu", "--config", "tiny", "--steps", "1", "--batch_size", "2",
+         "--log_dir", str(tmp_path)]
+    )
+    record = bench_train.run(args)
+    assert record["device"] == "cpu" and record["samples_per_s"] > 0
+
+
+def test_bench_compare_workers_see_no_gpu_unless_asked_for_one():
+    # The reference moves everything to CUDA whenever a GPU is visible, so CPU workers hide it.
+    import bench_compare
+
+    parser = bench_compare.create_argparser()
+    cpu_env = bench_compare.worker_env(parser.parse_args(["--device", "cpu", "--threads", "2"]))
+    assert cpu_env["CUDA_VISIBLE_DEVICES"] == "" and cpu_env["OMP_NUM_THREADS"] == "2"
+    gpu_env = bench_compare.worker_env(parser.parse_args(["--device", "cuda"]))
+    assert gpu_env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
