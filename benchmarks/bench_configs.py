@@ -25,8 +25,18 @@ CONFIGS = {
         attention_resolutions="8", num_head_channels=32, learn_sigma=True, class_cond=True,
         diffusion_steps=1000, noise_schedule="cosine",
     ),
-    # Attention-heavy at a size a CPU can run: attention at 32x32 (1024 tokens), 16x16 and 8x8.
+    # Attention-heavy at a size a CPU can run: attention at 32x32 (1024 tokens), 16x16 and 8x8,
+    # with the reference's default head setting (4 heads, --num_head_channels -1: 16-channel heads
+    # at 32x32, 32-channel heads below).
     "attn32": dict(
+        image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2,2",
+        attention_resolutions="32,16,8", num_heads=4, num_head_channels=-1, learn_sigma=True,
+        class_cond=True, resblock_updown=True, use_scale_shift_norm=True, diffusion_steps=1000,
+        noise_schedule="cosine",
+    ),
+    # The same network with 64-channel heads (one head at 32x32): the least attention-heavy
+    # split of the same attention layers.
+    "attn32_1head": dict(
         image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2,2",
         attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True, class_cond=True,
         resblock_updown=True, use_scale_shift_norm=True, diffusion_steps=1000,

@@ -69,6 +69,24 @@ def test_paper_configs_match_the_released_models(conformance, name, released):
     assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
 
 
+def test_attn32_splits_attention_into_the_reference_default_heads():
+    # attn32 is the attention-heavy CPU config: 4 heads at every attention resolution (16-channel
+    # heads at 32x32); attn32_1head is the same network with one 64-channel head there.
+    from guided_diffusion.unet import AttentionBlock
+
+    heads = {}
+    for name in ("attn32", "attn32_1head"):
+        with torch.device("meta"):
+            model, _ = create_model_and_diffusion(**config_flags(name))
+        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+        heads[name] = [(b.channels, b.num_heads) for b in blocks]
+        params = sum(p.numel() for p in model.parameters())
+        heads[name + "_params"] = params
+    assert heads["attn32"][0] == (64, 4) and all(h == 4 for _, h in heads["attn32"])
+    assert heads["attn32_1head"][0] == (64, 1)
+    assert heads["attn32_params"] == heads["attn32_1head_params"]
+
+
 # ---------------------------------------------------------------- side by side (bench_compare)
 
 COMPARE_FAST = ["--config", "tiny", "--threads", "1", "--repeat", "1", "--steps", "1",
