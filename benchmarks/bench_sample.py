@@ -20,6 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
 
+from guided_diffusion.perf_util import (  # noqa: E402
+    compile_model,
+    is_compiled,
+    set_tf32,
+    to_channels_last,
+)
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 
 
@@ -32,19 +38,30 @@ def run(args):
     flags.update(use_fp16=args.use_fp16, timestep_respacing=args.timestep_respacing)
     model, diffusion = create_model_and_diffusion(**flags)
     model.to(device)
+    set_tf32(args.tf32, device)
+    if args.use_fp16 and args.use_bf16:
+        raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
     if args.use_fp16:
         model.convert_to_fp16()
+    elif args.use_bf16:
+        model.convert_to_bf16()
     model.eval()
+    to_channels_last(model, args.channels_last)
+    compile_model(model, args.compile)
     size = flags["image_size"]
     kwargs = {}
     if flags["class_cond"]:
         kwargs["y"] = torch.randint(0, flags["num_classes"], (args.batch_size,), device=device)
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    shape = (args.batch_size, 3, size, size)
+    warmup = args.warmup if args.warmup >= 0 else int(args.compile)
+    for _ in range(warmup):  # e.g. the compilation, outside the timing
+        loop(model, shape, model_kwargs=kwargs, device=device)
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     cpu0, t0 = time.process_time(), time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.use_bf16):
-        loop(model, (args.batch_size, 3, size, size), model_kwargs=kwargs, device=device)
+    loop(model, shape, model_kwargs=kwargs, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -52,6 +69,7 @@ def run(args):
         "bench": "sample", "config": args.config, "device": str(device),
         "batch_size": args.batch_size, "respacing": args.timestep_respacing or "all",
         "use_ddim": args.use_ddim, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
+        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
         "steps": diffusion.num_timesteps, "seconds": wall, "cpu_s": cpu,
         "images_per_s": args.batch_size / wall,
         "model_evals_per_s": args.batch_size * diffusion.num_timesteps / wall,
@@ -68,6 +86,11 @@ def create_argparser():
     parser.add_argument("--use_ddim", type=str2bool, default=True)
     parser.add_argument("--use_fp16", type=str2bool, default=False)
     parser.add_argument("--use_bf16", type=str2bool, default=False)
+    parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
+    parser.add_argument("--channels_last", type=str2bool, default=False)
+    parser.add_argument("--tf32", type=str2bool, default=True, help="CUDA: TF32 float32 matmuls")
+    parser.add_argument("--warmup", type=int, default=-1,
+                        help="untimed loops first (default: 1 with --compile, else 0)")
     parser.add_argument("--repeat", type=int, default=1, help="runs (one JSON line each)")
     return parser
 

@@ -20,6 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
 
 from guided_diffusion import logger  # noqa: E402
+from guided_diffusion.perf_util import (  # noqa: E402
+    compile_model,
+    is_compiled,
+    set_tf32,
+    to_channels_last,
+)
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
 
@@ -41,7 +47,10 @@ def run(args):
     flags["use_fp16"] = args.use_fp16
     model, diffusion = create_model_and_diffusion(**flags)
     model.to(device)
-    logger.configure(dir=args.log_dir, format_strs=[])
+    set_tf32(args.tf32, device)
+    to_channels_last(model, args.channels_last)
+    compile_model(model, args.compile)
+    logger.configure(dir=args.log_dir, format_strs=["log"])
     # TrainLoop moves batches to dist_util.dev(), which is this device on a single process.
     loop = TrainLoop(
         model=model, diffusion=diffusion,
@@ -71,6 +80,7 @@ def run(args):
     return {
         "bench": "train", "config": args.config, "device": str(device),
         "batch_size": args.batch_size, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
+        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
         "steps": args.steps, "s_per_step": wall / args.steps,
         "samples_per_s": args.batch_size * args.steps / wall, "cpu_s": cpu,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -88,6 +98,9 @@ def create_argparser():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--use_fp16", type=str2bool, default=False)
     parser.add_argument("--use_bf16", type=str2bool, default=False)
+    parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model")
+    parser.add_argument("--channels_last", type=str2bool, default=False)
+    parser.add_argument("--tf32", type=str2bool, default=True, help="CUDA: TF32 float32 matmuls")
     parser.add_argument("--repeat", type=int, default=1, help="runs (one JSON line each)")
     parser.add_argument("--log_dir", default=os.path.join(os.getcwd(), "runs", "bench"))
     return parser

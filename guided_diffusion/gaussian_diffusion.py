@@ -54,6 +54,12 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         self.num_timesteps = int(self.betas.shape[0])
         for name, values in tables.items():
             setattr(self, name, values)
+        # Tables the reference derived from others at every lookup (1 - alphas_cumprod, ...)
+        # are kept here, so that each is copied to a device once (see extract_into_tensor).
+        self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self._log_betas = np.log(self.betas)
+        self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self._posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
         # Reverse-process variances that do not depend on the model.
         large = np.append(self.posterior_variance[1], self.betas[1:])
         self._fixed_variances = {
@@ -70,7 +76,7 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         :return: a tuple (mean, variance, log_variance), all of x_start's shape.
         """
         mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
+        variance = _extract_into_tensor(self._one_minus_alphas_cumprod, t, x_start.shape)
         log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
@@ -134,7 +140,7 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
             else:
                 # Nichol & Dhariwal (2021) eq. 15, with v mapped from [-1, 1] to [0, 1].
                 min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                max_log = _extract_into_tensor(self._log_betas, t, x.shape)
                 frac = (var_values + 1) / 2
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = th.exp(model_log_variance)
@@ -176,11 +182,8 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         # Invert the posterior mean for x_0.
         return (
-            _extract_into_tensor(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(
-                self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape
-            )
-            * x_t
+            _extract_into_tensor(self._recip_posterior_mean_coef1, t, x_t.shape) * xprev
+            - _extract_into_tensor(self._posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):

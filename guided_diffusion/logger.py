@@ -220,9 +220,16 @@ def logkv(key, val):
     get_current().logkv(key, val)
 
 
-def logkv_mean(key, val):
-    """Like logkv(), but repeated calls in one iteration are averaged."""
-    get_current().logkv_mean(key, val)
+def logkv_mean(key, val, count=1):
+    """
+    Like logkv(), but repeated calls in one iteration are averaged.
+
+    :param val: a number, or a tensor (e.g. on a GPU). Tensors are accumulated on their device and
+        read once, at dumpkvs(): logging from a training step then never waits for the device.
+    :param count: how many observations val is the mean of (a number or a tensor; 0 ignores val,
+        even a non-finite one). An addition to the reference, which counts every call as one.
+    """
+    get_current().logkv_mean(key, val, count)
 
 
 def logkvs(d):
@@ -237,8 +244,8 @@ def dumpkvs():
 
 
 def getkvs():
-    """The diagnostics recorded so far in this iteration."""
-    return get_current().name2val
+    """The diagnostics recorded so far in this iteration (reads any pending tensor values)."""
+    return get_current().getkvs()
 
 
 def log(*args, level=INFO):
@@ -343,6 +350,8 @@ class Logger:
         """
         self.name2val = defaultdict(float)
         self.name2cnt = defaultdict(int)
+        # key -> [weighted sum, count] of tensor values not read yet (see logkv_mean).
+        self.name2pending = {}
         self.level = INFO
         self.dir = dir
         self.output_formats = output_formats
@@ -351,17 +360,68 @@ class Logger:
     def logkv(self, key, val):
         self.name2val[key] = val
 
-    def logkv_mean(self, key, val):
+    def logkv_mean(self, key, val, count=1):
+        if _is_tensor(val) or _is_tensor(count):
+            self._add_pending(key, val, count)
+            return
+        if not count:
+            return
         # Running mean, so only the mean and the count need storing.
-        old, count = self.name2val[key], self.name2cnt[key]
-        self.name2val[key] = old * count / (count + 1) + val / (count + 1)
-        self.name2cnt[key] = count + 1
+        old, seen = self.name2val[key], self.name2cnt[key]
+        self.name2val[key] = old * seen / (seen + count) + val * count / (seen + count)
+        self.name2cnt[key] = seen + count
+
+    def _add_pending(self, key, val, count):
+        # deviation from reference: tensors are summed where they live, so a training step can
+        # log without a device-to-host copy; _read_pending() reads them all in one go.
+        import torch
+
+        if _is_tensor(val):
+            val = val.detach()
+            dtype = torch.float32 if val.device.type == "mps" else torch.float64
+            val = val.to(dtype)
+        if _is_tensor(count):
+            count = count.detach().to(val.dtype if _is_tensor(val) else torch.float64)
+            # A value that does not count (count 0) may be inf or NaN (a skipped step's norm).
+            weighted = torch.where(count > 0, val * count, 0.0)
+        else:
+            weighted = val * count
+        pending = self.name2pending.get(key)
+        if pending is None:
+            self.name2pending[key] = [weighted, count]
+        else:
+            pending[0] = pending[0] + weighted
+            pending[1] = pending[1] + count
+
+    def _read_pending(self):
+        """Fold the pending tensor sums into the running means (one copy per device)."""
+        if not self.name2pending:
+            return
+        import torch
+
+        pending, self.name2pending = self.name2pending, {}
+        by_device = defaultdict(list)
+        for key, (total, count) in pending.items():
+            device = next((v.device for v in (total, count) if _is_tensor(v)), None)
+            by_device[device].append(key)
+        for device, keys in by_device.items():
+            table = [torch.stack([_as_device_scalar(v, device) for v in pending[key]]) for key in keys]
+            values = torch.stack(table).cpu().tolist()
+            for key, (total, count) in zip(keys, values):
+                if count > 0:
+                    self.logkv_mean(key, total / count, count)
+
+    def getkvs(self):
+        """The diagnostics recorded so far in this iteration."""
+        self._read_pending()
+        return self.name2val
 
     def _value_counts(self):
         # Values set with logkv() weigh 1, as in the reference.
         return {key: (val, self.name2cnt.get(key, 1)) for key, val in self.name2val.items()}
 
     def dumpkvs(self):
+        self._read_pending()
         if self.comm is not None:
             row = mpi_weighted_mean(self.comm, self._value_counts())
         else:
@@ -377,6 +437,7 @@ class Logger:
                 fmt.writekvs(row)
         self.name2val.clear()
         self.name2cnt.clear()
+        self.name2pending.clear()
         return dict(row)
 
     def log(self, *args, level=INFO):
@@ -397,6 +458,21 @@ class Logger:
     def close(self):
         for fmt in self.output_formats:
             fmt.close()
+
+
+def _is_tensor(value):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _as_device_scalar(value, device):
+    """A pending sum or count as a 0-dim float tensor on `device` (numbers are filled there)."""
+    import torch
+
+    dtype = torch.float32 if device is not None and device.type == "mps" else torch.float64
+    if _is_tensor(value):
+        return value.reshape(()).to(dtype)
+    return torch.full((), float(value), dtype=dtype, device=device)
 
 
 def _as_float(value):

@@ -76,8 +76,13 @@ def update_ema(target_params, source_params, rate=0.99):
     :param source_params: the live parameters, same order and shapes.
     :param rate: the EMA decay; closer to 1 means a slower average.
     """
-    for target, source in zip(target_params, source_params):
-        target.mul_(rate).add_(source, alpha=1 - rate)
+    targets, sources = list(target_params), list(source_params)
+    if len(targets) != len(sources):
+        raise ValueError(f"update_ema got {len(targets)} targets but {len(sources)} sources")
+    # The reference's mul_ then add_ per tensor, as two foreach calls (no Python loop over the
+    # parameters; the same arithmetic).
+    torch._foreach_mul_(targets, rate)
+    torch._foreach_add_(targets, sources, alpha=1 - rate)
 
 
 @torch.no_grad()
@@ -140,14 +145,37 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     :return: an [N x dim] float32 tensor.
     """
     half = dim // 2
-    # Frequencies are computed in float32 on the CPU first so every device sees identical values.
-    exponents = torch.arange(start=0, end=half, dtype=torch.float32) / half
-    freqs = torch.exp(-math.log(max_period) * exponents).to(device=timesteps.device)
+    freqs = _timestep_frequencies(half, max_period, timesteps.device)
     angles = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+_FREQUENCIES = {}
+
+
+def _timestep_frequencies(half, max_period, device):
+    """
+    The float32 frequencies exp(-ln(max_period) * i / half), i < half, on `device`.
+
+    They are computed on the CPU, so every device sees identical values, and kept per device:
+    copying them at every call would stop the host at every forward on an accelerator.
+    """
+    if torch.compiler.is_compiling():
+        # Traced into the graph (a constant there); a cache filled while tracing would hold
+        # fake tensors.
+        exponents = torch.arange(half, dtype=torch.float32, device=device) / half
+        return torch.exp(-math.log(max_period) * exponents)
+    key = (half, float(max_period), torch.device(device))
+    freqs = _FREQUENCIES.get(key)
+    if freqs is None:
+        with torch.inference_mode(False), torch.no_grad():
+            exponents = torch.arange(start=0, end=half, dtype=torch.float32) / half
+            freqs = torch.exp(-math.log(max_period) * exponents).to(device=device)
+        _FREQUENCIES[key] = freqs
+    return freqs
 
 
 def checkpoint(func, inputs, params, flag):

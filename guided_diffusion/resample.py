@@ -51,8 +51,10 @@ class ScheduleSampler(ABC):
         w = self.weights()
         p = w / np.sum(w)
         indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
-        indices = th.from_numpy(indices_np).long().to(device)
-        weights = th.from_numpy(1 / (len(p) * p[indices_np])).float().to(device)
+        # non_blocking: copies from pageable host memory are safe, and unlike blocking copies
+        # they do not stop the host until the device is idle.
+        indices = th.from_numpy(indices_np).long().to(device, non_blocking=True)
+        weights = th.from_numpy(1 / (len(p) * p[indices_np])).float().to(device, non_blocking=True)
         return indices, weights
 
 

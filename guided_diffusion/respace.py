@@ -28,6 +28,9 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(kwargs["betas"])
         base = GaussianDiffusion(**kwargs)
         betas, self.timestep_map = respace_betas(base.alphas_cumprod, self.use_timesteps)
+        # The map as a tensor, per (device, dtype): building it at every model call would copy
+        # it to the device (a host synchronisation on a GPU) several times per step.
+        self._timestep_map_tensors = {}
         super().__init__(**{**kwargs, "betas": betas})
 
     def p_mean_variance(self, model, *args, **kwargs):
@@ -45,7 +48,13 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(
+            model,
+            self.timestep_map,
+            self.rescale_timesteps,
+            self.original_num_steps,
+            map_tensors=self._timestep_map_tensors,
+        )
 
     def _scale_timesteps(self, t):
         # The wrapper maps and scales the timesteps itself.
@@ -55,14 +64,24 @@ class SpacedDiffusion(GaussianDiffusion):
 class _WrappedModel:
     """Calls a model (or guidance function) with original, optionally rescaled, timesteps."""
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, map_tensors=None):
         self.model = model
         self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
+        self.map_tensors = {} if map_tensors is None else map_tensors
+
+    def _map_on(self, device, dtype):
+        key = (device, dtype)
+        table = self.map_tensors.get(key)
+        if table is None:
+            with th.inference_mode(False):
+                table = th.tensor(self.timestep_map, device=device, dtype=dtype)
+            self.map_tensors[key] = table
+        return table
 
     def __call__(self, x, ts, **kwargs):
-        new_ts = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)[ts]
+        new_ts = self._map_on(ts.device, ts.dtype)[ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

@@ -17,12 +17,10 @@ import math
 import os
 
 import torch
-from torch.optim import AdamW
 
 from . import checkpoints, dist_util, logger, train_state
+from .fp16_util import MixedPrecisionTrainer, make_adamw
 from .progress import StepMeter
-from .fp16_util import MixedPrecisionTrainer
-from .nn import update_ema
 from .preemption import PreemptionWatch
 from .resample import LossAwareSampler, UniformSampler
 
@@ -39,7 +37,8 @@ class TrainLoop:
     """
     Train a diffusion model on batches from `data`.
 
-    :param model: the UNet (already on dist_util.dev()).
+    :param model: the UNet, already on its device (dist_util.dev() in the scripts); batches are
+        moved to the device of its parameters.
     :param diffusion: the diffusion whose training_losses define the objective.
     :param data: an iterator of (images, model_kwargs) batches, as load_data returns.
     :param batch_size: images per rank per step.
@@ -58,8 +57,12 @@ class TrainLoop:
         there (0: constant learning rate, run until interrupted).
     :param max_steps: stop after this many steps of this run (0: no limit); an addition to the
         reference, handy for tests, benchmarks and short jobs.
-    :param use_bf16: run forward passes under bfloat16 autocast (GPUs with bf16; an addition to
-        the reference, exclusive with use_fp16).
+    :param use_bf16: train with the torso in bfloat16 and float32 master weights (as use_fp16,
+        without loss scaling; an addition to the reference, exclusive with use_fp16).
+
+    A step never waits for the device: the logged values stay device tensors until the logger
+    dumps them, and a step whose loss (or gradient) is not finite is skipped on the device. The
+    loop checks for that at every log interval and before every save, and stops (see run_loop).
     """
 
     def __init__(
@@ -107,6 +110,10 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.use_bf16 = use_bf16
+        # deviation from reference: the reference sends batches to dist_util.dev(); the model's
+        # own device is the same in the scripts and also right for a caller that chose another
+        # (e.g. a CPU benchmark on a machine with a GPU).
+        self.device = _parameter_device(model)
 
         # self.step counts the steps of this run; resume_step is where the checkpoint left off.
         self.step = 0
@@ -116,9 +123,18 @@ class TrainLoop:
 
         self._load_and_sync_parameters()
         self.mp_trainer = MixedPrecisionTrainer(
-            model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
+            model=self.model,
+            use_fp16=self.use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+            use_bf16=self.use_bf16,
         )
-        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        self.opt = make_adamw(
+            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay
+        )
+        # Skipped steps already reported by _check_health (a device counter lives in mp_trainer).
+        self._skips_seen = 0
+        # The step after which the last health check passed (the start of this run at first).
+        self._healthy_until = 0
         # RNG streams and data position of the checkpoint, applied when run_loop starts.
         self._saved_train_state = None
         if self.resume_step:
@@ -142,7 +158,7 @@ class TrainLoop:
         if self.resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
-            state = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+            state = dist_util.load_state_dict(self.resume_checkpoint, map_location=self.device)
             # Imported here: sampling_util imports the networks, which train_util does not need.
             from .sampling_util import load_model_weights
 
@@ -160,7 +176,7 @@ class TrainLoop:
             )
         else:
             logger.log(f"loading EMA from checkpoint: {path}...")
-            state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+            state = dist_util.load_state_dict(path, map_location=self.device)
             from .sampling_util import check_model_weights
 
             check_model_weights(self.model, state, path)
@@ -176,7 +192,7 @@ class TrainLoop:
             logger.warn(f"no {path}: the optimizer state (Adam moments) restarts from zero")
             return
         logger.log(f"loading optimizer state from checkpoint: {path}")
-        state = dist_util.load_state_dict(path, map_location=dist_util.dev())
+        state = dist_util.load_state_dict(path, map_location=self.device)
         if not (isinstance(state, dict) and "param_groups" in state):
             raise ValueError(f"{path} is not an optimizer checkpoint")
         try:
@@ -219,8 +235,9 @@ class TrainLoop:
         or SIGUSR1 (any rank) the step in progress finishes, a checkpoint is saved and the run
         leaves through preemption.TrainingPreempted (exit status 75).
 
-        :raises NonFiniteLossError: when the loss stops being finite; nothing broken is saved, and
-            the message names the last good checkpoint.
+        :raises NonFiniteLossError: when the loss stops being finite (or, in fp16, the loss scale
+            falls below 1); checked at every log interval and before every save, so nothing broken
+            is saved, and the message names the last good checkpoint.
         """
         # deviation from reference: the reference neither restored RNG streams and data order on
         # resume nor handled the signals schedulers send before they kill a job.
@@ -241,6 +258,7 @@ class TrainLoop:
             # As in the reference, diagnostics are dumped after the first step of every
             # log_interval (self.step is still the index of the step just taken).
             if self.step % self.log_interval == 0:
+                self._check_health()
                 meter.report(self.checkpoint_step() + 1)
                 logger.dumpkvs()
             self.step += 1
@@ -256,24 +274,28 @@ class TrainLoop:
             self.save()
 
     def run_step(self, batch, cond):
-        """One optimizer step on a batch: forward/backward, optimizer, EMA, lr, logging."""
+        """
+        One optimizer step on a batch: forward/backward, optimizer, EMA, lr, logging. Nothing in
+        it waits for the device (unless the schedule sampler is loss-aware, which gathers the
+        losses on the host).
+        """
         self.forward_backward(batch, cond)
-        took_step = self.mp_trainer.optimize(self.opt)
-        if took_step:
-            self._update_ema()
-        elif self.mp_trainer.lg_loss_scale < MIN_LG_LOSS_SCALE:
-            self._stop_non_finite("the fp16 loss scale fell below 1 (every step overflows)")
+        took_step = self.mp_trainer.optimize_no_sync(self.opt)
+        self._update_ema(took_step)
         self._anneal_lr()
         self.log_step()
 
     def forward_backward(self, batch, cond):
         """Accumulate the gradients of the batch, one microbatch at a time."""
         self.mp_trainer.zero_grad()
-        device = dist_util.dev()
-        all_finite = True
+        device = self.device
         for i in range(0, batch.shape[0], self.microbatch):
-            micro = batch[i : i + self.microbatch].to(device)
-            micro_cond = {k: v[i : i + self.microbatch].to(device) for k, v in cond.items()}
+            # non_blocking: a copy from pageable memory is still safe, and it does not stop the
+            # host the way a blocking copy does.
+            micro = batch[i : i + self.microbatch].to(device, non_blocking=True)
+            micro_cond = {
+                k: v[i : i + self.microbatch].to(device, non_blocking=True) for k, v in cond.items()
+            }
             last_batch = (i + self.microbatch) >= batch.shape[0]
             t, weights = self.schedule_sampler.sample(micro.shape[0], device)
 
@@ -296,18 +318,43 @@ class TrainLoop:
                 self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
 
             loss = (losses["loss"] * weights).mean()
-            all_finite = all_finite and bool(torch.isfinite(loss))
             log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+            # The trainer notes whether the loss is finite; a step with a non-finite loss is
+            # skipped on the device and reported by _check_health.
             self.mp_trainer.backward(loss)
-        # fp16 overflows are the loss scaler's business; in fp32 a non-finite loss is fatal. The
-        # flag is agreed by all ranks so that they stop together.
-        if not self.use_fp16 and not _all_ranks_true(all_finite):
-            self._stop_non_finite("the loss is not finite")
 
     def _autocast(self):
-        if self.use_bf16:
-            return torch.autocast(dist_util.dev().type, dtype=torch.bfloat16)
-        return torch.autocast(dist_util.dev().type, enabled=False)
+        # deviation from reference: nothing runs under autocast; --use_bf16 converts the torso
+        # (MixedPrecisionTrainer) instead. Autocast stays disabled so that an enclosing autocast
+        # cannot change the training numerics.
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _check_health(self):
+        """
+        Stop when steps were skipped for non-finite values (float32/bfloat16) or the fp16 loss
+        scale fell below 1. Called at log intervals and before saving: it reads two numbers from
+        the device, the only synchronisation of the loop outside logging.
+        """
+        trainer = self.mp_trainer
+        skipped = int(trainer.skipped_steps)
+        new_skips, self._skips_seen = skipped - self._skips_seen, skipped
+        if self.use_fp16:
+            lg_loss_scale = trainer.lg_loss_scale
+            if new_skips:
+                # deviation from reference: the reference logs each overflow as it happens, which
+                # needs a synchronisation per step.
+                logger.log(
+                    f"Found NaN in {new_skips} of the steps since step {self._healthy_until}: "
+                    f"skipped them and decreased lg_loss_scale to {lg_loss_scale:.3f}"
+                )
+            if lg_loss_scale < MIN_LG_LOSS_SCALE:
+                self._stop_non_finite("the fp16 loss scale fell below 1 (every step overflows)")
+        elif new_skips:
+            self._stop_non_finite(
+                f"the loss (or its gradient) is not finite at {new_skips} step(s) since step "
+                f"{self._healthy_until} (those steps were skipped)"
+            )
+        self._healthy_until = self.step + self.resume_step
 
     def _stop_non_finite(self, reason):
         step = self.step + self.resume_step
@@ -319,13 +366,23 @@ class TrainLoop:
         else:
             where = "no checkpoint was saved in this run"
         raise NonFiniteLossError(
-            f"training stopped at step {step}: {reason}; nothing was saved for this step; {where} "
+            f"training stopped at step {step}: {reason}; nothing was saved after that; {where} "
             "and a lower --lr (or --use_fp16 False)"
         )
 
-    def _update_ema(self):
+    def _update_ema(self, took_step):
+        """
+        Move every EMA towards the master weights, only if the step was taken (a device flag).
+
+        # deviation from reference: one foreach lerp per rate instead of a Python loop over the
+        # parameters, and the "taken" test happens on the device; the update is the same
+        # rate * ema + (1 - rate) * weights (up to rounding).
+        """
+        masters = list(self.mp_trainer.master_params)
         for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.mp_trainer.master_params, rate=rate)
+            weight = torch.where(took_step, 1.0 - rate, 0.0).to(masters[0].dtype)
+            with torch.no_grad():
+                torch._foreach_lerp_(list(params), masters, [weight] * len(masters))
 
     def _anneal_lr(self):
         if not self.lr_anneal_steps:
@@ -358,6 +415,8 @@ class TrainLoop:
         :raises checkpoints.CheckpointWriteError: when a file cannot be written (disk full, no
             permission); this checkpoint's files are removed and the previous one is intact.
         """
+        # Never write a broken state: this reads the loop's health flags (one synchronisation).
+        self._check_health()
         step = self.checkpoint_step()
         folder = get_blob_logdir()
         model_path = os.path.join(folder, f"model{step:06d}.pt")
@@ -383,12 +442,11 @@ class TrainLoop:
         dist_util.barrier()
 
 
-def _all_ranks_true(flag):
-    if not dist_util.is_distributed():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=dist_util.dev())
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item() > 0)
+def _parameter_device(model):
+    """The device of the model's first parameter (dist_util.dev() for a model without any)."""
+    for param in model.parameters():
+        return param.device
+    return dist_util.dev()
 
 
 def parse_ema_rates(ema_rate):
@@ -488,15 +546,27 @@ def log_loss_dict(diffusion, ts, losses):
     Log the mean of each loss term, and its mean per quarter of the diffusion steps as
     <key>_q0 .. <key>_q3 (q0: the least noisy quarter).
 
+    deviation from reference: the values stay tensors on their device until the logger dumps
+    them (the reference copied every loss to the host at every microbatch); a quarter no timestep
+    of the batch fell into is not logged, as before.
+
     :param diffusion: gives num_timesteps.
     :param ts: the timesteps of the batch.
     :param losses: {name: per-example loss tensor}.
     """
-    for key, values in losses.items():
-        logger.logkv_mean(key, values.mean().item())
-        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().float().numpy()):
-            quartile = int(4 * sub_t / diffusion.num_timesteps)
-            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+    if not losses:
+        return
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    # int(4 * t / T) for integer t in [0, T), the reference's quarter index.
+    quarter = torch.div(4 * ts.to(values.device), diffusion.num_timesteps, rounding_mode="floor")
+    quarter = quarter.long().clamp(0, 3)
+    counts = torch.zeros(4, device=values.device).index_add_(0, quarter, torch.ones_like(values[0]))
+    sums = torch.zeros(len(losses), 4, device=values.device).index_add_(1, quarter, values)
+    means = sums / counts.clamp(min=1)
+    for i, key in enumerate(losses):
+        logger.logkv_mean(key, values[i].mean())
+        for q in range(4):
+            logger.logkv_mean(f"{key}_q{q}", means[i, q], count=counts[q])
 
 
 def training_extra_defaults():
@@ -507,9 +577,14 @@ def training_extra_defaults():
     num_classes: label count of class-conditional models (the reference fixes 1000).
     log_dir: where logs and checkpoints go ("" = $OPENAI_LOGDIR, else a dated temp folder).
     max_steps: stop after this many steps of this run (0 = no limit).
-    use_bf16: bfloat16 autocast for the forward passes (GPUs).
+    use_bf16: the torso in bfloat16 with float32 master weights (no loss scaling).
+    compile, tf32, channels_last: see perf_util.performance_defaults().
     """
-    return dict(seed=0, num_classes=1000, log_dir="", max_steps=0, use_bf16=False)
+    from .perf_util import performance_defaults
+
+    return dict(
+        seed=0, num_classes=1000, log_dir="", max_steps=0, use_bf16=False, **performance_defaults()
+    )
 
 
 def check_dataset_classes(data_dir, num_classes):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .fp16_util import convert_module_to_bf16, convert_module_to_f16, convert_module_to_f32
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -25,18 +25,34 @@ from .nn import (
 )
 
 
-def _attention(q, k, v):
+def _attend(qkv, n_heads, legacy):
     """
-    Softmax attention over the last axis of [B x C x T] queries, keys and values, computed by
-    torch's fused kernel: softmax(q^T k / sqrt(C)) applied to v (Vaswani et al. 2017, eq. 1).
+    Multi-head softmax attention, softmax(q k^T / sqrt(C)) v (Vaswani et al. 2017, eq. 1), over a
+    packed qkv tensor given token-major.
 
-    :return: a [B x C x T] tensor.
+    :param qkv: an [N x T x (3 * H * C)] tensor; `legacy` says how its channels are laid out.
+    :param n_heads: the number of heads H.
+    :param legacy: True for [head 0: q, k, v | head 1: q, k, v | ...], False for
+        [all q | all k | all v] (each split into heads).
+    :return: an [N x T x (H * C)] tensor.
     """
+    batch, length, width = qkv.shape
+    ch = _head_channels(width, n_heads)
     # deviation from reference: the reference multiplies q and k by C**-0.25 and runs two einsums
-    # with an fp32 softmax; scaled_dot_product_attention computes the same quantity with fused,
-    # numerically stable kernels (and flash/memory-efficient attention on GPUs).
+    # with an fp32 softmax, materialising the T x T weights. scaled_dot_product_attention computes
+    # the same quantity, but its fused kernels (flash attention on CPU; flash, memory-efficient
+    # and cuDNN on GPU) only accept 4-D [N, H, T, C] inputs whose channel axis has stride 1
+    # (anything else silently takes the slow math kernel). Token-major qkv gives exactly that
+    # with views only.
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if legacy:
+        q, k, v = qkv.unflatten(-1, (n_heads, 3, ch)).unbind(3)
+    else:
+        q, k, v = qkv.unflatten(-1, (3, n_heads, ch)).unbind(2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    # The kernels write [N, T, H, C] memory, so this is a view, not a copy.
+    return out.transpose(1, 2).reshape(batch, length, n_heads * ch)
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -53,13 +69,11 @@ class QKVAttentionLegacy(nn.Module):
 
     def forward(self, qkv):
         """
-        :param qkv: an [N x (H * 3 * C) x T] tensor.
-        :return: an [N x (H * C) x T] tensor.
+        :param qkv: an [N x (H * 3 * C) x T] tensor (fastest when it is a transposed view of
+            token-major [N x T x (H * 3 * C)] memory, as AttentionBlock passes it).
+        :return: an [N x (H * C) x T] tensor (a transposed view of token-major memory).
         """
-        batch, width, length = qkv.shape
-        ch = _head_channels(width, self.n_heads)
-        q, k, v = qkv.reshape(batch * self.n_heads, 3 * ch, length).split(ch, dim=1)
-        return _attention(q, k, v).reshape(batch, -1, length)
+        return _attend(qkv.transpose(1, 2), self.n_heads, legacy=True).transpose(1, 2)
 
 
 class QKVAttention(nn.Module):
@@ -76,19 +90,25 @@ class QKVAttention(nn.Module):
 
     def forward(self, qkv):
         """
-        :param qkv: an [N x (3 * H * C) x T] tensor.
-        :return: an [N x (H * C) x T] tensor.
+        :param qkv: an [N x (3 * H * C) x T] tensor (fastest when it is a transposed view of
+            token-major memory).
+        :return: an [N x (H * C) x T] tensor (a transposed view of token-major memory).
         """
-        batch, width, length = qkv.shape
-        ch = _head_channels(width, self.n_heads)
-        q, k, v = (part.reshape(batch * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
-        return _attention(q, k, v).reshape(batch, -1, length)
+        return _attend(qkv.transpose(1, 2), self.n_heads, legacy=False).transpose(1, 2)
 
 
 def _head_channels(width, n_heads):
     if width % (3 * n_heads):
         raise ValueError(f"qkv width {width} is not divisible by 3 * {n_heads} heads")
     return width // (3 * n_heads)
+
+
+def _pointwise_tokens(conv, x):
+    """
+    Apply a 1x1 Conv1d to token-major [N x T x C] features, giving token-major [N x T x C_out]
+    (the same weights and result as conv(x.transpose(1, 2)).transpose(1, 2)).
+    """
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
 class AttentionPool2d(nn.Module):
@@ -379,9 +399,17 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x):
         batch, channels, *spatial = x.shape
-        x = x.reshape(batch, channels, -1)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(batch, channels, *spatial)
+        # The 1x1 convolutions run token-major ([N, T, C]) so that the attention kernel gets
+        # q, k, v with contiguous channels without any copy (see _attend); the parameters are
+        # still those of the reference's Conv1d modules. The norm sees the N-d input (the same
+        # statistics as over [N, C, T]), so a channels_last input is already token-major and
+        # needs no copy at all; contiguous() copies the others once (a matmul on the transposed
+        # view can take a slow strided path on CPU).
+        tokens = self.norm(x).reshape(batch, channels, -1).transpose(1, 2).contiguous()
+        qkv = _pointwise_tokens(self.qkv, tokens)
+        h = self.attention(qkv.transpose(1, 2)).transpose(1, 2)
+        h = _pointwise_tokens(self.proj_out, h)
+        return x + h.transpose(1, 2).reshape(batch, channels, *spatial)
 
 
 def _fp16_dtype(use_fp16):
@@ -618,10 +646,23 @@ class UNetModel(nn.Module):
         for part in (self.input_blocks, self.middle_block, self.output_blocks):
             part.apply(convert_module_to_f16)
 
+    def convert_to_bf16(self):
+        """
+        Cast the torso (input, middle and output blocks) to bfloat16 and run it in bfloat16.
+
+        An addition to the reference: the --use_bf16 counterpart of convert_to_fp16 (embeddings,
+        norms and the output head stay float32 in the same way).
+        """
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_bf16)
+        self.dtype = torch.bfloat16
+
     def convert_to_fp32(self):
-        """Cast the torso back to float32."""
+        """Cast the torso back to float32 (a bfloat16 torso also computes in float32 again)."""
         for part in (self.input_blocks, self.middle_block, self.output_blocks):
             part.apply(convert_module_to_f32)
+        if self.dtype == torch.bfloat16:
+            self.dtype = torch.float32
 
     def _embed(self, timesteps, y, batch):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
@@ -639,12 +680,7 @@ class UNetModel(nn.Module):
             )
         if y.shape != (batch,):
             raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
-        # One host sync per call; a silent out-of-range embedding lookup is far worse on GPU.
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}), got values in "
-                f"[{int(y.min())}, {int(y.max())}]: pass --num_classes to match the dataset"
-            )
+        _check_labels(y, self.num_classes)
         return emb + self.label_emb(y)
 
     def forward(self, x, timesteps, y=None):
@@ -664,6 +700,29 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
+
+
+def _check_labels(y, num_classes):
+    """
+    Refuse labels outside [0, num_classes) without synchronising with an accelerator.
+
+    Labels enter from load_data (whose class count check_dataset_classes compares with
+    --num_classes) or from the samplers' randint, so this guards library callers.
+    """
+    # deviation from reference: the reference does not check (an out-of-range label is a silent
+    # garbage embedding or a crash deep inside the GPU kernel). torch._assert_async checks on the
+    # device: a GPU reports a failure asynchronously (a device-side assert) instead of stopping
+    # the host every forward, it traces into torch.compile graphs, and on the CPU it raises at
+    # once, which becomes the one-line error.
+    message = f"labels must lie in [0, {num_classes}): pass --num_classes to match the dataset"
+    in_range = ((y >= 0) & (y < num_classes)).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(in_range, message)
+        return
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError:
+        raise ValueError(message) from None
 
 
 class SuperResModel(UNetModel):
@@ -804,10 +863,18 @@ class EncoderUNetModel(nn.Module):
         self.input_blocks.apply(convert_module_to_f16)
         self.middle_block.apply(convert_module_to_f16)
 
+    def convert_to_bf16(self):
+        """Cast the torso (input and middle blocks) to bfloat16 and run it in bfloat16."""
+        self.input_blocks.apply(convert_module_to_bf16)
+        self.middle_block.apply(convert_module_to_bf16)
+        self.dtype = torch.bfloat16
+
     def convert_to_fp32(self):
-        """Cast the torso back to float32."""
+        """Cast the torso back to float32 (a bfloat16 torso also computes in float32 again)."""
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
+        if self.dtype == torch.bfloat16:
+            self.dtype = torch.float32
 
     def forward(self, x, timesteps):
         """

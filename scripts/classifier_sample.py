@@ -17,14 +17,16 @@ from guided_diffusion.cfg import (
     classifier_free_guidance,
     sampling_guidance_defaults,
 )
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
     ScriptError,
-    autocast_context,
     gather_samples,
     load_checkpoint_into,
+    network_flags,
     make_classifier_cond_fn,
     output_dir,
+    prepare_network,
     run_main,
     sampling_extra_defaults,
     seed_sampling,
@@ -50,6 +52,7 @@ def main(argv=None):
     )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
@@ -60,10 +63,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    model.to(dist_util.dev())
-    if args.use_fp16:
-        model.convert_to_fp16()
-    model.eval()
+    prepare_network(model, **network_flags(args))
 
     logger.log("loading classifier...")
     classifier_flags = args_to_dict(args, classifier_defaults().keys())
@@ -85,10 +85,13 @@ def main(argv=None):
                 f"size ({exc})"
             ) from None
         raise
-    classifier.to(dist_util.dev())
-    if args.classifier_use_fp16:
-        classifier.convert_to_fp16()
-    classifier.eval()
+    prepare_network(
+        classifier,
+        use_fp16=args.classifier_use_fp16,
+        use_bf16=args.use_bf16 and not args.classifier_use_fp16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
 
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
 
@@ -109,15 +112,14 @@ def main(argv=None):
         classes = torch.randint(
             low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
         )
-        with autocast_context(args.use_bf16):
-            sample = sample_fn(
-                model_fn,
-                shape,
-                clip_denoised=args.clip_denoised,
-                model_kwargs={"y": classes},
-                cond_fn=cond_fn,
-                device=dist_util.dev(),
-            )
+        sample = sample_fn(
+            model_fn,
+            shape,
+            clip_denoised=args.clip_denoised,
+            model_kwargs={"y": classes},
+            cond_fn=cond_fn,
+            device=dist_util.dev(),
+        )
         return to_uint8(sample.float()), classes
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)

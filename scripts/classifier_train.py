@@ -13,14 +13,14 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.optim import AdamW
 
 from guided_diffusion import checkpoints, dist_util, logger, train_state
-from guided_diffusion.fp16_util import MixedPrecisionTrainer
+from guided_diffusion.fp16_util import MixedPrecisionTrainer, make_adamw
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.preemption import PreemptionWatch
 from guided_diffusion.progress import StepMeter
 from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -43,6 +43,7 @@ def main(argv=None):
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     seed_training(args.seed)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
@@ -50,6 +51,8 @@ def main(argv=None):
     flags["classifier_channel_mult"] = args.classifier_channel_mult
     model, diffusion = create_classifier_and_diffusion(**flags)
     model.to(dist_util.dev())
+    to_channels_last(model, args.channels_last)
+    compile_model(model, args.compile)
     schedule_sampler = None
     if args.noised:
         schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
@@ -93,7 +96,7 @@ def main(argv=None):
         )
 
     logger.log("creating optimizer...")
-    opt = AdamW(mp_trainer.master_params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_adamw(mp_trainer.master_params, lr=args.lr, weight_decay=args.weight_decay)
     if resume_checkpoint:
         opt_checkpoint = os.path.join(os.path.dirname(resume_checkpoint), f"opt{resume_step:06}.pt")
         if os.path.exists(opt_checkpoint):
@@ -161,7 +164,7 @@ def main(argv=None):
             if args.anneal_lr:
                 set_annealed_lr(opt, args.lr, steps_done / args.iterations)
             forward_backward_log(data)
-            mp_trainer.optimize(opt)
+            mp_trainer.optimize_no_sync(opt)
             if val_data is not None and not step % args.eval_interval:
                 no_sync = (
                     ddp_model.no_sync() if ddp_model is not model else contextlib.nullcontext()

@@ -29,13 +29,14 @@ from guided_diffusion.ddim_tools import (
     diffusion_for_steps,
     parse_step_counts,
 )
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import make_grid_png, save_images_npz, to_uint8
 from guided_diffusion.sampling_util import (
-    autocast_context,
     ddim_tool_defaults,
     ddim_tool_model_flags,
     load_latents,
     load_sampling_model,
+    network_flags,
     output_dir,
     require_single_process,
     run_main,
@@ -52,13 +53,14 @@ def main(argv=None):
     dist_util.setup_dist()
     require_single_process("ddim_consistency.py")
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     flags = ddim_tool_model_flags(args)
     if args.latents:
         x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond)
         x_T = x_T[: args.num_samples]
         labels = None if labels is None else labels[: args.num_samples]
-    model = load_sampling_model(flags, args.model_path)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
     diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
     if not args.latents:
         seed_sampling(args.seed)
@@ -70,11 +72,10 @@ def main(argv=None):
     decoded = {}
     for steps, diffusion in diffusions.items():
         logger.log(f"decoding {len(x_T)} latents with {steps} DDIM steps...")
-        with autocast_context(args.use_bf16):
-            images = decode_in_batches(
-                diffusion, model, x_T, labels=labels, batch_size=args.batch_size,
-                clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
-            )
+        images = decode_in_batches(
+            diffusion, model, x_T, labels=labels, batch_size=args.batch_size,
+            clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+        )
         decoded[steps] = to_uint8(images).numpy()
     distances = consistency_distances(decoded)
 

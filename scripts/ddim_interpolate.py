@@ -20,14 +20,15 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.ddim_tools import decode_in_batches, diffusion_for_steps, parse_step_counts, slerp_pairs
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import make_grid_png, save_images_npz, to_uint8
 from guided_diffusion.sampling_util import (
     ScriptError,
-    autocast_context,
     ddim_tool_defaults,
     ddim_tool_model_flags,
     load_latents,
     load_sampling_model,
+    network_flags,
     output_dir,
     require_single_process,
     run_main,
@@ -47,11 +48,12 @@ def main(argv=None):
     dist_util.setup_dist()
     require_single_process("ddim_interpolate.py")
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     flags = ddim_tool_model_flags(args)
     if args.latents:
         starts, ends, labels = pairs_from_file(args)
-    model = load_sampling_model(flags, args.model_path)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
     diffusion = diffusion_for_steps(flags, steps[0])
     if not args.latents:
         seed_sampling(args.seed)
@@ -60,11 +62,10 @@ def main(argv=None):
     path = slerp_pairs(starts, ends, args.num_points)
     path_labels = None if labels is None else labels.repeat_interleave(args.num_points)
     logger.log(f"decoding {len(starts)} pairs x {args.num_points} points with {steps[0]} DDIM steps...")
-    with autocast_context(args.use_bf16):
-        images = decode_in_batches(
-            diffusion, model, path, labels=path_labels, batch_size=args.batch_size,
-            clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
-        )
+    images = decode_in_batches(
+        diffusion, model, path, labels=path_labels, batch_size=args.batch_size,
+        clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+    )
     images = to_uint8(images).numpy()
 
     out = output_dir(args)

@@ -27,12 +27,13 @@ from guided_diffusion.ddim_tools import (
     round_trip_in_batches,
 )
 from guided_diffusion.diffusion_sampling import check_invertible_eta
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import make_grid_png, to_uint8
 from guided_diffusion.sampling_util import (
-    autocast_context,
     ddim_tool_defaults,
     ddim_tool_model_flags,
     load_sampling_model,
+    network_flags,
     output_dir,
     read_images,
     require_single_process,
@@ -52,11 +53,12 @@ def main(argv=None):
     dist_util.setup_dist()
     require_single_process("ddim_invert.py")
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images)
     logger.log(f"read {len(images)} images from {args.input}")
     flags = ddim_tool_model_flags(args)
-    model = load_sampling_model(flags, args.model_path)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
     diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
 
     x_start = uint8_to_model_input(images)
@@ -64,11 +66,10 @@ def main(argv=None):
     results, rows, latents = {}, [], None
     for steps, diffusion in diffusions.items():
         logger.log(f"inverting and reconstructing with {steps} DDIM steps...")
-        with autocast_context(args.use_bf16):
-            x_T, recon = round_trip_in_batches(
-                diffusion, model, x_start, labels=y, batch_size=args.batch_size,
-                clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
-            )
+        x_T, recon = round_trip_in_batches(
+            diffusion, model, x_start, labels=y, batch_size=args.batch_size,
+            clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+        )
         mse = reconstruction_mse(x_start, recon)
         results[steps] = {"mse": float(mse.mean()), "psnr": psnr(mse.mean())}
         rows.append(to_uint8(recon[: args.grid_images]).numpy())

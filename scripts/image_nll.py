@@ -14,9 +14,12 @@ import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sampling_util import (
     load_checkpoint_into,
+    network_flags,
     output_dir,
+    prepare_network,
     run_main,
     sampling_extra_defaults,
     seed_sampling,
@@ -34,6 +37,7 @@ def main(argv=None):
 
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
@@ -42,10 +46,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    model.to(dist_util.dev())
-    if args.use_fp16:
-        model.convert_to_fp16()
-    model.eval()
+    prepare_network(model, **network_flags(args))
 
     logger.log("creating data loader...")
     data = load_data(

@@ -16,12 +16,14 @@ from guided_diffusion.cfg import (
     classifier_free_guidance,
     sampling_guidance_defaults,
 )
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
-    autocast_context,
     gather_samples,
     load_checkpoint_into,
+    network_flags,
     output_dir,
+    prepare_network,
     run_main,
     sampling_extra_defaults,
     seed_sampling,
@@ -45,6 +47,7 @@ def main(argv=None):
     )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
@@ -55,10 +58,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    model.to(dist_util.dev())
-    if args.use_fp16:
-        model.convert_to_fp16()
-    model.eval()
+    prepare_network(model, **network_flags(args))
 
     seed_sampling(args.seed)
     logger.log(f"sampling with {sampler}...")
@@ -75,14 +75,13 @@ def main(argv=None):
                 low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
             )
             model_kwargs["y"] = labels
-        with autocast_context(args.use_bf16):
-            sample = sample_fn(
-                model_fn,
-                shape,
-                clip_denoised=args.clip_denoised,
-                model_kwargs=model_kwargs,
-                device=dist_util.dev(),  # model_fn may be a plain function (guidance)
-            )
+        sample = sample_fn(
+            model_fn,
+            shape,
+            clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs,
+            device=dist_util.dev(),  # model_fn may be a plain function (guidance)
+        )
         return to_uint8(sample.float()), labels
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)

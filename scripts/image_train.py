@@ -13,6 +13,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.cfg import cfg_defaults, with_label_dropout
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.sampling_util import run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -29,6 +30,7 @@ def main(argv=None):
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     seed_training(args.seed)
+    set_tf32(args.tf32)
 
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(
@@ -37,6 +39,8 @@ def main(argv=None):
         class_dropout_prob=args.class_dropout_prob,
     )
     model.to(dist_util.dev())
+    to_channels_last(model, args.channels_last)
+    compile_model(model, args.compile)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")

@@ -18,14 +18,16 @@ from guided_diffusion.cfg import (
     classifier_free_guidance,
     sampling_guidance_defaults,
 )
+from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_util import to_uint8
 from guided_diffusion.sampling_util import (
     ScriptError,
-    autocast_context,
     create_sr_model_and_diffusion,
     gather_samples,
     load_checkpoint_into,
+    network_flags,
     output_dir,
+    prepare_network,
     read_image_npz,
     run_main,
     sampling_extra_defaults,
@@ -49,6 +51,7 @@ def main(argv=None):
     )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
     logger.log("creating model...")
     flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
@@ -62,10 +65,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_sr_model_and_diffusion(f)[0]
     )
-    model.to(dist_util.dev())
-    if args.use_fp16:
-        model.convert_to_fp16()
-    model.eval()
+    prepare_network(model, **network_flags(args))
 
     logger.log("loading data...")
     data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)
@@ -79,14 +79,13 @@ def main(argv=None):
 
     def make_batch():
         model_kwargs = {k: v.to(dist_util.dev()) for k, v in next(data).items()}
-        with autocast_context(args.use_bf16):
-            sample = sample_fn(
-                model_fn,
-                shape,
-                clip_denoised=args.clip_denoised,
-                model_kwargs=model_kwargs,
-                device=dist_util.dev(),  # model_fn may be a plain function (guidance)
-            )
+        sample = sample_fn(
+            model_fn,
+            shape,
+            clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs,
+            device=dist_util.dev(),  # model_fn may be a plain function (guidance)
+        )
         # deviation from reference: the labels of class-conditional runs are kept as arr_1.
         return to_uint8(sample.float()), model_kwargs.get("y")
 

@@ -154,7 +154,11 @@ def test_interpolate_between_inverted_latents(toys, inverted, tmp_path):
     model, diffusion = loaded(toys["cond"], True), diffusion_for_steps(toy_flags(True), 5)
     with torch.no_grad():
         row_ends = diffusion.ddim_sample_loop(model, (2, 3, 8, 8), noise=x_T[2:4], model_kwargs={"y": torch.tensor([2, 2])})
-    np.testing.assert_array_equal(images[[3, 5]], to_uint8(row_ends).numpy())
+    # The script decodes the 9 points in one batch, this the 2 ends alone: the batch size
+    # changes the convolutions' float rounding (~1e-8), which can move a pixel across a uint8
+    # rounding boundary, so a rare off-by-one is allowed.
+    diff = np.abs(images[[3, 5]].astype(int) - to_uint8(row_ends).numpy().astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).sum())
 
 
 def test_consistency_matches_image_sample_and_reports_distances(toys, tmp_path):

@@ -161,13 +161,14 @@ def test_attention_uses_scaled_dot_product_attention(monkeypatch):
     real = F.scaled_dot_product_attention
 
     def counting(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append([(tuple(a.shape), a.stride(-1)) for a in args[:3]])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     QKVAttentionLegacy(2)(torch.randn(1, 48, 5))
     QKVAttention(2)(torch.randn(1, 48, 5))
-    assert calls == [torch.Size([2, 5, 8])] * 2
+    # The fused kernels need 4-D [batch, heads, tokens, channels] with contiguous channels.
+    assert calls == [[((1, 2, 5, 8), 1)] * 3] * 2
 
 
 def test_attention_head_errors_name_the_numbers():

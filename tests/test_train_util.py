@@ -253,14 +253,25 @@ def test_fp16_loss_scale_skips_overflows_and_grows(tmp_path):
     assert "lg_loss_scale" in logger.getkvs() or os.path.exists(tmp_path / "progress.csv")
 
 
-def test_fp16_persistent_nan_stops(tmp_path):
+@pytest.mark.parametrize(
+    # The log check follows step index 5 (six steps run); the save check follows the 4th step.
+    "log_interval,save_interval,stop,steps_run", [(5, 100, 5, 6), (100, 4, 4, 4)]
+)
+def test_fp16_persistent_nan_stops_at_the_next_check(
+    tmp_path, log_interval, save_interval, stop, steps_run
+):
     diffusion = ScaledDiffusion(create_gaussian_diffusion(steps=100), [float("nan")])
     loop = make_loop(tmp_path, model=tiny_model(use_fp16=True), diffusion=diffusion,
-                     use_fp16=True, log_interval=100)
+                     use_fp16=True, log_interval=log_interval, save_interval=save_interval)
     loop.mp_trainer.lg_loss_scale = 2.0  # as if 18 overflows had already happened
     with pytest.raises(NonFiniteLossError, match="loss scale"):
         loop.run_loop()
-    assert loop.step == 2  # scale 2 -> 1 -> 0 -> -1: the third skipped step stops the run
+    # Scale 2 -> 1 -> 0 -> -1: below 1 after the third skipped step. The steps never wait for the
+    # device, so the loop notices at its next check: a log interval, or before a save (which
+    # therefore never writes the broken state).
+    assert loop.step == stop
+    assert loop.mp_trainer.lg_loss_scale == pytest.approx(2.0 - steps_run)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".pt")]
 
 
 DDP_SCRIPT = textwrap.dedent(
