@@ -11,8 +11,8 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.sample_util import to_uint8
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.sampling_cli import (
     ScriptError,
     autocast_context,
     gather_samples,

@@ -20,7 +20,7 @@ from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.preemption import PreemptionWatch
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
+from guided_diffusion.sampling_cli import load_model_weights, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

@@ -27,8 +27,8 @@ from guided_diffusion.ddim_tools import (
     round_trip_in_batches,
 )
 from guided_diffusion.diffusion_sampling import check_invertible_eta
-from guided_diffusion.sample_util import make_grid_png, to_uint8
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sample_files import make_grid_png, to_uint8
+from guided_diffusion.sampling_cli import (
     autocast_context,
     ddim_tool_defaults,
     ddim_tool_model_flags,

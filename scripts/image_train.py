@@ -12,7 +12,7 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sampling_util import run_main, seed_training
+from guided_diffusion.sampling_cli import run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

@@ -486,16 +486,3 @@ def paper_sgd_schedule(step, *, lr, lr_decay, min_lr, momentum, final_momentum, 
     step_lr = max(lr * math.exp(-step * math.log(lr_decay)), min_lr)
     frac = 1.0 if saturate_steps <= 0 else min(step / saturate_steps, 1.0)
     return step_lr, momentum + frac * (final_momentum - momentum)
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # Training and evaluation depend on the data/logging/distributed modules; import them only
-    # when asked for, so the networks stay importable on their own and no import cycle forms.
-    from . import cgan_eval, cgan_train
-
-    for module in (cgan_train, cgan_eval):
-        if name in getattr(module, "__all__", ()):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

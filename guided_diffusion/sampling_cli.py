@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import dist_util, logger, sample_util
+from . import dist_util, logger, sample_files
 from .checkpoints import atomic_write
 from .flag_hints import explain_state_dict_mismatch
 
@@ -226,7 +226,7 @@ def write_samples(arr, label_arr, out_dir):
     path = os.path.join(out_dir, f"samples_{shape_str}.npz")
     if dist_util.is_main_process():
         logger.log(f"saving to {path}")
-        path = sample_util.save_samples(arr, label_arr, out_dir)
+        path = sample_files.save_samples(arr, label_arr, out_dir)
     dist_util.barrier()
     return path
 
