@@ -142,8 +142,8 @@ class TrainLoop:
             self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
             state = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
-            # Imported here: sampling_util imports the networks, which train_util does not need.
-            from .sampling_cli import load_model_weights
+            # Imported here: model_weights imports the networks, which train_util does not need.
+            from .model_weights import load_model_weights
 
             load_model_weights(self.model, state, self.resume_checkpoint)
         dist_util.sync_params(self.model.parameters())
@@ -160,7 +160,7 @@ class TrainLoop:
         else:
             logger.log(f"loading EMA from checkpoint: {path}...")
             state = dist_util.load_state_dict(path, map_location=dist_util.dev())
-            from .sampling_cli import check_model_weights
+            from .model_weights import check_model_weights
 
             check_model_weights(self.model, state, path)
             ema_params = self.mp_trainer.state_dict_to_master_params(state)
