@@ -102,6 +102,8 @@ class TrainLoop:
         self.use_fp16 = use_fp16
         self.fp16_scale_growth = fp16_scale_growth
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.set_all_gather(dist_util.all_gather_tensors)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
@@ -201,7 +203,10 @@ class TrainLoop:
             train_state.set_loss_scale(self.mp_trainer, shared["lg_loss_scale"])
         load_sampler = getattr(self.schedule_sampler, "load_state_dict", None)
         if callable(load_sampler) and shared.get("schedule_sampler") is not None:
-            load_sampler(shared["schedule_sampler"])
+            try:
+                load_sampler(shared["schedule_sampler"])
+            except ValueError as exc:
+                logger.warn(f"{exc}: the {type(self.schedule_sampler).__name__} starts afresh")
 
     # ----------------------------------------------------------------------------- the loop
 
