@@ -133,7 +133,7 @@ def load_labeled_images(data_dir, *, image_size, shard=0, num_shards=1):
 
 def uint8_to_float(images):
     """
-    Inverse of sample_util.to_uint8 up to quantisation.
+    Inverse of sample_files.to_uint8 up to quantisation.
 
     :param images: uint8 array or tensor [N, H, W, C].
     :return: float32 tensor [N, C, H, W] in [-1, 1].

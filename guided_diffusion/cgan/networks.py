@@ -7,9 +7,9 @@ Both networks see the class label y. The paper's value function (its equation 2)
     min_G max_D  E_x[log D(x | y)] + E_z[log(1 - D(G(z | y) | y))].
 
 This module holds the networks, their factories (in the style of script_util), the losses and the
-paper's optimiser. Training lives in ``cgan_train`` (CGANTrainLoop, checkpoints, sampling) and the
-paper's evaluation in ``cgan_eval`` (Parzen-window log-likelihood, classifier accuracy); both are
-re-exported here so ``from guided_diffusion.cgan import CGANTrainLoop`` works.
+paper's optimiser. Training lives in ``training`` (CGANTrainLoop, checkpoints, sampling) and the
+paper's evaluation in ``evaluation`` (Parzen-window log-likelihood, classifier accuracy); the
+package exports them all, so ``from guided_diffusion.cgan import CGANTrainLoop`` works.
 
 Two architectures share one interface:
 

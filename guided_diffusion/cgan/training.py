@@ -1,5 +1,5 @@
 """
-Training, checkpoints and sampling for the conditional GAN of ``cgan``.
+Training, checkpoints and sampling for the conditional GAN of ``cgan.networks``.
 
 A checkpoint ``cgan%06d.pt`` is one file holding both networks, the generator's EMA, both
 optimisers, the step and the flags that shape the networks, so a run resumes exactly and a
