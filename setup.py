@@ -9,7 +9,7 @@ setup(
         "and a PyTorch evaluator."
     ),
     python_requires=">=3.10",
-    packages=["guided_diffusion", "evaluations", "datasets"],
+    packages=["guided_diffusion", "guided_diffusion.cgan", "guided_diffusion.vae", "evaluations", "datasets"],
     install_requires=[
         "torch>=1.13",
         "numpy",

@@ -498,7 +498,7 @@ def sampling_workload(args, api, model, diffusion, classifier, size, device, por
     cond_fn = None
     if classifier is not None:
         if port:
-            from guided_diffusion.sampling_util import make_classifier_cond_fn
+            from guided_diffusion.sampling_cli import make_classifier_cond_fn
 
             cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
         else:

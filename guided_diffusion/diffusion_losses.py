@@ -9,8 +9,7 @@ import torch as th
 from tqdm.auto import tqdm
 
 from .diffusion_types import LossType, ModelMeanType, ModelVarType
-from .losses import discretized_gaussian_log_likelihood, normal_kl
-from .nn import mean_flat
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 _LN2 = np.log(2.0)
 

@@ -12,7 +12,7 @@ Images are uint8 [N, H, W, C] as the sampling scripts save them; they are judged
 import numpy as np
 import torch
 
-from . import cgan_eval
+from .cgan import evaluation as cgan_eval
 
 __all__ = [
     "RealDigitsJudge",

@@ -1,5 +1,6 @@
 """
-Likelihood helpers for the variational bound: Gaussian KL and the discretised decoder.
+Likelihood helpers for the variational bound: Gaussian KL, the discretised decoder, and the
+per-example mean the losses are reduced with.
 
 The decoder follows Ho et al. (2020), section 3.3: pixel values are 256 bins in [-1, 1] and the
 last step's likelihood integrates a Gaussian over each bin.
@@ -7,6 +8,16 @@ last step's likelihood integrates a Gaussian over each bin.
 
 import numpy as np
 import torch as th
+
+
+def mean_flat(tensor):
+    """
+    Average over every dimension except the first (batch) one.
+
+    :param tensor: an [N x ...] tensor.
+    :return: an [N] tensor.
+    """
+    return tensor.mean(dim=list(range(1, tensor.dim())))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from .losses import mean_flat  # noqa: F401  (the reference's path; it lives with the loss maths)
+
 # The reference kept its own SiLU for PyTorch 1.5; the built-in one computes the same
 # x * sigmoid(x).
 SiLU = nn.SiLU
@@ -111,16 +113,6 @@ def scale_module(module, scale):
     for param in module.parameters():
         param.mul_(scale)
     return module
-
-
-def mean_flat(tensor):
-    """
-    Average over every dimension except the first (batch) one.
-
-    :param tensor: an [N x ...] tensor.
-    :return: an [N] tensor.
-    """
-    return tensor.mean(dim=list(range(1, tensor.dim())))
 
 
 def normalization(channels):

@@ -8,8 +8,6 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch as th
 
-from . import dist_util, logger
-
 SAMPLER_NAMES = ("uniform", "loss-second-moment")
 
 
@@ -67,7 +65,29 @@ class UniformSampler(ScheduleSampler):
         return self._weights
 
 
+def single_process_all_gather(tensor):
+    """The all-gather of a run with one process: a list holding just this process's tensor."""
+    return [tensor]
+
+
 class LossAwareSampler(ScheduleSampler):
+    # deviation from reference: the reference gathers every rank's losses through torch.distributed
+    # inside this class. Here the all-gather is injected (set_all_gather), so the diffusion maths
+    # imports no process code; TrainLoop wires dist_util.all_gather_tensors, and a sampler used
+    # outside TrainLoop gathers just its own process unless given one.
+    all_gather = staticmethod(single_process_all_gather)
+
+    def set_all_gather(self, all_gather):
+        """
+        Use `all_gather` to collect every rank's timesteps and losses.
+
+        :param all_gather: a function tensor -> list of every rank's tensors in rank order
+            (dist_util.all_gather_tensors in a distributed run).
+        :return: self.
+        """
+        self.all_gather = all_gather
+        return self
+
     def update_with_local_losses(self, local_ts, local_losses):
         """
         Update the reweighting from this rank's losses, after gathering every rank's.
@@ -77,8 +97,8 @@ class LossAwareSampler(ScheduleSampler):
         :param local_ts: an integer tensor of this rank's timesteps.
         :param local_losses: a 1-D tensor of the matching losses.
         """
-        timesteps = th.cat(dist_util.all_gather_tensors(local_ts.detach().long()))
-        losses = th.cat(dist_util.all_gather_tensors(local_losses.detach().float()))
+        timesteps = th.cat(self.all_gather(local_ts.detach().long()))
+        losses = th.cat(self.all_gather(local_losses.detach().float()))
         self.update_with_all_losses(timesteps.tolist(), losses.tolist())
 
     @abstractmethod
@@ -136,13 +156,16 @@ class LossSecondMomentResampler(LossAwareSampler):
         }
 
     def load_state_dict(self, state):
-        """Restore a history from state_dict(); one of another length is ignored."""
+        """
+        Restore a history from state_dict().
+
+        :raises ValueError: when the saved history has another shape (another number of steps or
+            history length); the sampler is left as it was.
+        """
         history = state["loss_history"].numpy()
         if history.shape != self._loss_history.shape:
-            logger.warn(
-                f"the saved loss history has shape {history.shape}, not "
-                f"{self._loss_history.shape}: the loss-second-moment sampler starts afresh"
+            raise ValueError(
+                f"the saved loss history has shape {history.shape}, not {self._loss_history.shape}"
             )
-            return
         self._loss_history = history.astype(np.float64).copy()
         self._loss_counts = state["loss_counts"].numpy().astype(np.int64).copy()

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from evaluations.metrics import FIDStatistics
 
 from .cfg import classifier_free_guidance
-from .cgan_eval import class_accuracy, to_eval_space, train_classifier
-from .sample_util import make_grid_png, to_uint8
+from .cgan.evaluation import class_accuracy, to_eval_space, train_classifier
+from .sample_files import make_grid_png, to_uint8
 from .solver_sampling import make_sample_fn
 
 __all__ = [

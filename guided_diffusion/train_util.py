@@ -106,6 +106,8 @@ class TrainLoop:
         self.use_fp16 = use_fp16
         self.fp16_scale_growth = fp16_scale_growth
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.set_all_gather(dist_util.all_gather_tensors)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
@@ -159,8 +161,8 @@ class TrainLoop:
             self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
             state = dist_util.load_state_dict(self.resume_checkpoint, map_location=self.device)
-            # Imported here: sampling_util imports the networks, which train_util does not need.
-            from .sampling_util import load_model_weights
+            # Imported here: model_weights imports the networks, which train_util does not need.
+            from .model_weights import load_model_weights
 
             load_model_weights(self.model, state, self.resume_checkpoint)
         dist_util.sync_params(self.model.parameters())
@@ -177,7 +179,7 @@ class TrainLoop:
         else:
             logger.log(f"loading EMA from checkpoint: {path}...")
             state = dist_util.load_state_dict(path, map_location=self.device)
-            from .sampling_util import check_model_weights
+            from .model_weights import check_model_weights
 
             check_model_weights(self.model, state, path)
             ema_params = self.mp_trainer.state_dict_to_master_params(state)
@@ -218,7 +220,10 @@ class TrainLoop:
             train_state.set_loss_scale(self.mp_trainer, shared["lg_loss_scale"])
         load_sampler = getattr(self.schedule_sampler, "load_state_dict", None)
         if callable(load_sampler) and shared.get("schedule_sampler") is not None:
-            load_sampler(shared["schedule_sampler"])
+            try:
+                load_sampler(shared["schedule_sampler"])
+            except ValueError as exc:
+                logger.warn(f"{exc}: the {type(self.schedule_sampler).__name__} starts afresh")
 
     # ----------------------------------------------------------------------------- the loop
 

@@ -22,11 +22,19 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cgan import cgan_defaults
-from guided_diffusion.cgan_data import is_mnist_dir, load_labeled_images, read_mnist
-from guided_diffusion.cgan_eval import default_sigmas, evaluate_samples, is_grayscale, to_eval_space
-from guided_diffusion.cgan_train import generate_samples, load_generator
-from guided_diffusion.sample_util import to_uint8
+from guided_diffusion.cgan import (
+    cgan_defaults,
+    default_sigmas,
+    evaluate_samples,
+    generate_samples,
+    is_grayscale,
+    is_mnist_dir,
+    load_generator,
+    load_labeled_images,
+    read_mnist,
+    to_eval_space,
+)
+from guided_diffusion.sample_files import to_uint8
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 

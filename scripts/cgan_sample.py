@@ -15,9 +15,13 @@ import sys
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cgan import cgan_defaults
-from guided_diffusion.cgan_train import class_grid, generate_samples, load_generator
-from guided_diffusion.sample_util import make_grid_png, save_samples, to_uint8
+from guided_diffusion.cgan import (
+    cgan_defaults,
+    class_grid,
+    generate_samples,
+    load_generator,
+)
+from guided_diffusion.sample_files import make_grid_png, save_samples, to_uint8
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 

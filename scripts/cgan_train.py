@@ -14,10 +14,15 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cgan import cgan_defaults, create_cgan
-from guided_diffusion.cgan_data import cgan_training_batches, count_classes
-from guided_diffusion.cgan_train import CGANTrainLoop, cgan_train_defaults
-from guided_diffusion.sampling_util import exit_with_error
+from guided_diffusion.cgan import (
+    cgan_defaults,
+    cgan_train_defaults,
+    cgan_training_batches,
+    CGANTrainLoop,
+    count_classes,
+    create_cgan,
+)
+from guided_diffusion.sampling_cli import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 

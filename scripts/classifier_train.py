@@ -21,7 +21,7 @@ from guided_diffusion.preemption import PreemptionWatch
 from guided_diffusion.progress import StepMeter
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
-from guided_diffusion.sampling_util import load_model_weights, run_main, seed_training
+from guided_diffusion.sampling_cli import load_model_weights, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

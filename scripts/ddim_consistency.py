@@ -30,8 +30,8 @@ from guided_diffusion.ddim_tools import (
     parse_step_counts,
 )
 from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sample_util import make_grid_png, save_images_npz, to_uint8
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sample_files import make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.sampling_cli import (
     ddim_tool_defaults,
     ddim_tool_model_flags,
     load_latents,

@@ -21,8 +21,8 @@ import torch
 from guided_diffusion import dist_util, logger
 from guided_diffusion.ddim_tools import decode_in_batches, diffusion_for_steps, parse_step_counts, slerp_pairs
 from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sample_util import make_grid_png, save_images_npz, to_uint8
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sample_files import make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.sampling_cli import (
     ScriptError,
     ddim_tool_defaults,
     ddim_tool_model_flags,

@@ -28,8 +28,8 @@ from guided_diffusion.ddim_tools import (
 )
 from guided_diffusion.diffusion_sampling import check_invertible_eta
 from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sample_util import make_grid_png, to_uint8
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sample_files import make_grid_png, to_uint8
+from guided_diffusion.sampling_cli import (
     ddim_tool_defaults,
     ddim_tool_model_flags,
     load_sampling_model,

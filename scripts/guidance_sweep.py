@@ -25,8 +25,8 @@ from PIL import Image
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.guidance_eval import RealDigitsJudge, grid_by_class
-from guided_diffusion.sample_util import to_uint8
-from guided_diffusion.sampling_util import load_checkpoint_into, make_classifier_cond_fn, run_main
+from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.sampling_cli import load_checkpoint_into, make_classifier_cond_fn, run_main
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

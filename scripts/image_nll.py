@@ -15,7 +15,7 @@ import torch.distributed as dist
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sampling_cli import (
     load_checkpoint_into,
     network_flags,
     output_dir,

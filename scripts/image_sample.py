@@ -17,8 +17,8 @@ from guided_diffusion.cfg import (
     sampling_guidance_defaults,
 )
 from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sample_util import to_uint8
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.sampling_cli import (
     gather_samples,
     load_checkpoint_into,
     network_flags,

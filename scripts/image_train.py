@@ -14,7 +14,7 @@ from guided_diffusion.cfg import cfg_defaults, with_label_dropout
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
-from guided_diffusion.sampling_util import run_main, seed_training
+from guided_diffusion.sampling_cli import run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

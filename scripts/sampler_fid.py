@@ -23,7 +23,7 @@ from guided_diffusion.cfg import check_guidance_scale
 from guided_diffusion.ddim_tools import parse_step_counts
 from guided_diffusion.image_datasets import read_image_folder
 from guided_diffusion.sampler_fid import check_budgets, real_reference, sweep, write_report
-from guided_diffusion.sampling_util import (
+from guided_diffusion.sampling_cli import (
     ScriptError,
     ddim_tool_defaults,
     ddim_tool_model_flags,

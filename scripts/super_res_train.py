@@ -16,7 +16,7 @@ from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
 from guided_diffusion.resumable_data import MappedBatches
-from guided_diffusion.sampling_util import create_sr_model_and_diffusion, run_main, seed_training
+from guided_diffusion.sampling_cli import create_sr_model_and_diffusion, run_main, seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

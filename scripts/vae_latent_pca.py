@@ -21,9 +21,16 @@ import torch
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_checkpoint
 from guided_diffusion.image_datasets import class_labels_from_paths, list_image_files_recursively
-from guided_diffusion.pca import embedding_report
+from guided_diffusion.vae import (
+    ARCH_FLAGS,
+    embedding_report,
+    encode_means,
+    folder_batches,
+    load_vae,
+    spread_indices,
+    vae_defaults,
+)
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
-from guided_diffusion.vae import ARCH_FLAGS, encode_means, folder_batches, load_vae, spread_indices, vae_defaults
 
 
 def create_argparser():

@@ -17,11 +17,13 @@ import torch
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoints import load_checkpoint
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
-from guided_diffusion.vae import ARCH_FLAGS, load_vae, vae_defaults
-from guided_diffusion.vae_sampling import (
+from guided_diffusion.vae import (
+    ARCH_FLAGS,
+    load_vae,
     sample_from_prior,
     save_interpolation,
     save_reconstructions,
+    vae_defaults,
 )
 
 

@@ -13,10 +13,14 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.sampling_util import exit_with_error
+from guided_diffusion.sampling_cli import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
-from guided_diffusion.vae import ARCH_FLAGS, create_vae, vae_defaults
-from guided_diffusion.vae_train_util import VAETrainLoop
+from guided_diffusion.vae import (
+    ARCH_FLAGS,
+    create_vae,
+    vae_defaults,
+    VAETrainLoop,
+)
 
 
 def create_argparser():

@@ -15,7 +15,7 @@ from guided_diffusion.cfg import (
     drop_labels,
     with_label_dropout,
 )
-from guided_diffusion.sample_util import to_uint8
+from guided_diffusion.sample_files import to_uint8
 from guided_diffusion.script_util import (
     create_classifier,
     create_model,
@@ -309,7 +309,7 @@ def test_bad_input_one_liners(trained, tmp_path, capsys):
 
 
 def test_classifier_features_are_the_penultimate_layer():
-    from guided_diffusion.cgan_eval import train_classifier
+    from guided_diffusion.cgan.evaluation import train_classifier
     from guided_diffusion.sampler_fid import classifier_features
 
     gen = torch.Generator().manual_seed(0)

@@ -15,25 +15,26 @@ from scipy.stats import multivariate_normal
 
 from guided_diffusion import logger
 from guided_diffusion.cgan import (
+    balanced_labels,
+    CGANTrainLoop,
+    class_grid,
+    create_cgan,
+    discriminator_loss,
+    generate_samples,
+    generator_loss,
+    is_mnist_dir,
+    load_cgan_checkpoint,
+    load_generator,
     Maxout,
     MLPDiscriminator,
     MLPGenerator,
-    PaperMomentumSGD,
-    create_cgan,
-    discriminator_loss,
-    generator_loss,
     paper_sgd_schedule,
+    PaperMomentumSGD,
+    parzen_estimate,
+    parzen_log_likelihood,
+    read_mnist,
     real_to_model_space,
-)
-from guided_diffusion.cgan_data import is_mnist_dir, read_mnist
-from guided_diffusion.cgan_eval import parzen_estimate, parzen_log_likelihood, select_parzen_sigma
-from guided_diffusion.cgan_train import (
-    CGANTrainLoop,
-    balanced_labels,
-    class_grid,
-    generate_samples,
-    load_cgan_checkpoint,
-    load_generator,
+    select_parzen_sigma,
 )
 from guided_diffusion.checkpoints import save_atomic
 
@@ -230,7 +231,7 @@ def _write_idx(path, array, magic):
 
 
 def test_mnist_idx_files_are_read_into_the_papers_split(tmp_path, monkeypatch):
-    import guided_diffusion.cgan_data as cgan_data
+    import guided_diffusion.cgan.data as cgan_data
 
     monkeypatch.setattr(cgan_data, "MNIST_TRAIN_SIZE", 4)  # 4 train + 2 valid of 6
     rng = np.random.RandomState(0)

@@ -18,18 +18,22 @@ import torch
 from _launch import child_env, mpiexec_prefix
 from datasets.digits import write_digits
 from guided_diffusion import logger
-from guided_diffusion.cgan import cgan_defaults, create_cgan, sample_noise
-from guided_diffusion.cgan_data import cgan_training_batches, load_labeled_images
-from guided_diffusion.cgan_eval import (
+from guided_diffusion.cgan import (
+    cgan_defaults,
+    cgan_training_batches,
+    CGANTrainLoop,
     class_accuracy,
+    create_cgan,
     default_sigmas,
+    generate_samples,
+    load_labeled_images,
     parzen_estimate,
     predict_classes,
+    sample_noise,
     to_eval_space,
     train_classifier,
 )
-from guided_diffusion.cgan_train import CGANTrainLoop, generate_samples
-from guided_diffusion.sample_util import to_uint8
+from guided_diffusion.sample_files import to_uint8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 8
@@ -247,8 +251,7 @@ def test_train_resume_sample_and_eval_scripts(digits, tmp_path):
 DDP_CHECK = """
 import sys, torch
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cgan import create_cgan
-from guided_diffusion.cgan_train import CGANTrainLoop
+from guided_diffusion.cgan import CGANTrainLoop, create_cgan
 
 dist_util.setup_dist()
 logger.configure(dir=sys.argv[1], format_strs=["csv"])

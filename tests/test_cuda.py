@@ -23,7 +23,7 @@ import torch
 from _launch import child_env, mpiexec_prefix, torchrun_prefix
 from conftest import conformance_dir, load_vector
 from guided_diffusion import logger
-from guided_diffusion.sampling_util import make_classifier_cond_fn
+from guided_diffusion.sampling_cli import make_classifier_cond_fn
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion, create_model
 from test_networks import _perturb
 

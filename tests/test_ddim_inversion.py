@@ -26,7 +26,7 @@ from guided_diffusion.ddim_tools import (
 )
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 from guided_diffusion.image_datasets import read_image_folder
-from guided_diffusion.sampling_util import uint8_to_model_input
+from guided_diffusion.sampling_cli import uint8_to_model_input
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 
 MU, S = 0.3, 0.5

@@ -1,11 +1,11 @@
-"""PCA, kNN accuracy and the scatter plot of guided_diffusion.pca, checked against numpy."""
+"""PCA, kNN accuracy and the scatter plot of guided_diffusion.vae.pca, checked against numpy."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion.pca import (
+from guided_diffusion.vae import (
     embedding_report,
     fit_pca,
     knn_accuracy,

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from guided_diffusion import dist_util
-from guided_diffusion.cgan_data import array_batches
+from guided_diffusion.cgan import array_batches
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resumable_data import epoch_order
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from datasets.digits import write_digits
-from guided_diffusion.sample_util import to_uint8
-from guided_diffusion.sampling_util import run_main
+from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.sampling_cli import run_main
 from guided_diffusion.script_util import (
     create_model,
     create_model_and_diffusion,
@@ -291,7 +291,7 @@ def test_super_res_train_and_ddim_sample(work, tmp_path):
     with np.load(tmp_path / "samples_3x16x16x3.npz") as npz:
         images = npz["arr_0"]
     # Recompute with ddim_sample_loop directly: the script must have honoured --use_ddim.
-    from guided_diffusion.sampling_util import create_sr_model_and_diffusion
+    from guided_diffusion.sampling_cli import create_sr_model_and_diffusion
 
     flags = vars(load_script("super_res_sample").create_argparser().parse_args(
         [*SR, "--timestep_respacing", "ddim4"]))

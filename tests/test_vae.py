@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from guided_diffusion.pca import fit_pca, knn_accuracy, transform
 from guided_diffusion.vae import (
     create_vae,
     evaluate_elbo,
+    fit_pca,
     gaussian_kl,
     interpolate,
+    knn_accuracy,
     load_vae,
+    transform,
     vae_defaults,
     vae_losses,
     vae_state,

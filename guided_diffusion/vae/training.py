@@ -9,11 +9,11 @@ import os
 
 import torch
 
-from . import dist_util, logger, train_state
-from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
-from .preemption import PreemptionWatch
-from .progress import StepMeter
-from .vae import check_vae_checkpoint, vae_losses, vae_state
+from .. import dist_util, logger, train_state
+from ..checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
+from ..preemption import PreemptionWatch
+from ..progress import StepMeter
+from .networks import check_vae_checkpoint, vae_losses, vae_state
 
 CHECKPOINT_PREFIX = "vae"
 

@@ -1,8 +1,9 @@
 """
-Library code shared by the reference scripts: loading checkpoints into networks built from flags
-(with errors that name the flag to change), seeding, the classifier-guidance gradient, the sampling
-loop that gathers every rank's batches in rank order, the one-line error handling of the
-scripts' main functions, and reading and writing image and latent npz files.
+The scripts' toolkit (what scripts/*.py share, above the library): the one-line error handling of
+their main functions, seeding, loading checkpoints into networks built from flags (errors name the
+flag to change), the classifier-guidance gradient, the sampling loop that gathers every rank's
+batches in rank order, and reading and writing image and latent npz files. Writing sample files
+themselves is sample_files.py's job.
 """
 
 import errno
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import dist_util, logger, sample_util
+from . import dist_util, logger, sample_files
 from .checkpoints import atomic_write
 from .flag_hints import explain_state_dict_mismatch
 from .perf_util import (
@@ -25,10 +26,8 @@ from .perf_util import (
     preserved_float32_precision,
     to_channels_last,
 )
-
-
-class ScriptError(ValueError):
-    """Bad input to a script; the message says what to change."""
+from .errors import ScriptError  # noqa: F401  (public here: the scripts import it from this module)
+from .model_weights import check_model_weights, load_model_weights  # noqa: F401  (public here)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -132,30 +131,6 @@ def seed_training(seed):
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def check_model_weights(model, state_dict, path, flags=None, build=None):
-    """
-    Check that a checkpoint fits a network before loading it.
-
-    :param model: the network built from the flags.
-    :param state_dict: the loaded checkpoint.
-    :param path: the checkpoint's file name (for messages).
-    :param flags: the dict of flags the network was built from; with `build`, enables the search
-        for the flag changes that make the checkpoint fit.
-    :param build: a function flags -> network (called on the meta device: no memory, no init).
-    :raises ScriptError: naming the flags to change when it does not fit.
-    """
-    problem = explain_state_dict_mismatch(model, state_dict, flags=flags, build=build)
-    if problem:
-        raise ScriptError(f"checkpoint {path} does not fit the model flags: {problem}")
-
-
-def load_model_weights(model, state_dict, path, flags=None, build=None):
-    """
-    check_model_weights, then load_state_dict(strict=True).
-    """
-    check_model_weights(model, state_dict, path, flags=flags, build=build)
-    model.load_state_dict(state_dict, strict=True)
-
 
 def load_checkpoint_into(model, path, flags=None, build=None):
     """
@@ -237,7 +212,7 @@ def write_samples(arr, label_arr, out_dir):
     path = os.path.join(out_dir, f"samples_{shape_str}.npz")
     if dist_util.is_main_process():
         logger.log(f"saving to {path}")
-        path = sample_util.save_samples(arr, label_arr, out_dir)
+        path = sample_files.save_samples(arr, label_arr, out_dir)
     dist_util.barrier()
     return path
 

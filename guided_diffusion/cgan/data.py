@@ -12,15 +12,15 @@ import os
 import numpy as np
 import torch
 
-from . import dist_util
-from .image_datasets import (
+from .. import dist_util
+from ..image_datasets import (
     ImageDataset,
     class_labels_from_paths,
     list_image_files_recursively,
     load_data,
 )
-from .resumable_data import ResumableBatches, epoch_order
-from .sample_util import to_uint8
+from ..resumable_data import ResumableBatches, epoch_order
+from ..sample_files import to_uint8
 
 # The four files of LeCun's MNIST distribution; both the "-idx3-" and ".idx3-" spellings occur.
 MNIST_FILES = {
@@ -133,7 +133,7 @@ def load_labeled_images(data_dir, *, image_size, shard=0, num_shards=1):
 
 def uint8_to_float(images):
     """
-    Inverse of sample_util.to_uint8 up to quantisation.
+    Inverse of sample_files.to_uint8 up to quantisation.
 
     :param images: uint8 array or tensor [N, H, W, C].
     :return: float32 tensor [N, C, H, W] in [-1, 1].

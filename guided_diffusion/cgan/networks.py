@@ -7,9 +7,9 @@ Both networks see the class label y. The paper's value function (its equation 2)
     min_G max_D  E_x[log D(x | y)] + E_z[log(1 - D(G(z | y) | y))].
 
 This module holds the networks, their factories (in the style of script_util), the losses and the
-paper's optimiser. Training lives in ``cgan_train`` (CGANTrainLoop, checkpoints, sampling) and the
-paper's evaluation in ``cgan_eval`` (Parzen-window log-likelihood, classifier accuracy); both are
-re-exported here so ``from guided_diffusion.cgan import CGANTrainLoop`` works.
+paper's optimiser. Training lives in ``training`` (CGANTrainLoop, checkpoints, sampling) and the
+paper's evaluation in ``evaluation`` (Parzen-window log-likelihood, classifier accuracy); the
+package exports them all, so ``from guided_diffusion.cgan import CGANTrainLoop`` works.
 
 Two architectures share one interface:
 
@@ -486,16 +486,3 @@ def paper_sgd_schedule(step, *, lr, lr_decay, min_lr, momentum, final_momentum, 
     step_lr = max(lr * math.exp(-step * math.log(lr_decay)), min_lr)
     frac = 1.0 if saturate_steps <= 0 else min(step / saturate_steps, 1.0)
     return step_lr, momentum + frac * (final_momentum - momentum)
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # Training and evaluation depend on the data/logging/distributed modules; import them only
-    # when asked for, so the networks stay importable on their own and no import cycle forms.
-    from . import cgan_eval, cgan_train
-
-    for module in (cgan_train, cgan_eval):
-        if name in getattr(module, "__all__", ()):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """
-Training, checkpoints and sampling for the conditional GAN of ``cgan``.
+Training, checkpoints and sampling for the conditional GAN of ``cgan.networks``.
 
 A checkpoint ``cgan%06d.pt`` is one file holding both networks, the generator's EMA, both
 optimisers, the step and the flags that shape the networks, so a run resumes exactly and a
@@ -12,21 +12,22 @@ import os
 
 import torch
 
-from . import dist_util, logger, train_state
-from .cgan import (
+from .. import dist_util, logger, train_state
+from .networks import (
     MODEL_FLAG_KEYS,
     OPTIMIZERS,
     PaperMomentumSGD,
+    create_cgan,
     discriminator_loss,
     generator_loss,
     paper_sgd_schedule,
     real_to_model_space,
     sample_noise,
 )
-from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
-from .nn import update_ema
-from .preemption import PreemptionWatch
-from .progress import StepMeter
+from ..checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
+from ..nn import update_ema
+from ..preemption import PreemptionWatch
+from ..progress import StepMeter
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -484,8 +485,6 @@ def load_generator(path, model_flags, *, use_ema=True):
     :param use_ema: load the exponential moving average (what sampling should use).
     :return: the generator in eval mode, on the CPU.
     """
-    from .cgan import create_cgan
-
     ckpt = load_cgan_checkpoint(path)
     check_checkpoint_flags(ckpt, model_flags, path)
     generator, _ = create_cgan(**model_flags)

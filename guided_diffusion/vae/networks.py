@@ -561,7 +561,7 @@ def folder_batches(paths, *, image_size, batch_size, labels=None):
     :param labels: one int per path, or None.
     :return: generator of (float32 NCHW tensor in [-1, 1], int64 labels tensor or None).
     """
-    from .image_datasets import ImageDataset
+    from ..image_datasets import ImageDataset
 
     dataset = ImageDataset(image_size, paths, classes=labels, random_flip=False)
     for start in range(0, len(dataset), batch_size):
