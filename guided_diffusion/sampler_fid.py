@@ -238,6 +238,12 @@ def write_report(rows, reference, out_dir, *, title=""):
                    label=f"{reference['num_samples']} real images")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # Label the budgets themselves: log axes' default minor labels collide on a short range.
+        budgets = sorted({r["budget"] for r in rows})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.yaxis.set_minor_formatter(plt.NullFormatter())
+        ax.yaxis.set_major_formatter(plt.ScalarFormatter())
         ax.set_xlabel("model evaluations per image")
         ax.set_ylabel("FID (digit-classifier features)")
         ax.set_title("class-conditional" if scale == 1 else f"CFG w = {scale:g}")
