@@ -61,6 +61,9 @@ def atomic_write(path, write):
             write(recorder)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file private (0600); give it the permissions open() would, so that
+        # collaborators on a shared cluster can read checkpoints as with the reference.
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
     except BaseException as exc:
         # Also on KeyboardInterrupt: leave no temporary file behind.
@@ -75,6 +78,13 @@ def atomic_write(path, write):
         raise
     _fsync_dir(folder)
     return path
+
+
+def _current_umask():
+    # os.umask can only be read by setting it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _ErrorRecorder:

@@ -1,6 +1,7 @@
 """Atomic checkpoint saves, safe loading and finding the newest complete checkpoint."""
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -145,3 +146,18 @@ def test_only_tensor_checkpoints_are_loaded(tmp_path):
     torch.save({"obj": NotATensor()}, path)
     with pytest.raises(ValueError, match="other than tensors"):
         load_checkpoint(str(path))
+
+
+def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
+    # The atomic write goes through mkstemp, which creates files readable by the owner only;
+    # a checkpoint must be readable by the group/others as the umask allows, like open() gives.
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "model000001.pt"
+        save_atomic({"w": torch.zeros(1)}, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.umask(0o077)
+        save_atomic({"w": torch.zeros(1)}, path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.umask(old)
