@@ -81,7 +81,15 @@ def atomic_write(path, write):
 
 
 def _current_umask():
-    # os.umask can only be read by setting it; restore it at once.
+    # Linux reports the umask without changing it; elsewhere os.umask can only read it by setting
+    # it, which is briefly visible to other threads, so it is the fallback.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
