@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger, sample_files
 from .checkpoints import atomic_write
-from .flag_hints import explain_state_dict_mismatch
 from .perf_util import (
     compile_model,
     performance_defaults,
     preserved_float32_precision,
+    set_tf32,
     to_channels_last,
 )
 from .errors import ScriptError  # noqa: F401  (public here: the scripts import it from this module)
@@ -310,6 +310,20 @@ def require_single_process(script):
         raise ScriptError(
             f"{script} runs as one process: start it with python, not mpiexec or torchrun"
         )
+
+
+def start_single_process_tool(script, args):
+    """
+    The start of the one-process tools (the DDIM tools, sampler_fid): set up the process group,
+    refuse several ranks, open the log folder and apply --tf32.
+
+    :param script: the script's file name, for the refusal message.
+    :param args: the parsed flags (log_dir, tf32).
+    """
+    dist_util.setup_dist()
+    require_single_process(script)
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
 
 
 def ddim_tool_defaults(seed=True):

@@ -29,7 +29,6 @@ from guided_diffusion.ddim_tools import (
     diffusion_for_steps,
     parse_step_counts,
 )
-from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_files import make_grid_png, save_images_npz, to_uint8
 from guided_diffusion.sampling_cli import (
     ddim_tool_defaults,
@@ -38,7 +37,7 @@ from guided_diffusion.sampling_cli import (
     load_sampling_model,
     network_flags,
     output_dir,
-    require_single_process,
+    start_single_process_tool,
     run_main,
     seed_sampling,
     write_json,
@@ -50,10 +49,7 @@ def main(argv=None):
     args = create_argparser().parse_args(argv)
     step_counts = parse_step_counts(args.steps)
 
-    dist_util.setup_dist()
-    require_single_process("ddim_consistency.py")
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
+    start_single_process_tool("ddim_consistency.py", args)
 
     flags = ddim_tool_model_flags(args)
     if args.latents:

@@ -20,7 +20,6 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.ddim_tools import decode_in_batches, diffusion_for_steps, parse_step_counts, slerp_pairs
-from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_files import make_grid_png, save_images_npz, to_uint8
 from guided_diffusion.sampling_cli import (
     ScriptError,
@@ -30,7 +29,7 @@ from guided_diffusion.sampling_cli import (
     load_sampling_model,
     network_flags,
     output_dir,
-    require_single_process,
+    start_single_process_tool,
     run_main,
     seed_sampling,
 )
@@ -45,10 +44,7 @@ def main(argv=None):
     if args.num_points < 2:
         raise ScriptError(f"--num_points must be at least 2 (the two ends), got {args.num_points}")
 
-    dist_util.setup_dist()
-    require_single_process("ddim_interpolate.py")
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
+    start_single_process_tool("ddim_interpolate.py", args)
 
     flags = ddim_tool_model_flags(args)
     if args.latents:

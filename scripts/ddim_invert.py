@@ -27,7 +27,6 @@ from guided_diffusion.ddim_tools import (
     round_trip_in_batches,
 )
 from guided_diffusion.diffusion_sampling import check_invertible_eta
-from guided_diffusion.perf_util import set_tf32
 from guided_diffusion.sample_files import make_grid_png, to_uint8
 from guided_diffusion.sampling_cli import (
     ddim_tool_defaults,
@@ -36,7 +35,7 @@ from guided_diffusion.sampling_cli import (
     network_flags,
     output_dir,
     read_images,
-    require_single_process,
+    start_single_process_tool,
     run_main,
     save_latents,
     uint8_to_model_input,
@@ -50,10 +49,7 @@ def main(argv=None):
     check_invertible_eta(args.eta)
     step_counts = parse_step_counts(args.steps)
 
-    dist_util.setup_dist()
-    require_single_process("ddim_invert.py")
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
+    start_single_process_tool("ddim_invert.py", args)
 
     images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images)
     logger.log(f"read {len(images)} images from {args.input}")

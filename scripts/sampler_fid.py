@@ -18,7 +18,7 @@ grids/w<scale>_<sampler>_<N>.png (the first 100 samples of each configuration).
 import argparse
 import os
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import logger
 from guided_diffusion.cfg import check_guidance_scale
 from guided_diffusion.ddim_tools import parse_step_counts
 from guided_diffusion.image_datasets import read_image_folder
@@ -29,7 +29,7 @@ from guided_diffusion.sampling_cli import (
     ddim_tool_model_flags,
     load_sampling_model,
     output_dir,
-    require_single_process,
+    start_single_process_tool,
     run_main,
 )
 from guided_diffusion.script_util import add_dict_to_argparser
@@ -51,9 +51,7 @@ def main(argv=None):
     if not args.data_dir:
         raise ScriptError("pass --data_dir, the folder of real images the model was trained on")
 
-    dist_util.setup_dist()
-    require_single_process("sampler_fid.py")
-    logger.configure(dir=args.log_dir or None)
+    start_single_process_tool("sampler_fid.py", args)
 
     flags = ddim_tool_model_flags(args)
     model = load_sampling_model(flags, args.model_path)
