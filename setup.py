@@ -1,28 +1,48 @@
 from setuptools import setup
 
+# Only the library is installed. datasets/, evaluations/ and experiments/ hold scripts that run
+# from a checkout; installing them as top-level packages would shadow Hugging Face's `datasets`.
+PACKAGES = [
+    "guided_diffusion",
+    "guided_diffusion.cgan",
+    "guided_diffusion.cli",
+    "guided_diffusion.data",
+    "guided_diffusion.diffusion",
+    "guided_diffusion.evaluation",
+    "guided_diffusion.runtime",
+    "guided_diffusion.sampling",
+    "guided_diffusion.training",
+    "guided_diffusion.vae",
+]
+
 setup(
     name="guided-diffusion",
-    version="0.1.0",
+    version="0.2.0",
     description=(
         "PyTorch port of guided-diffusion (ADM): diffusion training, respacing, DDIM, "
         "classifier guidance, super-resolution and NLL, plus a conditional GAN, a VAE "
         "and a PyTorch evaluator."
     ),
+    license="MIT",
     python_requires=">=3.10",
-    packages=["guided_diffusion", "guided_diffusion.cgan", "guided_diffusion.vae", "evaluations", "datasets"],
+    packages=PACKAGES,
     install_requires=[
         "torch>=1.13",
         "numpy",
-        "blobfile>=1.0.5",
         "pillow",
         "tqdm",
         "scipy",
         "matplotlib",
+        # guided_diffusion.data.digits reads the digits bundled with scikit-learn (quick start).
+        "scikit-learn",
+        # `mpiexec -n N` is the reference's launcher: mpi4py, and the mpich wheel for an mpiexec
+        # that needs no system packages (Linux and macOS wheels).
         "mpi4py",
-        # The mpich wheel gives mpiexec without system packages (Linux and macOS wheels).
         "mpich; platform_system != 'Windows'",
     ],
     extras_require={
-        "dev": ["pytest", "scikit-learn"],
+        # Checkpoints and logs on object stores (gs://, az://, https://).
+        "remote": ["blobfile>=1.0.5"],
+        "dev": ["pytest"],
     },
 )

@@ -348,7 +348,7 @@ def _run_worker(args):
     if args.workload != "train":
         record["steps"] = diffusion.num_timesteps
     if port:
-        from guided_diffusion.perf_util import is_compiled
+        from guided_diffusion.runtime.perf import is_compiled
 
         record.update(use_bf16=args.use_bf16, compile=args.compile, compiled=is_compiled(model),
                       channels_last=args.channels_last)
@@ -444,7 +444,7 @@ def train_workload(args, api, model, diffusion, flags, device, port):
     )
     if port:
         options["use_bf16"] = args.use_bf16
-        from guided_diffusion.perf_util import compile_model, to_channels_last
+        from guided_diffusion.runtime.perf import compile_model, to_channels_last
 
         to_channels_last(model, args.channels_last)
         compile_model(model, args.compile)
@@ -498,7 +498,7 @@ def sampling_workload(args, api, model, diffusion, classifier, size, device, por
     cond_fn = None
     if classifier is not None:
         if port:
-            from guided_diffusion.sampling_cli import make_classifier_cond_fn
+            from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
 
             cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
         else:
@@ -521,7 +521,7 @@ def sampling_workload(args, api, model, diffusion, classifier, size, device, por
 
     flops = count_flops(one_image_flops) * diffusion.num_timesteps
     if port:
-        from guided_diffusion.perf_util import compile_model, to_channels_last
+        from guided_diffusion.runtime.perf import compile_model, to_channels_last
 
         for network in (model, classifier):
             if network is not None:

@@ -20,12 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
 
-from guided_diffusion.perf_util import (  # noqa: E402
-    compile_model,
-    is_compiled,
-    set_tf32,
-    to_channels_last,
-)
+from guided_diffusion.runtime.perf import compile_model, is_compiled, set_tf32, to_channels_last  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 
 

@@ -39,7 +39,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .checkpoints import load_checkpoint
+from .errors import LauncherMismatchError
+from .runtime.checkpoints import load_checkpoint
 
 # Environment variables that MPI launchers set in every process they start (MPICH/Hydra and Intel
 # MPI: PMI_*, Open MPI: OMPI_*, PMIx launchers such as srun --mpi=pmix: PMIX_*, MVAPICH: MV2_*).
@@ -86,9 +87,6 @@ def _import_mpi():
         return None
     return MPI
 
-
-class LauncherMismatchError(ValueError):
-    """The launcher started N processes, but MPI (through mpi4py) sees a job of another size."""
 
 
 def _mpi_size_var():

@@ -1,8 +1,65 @@
 """
-Exceptions that mean "the user must change an input", shared by the library and the scripts, so
-that modules low in the import order can raise them without importing the scripts' toolkit.
+Every exception the package raises on purpose, in one place, so that the scripts' entry point
+(cli.main.run_main) can tell "change your input" (exit status 2, one line) from a bug (a
+traceback), and so that any module, however low, can raise them: this module imports nothing.
+
+- Bad input (the message says what to change): ScriptError and the other ValueError subclasses.
+- Storage the user must fix (disk full, permissions): StorageError and its subclasses.
+- A run that must stop: NonFiniteLossError; TrainingPreempted (exit status EXIT_PREEMPTED).
 """
+
+# os.EX_TEMPFAIL, "try again later": a job script requeues on it.
+EXIT_PREEMPTED = 75
 
 
 class ScriptError(ValueError):
-    """Bad input to a script; the message says what to change."""
+    """Bad input to a script or a library call; the message says what to change."""
+
+
+class UnknownScheduleError(ValueError, NotImplementedError):
+    """
+    A noise schedule name we do not know. Also a NotImplementedError, which is what the reference
+    raised, so existing ``except NotImplementedError`` handlers keep working.
+    """
+
+
+class UnreadableImageError(ValueError):
+    """An image file in the dataset could not be decoded (the message names the file)."""
+
+
+class LauncherMismatchError(ValueError):
+    """The launcher started N processes, but MPI (through mpi4py) sees a job of another size."""
+
+
+class StorageError(OSError):
+    """A file or folder the run needs cannot be written; the message says what was kept."""
+
+
+class CheckpointWriteError(StorageError):
+    """A checkpoint could not be written (disk full, no permission, ...); the message says what
+    was kept."""
+
+
+class UnwritableLogDirError(StorageError):
+    """The log folder cannot be created or written."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss (or, in fp16, the loss scale) stopped being finite."""
+
+
+class TrainingPreempted(SystemExit):
+    """
+    Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; exits with EXIT_PREEMPTED.
+
+    :param message: where the checkpoint is (also in the log).
+    :param checkpoint: its path (the model file; None on ranks other than 0 is fine).
+    """
+
+    def __init__(self, message, checkpoint=None):
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+        self.checkpoint = checkpoint
+
+    def __str__(self):
+        return self.message

@@ -10,10 +10,10 @@ losses and likelihood; this file holds the process itself and how model outputs 
 import numpy as np
 import torch as th
 
-from .diffusion_losses import TrainingLossesMixin
-from .diffusion_sampling import SamplingMixin
-from .diffusion_types import LossType, ModelMeanType, ModelVarType
-from .schedules import (  # noqa: F401  (re-exported: these names lived here in the reference)
+from .diffusion.training_losses import TrainingLossesMixin
+from .diffusion.sampling import SamplingMixin
+from .diffusion.types import LossType, ModelMeanType, ModelVarType
+from .diffusion.schedules import (  # noqa: F401  (re-exported: these names lived here in the reference)
     UnknownScheduleError,
     betas_for_alpha_bar,
     diffusion_tables,

@@ -16,12 +16,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from . import dist_util
-from .resumable_data import ResumableBatches
-
-try:
-    import blobfile as bf
-except ImportError:  # only needed for remote (gs://, az://, https://) folders
-    bf = None
+from .errors import UnreadableImageError
+from .diffusion.guidance import drop_labels
+from .runtime.resumable_data import MappedBatches, ResumableBatches
+from .runtime.files import blobfile
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
@@ -106,9 +104,6 @@ def _last_line(text):
     return last.split(prefix, 1)[1] if prefix in last else last
 
 
-class UnreadableImageError(ValueError):
-    """An image file in the dataset could not be decoded (the message names the file)."""
-
 
 def _is_remote(path):
     return "://" in str(path)
@@ -126,7 +121,7 @@ def list_image_files_recursively(data_dir):
     """
     data_dir = os.fspath(data_dir)
     if _is_remote(data_dir):
-        exists = bf.isdir(data_dir)
+        exists = blobfile().isdir(data_dir)
     else:
         exists = os.path.isdir(data_dir)
     if not exists:
@@ -146,7 +141,7 @@ def _list_image_files_recursively(data_dir):
 
 def _walk(folder):
     if _is_remote(folder):
-        listdir, join, isdir = bf.listdir, bf.join, bf.isdir
+        listdir, join, isdir = blobfile().listdir, blobfile().join, blobfile().isdir
     else:
         listdir, join, isdir = os.listdir, os.path.join, os.path.isdir
     found = []
@@ -248,7 +243,7 @@ class ImageDataset(Dataset):
 def _read_image(path):
     try:
         if _is_remote(path):
-            with bf.BlobFile(path, "rb") as f:
+            with blobfile().BlobFile(path, "rb") as f:
                 pil_image = Image.open(f)
                 pil_image.load()
         else:
@@ -340,3 +335,49 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None):
         images.append(np.asarray(pil_image, dtype=np.uint8))
     label_arr = None if labels is None else np.asarray(labels, dtype=np.int64)
     return np.stack(images), label_arr
+
+
+def check_dataset_classes(data_dir, num_classes):
+    """
+    Make sure a class-conditional dataset has no more classes than the model has labels.
+
+    :raises ValueError: naming the --num_classes to pass.
+    """
+    from .image_datasets import class_labels_from_paths, list_image_files_recursively
+
+    _, names = class_labels_from_paths(list_image_files_recursively(data_dir))
+    if len(names) > num_classes:
+        raise ValueError(
+            f"{data_dir} has {len(names)} classes but the model has {num_classes} labels: pass "
+            f"--num_classes {len(names)}"
+        )
+    return names
+
+
+class _DropBatchLabels:
+    def __init__(self, prob, null_label):
+        self.prob = prob
+        self.null_label = null_label
+
+    def __call__(self, batch, model_kwargs):
+        if "y" not in model_kwargs:
+            raise ValueError("--class_dropout_prob needs labelled data: pass --class_cond True")
+        model_kwargs = dict(model_kwargs)
+        model_kwargs["y"] = drop_labels(model_kwargs["y"], prob=self.prob, null_label=self.null_label)
+        return batch, model_kwargs
+
+
+
+def with_label_dropout(data, *, prob, null_label):
+    """
+    A training stream whose labels are replaced by the null class at rate prob (Ho & Salimans
+    2022, Algorithm 1); the stream itself when prob is 0. The position of the stream still
+    saves and restores with its state_dict.
+
+    :param data: an iterator of (images, {"y": labels, ...}) batches.
+    :param prob: the dropout rate p.
+    :param null_label: the index of the null class (num_classes).
+    """
+    if prob <= 0:
+        return data
+    return MappedBatches(data, _DropBatchLabels(prob, null_label))

@@ -25,6 +25,8 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 
+from .errors import UnwritableLogDirError
+
 DEBUG = 10
 INFO = 20
 WARN = 30
@@ -568,9 +570,6 @@ def _shared_dated_dir():
         path = box[0]
     return path
 
-
-class UnwritableLogDirError(OSError):
-    """The log folder cannot be created or written."""
 
 
 def configure(dir=None, format_strs=None, comm=None, log_suffix=""):

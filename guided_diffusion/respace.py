@@ -6,7 +6,7 @@ Respaced diffusion: sample (or evaluate) a model trained with T steps using only
 import torch as th
 
 from .gaussian_diffusion import GaussianDiffusion
-from .schedules import respace_betas, space_timesteps  # noqa: F401  (space_timesteps lives here in the reference)
+from .diffusion.schedules import respace_betas, space_timesteps  # noqa: F401  (space_timesteps lives here in the reference)
 
 __all__ = ["SpacedDiffusion", "space_timesteps"]
 

@@ -11,9 +11,9 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
-from .cfg import check_class_dropout_prob, label_rows
+from .diffusion.guidance import check_class_dropout_prob, label_rows
 from .respace import SpacedDiffusion, space_timesteps
-from .flag_hints import explain_state_dict_mismatch  # noqa: F401  (public here)
+from .cli.hints import explain_state_dict_mismatch  # noqa: F401  (public here)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -111,7 +111,9 @@ def sr_model_and_diffusion_defaults():
     res["large_size"] = 256
     res["small_size"] = 64
     accepted = inspect.signature(sr_create_model_and_diffusion).parameters
-    return {k: v for k, v in res.items() if k in accepted and k != "num_classes"}
+    # The keywords the port adds to the reference's factory are not reference flags.
+    added = ("num_classes", "class_dropout_prob", "channel_mult")
+    return {k: v for k, v in res.items() if k in accepted and k not in added}
 
 
 def _parse_channel_mult(channel_mult, image_size, table, size_flag):
@@ -412,12 +414,15 @@ def sr_create_model_and_diffusion(
     use_fp16,
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
+    channel_mult="",
 ):
     """
     Build a super-resolution UNet and its diffusion from sr_model_and_diffusion_defaults() flags.
 
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param class_dropout_prob: see create_model (extra to the reference).
+    :param channel_mult: see sr_create_model ("" = by large_size, as the reference; extra to the
+        reference, for sizes outside its table).
     :return: (SuperResModel, SpacedDiffusion).
     """
     model = sr_create_model(
@@ -438,6 +443,7 @@ def sr_create_model_and_diffusion(
         use_fp16=use_fp16,
         num_classes=num_classes,
         class_dropout_prob=class_dropout_prob,
+        channel_mult=channel_mult,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -605,18 +611,34 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {v!r}")
 
 
-def load_model_state_dict(model, state_dict, flags=None, build=None):
+def diffusion_from_flags(flags, timestep_respacing):
     """
-    Load a checkpoint into a model built from flags, with strict=True, and when they do not match
-    raise one ValueError that says which flags to change instead of torch's list of keys.
+    create_gaussian_diffusion for the diffusion flags of a model, with another respacing.
 
-    :param model: a UNetModel, SuperResModel or EncoderUNetModel from the factories above.
-    :param state_dict: the loaded checkpoint (a plain state dict, e.g. model*.pt or ema_*.pt).
-    :param flags: optional flags the model was built from; with `build` (flags -> model), the
-        message names one-flag changes that make the checkpoint fit.
-    :raises ValueError: when the checkpoint does not fit the model.
+    :param flags: a dict with the keys of diffusion_defaults() (other keys are ignored).
+    :param timestep_respacing: "" (all steps), "ddimN", "N", ...
+    :return: a SpacedDiffusion.
     """
-    problem = explain_state_dict_mismatch(model, state_dict, flags=flags, build=build)
-    if problem:
-        raise ValueError(f"checkpoint does not match the model flags: {problem}")
-    model.load_state_dict(state_dict, strict=True)
+    return create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        learn_sigma=flags["learn_sigma"],
+        noise_schedule=flags["noise_schedule"],
+        use_kl=flags["use_kl"],
+        predict_xstart=flags["predict_xstart"],
+        rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
+        timestep_respacing=timestep_respacing,
+    )
+
+
+def diffusion_for_steps(flags, steps):
+    """
+    The DDIM diffusion with `steps` steps, strided as in the DDIM paper ("ddim<steps>" respacing),
+    for a model trained with the diffusion flags in `flags`.
+
+    :param flags: a dict with the keys of diffusion_defaults() (other keys are ignored).
+    :param steps: the number of sampling steps, at most flags["diffusion_steps"].
+    :return: a SpacedDiffusion.
+    :raises ValueError: when no integer stride gives exactly that many steps.
+    """
+    return diffusion_from_flags(flags, f"ddim{steps}")

@@ -18,19 +18,18 @@ import os
 
 import torch
 
-from . import checkpoints, dist_util, logger, train_state
+from .runtime import checkpoints, train_state
+from . import dist_util, logger
 from .fp16_util import MixedPrecisionTrainer, make_adamw
-from .progress import StepMeter
-from .preemption import PreemptionWatch
+from .errors import NonFiniteLossError
+from .runtime.progress import StepMeter
+from .runtime.preemption import PreemptionWatch
 from .resample import LossAwareSampler, UniformSampler
 
 # With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
 # losses themselves are broken (not just the gradients overflowing), so the run stops.
 MIN_LG_LOSS_SCALE = 0.0
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss (or, in fp16, the loss scale) stopped being finite."""
 
 
 class TrainLoop:
@@ -162,7 +161,7 @@ class TrainLoop:
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
             state = dist_util.load_state_dict(self.resume_checkpoint, map_location=self.device)
             # Imported here: model_weights imports the networks, which train_util does not need.
-            from .model_weights import load_model_weights
+            from .cli.weights import load_model_weights
 
             load_model_weights(self.model, state, self.resume_checkpoint)
         dist_util.sync_params(self.model.parameters())
@@ -179,7 +178,7 @@ class TrainLoop:
         else:
             logger.log(f"loading EMA from checkpoint: {path}...")
             state = dist_util.load_state_dict(path, map_location=self.device)
-            from .model_weights import check_model_weights
+            from .cli.weights import check_model_weights
 
             check_model_weights(self.model, state, path)
             ema_params = self.mp_trainer.state_dict_to_master_params(state)
@@ -574,36 +573,3 @@ def log_loss_dict(diffusion, ts, losses):
             logger.logkv_mean(f"{key}_q{q}", means[i, q], count=counts[q])
 
 
-def training_extra_defaults():
-    """
-    Flags the training scripts add to the reference's; each default keeps reference behaviour.
-
-    seed: torch/numpy/random are seeded with seed + rank (timesteps, noise, data order).
-    num_classes: label count of class-conditional models (the reference fixes 1000).
-    log_dir: where logs and checkpoints go ("" = $OPENAI_LOGDIR, else a dated temp folder).
-    max_steps: stop after this many steps of this run (0 = no limit).
-    use_bf16: the torso in bfloat16 with float32 master weights (no loss scaling).
-    compile, tf32, channels_last: see perf_util.performance_defaults().
-    """
-    from .perf_util import performance_defaults
-
-    return dict(
-        seed=0, num_classes=1000, log_dir="", max_steps=0, use_bf16=False, **performance_defaults()
-    )
-
-
-def check_dataset_classes(data_dir, num_classes):
-    """
-    Make sure a class-conditional dataset has no more classes than the model has labels.
-
-    :raises ValueError: naming the --num_classes to pass.
-    """
-    from .image_datasets import class_labels_from_paths, list_image_files_recursively
-
-    _, names = class_labels_from_paths(list_image_files_recursively(data_dir))
-    if len(names) > num_classes:
-        raise ValueError(
-            f"{data_dir} has {len(names)} classes but the model has {num_classes} labels: pass "
-            f"--num_classes {len(names)}"
-        )
-    return names

@@ -34,7 +34,7 @@ from guided_diffusion.cgan import (
     read_mnist,
     to_eval_space,
 )
-from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.sampling.files import to_uint8
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 

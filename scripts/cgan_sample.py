@@ -21,7 +21,7 @@ from guided_diffusion.cgan import (
     generate_samples,
     load_generator,
 )
-from guided_diffusion.sample_files import make_grid_png, save_samples, to_uint8
+from guided_diffusion.sampling.files import make_grid_png, save_samples, to_uint8
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 

@@ -22,7 +22,7 @@ from guided_diffusion.cgan import (
     count_classes,
     create_cgan,
 )
-from guided_diffusion.sampling_cli import exit_with_error
+from guided_diffusion.cli.main import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 

@@ -11,27 +11,22 @@ import argparse
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cfg import (
-    cfg_defaults,
-    check_guidance_scale,
-    classifier_free_guidance,
-    sampling_guidance_defaults,
-)
-from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sample_files import to_uint8
-from guided_diffusion.sampling_cli import (
-    ScriptError,
+from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
+from guided_diffusion.diffusion.guidance import check_guidance_scale, classifier_free_guidance
+from guided_diffusion.runtime.perf import set_tf32
+from guided_diffusion.sampling.files import to_uint8
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.sampling.loop import (
     gather_samples,
-    load_checkpoint_into,
-    network_flags,
-    make_classifier_cond_fn,
     output_dir,
     prepare_network,
-    run_main,
-    sampling_extra_defaults,
-    seed_sampling,
     write_samples,
 )
+from guided_diffusion.cli.weights import load_checkpoint_into
+from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
+from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -40,7 +35,7 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.solver_sampling import make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler
 
 
 def main(argv=None):

@@ -14,27 +14,30 @@ import os
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion import checkpoints, dist_util, logger, train_state
+from guided_diffusion.runtime import checkpoints, train_state
+from guided_diffusion import dist_util, logger
 from guided_diffusion.fp16_util import MixedPrecisionTrainer, make_adamw
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.preemption import PreemptionWatch
-from guided_diffusion.progress import StepMeter
+from guided_diffusion.runtime.preemption import PreemptionWatch
+from guided_diffusion.runtime.progress import StepMeter
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
-from guided_diffusion.sampling_cli import load_model_weights, run_main, seed_training
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last
+from guided_diffusion.cli.weights import load_model_weights
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.runtime.seeding import seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
+from guided_diffusion.image_datasets import check_dataset_classes
 from guided_diffusion.train_util import (
-    check_dataset_classes,
     log_loss_dict,
     parse_resume_step_from_filename,
     resolve_resume_checkpoint,
-    training_extra_defaults,
 )
+from guided_diffusion.cli.flags import training_extra_defaults
 
 
 def main(argv=None):

@@ -19,20 +19,17 @@ import os
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.ddim_tools import decode_in_batches, diffusion_for_steps, parse_step_counts, slerp_pairs
-from guided_diffusion.sample_files import make_grid_png, save_images_npz, to_uint8
-from guided_diffusion.sampling_cli import (
-    ScriptError,
-    ddim_tool_defaults,
-    ddim_tool_model_flags,
-    load_latents,
-    load_sampling_model,
-    network_flags,
-    output_dir,
-    start_single_process_tool,
-    run_main,
-    seed_sampling,
-)
+from guided_diffusion.diffusion.inversion import decode_in_batches, slerp_pairs
+from guided_diffusion.script_util import diffusion_for_steps
+from guided_diffusion.cli.flags import parse_step_counts
+from guided_diffusion.sampling.files import make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
+from guided_diffusion.sampling.files import load_latents
+from guided_diffusion.sampling.loop import load_sampling_model
+from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.cli.main import start_single_process_tool, run_main
+from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import add_dict_to_argparser
 
 

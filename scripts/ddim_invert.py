@@ -19,28 +19,17 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.ddim_tools import (
-    diffusion_for_steps,
-    parse_step_counts,
-    psnr,
-    reconstruction_mse,
-    round_trip_in_batches,
-)
-from guided_diffusion.diffusion_sampling import check_invertible_eta
-from guided_diffusion.sample_files import make_grid_png, to_uint8
-from guided_diffusion.sampling_cli import (
-    ddim_tool_defaults,
-    ddim_tool_model_flags,
-    load_sampling_model,
-    network_flags,
-    output_dir,
-    read_images,
-    start_single_process_tool,
-    run_main,
-    save_latents,
-    uint8_to_model_input,
-    write_json,
-)
+from guided_diffusion.script_util import diffusion_for_steps
+from guided_diffusion.cli.flags import parse_step_counts
+from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
+from guided_diffusion.diffusion.sampling import check_invertible_eta
+from guided_diffusion.sampling.files import make_grid_png, to_uint8
+from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
+from guided_diffusion.sampling.loop import load_sampling_model
+from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.sampling.files import read_images, save_latents, uint8_to_model_input
+from guided_diffusion.cli.main import start_single_process_tool, run_main
+from guided_diffusion.runtime.files import write_json
 from guided_diffusion.script_util import add_dict_to_argparser
 
 

@@ -9,21 +9,16 @@ import argparse
 import os
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sampling_cli import (
-    load_checkpoint_into,
-    network_flags,
-    output_dir,
-    prepare_network,
-    run_main,
-    sampling_extra_defaults,
-    seed_sampling,
-)
+from guided_diffusion.runtime.perf import set_tf32
+from guided_diffusion.cli.weights import load_checkpoint_into
+from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
+from guided_diffusion.sampling.loop import output_dir, prepare_network
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

@@ -10,18 +10,22 @@ optNNNNNN.pt) and progress.csv go to --log_dir (default $OPENAI_LOGDIR).
 import argparse
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cfg import cfg_defaults, with_label_dropout
+from guided_diffusion.cli.flags import cfg_defaults
+from guided_diffusion.image_datasets import with_label_dropout
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
-from guided_diffusion.sampling_cli import run_main, seed_training
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.runtime.seeding import seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TrainLoop, check_dataset_classes, training_extra_defaults
+from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.image_datasets import check_dataset_classes
+from guided_diffusion.cli.flags import training_extra_defaults
 
 
 def main(argv=None):

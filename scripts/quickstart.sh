@@ -4,7 +4,7 @@
 #  2. train a small UNCONDITIONAL diffusion model and 3. a noisy classifier (mpiexec, NPROC ranks);
 #  4. sample 100 digits with DDIM-100 without guidance and 5. with classifier guidance, from the same
 #     noise and the same requested classes (classifier_sample.py at scale 0 and at $SCALE);
-#  6. judge both with a classifier trained on the real digits (scripts/digits_report.py): the class
+#  6. judge both with a classifier trained on the real digits (experiments/digits_report.py): the class
 #     accuracy of each grid, and grids with one row per requested class.
 # Unguided, an unconditional model ignores the requested class (accuracy near chance, 0.1); with
 # guidance the same noise turns into the requested digits. Outputs go to $OUT (runs/quickstart).
@@ -66,6 +66,6 @@ done
 
 echo "== 6/6 class accuracy under a classifier trained on the real digits"
 NPZ="samples_${NUM_SAMPLES}x8x8x3.npz"
-python scripts/digits_report.py "$OUT/unguided/$NPZ" "$OUT/guided/$NPZ"
+python experiments/digits_report.py "$OUT/unguided/$NPZ" "$OUT/guided/$NPZ"
 echo "done in $(( $(date +%s) - t0 )) s; sample grids (in sampling order):"
 ls "$OUT"/unguided/samples_*.png "$OUT"/guided/samples_*.png

@@ -12,34 +12,29 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cfg import (
-    cfg_defaults,
-    check_guidance_scale,
-    classifier_free_guidance,
-    sampling_guidance_defaults,
-)
-from guided_diffusion.perf_util import set_tf32
-from guided_diffusion.sample_files import to_uint8
-from guided_diffusion.sampling_cli import (
-    ScriptError,
-    create_sr_model_and_diffusion,
+from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
+from guided_diffusion.diffusion.guidance import check_guidance_scale, classifier_free_guidance
+from guided_diffusion.runtime.perf import set_tf32
+from guided_diffusion.sampling.files import to_uint8
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.sampling.loop import (
     gather_samples,
-    load_checkpoint_into,
-    network_flags,
     output_dir,
     prepare_network,
-    read_image_npz,
-    run_main,
-    sampling_extra_defaults,
-    seed_sampling,
     write_samples,
 )
+from guided_diffusion.cli.weights import load_checkpoint_into
+from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
+from guided_diffusion.sampling.files import read_image_npz
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
+    sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.solver_sampling import make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler
 
 
 def main(argv=None):
@@ -60,10 +55,10 @@ def main(argv=None):
         channel_mult=args.channel_mult,
         class_dropout_prob=args.class_dropout_prob,
     )
-    model, diffusion = create_sr_model_and_diffusion(flags)
+    model, diffusion = sr_create_model_and_diffusion(**flags)
     sample_fn = make_sample_fn(sampler, diffusion, flags)
     load_checkpoint_into(
-        model, args.model_path, flags, build=lambda f: create_sr_model_and_diffusion(f)[0]
+        model, args.model_path, flags, build=lambda f: sr_create_model_and_diffusion(**f)[0]
     )
     prepare_network(model, **network_flags(args))
 

@@ -11,18 +11,23 @@ import functools
 import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cfg import cfg_defaults, with_label_dropout
+from guided_diffusion.cli.flags import cfg_defaults
+from guided_diffusion.image_datasets import with_label_dropout
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.perf_util import compile_model, set_tf32, to_channels_last
-from guided_diffusion.resumable_data import MappedBatches
-from guided_diffusion.sampling_cli import create_sr_model_and_diffusion, run_main, seed_training
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last
+from guided_diffusion.runtime.resumable_data import MappedBatches
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.runtime.seeding import seed_training
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
+    sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TrainLoop, check_dataset_classes, training_extra_defaults
+from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.image_datasets import check_dataset_classes
+from guided_diffusion.cli.flags import training_extra_defaults
 
 
 def main(argv=None):
@@ -40,7 +45,7 @@ def main(argv=None):
         channel_mult=args.channel_mult,
         class_dropout_prob=args.class_dropout_prob,
     )
-    model, diffusion = create_sr_model_and_diffusion(flags)
+    model, diffusion = sr_create_model_and_diffusion(**flags)
     model.to(dist_util.dev())
     to_channels_last(model, args.channels_last)
     compile_model(model, args.compile)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.checkpoints import load_checkpoint
+from guided_diffusion.runtime.checkpoints import load_checkpoint
 from guided_diffusion.image_datasets import class_labels_from_paths, list_image_files_recursively
 from guided_diffusion.vae import (
     ARCH_FLAGS,

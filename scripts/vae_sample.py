@@ -15,7 +15,7 @@ import sys
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.checkpoints import load_checkpoint
+from guided_diffusion.runtime.checkpoints import load_checkpoint
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 from guided_diffusion.vae import (
     ARCH_FLAGS,

@@ -13,7 +13,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.sampling_cli import exit_with_error
+from guided_diffusion.cli.main import exit_with_error
 from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 from guided_diffusion.vae import (
     ARCH_FLAGS,

@@ -4,6 +4,7 @@ as on a machine without a GPU.
 """
 
 import os
+import sys
 from pathlib import Path
 
 # The conformance vectors were produced on a CPU whose oneDNN kernels used AVX2. On an AVX-512
@@ -17,6 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The experiments (not part of the installed package) import each other as top-level modules.
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
 
 def conformance_dir():

@@ -8,37 +8,49 @@ import ast
 import importlib
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "guided_diffusion"
 
-# The diffusion maths: pure functions of tensors and schedules.
-MATHS = {
-    f"{PACKAGE}.{name}"
-    for name in ("schedules", "diffusion_types", "diffusion_sampling", "diffusion_losses",
-                 "gaussian_diffusion", "respace", "resample", "losses", "samplers")
+# ARCHITECTURE.md's layers: a module imports from its own layer or lower-numbered ones only. An
+# entry names a module or a whole subpackage; the longest matching entry decides.
+LAYERS = {
+    0: "errors",
+    1: "diffusion losses gaussian_diffusion respace resample",
+    2: "runtime dist_util logger image_datasets data",
+    3: "nn fp16_util unet cgan.networks vae.networks",
+    4: "script_util cli",
+    5: "train_util training sampling evaluation cgan vae",
 }
+_ENTRIES = {f"{PACKAGE}.{m}": n for n, names in LAYERS.items() for m in names.split()}
+
+
+def layer_of(module):
+    """The layer of a dotted module name (None when no entry covers it)."""
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        layer = _ENTRIES.get(".".join(parts[:i]))
+        if layer is not None:
+            return layer
+    return 0 if module == PACKAGE else None
+
+
+# The diffusion maths: pure functions of tensors and schedules (layers 0 and 1).
+def is_maths(module):
+    return module == PACKAGE or layer_of(module) in (0, 1)
+
+
 # What the maths must never reach: processes and I/O, and the networks.
 FORBIDDEN_FOR_MATHS = {
-    f"{PACKAGE}.{name}" for name in ("dist_util", "logger", "unet", "nn", "fp16_util", "cgan", "vae")
+    f"{PACKAGE}.{name}" for name in ("dist_util", "logger", "unet", "nn", "fp16_util", "cgan", "vae",
+                                     "runtime", "training", "sampling", "cli")
 }
-
-# ARCHITECTURE.md's layers: a module imports from its own layer or lower-numbered ones only.
-LAYERS = {
-    1: "schedules diffusion_types losses diffusion_sampling diffusion_losses gaussian_diffusion "
-       "respace resample samplers",
-    2: "errors checkpoints dist_util logger preemption resumable_data train_state image_datasets "
-       "sample_files progress",
-    3: "nn fp16_util perf_util unet flag_hints cgan.networks vae.networks",
-    4: "script_util model_weights cfg",
-    5: "train_util ddim_tools solver_sampling sampler_fid guidance_eval cgan cgan.training "
-       "cgan.data cgan.evaluation vae vae.training vae.sampling vae.pca",
-    6: "sampling_cli",
-}
-LAYER_OF = {f"{PACKAGE}.{m}": n for n, names in LAYERS.items() for m in names.split()}
-LAYER_OF[PACKAGE] = 0
+# Top-level folders of the repository that are scripts or experiments, never library code.
+NOT_LIBRARY = ("datasets", "evaluations", "experiments", "scripts", "benchmarks", "tests")
 
 # The reference's public import paths (module -> names), as researchers' code uses them.
 REFERENCE_PATHS = {
@@ -195,10 +207,26 @@ def test_the_package_has_no_import_cycle(walked):
 
 def test_imports_follow_the_layers_of_architecture_md(walked):
     graph, _ = walked
-    assert set(graph) == set(LAYER_OF), "place new modules in LAYERS (and ARCHITECTURE.md)"
-    upward = [f"{a} (layer {LAYER_OF[a]}) -> {b} (layer {LAYER_OF[b]})"
-              for a in sorted(graph) for b in sorted(graph[a]) if LAYER_OF[b] > LAYER_OF[a]]
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"place these in LAYERS (and ARCHITECTURE.md): {unplaced}"
+    upward = [f"{a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})"
+              for a in sorted(graph) for b in sorted(graph[a]) if layer_of(b) > layer_of(a)]
     assert not upward, upward
+
+
+def test_the_library_imports_no_script_folder():
+    """The installed package must not reach datasets/, evaluations/ or experiments/: they are
+    not installed (and `datasets` would be Hugging Face's)."""
+    bad = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in NOT_LIBRARY]
+    assert not bad, bad
 
 
 def test_every_package_import_names_an_existing_module(walked):
@@ -208,13 +236,14 @@ def test_every_package_import_names_an_existing_module(walked):
 
 def test_the_maths_imports_neither_process_code_nor_networks(walked):
     graph, _ = walked
-    assert MATHS <= set(graph)
-    for module in sorted(MATHS):
+    maths = sorted(m for m in graph if is_maths(m))
+    assert f"{PACKAGE}.diffusion.solvers" in maths and f"{PACKAGE}.gaussian_diffusion" in maths
+    for module in maths:
         reached = {_family(m) for m in reachable(graph, module)} | reachable(graph, module)
         bad = sorted(reached & FORBIDDEN_FOR_MATHS)
         assert not bad, f"{module} imports {bad}"
-        # Stronger: the maths closes over itself (plus the empty package __init__).
-        assert reachable(graph, module) <= MATHS | {PACKAGE}, module
+        # Stronger: the maths closes over itself (plus the empty package __init__s).
+        assert all(is_maths(m) for m in reachable(graph, module)), module
 
 
 def test_the_walk_can_fail(tmp_path):
@@ -268,12 +297,28 @@ def test_every_reference_import_path_works():
 
 def test_every_subpackage_is_installed():
     tree = ast.parse((ROOT / "setup.py").read_text())
-    listed = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
-                  for kw in node.keywords if kw.arg == "packages")
+    listed = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "PACKAGES" for t in node.targets))
     packages = {elt.value for elt in listed.elts}
     on_disk = {name for name, (_, is_pkg) in package_modules(ROOT, PACKAGE).items() if is_pkg}
-    assert on_disk <= packages, sorted(on_disk - packages)
+    assert on_disk == packages, sorted(on_disk ^ packages)
     assert os.path.isfile(ROOT / "ARCHITECTURE.md")
+
+
+@pytest.mark.parametrize("name", ["datasets", "evaluations", "experiments"])
+def test_script_folders_are_not_importable_packages(name, tmp_path):
+    """With the package installed, `import datasets` must find Hugging Face's (or nothing),
+    never our script folder; run from elsewhere so the checkout is not on sys.path."""
+    code = (f"import importlib.util, sys; spec = importlib.util.find_spec({name!r}); "
+            "print(spec.origin if spec and spec.origin else (list(spec.submodule_search_locations)"
+            " if spec else ''))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert str(ROOT) not in out, f"import {name} resolves to this checkout: {out}"
+    # The scripts at the reference's paths stay where users run them from.
+    assert (ROOT / "evaluations" / "evaluator.py").is_file()
+    assert (ROOT / "datasets" / "digits.py").is_file()
 
 
 @pytest.mark.parametrize("family", ["cgan", "vae"])

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.digits import write_digits
-from guided_diffusion.cfg import (
+from guided_diffusion.data.digits import write_digits
+from guided_diffusion.diffusion.guidance import (
     check_guidance_scale,
     classifier_free_guidance,
     drop_labels,
-    with_label_dropout,
 )
-from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.image_datasets import with_label_dropout
+from guided_diffusion.sampling.files import to_uint8
 from guided_diffusion.script_util import (
     create_classifier,
     create_model,
@@ -23,7 +23,7 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
     sr_create_model,
 )
-from guided_diffusion.solver_sampling import solver_sample_loop
+from guided_diffusion.diffusion.denoiser import solver_sample_loop
 
 from test_scripts import load_script, run_inprocess
 
@@ -310,7 +310,7 @@ def test_bad_input_one_liners(trained, tmp_path, capsys):
 
 def test_classifier_features_are_the_penultimate_layer():
     from guided_diffusion.cgan.evaluation import train_classifier
-    from guided_diffusion.sampler_fid import classifier_features
+    from sampler_fid_lib import classifier_features
 
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(40, 1, 8, 8, generator=gen)
@@ -350,7 +350,7 @@ def test_sampler_fid_script(trained, tmp_path):
     assert len(grids) == len(rows) and "w2.5_heun_4.png" in grids
 
     # Samplers measured in another process merge into one report.
-    from guided_diffusion.sampler_fid import merge_reports
+    from sampler_fid_lib import merge_reports
 
     assert run_inprocess("sampler_fid", [
         "--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"], *TINY,
@@ -371,8 +371,8 @@ def test_sampler_fid_script(trained, tmp_path):
 
 def test_sampler_fid_same_noise_for_every_configuration(trained):
     """A solver and DDIM on one evaluation budget start from the same x_T; guidance changes it."""
-    from guided_diffusion.sampler_fid import generate
-    from guided_diffusion.solver_sampling import diffusion_from_flags
+    from sampler_fid_lib import generate
+    from guided_diffusion.script_util import diffusion_from_flags
 
     parsed = vars(load_script("image_sample").create_argparser().parse_args(TINY))
     flags = {k: parsed[k] for k in model_and_diffusion_defaults()}

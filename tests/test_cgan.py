@@ -36,7 +36,7 @@ from guided_diffusion.cgan import (
     real_to_model_space,
     select_parzen_sigma,
 )
-from guided_diffusion.checkpoints import save_atomic
+from guided_diffusion.runtime.checkpoints import save_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _launch import child_env, mpiexec_prefix
-from datasets.digits import write_digits
+from guided_diffusion.data.digits import write_digits
 from guided_diffusion import logger
 from guided_diffusion.cgan import (
     cgan_defaults,
@@ -33,7 +33,7 @@ from guided_diffusion.cgan import (
     to_eval_space,
     train_classifier,
 )
-from guided_diffusion.sample_files import to_uint8
+from guided_diffusion.sampling.files import to_uint8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 8

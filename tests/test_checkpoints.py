@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import checkpoints
-from guided_diffusion.checkpoints import (
+from guided_diffusion.runtime import checkpoints
+from guided_diffusion.runtime.checkpoints import (
     find_latest_checkpoint,
     load_checkpoint,
     parse_step,
@@ -54,7 +54,7 @@ KILLER = textwrap.dedent(
     """
     import os, sys
     import torch
-    from guided_diffusion.checkpoints import save_atomic
+    from guided_diffusion.runtime.checkpoints import save_atomic
 
     class DieWhilePickled:
         # torch.save pickles this after the tensors before it were written: the process

@@ -19,8 +19,8 @@ import time
 import pytest
 import torch
 
-from datasets.digits import write_digits
-from guided_diffusion import checkpoints
+from guided_diffusion.data.digits import write_digits
+from guided_diffusion.runtime import checkpoints
 
 from _launch import _mpi4py_library, child_env, find_mpiexec, mpiexec_prefix, torchrun_prefix
 
@@ -287,7 +287,7 @@ def test_an_mpiexec_of_another_mpi_is_refused_in_one_line():
         env, launcher = {"PMI_SIZE": 4, "PMI_RANK": 2}, "MPICH"
     code = (
         "from guided_diffusion import dist_util\n"
-        "from guided_diffusion.sampling_cli import run_main\n"
+        "from guided_diffusion.cli.main import run_main\n"
         "run_main(lambda argv: dist_util.setup_dist())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),

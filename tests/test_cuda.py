@@ -23,7 +23,7 @@ import torch
 from _launch import child_env, mpiexec_prefix, torchrun_prefix
 from conftest import conformance_dir, load_vector
 from guided_diffusion import logger
-from guided_diffusion.sampling_cli import make_classifier_cond_fn
+from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion, create_model
 from test_networks import _perturb
 
@@ -306,7 +306,7 @@ def test_classifier_guided_ddim_on_cuda_matches_cpu(ieee_fp32):
 def test_scripts_train_and_sample_on_one_gpu(tmp_path):
     # Training in fp16 (model and classifier), sampling with bf16 autocast and guidance, as a
     # researcher runs them on one GPU.
-    from datasets.digits import write_digits
+    from guided_diffusion.data.digits import write_digits
     from test_scripts import CLASSIFIER, MODEL, NUM_CLASSES
 
     data = write_digits(str(tmp_path / "digits"), image_size=16, limit=40)
@@ -339,7 +339,7 @@ def test_scripts_train_and_sample_on_one_gpu(tmp_path):
 
 
 def test_inception_features_on_cuda_match_cpu(ieee_fp32):
-    from evaluations.evaluator import Evaluator
+    from guided_diffusion.evaluation.evaluator import Evaluator
     from test_inception import he_initialised_model
 
     model = he_initialised_model()
@@ -358,7 +358,7 @@ def test_inception_features_on_cuda_match_cpu(ieee_fp32):
 
 
 def test_precision_recall_on_cuda_gives_the_exact_answers(ieee_fp32):
-    from evaluations.metrics import ManifoldEstimator, precision_recall
+    from guided_diffusion.evaluation.metrics import ManifoldEstimator, precision_recall
     from test_evaluator import grid
 
     # Integer coordinates: every distance is exact in float32 (with TF32 off), so the GPU must

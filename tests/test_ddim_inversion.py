@@ -12,21 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.digits import write_digits
-from guided_diffusion.ddim_tools import (
+from guided_diffusion.data.digits import write_digits
+from guided_diffusion.diffusion.inversion import (
     consistency_distances,
     ddim_round_trip,
-    diffusion_for_steps,
     mean_pixel_distance,
-    parse_step_counts,
     psnr,
     reconstruction_mse,
     slerp,
     slerp_pairs,
 )
+from guided_diffusion.script_util import diffusion_for_steps
+from guided_diffusion.cli.flags import parse_step_counts
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 from guided_diffusion.image_datasets import read_image_folder
-from guided_diffusion.sampling_cli import uint8_to_model_input
+from guided_diffusion.sampling.files import uint8_to_model_input
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 
 MU, S = 0.3, 0.5

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.digits import write_digits
-from guided_diffusion.ddim_tools import diffusion_for_steps
-from guided_diffusion.sample_files import to_uint8
-from guided_diffusion.sampling_cli import save_latents, uint8_to_model_input
+from guided_diffusion.data.digits import write_digits
+from guided_diffusion.script_util import diffusion_for_steps
+from guided_diffusion.sampling.files import to_uint8
+from guided_diffusion.sampling.files import save_latents, uint8_to_model_input
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 from test_scripts import SCRIPTS, _single_thread, child_env, error_line, run_inprocess  # noqa: F401

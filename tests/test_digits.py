@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.digits import write_digits
+from guided_diffusion.data.digits import write_digits
 from guided_diffusion.image_datasets import class_labels_from_paths, list_image_files_recursively
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -63,5 +63,5 @@ def test_command_line_writes_everything_and_rejects_bad_sizes(tmp_path):
         [sys.executable, script, "--out_dir", str(tmp_path / "bad"), "--image_size", "4"],
         env=env, capture_output=True, text=True, timeout=60,
     )
-    assert bad.returncode != 0
+    assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "image_size" in bad.stderr

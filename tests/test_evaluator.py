@@ -3,7 +3,6 @@
 import hashlib
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +10,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-import evaluations.metrics as metrics
-from evaluations.evaluator import Evaluator, evaluate, main
-from evaluations.inception import InceptionV3
-from evaluations.metrics import (
+import guided_diffusion.evaluation.metrics as metrics
+from guided_diffusion.evaluation.evaluator import Evaluator, evaluate, main
+from guided_diffusion.evaluation.inception import InceptionV3
+from guided_diffusion.evaluation.metrics import (
     FIDStatistics,
     ManifoldEstimator,
     frechet_distance,
     inception_score,
     precision_recall,
 )
-from evaluations.npz import NpzArrayStream
+from guided_diffusion.evaluation.npz import NpzArrayStream
+from guided_diffusion.cli.main import run_main
+
+from _launch import child_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,7 +325,7 @@ def test_cli_self_comparison(tmp_path):
     proc = subprocess.run(
         [sys.executable, "evaluations/evaluator.py", str(batch), str(batch),
          "--inception_path", str(weights), "--batch_size", "2", "--device", "cpu"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=child_env(cpu=True),
     )
     assert proc.returncode == 0, proc.stderr
     values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
@@ -335,15 +337,22 @@ def test_cli_self_comparison(tmp_path):
     assert hashlib.sha256(batch.read_bytes()).hexdigest() == digest
 
 
+def exit_status(main, argv):
+    """The exit status of a script's main run as the script runs it (run_main)."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, argv)
+    return exc.value.code
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     batch = tmp_path / "batch.npz"
     np.savez(batch, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
     proc = subprocess.run(
         [sys.executable, "evaluations/evaluator.py", str(batch), str(batch),
          "--inception_path", str(tmp_path / "absent.pth")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=child_env(cpu=True),
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "Inception weights not found" in proc.stderr and "--inception_path" in proc.stderr
@@ -351,12 +360,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     # No flag and nothing in the default places.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     monkeypatch.chdir(tmp_path)
-    assert main([str(batch), str(batch)]) == 1
+    assert exit_status(main, [str(batch), str(batch)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no Inception weights given" in err
 
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, wrong)
-    assert main([str(batch), str(batch), "--inception_path", str(wrong)]) == 1
+    assert exit_status(main, [str(batch), str(batch), "--inception_path", str(wrong)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "missing keys" in err

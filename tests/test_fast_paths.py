@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from guided_diffusion import logger, perf_util, script_util
+from guided_diffusion import logger, script_util
+from guided_diffusion.runtime import perf as perf_util
 from guided_diffusion.resample import UniformSampler
-from guided_diffusion.sampling_cli import make_classifier_cond_fn
-from guided_diffusion.schedules import device_table, extract_into_tensor
+from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
+from guided_diffusion.diffusion.schedules import device_table, extract_into_tensor
 from guided_diffusion.train_util import TrainLoop
 from guided_diffusion.unet import QKVAttention, QKVAttentionLegacy
 
@@ -358,8 +359,8 @@ class _FixedNoise:
 def test_compile_and_bf16_flags_reach_the_networks(tmp_path, monkeypatch):
     import importlib.util
 
-    from datasets.digits import write_digits
-    from guided_diffusion.sampling_cli import run_main
+    from guided_diffusion.data.digits import write_digits
+    from guided_diffusion.cli.main import run_main
 
     compiled = []
 

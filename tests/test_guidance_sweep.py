@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion.guidance_eval import RealDigitsJudge, grid_by_class, within_class_spread
+from guidance_eval import RealDigitsJudge, grid_by_class, within_class_spread
 from guided_diffusion.script_util import (
     create_classifier,
     create_model_and_diffusion,
@@ -88,7 +88,7 @@ def test_guidance_sweep_end_to_end(tmp_path):
         8, False, 32, 1, "4", True, True, "attention", num_classes=10, classifier_channel_mult="1,2"
     )
     torch.save(classifier.state_dict(), tmp_path / "classifier.pt")
-    spec = importlib.util.spec_from_file_location("sweep", os.path.join(REPO, "scripts",
+    spec = importlib.util.spec_from_file_location("sweep", os.path.join(REPO, "experiments",
                                                                          "guidance_sweep.py"))
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)

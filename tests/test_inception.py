@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluations.inception import (
+from guided_diffusion.evaluation.inception import (
     InceptionV3,
     expected_state_dict_shapes,
     load_inception,

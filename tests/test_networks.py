@@ -592,7 +592,9 @@ def test_argparse_helpers():
     assert isinstance(args.b, float)
 
 
-def test_load_model_state_dict_names_the_flags_to_change():
+def test_load_model_weights_names_the_flags_to_change():
+    from guided_diffusion.cli.weights import load_model_weights
+
     source = _perturb(script_util.create_model(**TINY, class_cond=True, learn_sigma=True))
     state = source.state_dict()
     cases = [
@@ -606,16 +608,16 @@ def test_load_model_state_dict_names_the_flags_to_change():
     for overrides, message in cases:
         target = script_util.create_model(**{**TINY, **overrides})
         with pytest.raises(ValueError, match=message):
-            script_util.load_model_state_dict(target, state)
+            load_model_weights(target, state, "ckpt.pt")
 
     unconditional = script_util.create_model(**TINY)
     with pytest.raises(ValueError, match="pass --class_cond False"):
-        script_util.load_model_state_dict(source, unconditional.state_dict())
+        load_model_weights(source, unconditional.state_dict(), "ckpt.pt")
     opt = torch.optim.AdamW(source.parameters())
     with pytest.raises(ValueError, match="optimizer checkpoint"):
-        script_util.load_model_state_dict(source, opt.state_dict())
+        load_model_weights(source, opt.state_dict(), "ckpt.pt")
 
     target = script_util.create_model(**TINY, class_cond=True, learn_sigma=True)
-    script_util.load_model_state_dict(target, state)
+    load_model_weights(target, state, "ckpt.pt")
     for name, value in target.state_dict().items():
         assert torch.equal(value, state[name])

@@ -5,8 +5,9 @@ import signal
 
 import pytest
 
-from guided_diffusion import logger, preemption
-from guided_diffusion.preemption import PreemptionWatch, TrainingPreempted
+from guided_diffusion import logger
+from guided_diffusion.runtime import preemption
+from guided_diffusion.runtime.preemption import PreemptionWatch, TrainingPreempted
 
 
 def test_signals_are_recorded_while_watching_and_handlers_come_back(tmp_path):

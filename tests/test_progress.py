@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guided_diffusion import logger
-from guided_diffusion.progress import StepMeter, format_seconds
+from guided_diffusion.runtime.progress import StepMeter, format_seconds
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from guided_diffusion.train_util import TrainLoop
 

@@ -8,7 +8,7 @@ from PIL import Image
 from guided_diffusion import dist_util
 from guided_diffusion.cgan import array_batches
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resumable_data import epoch_order
+from guided_diffusion.runtime.resumable_data import epoch_order
 
 
 def grey_folder(folder, n):

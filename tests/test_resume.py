@@ -18,9 +18,10 @@ import textwrap
 import pytest
 import torch
 
-from datasets.digits import write_digits
-from guided_diffusion import checkpoints, logger, preemption
-from guided_diffusion.sampling_cli import run_main
+from guided_diffusion.data.digits import write_digits
+from guided_diffusion.runtime import checkpoints, preemption
+from guided_diffusion import logger
+from guided_diffusion.cli.main import run_main
 
 from _launch import child_env
 from test_scripts import load_script
@@ -259,8 +260,8 @@ REAL_DISK_FULL = textwrap.dedent(
     """
     import json, os, sys
     sys.argv[0] = "image_train.py"
-    from guided_diffusion import checkpoints
-    from guided_diffusion.sampling_cli import run_main
+    from guided_diffusion.runtime import checkpoints
+    from guided_diffusion.cli.main import run_main
     import runpy
     module = runpy.run_path(os.path.join(sys.argv[1], "scripts", "image_train.py"))
     log_dir = sys.argv[2]

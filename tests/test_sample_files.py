@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion.sample_files import make_grid_png, save_samples, to_uint8
+from guided_diffusion.sampling.files import make_grid_png, save_samples, to_uint8
 
 
 def test_to_uint8_values_and_layout():

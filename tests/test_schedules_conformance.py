@@ -8,7 +8,7 @@ import pytest
 from conftest import load_vector
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
-from guided_diffusion.schedules import diffusion_tables, respace_betas
+from guided_diffusion.diffusion.schedules import diffusion_tables, respace_betas
 
 
 def test_named_schedules_match_reference(conformance):

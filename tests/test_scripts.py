@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.digits import write_digits
-from guided_diffusion.sample_files import to_uint8
-from guided_diffusion.sampling_cli import run_main
+from guided_diffusion.data.digits import write_digits
+from guided_diffusion.sampling.files import to_uint8
+from guided_diffusion.cli.main import run_main
 from guided_diffusion.script_util import (
     create_model,
     create_model_and_diffusion,
@@ -69,14 +69,20 @@ def launch(launcher, name, args, timeout=150):
     else:
         prefix = [sys.executable]
     result = subprocess.run(
-        prefix + [os.path.join(SCRIPTS, name + ".py")] + [str(a) for a in args],
+        prefix + [script_path(name)] + [str(a) for a in args],
         env=child_env(cpu=True), capture_output=True, text=True, timeout=timeout,
     )
     return result
 
 
+def script_path(name):
+    """scripts/<name>.py, or experiments/<name>.py for the experiments."""
+    path = os.path.join(SCRIPTS, name + ".py")
+    return path if os.path.exists(path) else os.path.join(REPO, "experiments", name + ".py")
+
+
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(SCRIPTS, name + ".py"))
+    spec = importlib.util.spec_from_file_location(f"script_{name}", script_path(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -291,14 +297,14 @@ def test_super_res_train_and_ddim_sample(work, tmp_path):
     with np.load(tmp_path / "samples_3x16x16x3.npz") as npz:
         images = npz["arr_0"]
     # Recompute with ddim_sample_loop directly: the script must have honoured --use_ddim.
-    from guided_diffusion.sampling_cli import create_sr_model_and_diffusion
+    from guided_diffusion.script_util import sr_create_model_and_diffusion
 
     flags = vars(load_script("super_res_sample").create_argparser().parse_args(
         [*SR, "--timestep_respacing", "ddim4"]))
     from guided_diffusion.script_util import sr_model_and_diffusion_defaults
 
     keys = list(sr_model_and_diffusion_defaults()) + ["num_classes", "channel_mult"]
-    model, diffusion = create_sr_model_and_diffusion({k: flags[k] for k in keys})
+    model, diffusion = sr_create_model_and_diffusion(**{k: flags[k] for k in keys})
     model.load_state_dict(torch.load(tmp_path / "model000002.pt", weights_only=True))
     model.eval()
     low_res = torch.from_numpy(base).float().permute(0, 3, 1, 2) / 127.5 - 1

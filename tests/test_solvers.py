@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import samplers
+from guided_diffusion.diffusion import solvers as samplers
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
-from guided_diffusion.solver_sampling import (
+from guided_diffusion.diffusion.denoiser import (
     DiscreteDenoiser,
-    SAMPLER_NAMES,
-    make_sample_fn,
-    resolve_sampler,
     solver_sample_loop,
     solver_sample_loop_progressive,
 )
+from guided_diffusion.sampling.loop import SAMPLER_NAMES, make_sample_fn, resolve_sampler
 
 MEANS = torch.tensor([-0.6, 0.1, 0.7], dtype=torch.float64)
 STDS = torch.tensor([0.08, 0.15, 0.05], dtype=torch.float64)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from guided_diffusion import logger
-from guided_diffusion.checkpoints import load_checkpoint
+from guided_diffusion.runtime.checkpoints import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--image_size", "8", "--hidden_size", "32", "--latent_size", "2"]
@@ -48,7 +48,7 @@ def _run(name, argv, log_dir=None):
 def trained(tmp_path_factory):
     """A 300-image 8x8 digits folder and a VAE trained on it for 30 steps, then resumed to 40."""
     pytest.importorskip("sklearn")
-    from datasets.digits import write_digits
+    from guided_diffusion.data.digits import write_digits
 
     root = tmp_path_factory.mktemp("vae")
     data = write_digits(str(root / "digits"), image_size=8, limit=300)

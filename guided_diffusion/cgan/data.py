@@ -19,8 +19,8 @@ from ..image_datasets import (
     list_image_files_recursively,
     load_data,
 )
-from ..resumable_data import ResumableBatches, epoch_order
-from ..sample_files import to_uint8
+from ..runtime.resumable_data import ResumableBatches, epoch_order
+from ..sampling.files import to_uint8
 
 # The four files of LeCun's MNIST distribution; both the "-idx3-" and ".idx3-" spellings occur.
 MNIST_FILES = {

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from .. import dist_util, logger, train_state
+from .. import dist_util, logger
+from ..runtime import train_state
 from .networks import (
     MODEL_FLAG_KEYS,
     OPTIMIZERS,
@@ -24,10 +25,10 @@ from .networks import (
     real_to_model_space,
     sample_noise,
 )
-from ..checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
+from ..runtime.checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
 from ..nn import update_ema
-from ..preemption import PreemptionWatch
-from ..progress import StepMeter
+from ..runtime.preemption import PreemptionWatch
+from ..runtime.progress import StepMeter
 
 __all__ = [
     "CHECKPOINT_PREFIX",

@@ -11,7 +11,7 @@ import torch
 
 from .. import dist_util
 from ..image_datasets import class_labels_from_paths, list_image_files_recursively
-from ..sample_files import make_grid_png, save_samples, to_uint8
+from ..sampling.files import make_grid_png, save_samples, to_uint8
 from .networks import folder_batches, interpolate, spread_indices
 
 

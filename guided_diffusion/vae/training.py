@@ -9,10 +9,11 @@ import os
 
 import torch
 
-from .. import dist_util, logger, train_state
-from ..checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
-from ..preemption import PreemptionWatch
-from ..progress import StepMeter
+from .. import dist_util, logger
+from ..runtime import train_state
+from ..runtime.checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
+from ..runtime.preemption import PreemptionWatch
+from ..runtime.progress import StepMeter
 from .networks import check_vae_checkpoint, vae_losses, vae_state
 
 CHECKPOINT_PREFIX = "vae"

@@ -18,7 +18,6 @@ import math
 import numpy as np
 import torch as th
 
-from .solver_sampling import diffusion_from_flags
 
 # Below this sin(theta) two latents are treated as parallel and interpolated linearly: the slerp
 # weights sin(a * theta) / sin(theta) lose all precision there, and their limit is linear.
@@ -80,41 +79,6 @@ def slerp_pairs(starts, ends, num):
         for p in range(len(starts))
     ]
     return th.cat(rows, dim=0)
-
-
-def parse_step_counts(text):
-    """
-    Parse a comma-separated list of DDIM step counts, e.g. "10,20,50,100".
-
-    :return: the counts as a sorted list of distinct positive ints.
-    :raises ValueError: on an empty list or an entry that is not a positive integer.
-    """
-    counts = []
-    for entry in str(text).split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        if entry.startswith("ddim"):
-            entry = entry[len("ddim"):]
-        if not entry.isdigit() or int(entry) < 1:
-            raise ValueError(f"step counts must be positive integers such as 10,20,50, got {text!r}")
-        counts.append(int(entry))
-    if not counts:
-        raise ValueError(f"no step counts in {text!r}: pass e.g. --steps 10,20,50,100")
-    return sorted(set(counts))
-
-
-def diffusion_for_steps(flags, steps):
-    """
-    The DDIM diffusion with `steps` steps, strided as in the DDIM paper ("ddim<steps>" respacing),
-    for a model trained with the diffusion flags in `flags`.
-
-    :param flags: a dict with the keys of diffusion_defaults() (other keys are ignored).
-    :param steps: the number of sampling steps, at most flags["diffusion_steps"].
-    :return: a SpacedDiffusion.
-    :raises ValueError: when no integer stride gives exactly that many steps.
-    """
-    return diffusion_from_flags(flags, f"ddim{steps}")
 
 
 def ddim_round_trip(diffusion, model, x_start, clip_denoised=True, model_kwargs=None, progress=False):

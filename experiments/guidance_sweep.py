@@ -16,17 +16,17 @@ per model) and grids/<model>_scale<s>.png (one row per requested class).
 import argparse
 import json
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.guidance_eval import RealDigitsJudge, grid_by_class
-from guided_diffusion.sample_files import to_uint8
-from guided_diffusion.sampling_cli import load_checkpoint_into, make_classifier_cond_fn, run_main
+from guidance_eval import RealDigitsJudge, grid_by_class
+from guided_diffusion.sampling.files import to_uint8
+from guided_diffusion.cli.weights import load_checkpoint_into
+from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
+from guided_diffusion.cli.main import run_main
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,

@@ -12,7 +12,7 @@ Images are uint8 [N, H, W, C] as the sampling scripts save them; they are judged
 import numpy as np
 import torch
 
-from .cgan import evaluation as cgan_eval
+from guided_diffusion.cgan import evaluation as cgan_eval
 
 __all__ = [
     "RealDigitsJudge",
@@ -23,7 +23,7 @@ __all__ = [
 
 def _real_digits(image_size):
     # Imported here: datasets/ is a sibling package that only this evaluation needs.
-    from datasets.digits import digits_arrays
+    from guided_diffusion.data.digits import digits_arrays
 
     images, labels = digits_arrays(image_size)
     return images[..., None], labels
@@ -97,7 +97,11 @@ class RealDigitsJudge:
             is less diverse) and num_samples.
         """
         # Imported here: evaluations/ is a sibling package (the TF-compatible evaluator).
-        from evaluations.metrics import FIDStatistics, ManifoldEstimator, precision_recall
+        from guided_diffusion.evaluation.metrics import (
+            FIDStatistics,
+            ManifoldEstimator,
+            precision_recall,
+        )
 
         feats = self.features(images_u8)
         predicted = self.predict(images_u8)

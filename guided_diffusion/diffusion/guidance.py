@@ -9,43 +9,20 @@ reference's layout and every released checkpoint loads strict.
 """
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
+    "make_classifier_cond_fn",
     "check_class_dropout_prob",
     "check_guidance_scale",
-    "cfg_defaults",
-    "sampling_guidance_defaults",
     "classifier_free_guidance",
     "drop_labels",
     "has_null_class",
     "label_rows",
-    "with_label_dropout",
 ]
 
 # The flag that trains a model with a null class, for messages.
 TRAIN_FLAG_HINT = "train one with image_train.py --class_dropout_prob 0.1 (e.g.)"
-
-
-def cfg_defaults():
-    """
-    Flags of classifier-free guidance.
-
-    class_dropout_prob: rate at which training replaces labels by the null class; > 0 gives the
-        label embedding one more row (the null class, index num_classes). Pass the training
-        value when sampling too: it describes the checkpoint's layout, like --learn_sigma.
-    """
-    return dict(class_dropout_prob=0.0)
-
-
-def sampling_guidance_defaults():
-    """
-    Flags of the sampling scripts for guidance and solver choice.
-
-    guidance_scale: w of classifier-free guidance; 1 = plain conditional sampling (no extra
-        model evaluation), 0 = unconditional, > 1 = stronger conditioning.
-    sampler: "" (ddim when --use_ddim True, else ddpm) or one of samplers.SAMPLER_NAMES.
-    """
-    return dict(guidance_scale=1.0, sampler="")
 
 
 def check_class_dropout_prob(class_dropout_prob, class_cond):
@@ -87,36 +64,6 @@ def drop_labels(y, *, prob, null_label):
         return y
     drop = torch.rand(y.shape, device=y.device) < prob
     return torch.where(drop, torch.full_like(y, null_label), y)
-
-
-class _DropBatchLabels:
-    def __init__(self, prob, null_label):
-        self.prob = prob
-        self.null_label = null_label
-
-    def __call__(self, batch, model_kwargs):
-        if "y" not in model_kwargs:
-            raise ValueError("--class_dropout_prob needs labelled data: pass --class_cond True")
-        model_kwargs = dict(model_kwargs)
-        model_kwargs["y"] = drop_labels(model_kwargs["y"], prob=self.prob, null_label=self.null_label)
-        return batch, model_kwargs
-
-
-def with_label_dropout(data, *, prob, null_label):
-    """
-    A training stream whose labels are replaced by the null class at rate prob (Ho & Salimans
-    2022, Algorithm 1); the stream itself when prob is 0. The position of the stream still
-    saves and restores with its state_dict.
-
-    :param data: an iterator of (images, {"y": labels, ...}) batches.
-    :param prob: the dropout rate p.
-    :param null_label: the index of the null class (num_classes).
-    """
-    from .resumable_data import MappedBatches
-
-    if prob <= 0:
-        return data
-    return MappedBatches(data, _DropBatchLabels(prob, null_label))
 
 
 def check_guidance_scale(guidance_scale, *, class_cond, class_dropout_prob):
@@ -184,3 +131,27 @@ def _repeat(value, n):
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
         return torch.cat([value, value])
     return value
+
+
+def make_classifier_cond_fn(classifier, classifier_scale):
+    """
+    The guidance gradient of Dhariwal & Nichol 2021 (Algorithm 1): s * grad_x log p_phi(y | x_t).
+
+    :param classifier: a noisy-image classifier taking (x, t) and returning logits.
+    :param classifier_scale: the guidance scale s.
+    :return: cond_fn(x, t, y=None) for the samplers.
+    """
+
+    def cond_fn(x, t, y=None):
+        if y is None:
+            raise ValueError("classifier guidance needs class labels y")
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = classifier(x_in, t)
+            log_probs = F.log_softmax(logits, dim=-1)
+            # gather rather than indexing with range(N): that index would be built on the host
+            # and copied to the device at every step (a synchronisation on a GPU).
+            selected = log_probs.gather(1, y.view(-1, 1).to(logits.device)).squeeze(1)
+            return torch.autograd.grad(selected.sum(), x_in)[0] * classifier_scale
+
+    return cond_fn

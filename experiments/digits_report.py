@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from guided_diffusion.guidance_eval import RealDigitsJudge, grid_by_class
+from guidance_eval import RealDigitsJudge, grid_by_class
 
 
 def main(argv=None):

@@ -25,29 +25,13 @@ import os
 import signal
 import threading
 
-from . import dist_util, logger
+from .. import dist_util, logger
+from ..errors import EXIT_PREEMPTED, TrainingPreempted  # noqa: F401  (public here)
 
-EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: a temporary failure, retry later (requeue)
 # SIGUSR1 does not exist on Windows.
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 CHECK_STEPS_ENV = "GD_PREEMPT_CHECK_STEPS"
 
-
-class TrainingPreempted(SystemExit):
-    """
-    Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; exits with EXIT_PREEMPTED.
-
-    :param message: where the checkpoint is (also in the log).
-    :param checkpoint: its path (the model file; None on ranks other than 0 is fine).
-    """
-
-    def __init__(self, message, checkpoint=None):
-        super().__init__(EXIT_PREEMPTED)
-        self.message = message
-        self.checkpoint = checkpoint
-
-    def __str__(self):
-        return self.message
 
 
 def ignore_in_worker(worker_id=None):

@@ -23,7 +23,8 @@ import random
 import numpy as np
 import torch
 
-from . import checkpoints, dist_util, logger
+from . import checkpoints
+from .. import dist_util, logger
 
 STATE_FORMAT = "guided_diffusion.train_state/1"
 STATE_PREFIX = "state"

@@ -11,16 +11,10 @@ import weakref
 import numpy as np
 import torch as th
 
+from ..errors import UnknownScheduleError
+
 KNOWN_SCHEDULES = ("linear", "cosine")
 
-
-class UnknownScheduleError(ValueError, NotImplementedError):
-    """
-    Raised for a noise schedule name we do not know.
-
-    It is a ValueError (bad user input) and also a NotImplementedError, which is what the
-    reference raised, so existing ``except NotImplementedError`` handlers keep working.
-    """
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):

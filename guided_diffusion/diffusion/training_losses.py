@@ -8,8 +8,8 @@ import numpy as np
 import torch as th
 from tqdm.auto import tqdm
 
-from .diffusion_types import LossType, ModelMeanType, ModelVarType
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .types import LossType, ModelMeanType, ModelVarType
+from ..losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 _LN2 = np.log(2.0)
 

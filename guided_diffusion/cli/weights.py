@@ -4,8 +4,9 @@ with a message naming the flags to change. Training (resuming) and sampling both
 sits below both.
 """
 
-from .errors import ScriptError
-from .flag_hints import explain_state_dict_mismatch
+from .. import dist_util
+from ..errors import ScriptError
+from .hints import explain_state_dict_mismatch
 
 
 def check_model_weights(model, state_dict, path, flags=None, build=None):
@@ -31,3 +32,18 @@ def load_model_weights(model, state_dict, path, flags=None, build=None):
     """
     check_model_weights(model, state_dict, path, flags=flags, build=build)
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint_into(model, path, flags=None, build=None):
+    """
+    Read a model checkpoint (torch.load(weights_only=True)) and load it into `model`.
+
+    :raises FileNotFoundError: when path is missing or empty.
+    :raises ScriptError / ValueError: when it is corrupt or does not fit the flags.
+    """
+    if not path:
+        raise ScriptError("no checkpoint given: pass --model_path (or --classifier_path) FILE")
+    state = dist_util.load_state_dict(path, map_location="cpu")
+    load_model_weights(model, state, path, flags=flags, build=build)
+
+

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluations.metrics import FIDStatistics
+from guided_diffusion.evaluation.metrics import FIDStatistics
 
-from .cfg import classifier_free_guidance
-from .cgan.evaluation import class_accuracy, to_eval_space, train_classifier
-from .sample_files import make_grid_png, to_uint8
-from .solver_sampling import make_sample_fn
+from guided_diffusion.diffusion.guidance import classifier_free_guidance
+from guided_diffusion.cgan.evaluation import class_accuracy, to_eval_space, train_classifier
+from guided_diffusion.sampling.files import make_grid_png, to_uint8
+from guided_diffusion.sampling.loop import make_sample_fn
 
 __all__ = [
     "check_budgets",
@@ -90,7 +90,7 @@ def check_budgets(samplers, evaluations):
 
     :raises ValueError: one line naming the solver and its least budget.
     """
-    from . import samplers as solvers
+    from guided_diffusion.diffusion import solvers as solvers
 
     for name in samplers:
         if name in solvers.SOLVERS:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util
+from .. import dist_util
 from .preemption import ignore_in_worker
 
 STATE_FORMAT = "guided_diffusion.batches/1"

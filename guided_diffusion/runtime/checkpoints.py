@@ -10,15 +10,12 @@ unpickling arbitrary objects from a downloaded file would run arbitrary code.
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 
 import torch
 
-try:
-    import blobfile as bf
-except ImportError:  # blobfile is only needed for remote (gs://, az://, https://) paths
-    bf = None
+from ..errors import CheckpointWriteError
+from .files import atomic_write, blobfile
 
 
 def _is_remote(path):
@@ -36,106 +33,14 @@ def save_atomic(obj, path):
     path = os.fspath(path)
     if _is_remote(path):
         # Object stores publish a blob only when its upload completes, which is atomic already.
-        with bf.BlobFile(path, "wb") as f:
+        with blobfile().BlobFile(path, "wb") as f:
             torch.save(obj, f)
         return path
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write(path, write):
-    """
-    Write a local file so that path holds either its old content or the complete new one.
-
-    :param path: the destination file; its folder must exist.
-    :param write: a function that writes the content into the binary file object it is given.
-    :return: path.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    # The temporary name starts with "." and ends with ".tmp" so it never matches "<prefix>NNN.pt".
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    recorder = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            recorder = _ErrorRecorder(f)
-            write(recorder)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the permissions open() would, so that
-        # collaborators on a shared cluster can read checkpoints as with the reference.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
-        os.replace(tmp_path, path)
-    except BaseException as exc:
-        # Also on KeyboardInterrupt: leave no temporary file behind.
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        if recorder is not None and recorder.error is not None and not isinstance(exc, OSError):
-            # torch.save's writer swallows the OSError of a failed write (a full disk) and
-            # fails later with "unexpected pos ..."; the OSError is the real cause.
-            raise recorder.error from None
-        raise
-    _fsync_dir(folder)
-    return path
-
-
-def _current_umask():
-    # Linux reports the umask without changing it; elsewhere os.umask can only read it by setting
-    # it, which is briefly visible to other threads, so it is the fallback.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class _ErrorRecorder:
-    """A binary file that remembers the first OSError its write or flush raised."""
-
-    def __init__(self, f):
-        self._f = f
-        self.error = None
-
-    def write(self, data):
-        try:
-            return self._f.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-    def flush(self):
-        try:
-            return self._f.flush()
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-    def __getattr__(self, name):  # seek, tell, fileno, ... for writers that need them
-        return getattr(self._f, name)
-
-
-def _fsync_dir(folder):
-    # Makes the rename itself durable on POSIX; not possible (nor needed) everywhere.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _exists(path):
-    return bf.exists(path) if _is_remote(path) else os.path.isfile(path)
+    return blobfile().exists(path) if _is_remote(path) else os.path.isfile(path)
 
 
 def load_checkpoint(path, map_location="cpu", **kwargs):
@@ -154,7 +59,7 @@ def load_checkpoint(path, map_location="cpu", **kwargs):
     kwargs.setdefault("weights_only", True)
     try:
         if _is_remote(path):
-            with bf.BlobFile(path, "rb") as f:
+            with blobfile().BlobFile(path, "rb") as f:
                 return torch.load(f, map_location=map_location, **kwargs)
         return torch.load(path, map_location=map_location, **kwargs)
     except pickle.UnpicklingError as exc:
@@ -231,9 +136,9 @@ def find_latest_checkpoint(log_dir, prefix):
         return None
     log_dir = os.fspath(log_dir)
     if _is_remote(log_dir):
-        if not bf.isdir(log_dir):
+        if not blobfile().isdir(log_dir):
             return None
-        names = bf.listdir(log_dir)
+        names = blobfile().listdir(log_dir)
     else:
         if not os.path.isdir(log_dir):
             return None
@@ -245,15 +150,11 @@ def find_latest_checkpoint(log_dir, prefix):
         if match is not None:
             candidates.append((int(match.group(1)), name))
     for _, name in sorted(candidates, reverse=True):
-        path = bf.join(log_dir, name) if _is_remote(log_dir) else os.path.join(log_dir, name)
+        path = blobfile().join(log_dir, name) if _is_remote(log_dir) else os.path.join(log_dir, name)
         if _is_remote(path) or is_complete_checkpoint(path):
             return path
     return None
 
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, no permission, ...); the message says what
-    was kept."""
 
 
 def save_checkpoint_files(files, previous=None):
@@ -284,7 +185,7 @@ def save_checkpoint_files(files, previous=None):
     except OSError as exc:
         for path in written:
             try:
-                bf.remove(path) if _is_remote(path) else os.remove(path)
+                blobfile().remove(path) if _is_remote(path) else os.remove(path)
             except Exception:  # best effort: the error below is what matters
                 pass
         reason = exc.strerror or str(exc) or type(exc).__name__

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from .unet import EncoderUNetModel
+from ..unet import EncoderUNetModel
 
 _BOOL_FLAGS = (
     "class_cond",

@@ -8,19 +8,7 @@ import copy
 
 import torch
 
-from . import logger
-
-
-def performance_defaults():
-    """
-    Flags the training and sampling scripts add for speed; the defaults keep reference results
-    on CPU.
-
-    compile: torch.compile the networks' forward passes (eager fallback with one logged line).
-    tf32: on CUDA, let float32 matmuls and convolutions use TF32 tensor cores.
-    channels_last: keep 2-D activations and convolution weights in channels-last (NHWC) memory.
-    """
-    return dict(compile=False, tf32=True, channels_last=False)
+from .. import logger
 
 
 def to_channels_last(model, enabled=True):
@@ -54,7 +42,7 @@ def set_tf32(enabled, device=None):
     :param device: the compute device (torch.device or string), or None for the dist_util one.
     """
     if device is None:
-        from . import dist_util
+        from .. import dist_util
 
         device = dist_util.dev()
     if torch.device(device).type != "cuda":

@@ -11,7 +11,7 @@ the steps between reports.
 
 import time
 
-from . import logger
+from .. import logger
 
 __all__ = ["StepMeter", "format_seconds"]
 

@@ -10,14 +10,13 @@ to the nearest level). The network takes fractional timesteps as they are: its t
 embedding is a continuous function of t.
 """
 
-import functools
 import math
 
 import numpy as np
 import torch
 
-from . import samplers
-from .diffusion_types import ModelMeanType, ModelVarType
+from . import solvers as samplers
+from .types import ModelMeanType, ModelVarType
 
 __all__ = [
     "DiscreteDenoiser",
@@ -29,9 +28,6 @@ __all__ = [
     "solver_sample_loop_progressive",
     "solver_sigmas",
 ]
-
-# The samplers of the scripts' --sampler flag: the diffusion's own loops, then the ODE solvers.
-SAMPLER_NAMES = ("ddpm", "ddim") + tuple(samplers.SOLVERS)
 
 # The noise range of Karras et al. (2022) for data in [-1, 1], clipped to the model's own range
 # as they do for discrete models.
@@ -186,7 +182,7 @@ def solver_sample_loop_progressive(
     model's x_t at the step's end; the image after the last step), "pred_xstart" (the x_0
     prediction the step used), "sigma" and "sigma_next".
     """
-    from .diffusion_sampling import _model_device
+    from .sampling import _model_device
 
     if not isinstance(shape, (tuple, list)):
         raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
@@ -248,66 +244,3 @@ def solver_sample_loop(diffusion, model, shape, *, sampler, evaluations=None, **
     return final["sample"]
 
 
-def resolve_sampler(sampler, use_ddim):
-    """
-    The sampler a script runs: --sampler when given, else ddim with --use_ddim True and ddpm
-    without (the reference's behaviour).
-
-    :raises ValueError: for an unknown name, or --use_ddim True with another --sampler.
-    """
-    if not sampler:
-        return "ddim" if use_ddim else "ddpm"
-    if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"unknown --sampler {sampler!r}; known samplers: {', '.join(SAMPLER_NAMES)}")
-    if use_ddim and sampler != "ddim":
-        raise ValueError(
-            f"--use_ddim True asks for ddim but --sampler is {sampler}: pass only one of them"
-        )
-    return sampler
-
-
-def make_sample_fn(sampler, diffusion, flags):
-    """
-    The sampling loop of a script for a resolved sampler name, called like p_sample_loop:
-    fn(model, shape, noise=None, clip_denoised=..., denoised_fn=..., cond_fn=...,
-    model_kwargs=..., device=..., progress=...).
-
-    For ddpm and ddim it is the diffusion's own loop over its (respaced) steps. For the ODE
-    solvers the number of respaced steps is the budget of model evaluations, and the solver
-    runs on the diffusion over all steps, rebuilt from the flags.
-
-    :param sampler: a name from resolve_sampler.
-    :param diffusion: the diffusion built from the flags (respaced by --timestep_respacing).
-    :param flags: the diffusion flags (diffusion_steps, noise_schedule, learn_sigma, ...).
-    :raises ValueError: when the budget is too small for the solver.
-    """
-    if sampler == "ddpm":
-        return diffusion.p_sample_loop
-    if sampler == "ddim":
-        return diffusion.ddim_sample_loop
-    evaluations = diffusion.num_timesteps
-    samplers.steps_for_evaluations(sampler, evaluations)  # refuse a too small budget now
-    full = diffusion_from_flags(flags, "")
-    return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)
-
-
-def diffusion_from_flags(flags, timestep_respacing):
-    """
-    create_gaussian_diffusion for the diffusion flags of a model, with another respacing.
-
-    :param flags: a dict with the keys of diffusion_defaults() (other keys are ignored).
-    :param timestep_respacing: "" (all steps), "ddimN", "N", ...
-    :return: a SpacedDiffusion.
-    """
-    from .script_util import create_gaussian_diffusion
-
-    return create_gaussian_diffusion(
-        steps=flags["diffusion_steps"],
-        learn_sigma=flags["learn_sigma"],
-        noise_schedule=flags["noise_schedule"],
-        use_kl=flags["use_kl"],
-        predict_xstart=flags["predict_xstart"],
-        rescale_timesteps=flags["rescale_timesteps"],
-        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
-        timestep_respacing=timestep_respacing,
-    )

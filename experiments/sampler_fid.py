@@ -19,21 +19,18 @@ import argparse
 import os
 
 from guided_diffusion import logger
-from guided_diffusion.cfg import check_guidance_scale
-from guided_diffusion.ddim_tools import parse_step_counts
+from guided_diffusion.diffusion.guidance import check_guidance_scale
+from guided_diffusion.cli.flags import parse_step_counts
 from guided_diffusion.image_datasets import read_image_folder
-from guided_diffusion.sampler_fid import check_budgets, real_reference, sweep, write_report
-from guided_diffusion.sampling_cli import (
-    ScriptError,
-    ddim_tool_defaults,
-    ddim_tool_model_flags,
-    load_sampling_model,
-    output_dir,
-    start_single_process_tool,
-    run_main,
-)
+from sampler_fid_lib import check_budgets, real_reference, sweep, write_report
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags
+from guided_diffusion.sampling.loop import load_sampling_model
+from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.script_util import add_dict_to_argparser
-from guided_diffusion.solver_sampling import SAMPLER_NAMES, diffusion_from_flags, resolve_sampler
+from guided_diffusion.sampling.loop import SAMPLER_NAMES, resolve_sampler
+from guided_diffusion.script_util import diffusion_from_flags
 
 
 def main(argv=None):

@@ -1,0 +1,260 @@
+"""
+Image files in and out of sampling: the reference's samples_NxHxWxC.npz plus a PNG grid to look
+at, reading such npz files (and image folders) back, and the DDIM tools' latents files.
+"""
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ScriptError
+from ..runtime.files import atomic_write
+
+# A grid of every sample of a 50k-image run would be gigapixels; show the first ones only.
+DEFAULT_GRID_MAX_IMAGES = 64
+
+
+def to_uint8(x):
+    """
+    Map model outputs in [-1, 1] (float NCHW tensor) to uint8 NHWC, exactly as the reference
+    sampling scripts do: ((x + 1) * 127.5) clamped to [0, 255] and truncated.
+    """
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _as_uint8_nhwc(images):
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (use to_uint8 first), got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"expected images of shape (N, H, W, C) with C in 1, 3, 4, got {images.shape}"
+        )
+    return images
+
+
+def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0):
+    """
+    Save images side by side as one PNG, nrow per row, separated by padding pixels.
+
+    :param images_uint8_nhwc: uint8 array or tensor (N, H, W, C), C in 1, 3 or 4.
+    :param path: the PNG file to write.
+    :param nrow: images per row (default: ceil(sqrt(N)), a near-square grid).
+    :param padding: pixels between and around the images.
+    :param pad_value: grey level of the padding (0 = black).
+    :return: path.
+    """
+    images = _as_uint8_nhwc(images_uint8_nhwc)
+    count, height, width, channels = images.shape
+    if count == 0:
+        raise ValueError("cannot make a grid of zero images")
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(count))
+    if nrow < 1:
+        raise ValueError(f"nrow must be at least 1, got {nrow}")
+    ncol = min(nrow, count)
+    nrows = math.ceil(count / nrow)
+    grid = np.full(
+        (nrows * (height + padding) + padding, ncol * (width + padding) + padding, channels),
+        pad_value,
+        dtype=np.uint8,
+    )
+    for i, image in enumerate(images):
+        top = padding + (i // nrow) * (height + padding)
+        left = padding + (i % nrow) * (width + padding)
+        grid[top : top + height, left : left + width] = image
+    if channels == 1:
+        grid = grid[..., 0]
+    Image.fromarray(grid).save(path, format="PNG")
+    return path
+
+
+def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
+    """
+    Save images as an npz in the samples format (arr_0: uint8 NHWC images, arr_1: int64 labels
+    when given), written to a temporary file and renamed, so readers never see a partial file.
+
+    :return: path.
+    """
+    images = _as_uint8_nhwc(images_uint8_nhwc)
+    arrays = [images]
+    if labels_or_None is not None:
+        labels = labels_or_None
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels).astype(np.int64)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"got {labels.shape} labels for {images.shape[0]} images; expected one per image"
+            )
+        arrays.append(labels)
+    # positional arrays are stored as arr_0, arr_1
+    atomic_write(path, lambda f: np.savez(f, *arrays))
+    return path
+
+
+def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEFAULT_GRID_MAX_IMAGES):
+    """
+    Save samples as out_dir/samples_NxHxWxC.npz (arr_0: the uint8 NHWC images, arr_1: the int64
+    labels when given) and a PNG grid of the first grid_max_images next to it (same stem, .png).
+
+    The npz is written to a temporary file and renamed, so readers never see a partial file.
+
+    :param images_uint8_nhwc: uint8 array or tensor (N, H, W, C).
+    :param labels_or_None: N class labels, or None for unconditional samples.
+    :param out_dir: the folder to write to (created if missing).
+    :param grid_max_images: how many samples the PNG grid shows at most.
+    :return: the npz path.
+    """
+    images = _as_uint8_nhwc(images_uint8_nhwc)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    shape_str = "x".join(str(s) for s in images.shape)
+    npz_path = save_images_npz(os.path.join(out_dir, f"samples_{shape_str}.npz"), images, labels_or_None)
+    if images.shape[0] > 0 and grid_max_images > 0:
+        make_grid_png(images[:grid_max_images], os.path.splitext(npz_path)[0] + ".png")
+    return npz_path
+
+
+def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size", what="images",
+                   labels_hint="add them as arr_1 or pass --class_cond False"):
+    """
+    Read images as image_sample.py writes them: arr_0 uint8 [N, H, W, 3], arr_1 int64 labels.
+
+    :param path: the npz file.
+    :param image_size: the side the images must have.
+    :param class_cond: if True, the labels are required and returned.
+    :param size_flag: the flag that sets image_size (for messages).
+    :param what: what the file holds (for messages), e.g. "base samples".
+    :param labels_hint: what to do when labels are missing (for messages).
+    :return: (uint8 images, int64 labels or None; None unless class_cond).
+    :raises FileNotFoundError: when the file is missing.
+    :raises ScriptError: when it is unreadable or holds the wrong shapes.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with np.load(path) as obj:
+            image_arr = obj["arr_0"]
+            label_arr = obj["arr_1"] if "arr_1" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScriptError(f"cannot read {what} {path}: {exc}") from None
+    expected = (image_size, image_size, 3)
+    if image_arr.ndim != 4 or tuple(image_arr.shape[1:]) != expected:
+        hint = ""
+        if image_arr.ndim == 4 and image_arr.shape[1] == image_arr.shape[2]:
+            hint = f": pass {size_flag} {image_arr.shape[1]} (with a model trained for it)"
+        raise ScriptError(
+            f"{what} {path} have shape {tuple(image_arr.shape)}, expected "
+            f"(N, {image_size}, {image_size}, 3) for {size_flag} {image_size}{hint}"
+        )
+    if image_arr.dtype != np.uint8:
+        raise ScriptError(f"{what} {path} must be uint8 images, got {image_arr.dtype}")
+    if not class_cond:
+        return image_arr, None
+    if label_arr is None:
+        raise ScriptError(f"--class_cond True needs labels (arr_1) in {path}: {labels_hint}")
+    if label_arr.shape != (len(image_arr),):
+        raise ScriptError(
+            f"{path} holds {len(image_arr)} images but labels (arr_1) of shape {label_arr.shape}"
+        )
+    return image_arr, label_arr.astype(np.int64)
+
+
+def read_images(path, image_size, class_cond=False, limit=None):
+    """
+    Images to compare outputs with pixel by pixel: an image folder (read as is, labels from the
+    file names) or an npz of uint8 images (arr_0, with labels as arr_1).
+
+    :param limit: keep the first `limit` images (None or 0: all).
+    :return: (uint8 images [N, image_size, image_size, 3], int64 labels or None).
+    """
+    from ..image_datasets import read_image_folder
+
+    if not path:
+        raise ScriptError("no images given: pass --input FOLDER or --input FILE.npz")
+    if os.path.isdir(path):
+        return read_image_folder(path, image_size, class_cond=class_cond, limit=limit)
+    images, labels = read_image_npz(path, image_size, class_cond=class_cond)
+    if limit:
+        images, labels = images[:limit], (None if labels is None else labels[:limit])
+    return images, labels
+
+
+def uint8_to_model_input(images):
+    """uint8 NHWC images (array or tensor) to a float32 NCHW tensor in [-1, 1]."""
+    tensor = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
+    return tensor.float() / 127.5 - 1.0
+
+
+def save_latents(path, x_T, labels=None, steps=None, images=None):
+    """
+    Write DDIM latents as an npz: "x_T" float32 [N, C, H, W], and when given "labels" int64 [N],
+    "steps" (the number of DDIM steps that produced them) and "images" (the uint8 NHWC images
+    they encode). Written atomically.
+
+    :return: path.
+    """
+    arrays = {"x_T": _numpy(x_T).astype(np.float32)}
+    if labels is not None:
+        arrays["labels"] = _numpy(labels).astype(np.int64)
+    if steps is not None:
+        arrays["steps"] = np.asarray(steps, dtype=np.int64)
+    if images is not None:
+        arrays["images"] = _numpy(images).astype(np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def load_latents(path, image_size, class_cond=False, channels=3):
+    """
+    Read latents written by save_latents (ddim_invert.py) and check they fit the model.
+
+    :param image_size: the model's image size.
+    :param class_cond: if True, the file must hold labels.
+    :return: (x_T float32 tensor [N, C, H, W], int64 label tensor or None, steps or None).
+    :raises FileNotFoundError: when the file is missing.
+    :raises ScriptError: when it is unreadable, not a latents file, or of another shape.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"latents not found: {path}")
+    try:
+        with np.load(path) as obj:
+            if "x_T" not in obj:
+                raise ScriptError(
+                    f"{path} is not a latents file (no x_T array): write one with ddim_invert.py"
+                )
+            x_T = obj["x_T"]
+            labels = obj["labels"] if "labels" in obj else None
+            steps = int(obj["steps"]) if "steps" in obj else None
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ScriptError):
+            raise
+        raise ScriptError(f"cannot read latents {path}: {exc}") from None
+    expected = (channels, image_size, image_size)
+    if x_T.ndim != 4 or tuple(x_T.shape[1:]) != expected:
+        hint = ""
+        if x_T.ndim == 4 and x_T.shape[2] == x_T.shape[3] and x_T.shape[1] == channels:
+            hint = f": pass --image_size {x_T.shape[2]} (with a model trained for it)"
+        raise ScriptError(
+            f"latents {path} have shape {tuple(x_T.shape)} but the model flags need "
+            f"(N, {channels}, {image_size}, {image_size}) for --image_size {image_size}{hint}"
+        )
+    if class_cond and labels is None:
+        raise ScriptError(
+            f"--class_cond True needs labels in {path}: invert the images with a "
+            "class-conditional model (ddim_invert.py --class_cond True)"
+        )
+    label_tensor = torch.from_numpy(labels.astype(np.int64)) if class_cond else None
+    return torch.from_numpy(x_T.astype(np.float32)), label_tensor, steps
+
+
+def _numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
