@@ -7,11 +7,13 @@ training the class of an image is the part of its file name before the first "_"
 rank r of W reads the files r, r + W, r + 2W, ... of the sorted list.
 """
 
+import functools
 import math
 import os
 import random
 
 import numpy as np
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -381,3 +383,26 @@ def with_label_dropout(data, *, prob, null_label):
     if prob <= 0:
         return data
     return MappedBatches(data, _DropBatchLabels(prob, null_label))
+
+
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+    """
+    Batches of large images with their area-downsampled versions as model_kwargs["low_res"]
+    (what super_res_train.py trains on; the reference defined it in that script).
+    """
+    if small_size > large_size:
+        raise ValueError(f"--small_size {small_size} is larger than --large_size {large_size}")
+    data = load_data(
+        data_dir=data_dir,
+        batch_size=batch_size,
+        image_size=large_size,
+        class_cond=class_cond,
+    )
+    # A mapped stream rather than a generator, so that its position saves with the checkpoint.
+    return MappedBatches(data, functools.partial(_with_low_res, small_size=small_size))
+
+
+
+def _with_low_res(large_batch, model_kwargs, small_size):
+    model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
+    return large_batch, model_kwargs

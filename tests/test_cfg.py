@@ -188,7 +188,7 @@ def test_a_dropout_checkpoint_resumes(trained):
     resumed = torch.load(trained["log"] / "model000003.pt", weights_only=True)
     assert resumed["label_emb.weight"].shape[0] == CLASSES + 1
     header, *rows = (trained["log"] / "progress.csv").read_text().splitlines()
-    assert float(rows[-1].split(",")[header.split(",").index("step")]) == 2
+    assert float(rows[-1].split(",")[header.split(",").index("step")]) == 3  # steps taken
     # The resumed checkpoint samples, guided, with a solver.
     out = trained["root"] / "resumed_samples"
     images, labels = sample(trained, out, *CFG, "--sampler", "dpmpp_2m", "--timestep_respacing",

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from guided_diffusion.errors import NonFiniteLossError
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -277,7 +279,7 @@ def _loop(tmp_path, data, max_steps, optimizer="adam", resume="", **flag_over):
         batch_size=10,
         optimizer=optimizer,
         ema_rate=0.9,
-        max_steps=max_steps,
+        iterations=max_steps,
         log_interval=100,
         save_interval=3,
         resume_checkpoint=resume,
@@ -364,7 +366,7 @@ def test_non_finite_loss_is_reported(logdir):
     torch.manual_seed(0)
     batches = _fixed_batches(1)
     batches[0][0][:] = float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         _loop(logdir, batches, 1).run_loop()
 
 

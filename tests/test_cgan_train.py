@@ -218,22 +218,22 @@ def test_train_resume_sample_and_eval_scripts(digits, tmp_path):
     log = tmp_path / "log"
     train = ["scripts/cgan_train.py", "--data_dir", digits["train_dir"], "--image_size", str(SIZE),
              "--batch_size", "50", "--save_interval", "2", "--log_interval", "2"]
-    res = _run([*train, "--max_steps", "2"], log)
+    res = _run([*train, "--iterations", "2"], log)
     assert res.returncode == 0, res.stderr
-    res = _run([*train, "--max_steps", "4", "--resume_checkpoint", "auto"], log)
+    res = _run([*train, "--iterations", "4", "--resume_checkpoint", "auto"], log)
     assert res.returncode == 0, res.stderr
     progress = (log / "progress.csv").read_text().splitlines()
     column = progress[0].split(",").index("step")
     steps = [int(float(row.split(",")[column])) for row in progress[1:]]
-    assert steps[-1] == 3  # the resumed run logged steps 2 and 3, not 0 and 1
+    assert steps[-1] == 3  # the resumed run's first step is step 3 (steps taken), not 1
     checkpoints = sorted(n for n in os.listdir(log) if n.startswith("cgan"))
     assert checkpoints == ["cgan000002.pt", "cgan000004.pt"]
 
-    res = _run([*train, "--max_steps", "6", "--resume_checkpoint", "auto", "--arch", "conv",
+    res = _run([*train, "--iterations", "6", "--resume_checkpoint", "auto", "--arch", "conv",
                 "--image_size", "16"], log)
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"cgan_train.py: error: checkpoint {log / 'cgan000004.pt'} was trained with --arch mlp "
+        f"error: checkpoint {log / 'cgan000004.pt'} was trained with --arch mlp "
         "--image_size 8 (got --arch conv --image_size 16): pass --arch mlp --image_size 8"
     ]
 

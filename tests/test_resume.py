@@ -20,7 +20,6 @@ import torch
 
 from guided_diffusion.data.digits import write_digits
 from guided_diffusion.runtime import checkpoints, preemption
-from guided_diffusion import logger
 from guided_diffusion.cli.main import run_main
 
 from _launch import child_env
@@ -89,7 +88,8 @@ def run(name, args, log_dir, monkeypatch, signal_at=None, sig=signal.SIGTERM):
     stream it opens sends `sig` while handing out that batch.
     """
     module = load_script(name)
-    source = {"cgan_train": "cgan_training_batches"}.get(name, "load_data")
+    source = {"cgan_train": "cgan_training_batches",
+              "super_res_train": "load_superres_data"}.get(name, "load_data")
     if signal_at is not None:
         original = getattr(module, source)
         opened = []
@@ -104,20 +104,10 @@ def run(name, args, log_dir, monkeypatch, signal_at=None, sig=signal.SIGTERM):
     # A safety net: if training did not catch the signal, the test fails instead of dying.
     previous = signal.signal(sig, lambda *a: received.append(a[0]))
     try:
-        if name in ("cgan_train", "vae_train"):  # these log to $OPENAI_LOGDIR
-            monkeypatch.setenv("OPENAI_LOGDIR", str(log_dir))
-            try:
-                module.main(module.create_argparser().parse_args([str(a) for a in args]))
-                status = 0
-            except SystemExit as exc:
-                status = exc.code
-            finally:
-                logger.reset()
-        else:
-            try:
-                status = run_main(module.main, [*map(str, args), "--log_dir", str(log_dir)]) or 0
-            except SystemExit as exc:
-                status = exc.code
+        try:
+            status = run_main(module.main, [*map(str, args), "--log_dir", str(log_dir)]) or 0
+        except SystemExit as exc:
+            status = exc.code
     finally:
         signal.signal(sig, previous)
     assert not received, "the training loop did not handle the signal"
@@ -148,7 +138,7 @@ SCRIPTS = {
     "super_res_train": (SUPER_RES, "--lr_anneal_steps", DIFFUSION_FILES, signal.SIGUSR1),
     "classifier_train": (CLASSIFIER, "--iterations",
                          ["opt{:06d}.pt", "state{:06d}.pt", "model{:06d}.pt"], signal.SIGUSR1),
-    "cgan_train": (CGAN, "--max_steps", ["cgan{:06d}.pt"], signal.SIGTERM),
+    "cgan_train": (CGAN, "--iterations", ["cgan{:06d}.pt"], signal.SIGTERM),
     "vae_train": (VAE, "--iterations", ["vae{:06d}.pt"], signal.SIGUSR1),
 }
 

@@ -158,7 +158,8 @@ def test_two_rank_training_writes_checkpoints_and_logs(work):
         assert key in columns
     steps = [float(r.split(",")[columns.index("step")]) for r in rows]
     samples = [float(r.split(",")[columns.index("samples")]) for r in rows]
-    assert steps == [0, 1, 2, 3] and samples == [8, 16, 24, 32]  # 2 ranks x batch 4
+    # The logged step counts the steps taken, as the checkpoint names do.
+    assert steps == [1, 2, 3, 4] and samples == [8, 16, 24, 32]  # 2 ranks x batch 4
 
 
 def test_resume_from_path_and_auto(work, tmp_path):
@@ -172,10 +173,10 @@ def test_resume_from_path_and_auto(work, tmp_path):
 
     assert run_inprocess("image_train", [
         *common, "--resume_checkpoint", tmp_path / "model000004.pt", "--lr_anneal_steps", 5]) == 0
-    assert logged_steps() == [4]  # the run continued where the checkpoint left off
+    assert logged_steps() == [5]  # the run continued where the checkpoint left off
     assert run_inprocess("image_train", [
         *common, "--resume_checkpoint", "auto", "--lr_anneal_steps", 6]) == 0
-    assert logged_steps() == [5]
+    assert logged_steps() == [6]
     names = os.listdir(tmp_path)
     assert {"model000005.pt", "model000006.pt", "ema_0.9999_000006.pt", "opt000006.pt"} <= set(names)
     opt = torch.load(tmp_path / "opt000006.pt", weights_only=True)

@@ -253,8 +253,9 @@ def test_fp16_loss_scale_skips_overflows_and_grows(tmp_path):
 
 
 @pytest.mark.parametrize(
-    # The log check follows step index 5 (six steps run); the save check follows the 4th step.
-    "log_interval,save_interval,stop,steps_run", [(5, 100, 5, 6), (100, 4, 4, 4)]
+    # The log check follows the 6th step (the first of the second interval); the save check
+    # follows the 4th step.
+    "log_interval,save_interval,stop,steps_run", [(5, 100, 6, 6), (100, 4, 4, 4)]
 )
 def test_fp16_persistent_nan_stops_at_the_next_check(
     tmp_path, log_interval, save_interval, stop, steps_run

@@ -1,7 +1,8 @@
 """
-The conditional GAN of Mirza & Osindero 2014: networks and losses (networks), the training loop,
-checkpoints and sampling (training), labelled image data and MNIST (data), and the paper's
-evaluation: Parzen-window log-likelihood and class accuracy (evaluation).
+The conditional GAN of Mirza & Osindero 2014: networks and losses (networks), the training task
+of the one engine and its checkpoints (training), sampling (sampling), labelled image data and
+MNIST (data), and the paper's evaluation: Parzen-window log-likelihood and class accuracy
+(evaluation).
 """
 
 from .data import MNIST_FILES, MNIST_TRAIN_SIZE, ArrayBatches, array_batches, cgan_training_batches
@@ -13,9 +14,9 @@ from .networks import ARCHS, MODEL_FLAG_KEYS, OPTIMIZERS, PAPER_Z_DIM, ConvDiscr
 from .networks import ConvGenerator, Maxout, MLPDiscriminator, MLPGenerator, PaperMomentumSGD
 from .networks import cgan_defaults, create_cgan, discriminator_loss, generator_loss, one_hot
 from .networks import paper_sgd_schedule, real_to_model_space, rgb_to_gray, sample_noise
-from .training import ADAM_LR, CHECKPOINT_PREFIX, PAPER_SGD, CGANTrainLoop, balanced_labels
-from .training import cgan_train_defaults, check_checkpoint_flags, class_grid, generate_samples
-from .training import load_cgan_checkpoint, load_generator, resolve_resume_checkpoint
+from .sampling import balanced_labels, class_grid, generate_samples, load_generator
+from .training import ADAM_LR, CHECKPOINT_PREFIX, PAPER_SGD, CGANTrainLoop
+from .training import cgan_train_defaults, check_checkpoint_flags, load_cgan_checkpoint
 
-_SUBMODULES = ("data", "evaluation", "networks", "training")
+_SUBMODULES = ("data", "evaluation", "networks", "sampling", "training")
 __all__ = sorted(n for n in dir() if not n.startswith("_") and n not in _SUBMODULES)

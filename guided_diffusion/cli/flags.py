@@ -139,3 +139,57 @@ def parse_step_counts(text):
     if not counts:
         raise ValueError(f"no step counts in {text!r}: pass e.g. --steps 10,20,50,100")
     return sorted(set(counts))
+
+
+def classifier_train_defaults():
+    """
+    The flags of classifier_train.py besides the classifier and diffusion flags: the
+    reference's (data_dir ... save_interval) with its defaults, then the port's additions.
+    """
+    defaults = dict(
+        data_dir="",
+        val_data_dir="",
+        noised=True,
+        iterations=150000,
+        lr=3e-4,
+        weight_decay=0.0,
+        anneal_lr=False,
+        batch_size=4,
+        microbatch=-1,
+        schedule_sampler="uniform",
+        resume_checkpoint="",
+        log_interval=10,
+        eval_interval=5,
+        save_interval=10000,
+    )
+    extras = training_extra_defaults()
+    del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
+    defaults.update(extras)
+    defaults.update(classifier_channel_mult="")
+    return defaults
+
+
+def diffusion_train_defaults():
+    """
+    The training flags of image_train.py and super_res_train.py with the reference's defaults
+    (the model and diffusion flags come from script_util), then the port's additions:
+    training_extra_defaults() and classifier-free guidance's class_dropout_prob.
+    """
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",  # a modelNNNNNN.pt file, or "auto"
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(training_extra_defaults())
+    defaults.update(cfg_defaults())
+    return defaults

@@ -12,7 +12,6 @@ sort as strings in the same order as numbers, so label k gets class index k.
 
 import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image

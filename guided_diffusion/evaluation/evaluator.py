@@ -8,7 +8,6 @@ recall, with the printed output of guided-diffusion's TensorFlow evaluator, in P
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch

@@ -1,54 +1,60 @@
 """
-Training loop for the VAE of vae.py: Adam on the negative ELBO (optionally beta-weighted KL),
-DistributedDataParallel over any launcher dist_util supports, atomic ``vae%06d.pt`` checkpoints
-holding model, optimizer, step and architecture flags, and resuming from them.
+Training the VAE of ``vae.networks`` as a task of the one training engine
+(training.engine.Trainer: exact resume, preemption, progress, atomic checkpoints): Adam on the
+negative ELBO (optionally beta-weighted KL), DistributedDataParallel over any launcher dist_util
+supports, one-file ``vae%06d.pt`` checkpoints holding model, optimizer, step, architecture flags
+and the training state.
 """
 
-import math
+import inspect
 import os
 
 import torch
 
 from .. import dist_util, logger
 from ..runtime import train_state
-from ..runtime.checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint_files
-from ..runtime.preemption import PreemptionWatch
-from ..runtime.progress import StepMeter
+from ..runtime.checkpoints import load_checkpoint
+from ..training.engine import TrainTask, Trainer
 from .networks import check_vae_checkpoint, vae_losses, vae_state
+
+__all__ = ["CHECKPOINT_PREFIX", "VAETrainLoop", "vae_train_defaults"]
 
 CHECKPOINT_PREFIX = "vae"
 
 
-def resolve_resume_checkpoint(resume_checkpoint, log_dir):
+def vae_train_defaults():
     """
-    The checkpoint to resume from: "" means none, "auto" the newest complete ``vaeNNNNNN.pt`` in
-    log_dir (None when there is none yet), anything else a path that must exist.
+    Defaults of the training flags (besides the architecture flags of vae_defaults): the data
+    flags, then every keyword of VAETrainLoop with its default (written once, in the constructor).
     """
-    if not resume_checkpoint:
-        return None
-    if resume_checkpoint == "auto":
-        return find_latest_checkpoint(log_dir, CHECKPOINT_PREFIX)
-    if not os.path.isfile(resume_checkpoint):
-        raise FileNotFoundError(f"--resume_checkpoint {resume_checkpoint} does not exist")
-    return resume_checkpoint
+    defaults = dict(data_dir="", batch_size=100)
+    for name, param in inspect.signature(VAETrainLoop.__init__).parameters.items():
+        if param.default is not inspect.Parameter.empty and name not in ("log_dir", "batch_size"):
+            defaults[name] = param.default
+    defaults.update(random_flip=False, seed=0, log_dir="")
+    return defaults
 
 
-class VAETrainLoop:
+class VAETrainLoop(TrainTask):
     """
     Runs VAE training; build it, then call :meth:`run_loop`.
 
     :param model: the VAE (not yet on the device, not wrapped).
     :param data: iterator of (images in [-1, 1] NCHW, {"y": labels} or {}) batches.
     :param flags: dict with the architecture flags (stored in checkpoints and checked on resume).
+    :param batch_size: images per batch on this rank (None: taken from the first batch).
     :param lr: Adam learning rate.
     :param beta: KL weight in the training loss (1 = the plain ELBO).
     :param iterations: optimizer steps to train for in total, counting resumed steps (0 = forever).
+    :param max_steps: the run also ends after this many steps of this process (0: no limit).
     :param log_interval: steps between logger dumps.
     :param save_interval: steps between checkpoints (a final one is always written).
-    :param resume_checkpoint: "", "auto" or a path (see :func:`resolve_resume_checkpoint`).
+    :param resume_checkpoint: "", "auto" or a path (see training.engine.resolve_resume_checkpoint).
     :param weight_decay: Adam weight decay.
     :param log_dir: where checkpoints go (default: the logger's folder).
     """
+
+    checkpoint_prefix = CHECKPOINT_PREFIX
 
     def __init__(
         self,
@@ -56,144 +62,113 @@ class VAETrainLoop:
         model,
         data,
         flags,
+        batch_size=None,
         lr=1e-3,
         beta=1.0,
         iterations=10000,
+        max_steps=0,
         log_interval=100,
         save_interval=1000,
         resume_checkpoint="",
         weight_decay=0.0,
         log_dir=None,
     ):
-        if iterations < 0:
-            raise ValueError(f"--iterations must be >= 0 (0 trains forever), got {iterations}")
         if beta < 0:
             raise ValueError(f"--beta must be >= 0, got {beta}")
-        if log_interval < 1 or save_interval < 1:
-            raise ValueError("--log_interval and --save_interval must be at least 1")
         self.model = model
         self.data = data
         self.flags = dict(flags)
         self.beta = beta
-        self.iterations = iterations
-        self.log_interval = log_interval
-        self.save_interval = save_interval
-        self.log_dir = log_dir or logger.get_dir()
-        self.step = 0
-        # RNG streams and data position of the checkpoint, applied when run_loop starts.
-        self._saved_train_state = None
-        self.last_checkpoint = None
-
+        self.device = dist_util.dev()
         # Adam instead of the paper's Adagrad: it needs no per-dataset step-size search.
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self._load_resume_state(resolve_resume_checkpoint(resume_checkpoint, self.log_dir))
-        self.model.to(dist_util.dev())
-        _move_optimizer_state(self.opt, dist_util.dev())
+        # Steps with a non-finite loss since the start, counted on the device.
+        self._non_finite = torch.zeros((), device=self.device)
+        self._non_finite_seen = 0
+        self.model.to(self.device)
         dist_util.sync_params(self.model.parameters())
+        self.trainer = Trainer(
+            self,
+            data=data,
+            global_batch=None if batch_size is None else batch_size * dist_util.get_world_size(),
+            log_interval=log_interval,
+            save_interval=save_interval,
+            resume_checkpoint=resume_checkpoint,
+            total_steps=iterations,
+            max_steps=max_steps,
+            log_dir=log_dir,
+            limit_flags=("--iterations", "--max_steps"),
+        )
         self.ddp_model = dist_util.wrap_ddp(self.model)
 
-    def _load_resume_state(self, path):
-        if path is None:
-            return
-        state = load_checkpoint(path, map_location="cpu")
-        check_vae_checkpoint(state, self.flags, path)
-        self.model.load_state_dict(state["model"])
-        if state.get("opt") is not None:
-            self.opt.load_state_dict(state["opt"])
-        self.step = int(state["step"])
-        self.last_checkpoint = path
-        self._saved_train_state = train_state.from_checkpoint(state, path)
-        logger.log(f"resumed from {path} at step {self.step}")
+    @property
+    def step(self):
+        """Steps taken, resumed ones included."""
+        return self.trainer.global_step
 
-    def _done(self):
-        return self.iterations and self.step >= self.iterations
+    @property
+    def last_checkpoint(self):
+        return self.trainer.last_checkpoint
 
     def run_loop(self):
         """
-        Train until ``iterations`` steps; returns the final checkpoint path (rank 0) or None.
-
-        A resumed run first restores the checkpoint's RNG streams and data position; SIGTERM or
-        SIGUSR1 stops the run after the current step with a checkpoint (exit status 75).
+        Train until ``iterations`` steps; returns the final checkpoint path (rank 0) or None (see
+        training.engine.Trainer.run: exact resume, preemption).
         """
-        last_saved = None
-        with PreemptionWatch() as preemption:
-            state, self._saved_train_state = self._saved_train_state, None
-            train_state.restore(state, {"train": self.data}, source=self.last_checkpoint)
-            meter = None
-            while not self._done():
-                batch, cond = next(self.data)
-                if meter is None:
-                    meter = StepMeter(
-                        global_batch=batch.shape[0] * dist_util.get_world_size(),
-                        total_steps=self.iterations,
-                        start_step=self.step,
-                    )
-                self.run_step(batch, cond)
-                if self.step % self.log_interval == 0:
-                    meter.report(self.step)
-                    logger.dumpkvs()
-                if self.step % self.save_interval == 0:
-                    last_saved = self.save()
-                if not self._done() and preemption.requested():
-                    if last_saved != self.step:
-                        last_saved = self.save()
-                    preemption.stop(self.step, self.last_checkpoint)
-            if last_saved != self.step:
-                last_saved = self.save()
-        return self._path(self.step) if dist_util.is_main_process() else None
+        self.trainer.run()
+        if dist_util.is_main_process():
+            return self.trainer.marker_path(self.trainer.global_step)
+        return None
 
     def run_step(self, batch, cond):
+        """One optimizer step outside the engine's loop (tests)."""
+        self.trainer.take_step(batch, cond)
+
+    def train_step(self, batch, cond, step):
         """One optimizer step on a batch; logs loss, recon, kl and elbo (nats per image)."""
-        x = self.model.prepare_input(batch.to(dist_util.dev()))
+        x = self.model.prepare_input(batch.to(self.device))
         y = None
         if self.model.class_cond:
             if "y" not in cond:
                 raise ValueError("--class_cond True needs labelled data (file names '<class>_...')")
-            y = cond["y"].to(dist_util.dev())
+            y = cond["y"].to(self.device)
         # The forward pass goes through the DDP wrapper so gradients are averaged over ranks.
         out = self.ddp_model(x, y)
         terms = vae_losses(self.model, x, out, beta=self.beta)
         loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"VAE loss became {loss.item()} at step {self.step}: lower --lr or check the data"
-            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = math.sqrt(
-            sum(float(p.grad.pow(2).sum()) for p in self.model.parameters() if p.grad is not None)
-        )
+        # deviation from the previous VAE loop: the loss and the gradient norm stay on the device
+        # (one foreach norm, no wait per step); a non-finite loss stops the run at the next
+        # health check, before anything is saved.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.opt.step()
-        self.step += 1
+        self._non_finite.add_((~torch.isfinite(loss.detach())).float())
         for key, value in terms.items():
-            logger.logkv_mean(key, value.mean().item())
+            logger.logkv_mean(key, value.detach().mean())
         logger.logkv_mean("grad_norm", grad_norm)
-        logger.logkv("step", self.step)
-        logger.logkv("samples", self.step * batch.shape[0] * dist_util.get_world_size())
 
-    def _path(self, step):
-        return os.path.join(self.log_dir, f"{CHECKPOINT_PREFIX}{step:06d}.pt")
+    def health_problem(self):
+        count = int(self._non_finite)
+        new, self._non_finite_seen = count - self._non_finite_seen, count
+        if new:
+            return f"the VAE loss is not finite at {new} recent step(s) (try a lower --lr or check the data)"
+        return None
 
-    def save(self):
-        """
-        Rank 0 writes vae<step>.pt atomically, with every rank's RNG streams and data position
-        under "train_state"; every rank waits for it. Returns the step.
-        """
-        path = self._path(self.step)
-        state = train_state.gather(self.step, {"train": self.data})  # a collective
-        if dist_util.is_main_process():
-            checkpoint = vae_state(self.model, self.opt, self.step, self.flags)
-            checkpoint["train_state"] = state
-            save_checkpoint_files([(checkpoint, path)], previous=self.last_checkpoint)
-            logger.log(f"saved {path}")
-        self.last_checkpoint = path
-        dist_util.barrier()
-        return self.step
+    def checkpoint_files(self, folder, step, state):
+        checkpoint = vae_state(self.model, self.opt, step, self.flags)
+        checkpoint["train_state"] = state
+        return [(checkpoint, os.path.join(folder, f"{CHECKPOINT_PREFIX}{step:06d}.pt"))]
 
-
-def _move_optimizer_state(opt, device):
-    # A resumed optimizer state was loaded on the CPU; Adam's moments must live with the weights.
-    for state in opt.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
+    def load_checkpoint(self, path, step):
+        state = load_checkpoint(path, map_location="cpu")
+        check_vae_checkpoint(state, self.flags, path)
+        if int(state["step"]) != step:
+            raise ValueError(f"{path} holds step {state['step']}, but its name says {step}")
+        self.model.load_state_dict(state["model"])
+        if state.get("opt") is not None:
+            # Optimizer.load_state_dict moves Adam's moments to the parameters' device.
+            self.opt.load_state_dict(state["opt"])
+        logger.log(f"resumed from {path} at step {step}")
+        return train_state.from_checkpoint(state, path)

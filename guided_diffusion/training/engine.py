@@ -1,0 +1,356 @@
+"""
+The one training engine. It owns a run: where it starts (a fresh start, a checkpoint, or the
+newest complete checkpoint in the log folder), the exact training state (every rank's random
+streams and data positions, restored before the first step), when to log, save and stop, the
+progress line, preemption (SIGTERM/SIGUSR1 -> checkpoint -> exit status 75), and writing each
+checkpoint set atomically with its marker file last.
+
+A model family plugs in a TrainTask: one optimizer step, the files its checkpoint holds, and how
+to load them back. The diffusion model (train_util.TrainLoop), the noisy classifier
+(training.classifier), the super-resolution model (a TrainLoop too), the cGAN and the VAE all
+run through Trainer, so a run feature is written here once.
+
+Step numbering: `global_step` counts the optimizer steps taken, resumed ones included. Checkpoint
+files carry it (model000400.pt holds 400 steps), the progress line and the logged "step" show it,
+so the three always agree.
+"""
+
+import os
+
+from .. import dist_util, logger
+from ..errors import NonFiniteLossError
+from ..runtime import checkpoints, train_state
+from ..runtime.perf import set_tf32
+from ..runtime.preemption import PreemptionWatch
+from ..runtime.progress import StepMeter
+from ..runtime.seeding import seed_training
+
+__all__ = ["TrainTask", "Trainer", "resolve_resume_checkpoint", "start_run"]
+
+# Companion files of a checkpoint set: never a checkpoint to resume from on their own.
+_COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
+
+
+def start_run(*, log_dir="", seed=0, tf32=None):
+    """
+    The first lines of every training script: join the process group (if launched on several
+    ranks), open the log folder, seed torch/numpy/random with seed + rank (so that model
+    initialisation, noise, timesteps and data order repeat across runs and differ across
+    ranks), and apply the TF32 choice.
+
+    :param log_dir: the log folder ("" = $OPENAI_LOGDIR, else a dated folder).
+    :param seed: the base seed.
+    :param tf32: True/False to set TF32 matmuls on CUDA; None leaves torch's setting.
+    """
+    dist_util.setup_dist()
+    logger.configure(dir=log_dir or None)
+    seed_training(seed)
+    if tf32 is not None:
+        set_tf32(tf32)
+
+
+def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
+    """
+    The checkpoint a run resumes from.
+
+    :param resume_checkpoint: "" (fresh start), "auto" (the newest complete
+        <prefix>NNNNNN.pt in log_dir; a fresh start when there is none) or a path.
+    :param log_dir: where "auto" looks (default: the logger's folder).
+    :param prefix: the marker file's prefix ("model", "cgan", "vae").
+    :return: the checkpoint path, or None for a fresh start.
+    :raises FileNotFoundError: when an explicit path does not exist.
+    :raises ValueError: when the path is a companion file (optimizer, EMA, state) of a set.
+    """
+    if not resume_checkpoint:
+        return None
+    if resume_checkpoint == "auto":
+        folder = log_dir or logger.get_dir()
+        found = checkpoints.find_latest_checkpoint(folder, prefix)
+        if found is None:
+            logger.log(f"--resume_checkpoint auto: no checkpoint in {folder}, starting fresh")
+        else:
+            logger.log(f"--resume_checkpoint auto: resuming from {found}")
+        return found
+    if not os.path.exists(resume_checkpoint):
+        raise FileNotFoundError(
+            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file or "
+            "auto)"
+        )
+    name = os.path.basename(resume_checkpoint)
+    if prefix == "model" and name.startswith(_COMPANION_PREFIXES):
+        raise ValueError(
+            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
+            "and state files next to it are found automatically"
+        )
+    return resume_checkpoint
+
+
+def checkpoint_step(path, prefix="model"):
+    """
+    The step a checkpoint holds: the digits after the last `prefix` in its file name, or 0
+    (a released checkpoint such as 256x256_diffusion.pt starts a run at step 0, as the
+    reference's parse_resume_step_from_filename does).
+    """
+    parts = os.fspath(path).split(prefix)
+    if len(parts) < 2:
+        return 0
+    digits = parts[-1].split(".")[0]
+    return int(digits) if digits.isdigit() else 0
+
+
+class TrainTask:
+    """
+    What a model family gives the Trainer. Subclasses implement the methods; the Trainer calls
+    them and owns everything else.
+
+    checkpoint_prefix: the marker file of a checkpoint is <prefix>NNNNNN.pt in the log folder.
+    loss_key: the logged value the progress line shows.
+    """
+
+    checkpoint_prefix = "model"
+    loss_key = "loss"
+
+    def train_step(self, batch, cond, step):
+        """
+        One optimizer step on a batch; log its values with logger.logkv(_mean) (device tensors
+        are fine: the logger reads them at the next dump).
+
+        :param step: the index of this step over the whole run, resumed steps included (0 for
+            the first step ever): the position in learning-rate schedules.
+        """
+        raise NotImplementedError
+
+    def health_problem(self):
+        """
+        Called at every log interval and before every save (it may synchronise with the device).
+
+        :return: None when training is healthy, else why not (the run stops with
+            NonFiniteLossError and saves nothing broken).
+        """
+        return None
+
+    def checkpoint_files(self, folder, step, state):
+        """
+        The files of the checkpoint at `step`, as (object or function building it, path) pairs
+        written in order; the last one must be folder/<prefix><step:06d>.pt (the marker).
+
+        :param state: the training state (train_state.gather) to store with them.
+        """
+        raise NotImplementedError
+
+    def load_checkpoint(self, path, step):
+        """
+        Load a checkpoint set (weights, optimizer, EMA ...) given its marker file.
+
+        :return: its training state (to restore when the run starts), or None when it has none.
+        """
+        raise NotImplementedError
+
+    def shared_state(self):
+        """Values equal on every rank that resuming must restore (e.g. the fp16 loss scale)."""
+        return {}
+
+    def load_shared_state(self, shared):
+        """Restore what shared_state() returned."""
+
+
+class Trainer:
+    """
+    Run a TrainTask: resume, restore the training state, step, log, save, stop.
+
+    :param task: the TrainTask.
+    :param data: the training batches, an iterator of (batch, cond) pairs; its position is saved
+        when it has state_dict/load_state_dict.
+    :param global_batch: examples per step over all ranks (for the progress line and "samples");
+        None: the first batch's size times the number of ranks.
+    :param log_interval: dump the logged values every this many steps (after the first step of
+        each interval, as the reference).
+    :param save_interval: write a checkpoint whenever global_step is a multiple of it, and at the
+        end of the run.
+    :param resume_checkpoint: "", "auto" or a path (see resolve_resume_checkpoint).
+    :param total_steps: the run ends when global_step reaches it (0: no end), e.g.
+        --lr_anneal_steps or --iterations.
+    :param max_steps: the run also ends after this many steps of this process (0: no limit).
+    :param streams: further data streams whose positions travel with the checkpoint, {name:
+        stream or None} (e.g. {"val": validation batches}).
+    :param log_dir: where checkpoints go (default: the logger's folder).
+    :param limit_flags: the flags that set total_steps and max_steps, for the notice a run
+        without an end prints at its start.
+    """
+
+    def __init__(
+        self,
+        task,
+        *,
+        data,
+        global_batch,
+        log_interval,
+        save_interval,
+        resume_checkpoint="",
+        total_steps=0,
+        max_steps=0,
+        streams=None,
+        log_dir=None,
+        limit_flags=("--max_steps",),
+    ):
+        if log_interval < 1 or save_interval < 1:
+            raise ValueError(
+                f"--log_interval and --save_interval must be at least 1, got {log_interval} and "
+                f"{save_interval}"
+            )
+        if total_steps < 0 or max_steps < 0:
+            raise ValueError(
+                f"step limits must be >= 0 (0 = no limit), got {total_steps} and {max_steps}"
+            )
+        self.task = task
+        self.data = data
+        self.global_batch = global_batch
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.total_steps = total_steps
+        self.max_steps = max_steps
+        self.streams = {"train": data, **(streams or {})}
+        self.log_dir = log_dir or logger.get_dir()
+        self.limit_flags = limit_flags
+        prefix = task.checkpoint_prefix
+        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint, self.log_dir, prefix)
+        # The step the run starts from, and the steps taken so far (resumed ones included).
+        self.start_step = 0
+        if self.resume_checkpoint:
+            self.start_step = checkpoint_step(self.resume_checkpoint, prefix)
+        self.global_step = self.start_step
+        self.last_checkpoint = self.resume_checkpoint
+        self._saved_at = None
+        self._pending_state = None
+        if self.resume_checkpoint:
+            self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
+
+    # ----------------------------------------------------------------------------- the loop
+
+    @property
+    def steps_this_run(self):
+        return self.global_step - self.start_step
+
+    def done(self):
+        if self.total_steps and self.global_step >= self.total_steps:
+            return True
+        return bool(self.max_steps) and self.steps_this_run >= self.max_steps
+
+    def end_step(self):
+        """The global step the run ends at (0: unknown)."""
+        ends = [s for s in (self.total_steps, self.max_steps and self.start_step + self.max_steps) if s]
+        return min(ends) if ends else 0
+
+    def run(self):
+        """
+        Train until the step limits (forever without one). A resumed run first restores the
+        checkpoint's random streams and data positions. On SIGTERM or SIGUSR1 (to any rank) the
+        step in progress finishes, a checkpoint is saved and every rank leaves through
+        errors.TrainingPreempted (exit status 75).
+
+        :raises NonFiniteLossError: when the task reports a broken state (checked at log
+            intervals and before saving), naming the last good checkpoint.
+        """
+        if not self.end_step():
+            logger.log(
+                "no step limit (" + " / ".join(self.limit_flags) + "): this run trains until it "
+                "is stopped; SIGTERM or SIGUSR1 saves a checkpoint first"
+            )
+        with PreemptionWatch() as preemption:
+            self._restore_train_state()
+            meter = None
+            while not self.done():
+                batch, cond = next(self.data)
+                if meter is None:
+                    # Made once the first batch is here (it may tell the batch size).
+                    if self.global_batch is None:
+                        self.global_batch = len(batch) * dist_util.get_world_size()
+                    meter = StepMeter(
+                        global_batch=self.global_batch,
+                        total_steps=self.end_step(),
+                        start_step=self.start_step,
+                    )
+                self.take_step(batch, cond)
+                # As in the reference, values are dumped after the first step of every interval.
+                if (self.steps_this_run - 1) % self.log_interval == 0:
+                    self.check_health()
+                    meter.report(self.global_step, loss_key=self.task.loss_key)
+                    logger.dumpkvs()
+                if self.global_step % self.save_interval == 0:
+                    self.save()
+                if not self.done() and preemption.requested():
+                    if self._saved_at != self.global_step:
+                        self.save()
+                    preemption.stop(self.global_step, self.last_checkpoint)
+            if self.steps_this_run and self._saved_at != self.global_step:
+                self.save()
+
+    def take_step(self, batch, cond):
+        """One optimizer step of the task, counted and logged."""
+        if self.global_batch is None:
+            self.global_batch = len(batch) * dist_util.get_world_size()
+        self.task.train_step(batch, cond, self.global_step)
+        self.global_step += 1
+        self.log_step(self.global_step)
+
+    def log_step(self, steps_taken):
+        # deviation from reference: "step" counts the steps taken (the reference logged the
+        # index of the step, one less), so the table, the progress line and the checkpoint names
+        # agree.
+        logger.logkv("step", steps_taken)
+        logger.logkv("samples", steps_taken * self.global_batch)
+
+    def _restore_train_state(self):
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return
+        shared = train_state.restore(state, self.streams, source=self.resume_checkpoint)
+        self.task.load_shared_state(shared)
+
+    def check_health(self):
+        """Stop with NonFiniteLossError when the task reports a broken state."""
+        problem = self.task.health_problem()
+        if problem is None:
+            return
+        if self.last_checkpoint:
+            advice = (
+                f"the last good checkpoint is {self.last_checkpoint}: resume from it with a lower "
+                "learning rate"
+            )
+        else:
+            advice = "no checkpoint was saved in this run: start again with a lower learning rate"
+        raise NonFiniteLossError(
+            f"training stopped at step {self.global_step}: {problem}; nothing was saved after "
+            f"that; {advice}"
+        )
+
+    # ----------------------------------------------------------------------------- saving
+
+    def marker_path(self, step):
+        return os.path.join(self.log_dir, f"{self.task.checkpoint_prefix}{step:06d}.pt")
+
+    def save(self):
+        """
+        Write the checkpoint set of global_step on rank 0 (every file atomically, the marker
+        last), with every rank's training state, then wait for every rank.
+
+        :return: the marker path.
+        :raises errors.CheckpointWriteError: when a file cannot be written (disk full, no
+            permission); this checkpoint's files are removed and the previous one is intact.
+        """
+        # Never write a broken state (this may read the task's health flags from the device).
+        self.check_health()
+        step = self.global_step
+        path = self.marker_path(step)
+        # A collective: every rank's random streams and data positions go to rank 0.
+        state = train_state.gather(step, self.streams, self.task.shared_state())
+        if dist_util.is_main_process():
+            logger.log(f"saving checkpoint at step {step}: {path}")
+            files = self.task.checkpoint_files(self.log_dir, step, state)
+            if os.fspath(files[-1][1]) != path:
+                raise RuntimeError(f"the last checkpoint file must be {path}, got {files[-1][1]}")
+            checkpoints.save_checkpoint_files(files, previous=self.last_checkpoint)
+        self.last_checkpoint = path
+        self._saved_at = step
+        dist_util.barrier()
+        return path
