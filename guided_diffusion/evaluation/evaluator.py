@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cli.flags import add_flag
 from .inception import HOW_TO_GET_WEIGHTS, WEIGHTS_FILENAME, load_inception
 from .metrics import FIDStatistics, ManifoldEstimator, inception_score
 from .npz import NpzArrayStream, npz_keys
@@ -185,20 +186,18 @@ def evaluate(*, ref_batch, sample_batch, evaluator, out=print):
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("ref_batch", help="path to reference batch npz file")
-    parser.add_argument("sample_batch", help="path to sample batch npz file")
-    parser.add_argument(
-        "--inception_path",
-        default=None,
-        help=f"PyTorch weights of the 2015-12-05 Inception graph ({WEIGHTS_FILENAME}); default: "
-        "the torch hub cache, then the current directory",
-    )
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
-    parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
-    )
+    parser = argparse.ArgumentParser(description=_description())
+    add_flag(parser, "ref_batch", positional=True)
+    add_flag(parser, "sample_batch", positional=True)
+    add_flag(parser, "inception_path", default=None)
+    add_flag(parser, "batch_size", type=int, default=64)
+    add_flag(parser, "device", default=None)
     return parser
+
+
+def _description():
+    # The docstring's first paragraph, whole (its first line alone stops mid-sentence).
+    return " ".join(__doc__.strip().split("\n\n")[0].split())
 
 
 def main(argv=None):
