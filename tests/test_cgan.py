@@ -425,9 +425,13 @@ def test_sample_script_writes_npz_and_one_grid_row_per_class(logdir, tmp_path):
         assert data["arr_1"].tolist() == [i % 10 for i in range(30)]
     from PIL import Image
 
+    from guided_diffusion.sampling.files import grid_scale
+
     with Image.open(out / "samples_30x8x8x3.png") as grid:
-        # 10 rows (one per class) of 2 images, 8 pixels each plus 2-pixel padding.
-        assert grid.size == (2 * 10 + 2, 10 * 10 + 2)
+        # 10 rows (one per class) of 2 images, 8 pixels each magnified k times (the grid's
+        # narrow side at least 256 pixels) plus 2-pixel padding.
+        k = grid_scale(8, 8, 10, 2, 2)
+        assert k == 16 and grid.size == (2 * (8 * k + 2) + 2, 10 * (8 * k + 2) + 2)
 
 
 

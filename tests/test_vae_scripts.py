@@ -15,6 +15,7 @@ from PIL import Image
 
 from guided_diffusion import logger
 from guided_diffusion.runtime.checkpoints import load_checkpoint
+from guided_diffusion.sampling.files import grid_scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--image_size", "8", "--hidden_size", "32", "--latent_size", "2"]
@@ -101,10 +102,14 @@ def test_sample_writes_prior_samples_reconstructions_and_interpolation(trained, 
         assert (npz["reconstructions"][..., 0] == npz["reconstructions"][..., 2]).all()
     with np.load(os.path.join(out, "interpolation.npz")) as npz:
         assert npz["images"].shape == (5, 8, 8, 3) and npz["endpoints"].shape == (2, 8, 8, 3)
-    # Interpolation row: original, 5 steps, original, 8-pixel images with 2-pixel padding.
-    assert Image.open(os.path.join(out, "interpolation.png")).size == (7 * 10 + 2, 12)
+    # Interpolation row: original, 5 steps, original, 8-pixel images magnified k times, with
+    # 2-pixel padding.
+    k = grid_scale(8, 8, 1, 7, 2)
+    assert Image.open(os.path.join(out, "interpolation.png")).size == (7 * (8 * k + 2) + 2, 8 * k + 4)
     # Reconstruction grid: 6 (original, reconstruction) pairs, 8 images per row.
-    assert Image.open(os.path.join(out, "reconstructions.png")).size == (8 * 10 + 2, 2 * 10 + 2)
+    k = grid_scale(8, 8, 2, 8, 2)
+    size = Image.open(os.path.join(out, "reconstructions.png")).size
+    assert size == (8 * (8 * k + 2) + 2, 2 * (8 * k + 2) + 2) and min(size) >= 256
 
 
 def test_latent_pca_plots_raw_2d_latent_and_prints_knn(trained, tmp_path, capsys):
