@@ -1,7 +1,8 @@
 """
 The conditional GAN of Mirza & Osindero 2014: networks and losses (networks), the training loop,
-checkpoints and sampling (training), labelled image data and MNIST (data), and the paper's
-evaluation: Parzen-window log-likelihood and class accuracy (evaluation).
+checkpoints and sampling (training), the flags of a checkpoint (sampling), labelled image data
+and MNIST (data), and the paper's evaluation: Parzen-window log-likelihood and class accuracy
+(evaluation).
 """
 
 from .data import MNIST_FILES, MNIST_TRAIN_SIZE, ArrayBatches, array_batches, cgan_training_batches
@@ -16,6 +17,7 @@ from .networks import paper_sgd_schedule, real_to_model_space, rgb_to_gray, samp
 from .training import ADAM_LR, CHECKPOINT_PREFIX, PAPER_SGD, CGANTrainLoop, balanced_labels
 from .training import cgan_train_defaults, check_checkpoint_flags, class_grid, generate_samples
 from .training import load_cgan_checkpoint, load_generator, resolve_resume_checkpoint
+from .sampling import generator_flags
 
-_SUBMODULES = ("data", "evaluation", "networks", "training")
+_SUBMODULES = ("data", "evaluation", "networks", "sampling", "training")
 __all__ = sorted(n for n in dir() if not n.startswith("_") and n not in _SUBMODULES)

@@ -7,7 +7,8 @@ The flag language of the scripts, in one place:
 - FLAG_HELP, the one table of what each flag means and which group of --help it belongs to, read
   by script_util.add_dict_to_argparser (so every script's --help shows descriptions and defaults)
   and by the generator of docs/flags.md (`python -m guided_diffusion.cli.flags --markdown`);
-- the parsing of list-valued flags.
+- the parsing of list-valued flags, and taking the network flags a checkpoint records
+  (explicit_flags, checkpoint_flags).
 """
 
 import argparse
@@ -225,6 +226,58 @@ def parse_step_counts(text):
     if not counts:
         raise ValueError(f"no step counts in {text!r}: pass e.g. --steps 10,20,50,100")
     return sorted(set(counts))
+
+
+# ---------------------------------------------------------------------- flags a checkpoint records
+
+
+def explicit_flags(parser, argv=None):
+    """
+    The flags given on a command line, as opposed to left at their defaults.
+
+    :param parser: the script's argparse parser.
+    :param argv: the arguments (None: sys.argv[1:]).
+    :return: the set of their dest names.
+    """
+    unset = object()
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = unset
+        parsed = vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {name for name, value in parsed.items() if value is not unset}
+
+
+def checkpoint_flags(saved, args, given, keys, path):
+    """
+    Take the network flags a checkpoint records (cGAN and VAE checkpoints store theirs) instead
+    of asking for them again: each of `keys` the checkpoint has replaces the parsed value in
+    `args`. A flag given on the command line with another value is refused, naming the
+    checkpoint's value, since the weights can only be loaded into the network they came from.
+
+    :param saved: the checkpoint's {flag: value}.
+    :param args: the parsed argparse namespace (updated in place).
+    :param given: the flags given on the command line (explicit_flags()).
+    :param keys: the flags that shape the network.
+    :param path: the checkpoint's file name (for the message).
+    :return: {flag: value} for every key, the checkpoint's where it has one.
+    :raises ScriptError: naming every contradicting flag.
+    """
+    clashes = [k for k in keys if k in saved and k in given and getattr(args, k) != saved[k]]
+    if clashes:
+        needed = " ".join(f"--{k} {saved[k]}" for k in clashes)
+        passed = " ".join(f"--{k} {getattr(args, k)}" for k in clashes)
+        raise ScriptError(
+            f"checkpoint {path} was trained with {needed}, not {passed}: drop these flags (the "
+            "checkpoint's own values are used) or pass another checkpoint"
+        )
+    for key in keys:
+        if key in saved:
+            setattr(args, key, saved[key])
+    return {key: getattr(args, key) for key in keys}
 
 
 # ---------------------------------------------------------------------- what each flag means
