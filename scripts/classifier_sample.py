@@ -7,6 +7,7 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
 """
 
 import argparse
+import re
 
 import torch
 
@@ -73,7 +74,9 @@ def main(argv=None):
             build=lambda f: create_classifier(**f),
         )
     except ScriptError as exc:
-        if "pass --image_size" in str(exc) or "positional_embedding" in str(exc):
+        # The model and the classifier share --image_size: changing it for the classifier
+        # alone is no fix. (The hint may list --image_size among other flags to change.)
+        if re.search(r"--image_size \d", str(exc)) or "positional_embedding" in str(exc):
             raise ScriptError(
                 f"the classifier {args.classifier_path} was trained at another image size than "
                 f"the model's --image_size {args.image_size}: use a classifier trained at that "
