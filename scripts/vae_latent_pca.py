@@ -4,7 +4,7 @@ folder to posterior means, fit a PCA (in torch), scatter the first two component
 class, and print the leave-one-out kNN accuracy.
 
     python scripts/vae_latent_pca.py --model_path logs/vae003000.pt --data_dir data/digits \
-        --out_dir pca/
+        --out_dir runs/vae/pca
 
 Writes latent_pca.npz and latent_pca.png to --out_dir (default: the log folder, --log_dir or
 $OPENAI_LOGDIR; with --out_dir alone the log goes there too). A model with a 2-d latent is

@@ -3,7 +3,7 @@ Images from a trained VAE: prior samples, reconstructions of real images, and a 
 interpolation between two encoded images.
 
     python scripts/vae_sample.py --model_path logs/vae003000.pt --data_dir data/digits \
-        --out_dir samples/
+        --out_dir runs/vae/samples
 
 Writes samples_NxHxWx3.npz (+ .png grid); with --data_dir also reconstructions.npz/.png and
 interpolation.npz/.png, to --out_dir (default: the log folder, --log_dir or $OPENAI_LOGDIR; with

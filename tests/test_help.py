@@ -123,3 +123,31 @@ def test_generator_command_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: no scripts under {tmp_path}: run this from a checkout (or pass --root)"
     ]
+
+
+def test_the_folders_examples_write_into_are_ignored_by_git():
+    """The README's, the docs' and the scripts' examples write runs, logs and data sets into the
+    checkout; `git status` should not fill up with them."""
+    import glob
+    import re
+    import shutil
+
+    if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    files = [os.path.join(REPO, "README.md")] + sorted(
+        path for pattern in ("docs/*.md", "scripts/*", "experiments/*.py", "datasets/*.py")
+        for path in glob.glob(os.path.join(REPO, pattern)))
+    flag = r"(?:--(?:out_dir|log_dir|data_dir|test_dir|val_data_dir)\s+|OPENAI_LOGDIR=)"
+    written = set()
+    for path in files:
+        with open(path) as f:
+            for match in re.finditer(flag + r"([A-Za-z0-9_.][^\s`'\")\\]*)", f.read()):
+                folder = match.group(1).rstrip("/")
+                if "/" in folder or folder.startswith("digits"):
+                    written.add(folder)
+    assert len(written) > 5  # the walk found the examples
+    kept = subprocess.run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching",
+                           *(f"{folder}/file" for folder in sorted(written))],
+                          cwd=REPO, capture_output=True, text=True).stdout.splitlines()
+    not_ignored = [line.split("\t")[-1] for line in kept if line.startswith("::")]
+    assert not not_ignored, not_ignored

@@ -403,11 +403,13 @@ def test_a_checkpoint_that_differs_in_several_flags_gets_one_complete_fix(tmp_pa
     torch.save(classifier.state_dict(), tmp_path / "classifier4.pt")
     model_args = ["--image_size", 16, "--num_channels", 32, "--num_res_blocks", 1,
                   "--channel_mult", "1,2", "--attention_resolutions", 8, "--num_head_channels", 16]
-    base = ["--num_samples", 1, "--batch_size", 1, "--timestep_respacing", "2", "--log_dir", tmp_path]
+    refused = tmp_path / "refused"
+    base = ["--num_samples", 1, "--batch_size", 1, "--timestep_respacing", "2", "--log_dir", refused]
     line = error_line(capsys, run_inprocess("classifier_sample", [
         "--model_path", tmp_path / "uncond.pt", *model_args, *CLASSIFIER,
         "--classifier_path", tmp_path / "classifier4.pt", *base]))
     assert "classifier4.pt does not fit the model flags: pass --num_classes 4 (" in line
+    assert not refused.exists()  # refused on its flags before the log folder was made
 
     # Trained with --num_res_blocks 2 --resblock_updown True --attention_resolutions 16,8.
     other = dict(model_flags, num_res_blocks=2, resblock_updown=True, attention_resolutions="16,8")
@@ -418,10 +420,12 @@ def test_a_checkpoint_that_differs_in_several_flags_gets_one_complete_fix(tmp_pa
     assert "other flags may differ" not in line and " or pass " not in fix
     assert sorted(fix.split(" --")) == sorted(
         "--num_res_blocks 2 --resblock_updown True --attention_resolutions 16,8".split(" --"))
-    # The fix, applied, loads.
+    assert not refused.exists()
+    # The fix, applied, loads; the sampling folder holds no empty progress.csv.
     args = [*model_args, *fix.split()]
     assert run_inprocess("image_sample", ["--model_path", tmp_path / "other.pt", *args, *base,
                                           "--progress", "False"]) == 0
+    assert sorted(os.listdir(refused)) == ["log.txt", "samples_1x16x16x3.npz", "samples_1x16x16x3.png"]
 
 
 def test_base_samples_of_the_wrong_shape(tmp_path, capsys):
