@@ -428,6 +428,24 @@ def test_a_checkpoint_that_differs_in_several_flags_gets_one_complete_fix(tmp_pa
     assert sorted(os.listdir(refused)) == ["log.txt", "samples_1x16x16x3.npz", "samples_1x16x16x3.png"]
 
 
+def test_runs_refused_on_their_flags_leave_no_log_folder(tmp_path, capsys):
+    flags = dict(model_and_diffusion_defaults(), image_size=16, num_channels=32, num_res_blocks=1,
+                 channel_mult="1,2", attention_resolutions="8", num_head_channels=16)
+    torch.save(create_model_and_diffusion(**flags)[0].state_dict(), tmp_path / "toy.pt")
+    model_args = ["--model_path", tmp_path / "toy.pt", "--image_size", 16, "--num_channels", 32,
+                  "--num_res_blocks", 1, "--channel_mult", "1,2", "--attention_resolutions", 8,
+                  "--num_head_channels", 16]
+    log = tmp_path / "log"
+    cases = [
+        ("image_nll", [*model_args, "--data_dir", tmp_path / "missing", "--log_dir", log], "missing"),
+        ("image_sample", [*model_args, "--num_channels", 64, "--log_dir", log], "--num_channels 32"),
+        ("super_res_sample", [*model_args[:2], *SR, "--log_dir", log], "does not fit"),
+    ]
+    for script, args, words in cases:
+        line = error_line(capsys, run_inprocess(script, args))
+        assert words in line and not log.exists(), (script, line)
+
+
 def test_base_samples_of_the_wrong_shape(tmp_path, capsys):
     model = sr_create_model(16, 8, 32, 1, learn_sigma=False, class_cond=False,
                             use_checkpoint=False, attention_resolutions="8", num_heads=4,

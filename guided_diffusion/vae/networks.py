@@ -16,6 +16,7 @@ All losses are in nats per image (summed over pixels and latent dimensions, aver
 batch). The ELBO always uses a KL weight of 1; ``beta`` only reweights the KL in the training loss.
 """
 
+import inspect
 import math
 
 import numpy as np
@@ -45,17 +46,14 @@ GAUSSIAN_MIN_LOGVAR = 2.0 * math.log(0.01)
 
 
 def vae_defaults():
-    """Defaults of the architecture flags (the paper's MNIST model with a 20-d latent)."""
-    return dict(
-        arch="mlp",
-        image_size=28,
-        latent_size=20,
-        hidden_size=500,
-        num_channels=32,
-        likelihood="bernoulli",
-        class_cond=False,
-        num_classes=10,
-    )
+    """
+    Defaults of the architecture flags (the paper's MNIST model with a 20-d latent): the
+    keyword defaults of create_vae, read from its signature so that they are written once.
+    """
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(create_vae).parameters.items()
+    }
 
 
 def create_vae(
