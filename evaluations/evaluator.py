@@ -9,7 +9,7 @@ The script stays at the reference's path; the code is guided_diffusion.evaluatio
 """
 
 from guided_diffusion.cli.main import run_main
-from guided_diffusion.evaluation.evaluator import main
+from guided_diffusion.evaluation.evaluator import create_argparser, main  # noqa: F401
 
 if __name__ == "__main__":
     run_main(main)

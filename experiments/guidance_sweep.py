@@ -5,7 +5,7 @@ several scales (same seeds and requested classes at every scale) and judge the s
 classifier trained on the real digits: fidelity (class accuracy, precision) against diversity
 (recall, within-class feature spread) and FID on that classifier's features.
 
-    python scripts/guidance_sweep.py --cond_model_path cond/ema.pt --uncond_model_path uncond/ema.pt \
+    python experiments/guidance_sweep.py --cond_model_path cond/ema.pt --uncond_model_path uncond/ema.pt \
         --classifier_path classifier/model000400.pt $MODEL_FLAGS $CLASSIFIER_FLAGS \
         --scales 0,0.5,1,2,5,10 --num_samples 500 --out_dir runs/sweep
 

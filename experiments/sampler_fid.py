@@ -2,7 +2,7 @@
 FID against the number of model evaluations for each sampler (and classifier-free guidance
 scale) of a class-conditional model of small grayscale images such as the bundled digits.
 
-    python scripts/sampler_fid.py --model_path ema_0.999_007000.pt --data_dir digits16 \
+    python experiments/sampler_fid.py --model_path ema_0.999_007000.pt --data_dir data/digits16 \
         --samplers ddim,euler,heun,dpmpp_2m --evaluations 5,10,20,50 --guidance_scales 1,3 \
         $MODEL_FLAGS
 

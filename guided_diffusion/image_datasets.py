@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import dist_util
+from . import dist_util, logger
 from .errors import UnreadableImageError
 from .diffusion.guidance import drop_labels
 from .runtime.resumable_data import MappedBatches, ResumableBatches
@@ -341,19 +341,34 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None):
 
 def check_dataset_classes(data_dir, num_classes):
     """
-    Make sure a class-conditional dataset has no more classes than the model has labels.
+    Compare a class-conditional dataset's classes with the model's label count.
 
+    More classes than labels cannot train: a ValueError names the --num_classes to pass. Fewer
+    is the small-data trap of the reference's default (1000 ImageNet classes for a 4-class
+    folder): the run works, but most labels never appear in training while sampling draws
+    labels from all of them, so one warning line (per count, per process) names --num_classes K.
+
+    :return: the class names, in label order.
     :raises ValueError: naming the --num_classes to pass.
     """
-    from .image_datasets import class_labels_from_paths, list_image_files_recursively
-
     _, names = class_labels_from_paths(list_image_files_recursively(data_dir))
     if len(names) > num_classes:
         raise ValueError(
             f"{data_dir} has {len(names)} classes but the model has {num_classes} labels: pass "
             f"--num_classes {len(names)}"
         )
+    if len(names) < num_classes and (len(names), num_classes) not in _WARNED_CLASS_COUNTS:
+        # classifier_train checks its validation folder too: the same counts warn once.
+        _WARNED_CLASS_COUNTS.add((len(names), num_classes))
+        logger.warn(
+            f"warning: {data_dir} has {len(names)} classes but --num_classes is {num_classes}: "
+            f"{num_classes - len(names)} labels never appear in training, yet sampling draws "
+            f"from all {num_classes}; pass --num_classes {len(names)} (unless classes come later)"
+        )
     return names
+
+
+_WARNED_CLASS_COUNTS = set()
 
 
 class _DropBatchLabels:

@@ -15,6 +15,7 @@ writes one row of diagnostics to every output format; log() writes free text.
 """
 
 import datetime
+import errno
 import json
 import os
 import os.path as osp
@@ -56,6 +57,21 @@ def _plain(value):
     return value
 
 
+def _table_text(value):
+    """
+    A value as the human-readable table shows it: whole numbers in full (a step count of 2000
+    is "2000", not "2e+03", even after dumpkvs() averaged it over ranks into a float), other
+    numbers with 3 significant digits, anything else as str().
+    """
+    value = _plain(value)
+    if isinstance(value, bool) or not hasattr(value, "__float__"):
+        return str(value)
+    number = float(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return "%-8d" % number
+    return "%-8.3g" % number
+
+
 class HumanOutputFormat(KVWriter, SeqWriter):
     """A table of key | value rows for people, written to a file name or an open text stream."""
 
@@ -80,9 +96,7 @@ class HumanOutputFormat(KVWriter, SeqWriter):
     def writekvs(self, kvs):
         rows = {}
         for key, value in kvs.items():
-            value = _plain(value)
-            text = "%-8.3g" % value if hasattr(value, "__float__") else str(value)
-            rows[self._truncate(str(key))] = self._truncate(text)
+            rows[self._truncate(str(key))] = self._truncate(_table_text(value))
         if not rows:
             warnings.warn("logger: dumpkvs() with nothing logged")
             return
@@ -127,14 +141,24 @@ class CSVOutputFormat(KVWriter):
     """
     A CSV table, one row per dumpkvs(). When a row brings keys not seen before, the header is
     rewritten with the new columns appended and earlier rows get empty cells for them.
+
+    deviation from reference: the file is created at the first dumpkvs(), not at configure(), so
+    a run that logs no diagnostics (sampling) leaves no empty progress.csv behind, and a resumed
+    run that fails before its first row keeps the previous run's table.
     """
 
     def __init__(self, filename):
-        self.file = open(filename, "w+t")
+        folder = osp.dirname(osp.abspath(filename))
+        if not os.access(folder, os.W_OK):  # say so now, not at the first row
+            raise PermissionError(errno.EACCES, "Permission denied", folder)
+        self.filename = filename
+        self.file = None
         self.keys = []
         self.sep = ","
 
     def writekvs(self, kvs):
+        if self.file is None:
+            self.file = open(self.filename, "w+t")
         new_keys = sorted(set(kvs) - set(self.keys))
         if new_keys:
             self.keys.extend(new_keys)
@@ -154,7 +178,8 @@ class CSVOutputFormat(KVWriter):
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class TensorBoardOutputFormat(KVWriter):

@@ -3,8 +3,9 @@ Factories that turn command-line flags into networks and diffusion processes, th
 the scripts, and the small argparse helpers the scripts share.
 
 The defaults dictionaries are those of the reference scripts, unchanged, so flags written for the
-reference (and the released checkpoints) keep their meaning. `num_classes` is an extra keyword of
-the factories; scripts add their own --num_classes flag.
+reference (and the released checkpoints) keep their meaning; they are defined in cli/flags.py with
+the port's own families and importable from here under the reference's names. `num_classes` is an
+extra keyword of the factories; scripts add their own --num_classes flag.
 """
 
 import argparse
@@ -13,6 +14,13 @@ import inspect
 from . import gaussian_diffusion as gd
 from .diffusion.guidance import check_class_dropout_prob, label_rows
 from .respace import SpacedDiffusion, space_timesteps
+from .cli.flags import add_flag
+from .cli.flags import (  # noqa: F401  (the reference's names, defined with the other families)
+    classifier_and_diffusion_defaults,
+    classifier_defaults,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+)
 from .cli.hints import explain_state_dict_mismatch  # noqa: F401  (public here)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -34,72 +42,6 @@ _SR_CHANNEL_MULT_BY_SIZE = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
 }
-
-
-def diffusion_defaults():
-    """
-    :return: defaults of the diffusion flags shared by image and classifier training.
-    """
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
-
-
-def classifier_defaults():
-    """
-    :return: defaults of the noisy-classifier flags.
-    """
-    return dict(
-        image_size=64,
-        classifier_use_fp16=False,
-        classifier_width=128,
-        classifier_depth=2,
-        classifier_attention_resolutions="32,16,8",
-        classifier_use_scale_shift_norm=True,
-        classifier_resblock_updown=True,
-        classifier_pool="attention",
-    )
-
-
-def model_and_diffusion_defaults():
-    """
-    :return: defaults of the UNet and diffusion flags for image training and sampling.
-    """
-    res = dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-    )
-    res.update(diffusion_defaults())
-    return res
-
-
-def classifier_and_diffusion_defaults():
-    """
-    :return: defaults of the classifier and diffusion flags for classifier training.
-    """
-    res = classifier_defaults()
-    res.update(diffusion_defaults())
-    return res
 
 
 def sr_model_and_diffusion_defaults():
@@ -570,7 +512,9 @@ def create_gaussian_diffusion(
 def add_dict_to_argparser(parser, default_dict):
     """
     Add one --flag per entry of a defaults dictionary; booleans parse with str2bool and a None
-    default takes strings.
+    default takes strings. Each flag's --help line is its description in cli.flags.FLAG_HELP
+    plus its default, under its group's heading (flags missing from the table show the default
+    alone, in argparse's general group).
 
     :param parser: an argparse.ArgumentParser.
     :param default_dict: {flag name: default value}.
@@ -582,7 +526,9 @@ def add_dict_to_argparser(parser, default_dict):
             kind = str2bool
         else:
             kind = type(default)
-        parser.add_argument(f"--{name}", default=default, type=kind)
+        # The description, the default in --help and the group come from cli/flags.FLAG_HELP,
+        # so that every script explains its flags without a line of its own.
+        add_flag(parser, name, default=default, type=kind)
 
 
 def args_to_dict(args, keys):

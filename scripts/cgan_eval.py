@@ -2,21 +2,22 @@
 Evaluate a conditional GAN as in the paper's Table 1 (Parzen-window log-likelihood of held-out
 images) and by the accuracy of a classifier, trained on real images, on samples of each class.
 
-    python scripts/cgan_eval.py --model_path logs/cgan003000.pt --image_size 8 --num_classes 10 \
+    python scripts/cgan_eval.py --model_path logs/cgan003000.pt \
         --data_dir data/digits8_train --test_dir data/digits8_test
 
 The samples come from --model_path (drawn here, balanced over classes) or from --sample_path (an
 npz written by cgan_sample.py). --data_dir holds real training images (the classifier learns from
 them); --test_dir holds real held-out images, split alternately into a validation half (chooses
 the Parzen kernel width) and a test half (is scored). A --data_dir with the MNIST IDX files uses
-the papers' MNIST split instead. Figures are logged and written to cgan_eval.json in the logger
-folder ($OPENAI_LOGDIR).
+the papers' MNIST split instead. The network flags come from the checkpoint (it records them;
+other values are refused); with --sample_path, --num_classes says how many classes there are.
+Figures are logged and written to cgan_eval.json in the log folder (--log_dir, else
+$OPENAI_LOGDIR).
 """
 
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from guided_diffusion.cgan import (
     default_sigmas,
     evaluate_samples,
     generate_samples,
+    generator_flags,
     is_grayscale,
     is_mnist_dir,
     load_generator,
@@ -34,8 +36,11 @@ from guided_diffusion.cgan import (
     read_mnist,
     to_eval_space,
 )
+from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.errors import ScriptError
 from guided_diffusion.sampling.files import to_uint8
-from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
+from guided_diffusion.script_util import add_dict_to_argparser
 
 
 def create_argparser():
@@ -54,30 +59,48 @@ def create_argparser():
         valid_limit=1000,
         classifier_steps=1000,
         seed=0,
+        log_dir="",
     )
     defaults.update(cgan_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_dict_to_argparser(parser, defaults)
     return parser
 
 
-def load_samples(args):
+def check_inputs(args, given):
+    """
+    Refuse bad flags before anything is written; with --model_path, take the checkpoint's
+    network flags.
+
+    :return: the generator's flags, or None with --sample_path.
+    """
     if bool(args.model_path) == bool(args.sample_path):
-        raise ValueError(
+        raise ScriptError(
             "pass exactly one of --model_path (a cgan checkpoint) or --sample_path (an npz)"
         )
+    if not args.data_dir:
+        raise ScriptError("pass --data_dir with the real training images (or the MNIST IDX files)")
+    for flag in ("data_dir", "test_dir"):
+        folder = getattr(args, flag)
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"--{flag} {folder} is not a folder")
     if args.sample_path:
         if not os.path.isfile(args.sample_path):
             raise FileNotFoundError(f"--sample_path {args.sample_path} does not exist")
+        return None
+    return generator_flags(args, given)
+
+
+def load_samples(args, model_flags):
+    if args.sample_path:
         with np.load(args.sample_path) as data:
             if "arr_1" not in data:
-                raise ValueError(
+                raise ScriptError(
                     f"{args.sample_path} has no labels (arr_1): write it with cgan_sample.py"
                 )
             return data["arr_0"], data["arr_1"]
-    generator = load_generator(
-        args.model_path, args_to_dict(args, cgan_defaults().keys()), use_ema=args.use_ema
-    ).to(dist_util.dev())
+    generator = load_generator(args.model_path, model_flags, use_ema=args.use_ema)
+    generator.to(dist_util.dev())
     torch.manual_seed(args.seed + dist_util.get_rank())
     images, labels = generate_samples(
         generator, num_samples=args.num_samples, num_classes=args.num_classes,
@@ -88,8 +111,6 @@ def load_samples(args):
 
 def real_splits(args, image_size):
     """(train, valid, test) pairs of uint8 NHWC images and labels."""
-    if not args.data_dir:
-        raise ValueError("pass --data_dir with the real training images (or the MNIST IDX files)")
     if is_mnist_dir(args.data_dir):
         if image_size != 28:
             raise ValueError(f"samples are {image_size}x{image_size} but MNIST is 28x28")
@@ -109,10 +130,13 @@ def real_splits(args, image_size):
     return tuple((train_x[idx], train_y[idx]) for idx in (train, valid, test))
 
 
-def main(args):
+def main(argv=None):
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    model_flags = check_inputs(args, explicit_flags(parser, argv))
     dist_util.setup_dist()
-    logger.configure()
-    samples, sample_labels = load_samples(args)
+    logger.configure(dir=args.log_dir or None)
+    samples, sample_labels = load_samples(args, model_flags)
     if not dist_util.is_main_process():
         return
     if int(sample_labels.max()) >= args.num_classes:
@@ -155,9 +179,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parsed = create_argparser().parse_args()
-    try:
-        main(parsed)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"cgan_eval.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -1,28 +1,26 @@
 """
 Draw class-conditional samples from a trained conditional GAN.
 
-    python scripts/cgan_sample.py --model_path logs/cgan003000.pt --image_size 8 --num_samples 100
+    python scripts/cgan_sample.py --model_path logs/cgan003000.pt --num_samples 100
 
-Writes samples_NxHxWx3.npz (arr_0: uint8 NHWC images, arr_1: int64 class labels) to the logger
-folder ($OPENAI_LOGDIR) and a PNG grid next to it with one row per class. The network flags
-(--arch, --image_size, --num_classes, --z_dim, --conv_channels) must be those of training.
+Writes samples_NxHxWx3.npz (arr_0: uint8 NHWC images, arr_1: int64 class labels) to --out_dir
+(default: the log folder, --log_dir or $OPENAI_LOGDIR) and a PNG grid next to it with one row
+per class. The network flags (--arch, --image_size, --num_classes, --z_dim, --conv_channels,
+--dropout) are read from the checkpoint; passing other values is refused.
 """
 
 import argparse
-import os
-import sys
 
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cgan import (
-    cgan_defaults,
-    class_grid,
-    generate_samples,
-    load_generator,
-)
-from guided_diffusion.sampling.files import make_grid_png, save_samples, to_uint8
-from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
+from guided_diffusion.cgan import cgan_defaults, generate_samples, generator_flags, load_generator
+from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.sampling.files import save_samples, to_uint8
+from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.script_util import add_dict_to_argparser
 
 
 def create_argparser():
@@ -35,21 +33,26 @@ def create_argparser():
         grid_per_class=10,
         sample_dropout=False,
         seed=0,
+        log_dir="",
+        out_dir="",
     )
     defaults.update(cgan_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_dict_to_argparser(parser, defaults)
     return parser
 
 
-def main(args):
+def main(argv=None):
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    # Everything that can refuse the flags comes before the log folder is made.
+    model_flags = generator_flags(args, explicit_flags(parser, argv))
+    if args.grid_per_class < 1:
+        raise ScriptError(f"--grid_per_class must be at least 1, got {args.grid_per_class}")
     dist_util.setup_dist()
-    logger.configure()
-    if not args.model_path:
-        raise ValueError("pass --model_path pointing to a cgan%06d.pt checkpoint")
-    generator = load_generator(
-        args.model_path, args_to_dict(args, cgan_defaults().keys()), use_ema=args.use_ema
-    ).to(dist_util.dev())
+    logger.configure(dir=args.log_dir or None)
+    generator = load_generator(args.model_path, model_flags, use_ema=args.use_ema)
+    generator.to(dist_util.dev())
     torch.manual_seed(args.seed + dist_util.get_rank())
     images, labels = generate_samples(
         generator,
@@ -61,19 +64,15 @@ def main(args):
         keep_dropout=args.sample_dropout,
     )
     if dist_util.is_main_process():
-        images = to_uint8(images)
-        path = save_samples(images, labels, logger.get_dir(), grid_max_images=0)
-        grid, per_row = class_grid(images, labels, per_class=args.grid_per_class)
-        make_grid_png(grid, os.path.splitext(path)[0] + ".png", nrow=per_row)
+        path = save_samples(
+            to_uint8(images), labels, output_dir(args),
+            grid_max_images=args.grid_per_class * args.num_classes,
+            grid_per_class=args.grid_per_class,
+        )
         logger.log(f"saved {path} and its grid (one row per class)")
     dist_util.barrier()
     logger.log("sampling complete")
 
 
 if __name__ == "__main__":
-    parsed = create_argparser().parse_args()
-    try:
-        main(parsed)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"cgan_sample.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -7,6 +7,7 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
 """
 
 import argparse
+import re
 
 import torch
 
@@ -35,7 +36,7 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
 
 
 def main(argv=None):
@@ -46,10 +47,9 @@ def main(argv=None):
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
 
-    logger.log("creating model and diffusion...")
+    # Both networks are built and their checkpoints checked before the log folder is made, so
+    # a run refused on its flags leaves no folder behind.
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
@@ -58,9 +58,7 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(model, **network_flags(args))
 
-    logger.log("loading classifier...")
     classifier_flags = args_to_dict(args, classifier_defaults().keys())
     classifier_flags["num_classes"] = args.num_classes
     classifier_flags["classifier_channel_mult"] = args.classifier_channel_mult
@@ -73,13 +71,19 @@ def main(argv=None):
             build=lambda f: create_classifier(**f),
         )
     except ScriptError as exc:
-        if "pass --image_size" in str(exc) or "positional_embedding" in str(exc):
+        # The model and the classifier share --image_size: changing it for the classifier
+        # alone is no fix. (The hint may list --image_size among other flags to change.)
+        if re.search(r"--image_size \d", str(exc)) or "positional_embedding" in str(exc):
             raise ScriptError(
                 f"the classifier {args.classifier_path} was trained at another image size than "
                 f"the model's --image_size {args.image_size}: use a classifier trained at that "
                 f"size ({exc})"
             ) from None
         raise
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+    logger.log(f"loaded the model {args.model_path} and the classifier {args.classifier_path}")
+    prepare_network(model, **network_flags(args))
     prepare_network(
         classifier,
         use_fp16=args.classifier_use_fp16,
@@ -103,7 +107,7 @@ def main(argv=None):
     logger.log(f"sampling with {sampler}...")
     shape = (args.batch_size, 3, args.image_size, args.image_size)
 
-    def make_batch():
+    def make_batch(bar):
         classes = torch.randint(
             low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
         )
@@ -114,10 +118,13 @@ def main(argv=None):
             model_kwargs={"y": classes},
             cond_fn=cond_fn,
             device=dist_util.dev(),
+            progress=bar,
         )
         return to_uint8(sample.float()), classes
 
-    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)
+    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
+                                 progress=args.progress,
+                                 steps_per_batch=sample_steps(sampler, diffusion))
     write_samples(arr, labels, output_dir(args))
     logger.log("sampling complete")
 

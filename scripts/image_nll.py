@@ -31,19 +31,15 @@ def main(argv=None):
     args = create_argparser().parse_args(argv)
 
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
 
-    logger.log("creating model and diffusion...")
+    # The model is built, its checkpoint checked and the data found before the log folder is
+    # made, so a run refused on its flags leaves no folder behind.
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
     model, diffusion = create_model_and_diffusion(**flags)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
-    prepare_network(model, **network_flags(args))
-
-    logger.log("creating data loader...")
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -51,6 +47,10 @@ def main(argv=None):
         class_cond=args.class_cond,
         deterministic=True,
     )
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+    logger.log(f"loaded the model {args.model_path} and the data {args.data_dir}")
+    prepare_network(model, **network_flags(args))
 
     seed_sampling(args.seed)
     logger.log("evaluating...")

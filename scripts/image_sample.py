@@ -30,7 +30,7 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
 
 
 def main(argv=None):
@@ -41,10 +41,9 @@ def main(argv=None):
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
 
-    logger.log("creating model and diffusion...")
+    # The model is built and its checkpoint checked before the log folder is made, so a run
+    # refused on its flags leaves no folder behind.
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
@@ -53,6 +52,9 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+    logger.log(f"loaded the model {args.model_path}")
     prepare_network(model, **network_flags(args))
 
     seed_sampling(args.seed)
@@ -61,7 +63,7 @@ def main(argv=None):
     model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
 
-    def make_batch():
+    def make_batch(bar):
         model_kwargs = {}
         labels = None
         if args.class_cond:
@@ -76,10 +78,13 @@ def main(argv=None):
             clip_denoised=args.clip_denoised,
             model_kwargs=model_kwargs,
             device=dist_util.dev(),  # model_fn may be a plain function (guidance)
+            progress=bar,
         )
         return to_uint8(sample.float()), labels
 
-    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)
+    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
+                                 progress=args.progress,
+                                 steps_per_batch=sample_steps(sampler, diffusion))
     write_samples(arr, labels, output_dir(args))
     logger.log("sampling complete")
 

@@ -34,7 +34,7 @@ from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
 
 
 def main(argv=None):
@@ -45,10 +45,9 @@ def main(argv=None):
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
 
-    logger.log("creating model...")
+    # The model is built, its checkpoint checked and the base samples read before the log
+    # folder is made, so a run refused on its flags leaves no folder behind.
     flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
     flags.update(
         num_classes=args.num_classes,
@@ -60,10 +59,11 @@ def main(argv=None):
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: sr_create_model_and_diffusion(**f)[0]
     )
-    prepare_network(model, **network_flags(args))
-
-    logger.log("loading data...")
     data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+    logger.log(f"loaded the model {args.model_path} and the base samples {args.base_samples}")
+    prepare_network(model, **network_flags(args))
 
     seed_sampling(args.seed)
     logger.log(f"creating samples with {sampler}...")
@@ -72,7 +72,7 @@ def main(argv=None):
     model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
     shape = (args.batch_size, 3, args.large_size, args.large_size)
 
-    def make_batch():
+    def make_batch(bar):
         model_kwargs = {k: v.to(dist_util.dev()) for k, v in next(data).items()}
         sample = sample_fn(
             model_fn,
@@ -80,11 +80,14 @@ def main(argv=None):
             clip_denoised=args.clip_denoised,
             model_kwargs=model_kwargs,
             device=dist_util.dev(),  # model_fn may be a plain function (guidance)
+            progress=bar,
         )
         # deviation from reference: the labels of class-conditional runs are kept as arr_1.
         return to_uint8(sample.float()), model_kwargs.get("y")
 
-    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch, progress=args.progress)
+    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
+                                 progress=args.progress,
+                                 steps_per_batch=sample_steps(sampler, diffusion))
     write_samples(arr, labels, output_dir(args))
     logger.log("sampling complete")
 

@@ -3,34 +3,36 @@ What does a VAE's latent space look like, and do the classes cluster? Encode a l
 folder to posterior means, fit a PCA (in torch), scatter the first two components coloured by
 class, and print the leave-one-out kNN accuracy.
 
-    python scripts/vae_latent_pca.py --model_path logs/vae003000.pt --image_size 28 \
-        --data_dir data/digits --out_dir pca/
+    python scripts/vae_latent_pca.py --model_path logs/vae003000.pt --data_dir data/digits \
+        --out_dir runs/vae/pca
 
-Writes latent_pca.npz and latent_pca.png. A model with --latent_size 2 is plotted raw (no PCA
-rotation). --features_npz runs the same analysis on any features (arrays "features"[, "labels"]).
+Writes latent_pca.npz and latent_pca.png to --out_dir (default: the log folder, --log_dir or
+$OPENAI_LOGDIR; with --out_dir alone the log goes there too). A model with a 2-d latent is
+plotted raw (no PCA rotation). The architecture flags come from the checkpoint, which records
+them. --features_npz runs the same analysis on any features (arrays "features"[, "labels"]).
 Runs in one process.
 """
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.runtime.checkpoints import load_checkpoint
+from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.errors import ScriptError
 from guided_diffusion.image_datasets import class_labels_from_paths, list_image_files_recursively
+from guided_diffusion.script_util import add_dict_to_argparser
 from guided_diffusion.vae import (
-    ARCH_FLAGS,
     embedding_report,
     encode_means,
     folder_batches,
-    load_vae,
     spread_indices,
     vae_defaults,
+    vae_from_checkpoint,
 )
-from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 
 
 def create_argparser():
@@ -42,9 +44,10 @@ def create_argparser():
         max_images=0,
         knn_k=5,
         out_dir="",
+        log_dir="",
     )
     defaults.update(vae_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_dict_to_argparser(parser, defaults)
     return parser
 
@@ -60,29 +63,42 @@ def _labels_or_none(paths):
         return None, None
 
 
-def main(args):
-    logger.configure(dir=args.out_dir or None, format_strs=["stdout", "log"])
-    out_dir = logger.get_dir()
+def read_features(path):
+    """(features, labels or None) of a --features_npz file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--features_npz {path} does not exist")
+    with np.load(path) as npz:
+        if "features" not in npz:
+            raise ScriptError(f"{path} has no 'features' array (found {list(npz.keys())})")
+        return npz["features"], (npz["labels"] if "labels" in npz else None)
+
+
+def main(argv=None):
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    # Inputs are read (and refused) before the log folder is made.
+    model = features = labels = None
     if args.features_npz:
-        with np.load(args.features_npz) as npz:
-            if "features" not in npz:
-                raise ValueError(f"{args.features_npz} has no 'features' array (found {list(npz.keys())})")
-            features = npz["features"]
-            labels = npz["labels"] if "labels" in npz else None
+        features, labels = read_features(args.features_npz)
+    else:
+        if not args.model_path or not args.data_dir:
+            raise ScriptError("pass --model_path and --data_dir (or --features_npz)")
+        if not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(f"--data_dir {args.data_dir} is not a folder")
+        model = vae_from_checkpoint(args.model_path, args, explicit_flags(parser, argv))
+    logger.configure(dir=args.log_dir or args.out_dir or None, format_strs=["stdout", "log"])
+    out_dir = args.out_dir or logger.get_dir()
+    if model is None:
         if labels is None:
             logger.warn("warning: no 'labels' array: plotting in one colour, no kNN accuracy")
         names, title, raw = None, f"features of {os.path.basename(args.features_npz)}", False
     else:
-        if not args.model_path or not args.data_dir:
-            raise ValueError("pass --model_path and --data_dir (or --features_npz)")
-        flags = args_to_dict(args, ARCH_FLAGS)
-        model = load_vae(load_checkpoint(args.model_path), flags, args.model_path)
         model.to(dist_util.dev()).eval()
         paths = list_image_files_recursively(args.data_dir)
         paths = [paths[i] for i in spread_indices(len(paths), args.max_images)]
         labels, names = _labels_or_none(paths)
         if model.class_cond and labels is None:
-            raise ValueError("a class-conditional encoder needs labelled file names ('<class>_...')")
+            raise ScriptError("a class-conditional encoder needs labelled file names ('<class>_...')")
         batches = folder_batches(
             paths, image_size=args.image_size, batch_size=args.batch_size, labels=labels
         )
@@ -112,9 +128,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parsed = create_argparser().parse_args()
-    try:
-        main(parsed)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"vae_latent_pca.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

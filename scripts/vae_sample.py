@@ -2,28 +2,30 @@
 Images from a trained VAE: prior samples, reconstructions of real images, and a latent-space
 interpolation between two encoded images.
 
-    python scripts/vae_sample.py --model_path logs/vae003000.pt --image_size 28 \
-        --data_dir data/digits --out_dir samples/
+    python scripts/vae_sample.py --model_path logs/vae003000.pt --data_dir data/digits \
+        --out_dir runs/vae/samples
 
 Writes samples_NxHxWx3.npz (+ .png grid); with --data_dir also reconstructions.npz/.png and
-interpolation.npz/.png. Pass the same architecture flags as for training.
+interpolation.npz/.png, to --out_dir (default: the log folder, --log_dir or $OPENAI_LOGDIR; with
+--out_dir alone the log goes there too). The architecture flags come from the checkpoint, which
+records them; passing other values is refused.
 """
 
 import argparse
-import sys
+import os
 
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.runtime.checkpoints import load_checkpoint
-from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
+from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.main import run_main
+from guided_diffusion.script_util import add_dict_to_argparser
 from guided_diffusion.vae import (
-    ARCH_FLAGS,
-    load_vae,
     sample_from_prior,
     save_interpolation,
     save_reconstructions,
     vae_defaults,
+    vae_from_checkpoint,
 )
 
 
@@ -36,22 +38,25 @@ def create_argparser():
         num_recon=16,
         interp_steps=10,
         out_dir="",
+        log_dir="",
         seed=0,
     )
     defaults.update(vae_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_dict_to_argparser(parser, defaults)
     return parser
 
 
-def main(args):
+def main(argv=None):
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    # The checkpoint and the data folder are checked before any folder is made.
+    model = vae_from_checkpoint(args.model_path, args, explicit_flags(parser, argv))
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir} is not a folder")
     dist_util.setup_dist()
-    logger.configure(dir=args.out_dir or None)
-    out_dir = logger.get_dir()
-    if not args.model_path:
-        raise ValueError("pass --model_path, a vaeNNNNNN.pt file written by scripts/vae_train.py")
-    flags = args_to_dict(args, ARCH_FLAGS)
-    model = load_vae(load_checkpoint(args.model_path), flags, args.model_path)
+    logger.configure(dir=args.log_dir or args.out_dir or None)
+    out_dir = args.out_dir or logger.get_dir()
     model.to(dist_util.dev()).eval()
 
     torch.manual_seed(args.seed + dist_util.get_rank())
@@ -67,9 +72,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parsed = create_argparser().parse_args()
-    try:
-        main(parsed)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"vae_sample.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -427,11 +427,43 @@ def test_sample_script_writes_npz_and_one_grid_row_per_class(logdir, tmp_path):
         assert data["arr_1"].tolist() == [i % 10 for i in range(30)]
     from PIL import Image
 
+    from guided_diffusion.sampling.files import grid_scale
+
     with Image.open(out / "samples_30x8x8x3.png") as grid:
-        # 10 rows (one per class) of 2 images, 8 pixels each plus 2-pixel padding.
-        assert grid.size == (2 * 10 + 2, 10 * 10 + 2)
+        # 10 rows (one per class) of 2 images, 8 pixels each magnified k times (the grid's
+        # narrow side at least 256 pixels) plus 2-pixel padding.
+        k = grid_scale(8, 8, 10, 2, 2)
+        assert k == 16 and grid.size == (2 * (8 * k + 2) + 2, 10 * (8 * k + 2) + 2)
 
 
+
+def test_sample_and_eval_scripts_take_the_network_flags_from_the_checkpoint(logdir, tmp_path):
+    torch.manual_seed(0)
+    _loop(logdir, _fixed_batches(3), 3).run_loop()  # an 8x8 MLP; the default --image_size is 28
+    ckpt = str(logdir / "cgan000003.pt")
+    out = tmp_path / "samples"
+    res = _run("cgan_sample.py", "--model_path", ckpt, "--num_samples", "10", "--log_dir", out,
+               "--conv_channels", "99", env_dir=tmp_path / "unused")  # conv_channels: no convs
+    assert res.returncode == 0, res.stderr
+    # 8x8 samples in --log_dir (not in $OPENAI_LOGDIR): the checkpoint's flags were used.
+    assert {"log.txt", "samples_10x8x8x3.npz", "samples_10x8x8x3.png"} <= set(os.listdir(out))
+    assert not (tmp_path / "unused").exists()
+
+    # A flag that contradicts the checkpoint: exit status 2, one line naming its value, and
+    # no folder made.
+    for script in ("cgan_sample.py", "cgan_eval.py"):
+        refused = tmp_path / f"refused_{script}"
+        extra = ["--data_dir", str(tmp_path)] if script == "cgan_eval.py" else []
+        res = _run(script, "--model_path", ckpt, "--image_size", "28", "--z_dim", "100", *extra,
+                   "--log_dir", refused, env_dir=refused)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().splitlines() == [
+            f"error: checkpoint {ckpt} was trained with --image_size 8, not --image_size 28: "
+            "drop these flags (the checkpoint's own values are used) or pass another checkpoint"
+        ]
+        assert not refused.exists()
+    res = _run("cgan_eval.py", "--model_path", ckpt, "--sample_path", ckpt, env_dir=tmp_path / "x")
+    assert res.returncode == 2 and "exactly one of --model_path" in res.stderr
 
 def test_keep_dropout_samples_with_dropout_and_restores_the_mode():
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from guided_diffusion.data.digits import write_digits
 from guided_diffusion.script_util import diffusion_for_steps
-from guided_diffusion.sampling.files import to_uint8
+from guided_diffusion.sampling.files import grid_scale, to_uint8
 from guided_diffusion.sampling.files import save_latents, uint8_to_model_input
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -100,8 +100,10 @@ def test_invert_writes_latents_grid_and_metrics(toys, inverted):
     assert report["steps"]["5"]["mse"] == pytest.approx(mse, rel=1e-4)
 
     grid = np.asarray(Image.open(inverted / "reconstructions.png"))
-    assert grid.shape[:2] == (3 * 10 + 2, 6 * 10 + 2)  # originals + 2 step counts, 6 columns
-    np.testing.assert_array_equal(grid[2:10, 2:10], images[0])
+    # Originals + 2 step counts, 6 columns, magnified (nearest) to at least 256 pixels a side.
+    k = grid_scale(8, 8, 3, 6, 2)
+    assert k > 1 and grid.shape[:2] == (3 * (8 * k + 2) + 2, 6 * (8 * k + 2) + 2)
+    np.testing.assert_array_equal(grid[2 : 2 + 8 * k : k, 2 : 2 + 8 * k : k], images[0])
     log = (inverted / "log.txt").read_text()
     assert "psnr" in log and "latents.npz" in log
 
@@ -137,7 +139,8 @@ def test_interpolate_drawn_pairs_follows_the_seed_contract(toys, tmp_path):
     # The middle of a path is neither end.
     assert not np.array_equal(images[1], images[0]) and not np.array_equal(images[1], images[3])
     grid = np.asarray(Image.open(tmp_path / "interpolation.png"))
-    assert grid.shape[:2] == (2 * 10 + 2, 4 * 10 + 2)
+    k = grid_scale(8, 8, 2, 4, 2)
+    assert grid.shape[:2] == (2 * (8 * k + 2) + 2, 4 * (8 * k + 2) + 2) and min(grid.shape[:2]) >= 256
 
 
 def test_interpolate_between_inverted_latents(toys, inverted, tmp_path):
@@ -184,7 +187,8 @@ def test_consistency_matches_image_sample_and_reports_distances(toys, tmp_path):
     assert report["steps"]["4"] == {"mean_abs_pixel_distance": 0.0, "mse": 0.0}
     assert report["steps"]["2"]["mean_abs_pixel_distance"] > 0
     grid = np.asarray(Image.open(tmp_path / "c" / "consistency.png"))
-    assert grid.shape[:2] == (2 * 10 + 2, 3 * 10 + 2)
+    k = grid_scale(8, 8, 2, 3, 2)
+    assert grid.shape[:2] == (2 * (8 * k + 2) + 2, 3 * (8 * k + 2) + 2)
 
 
 # ----------------------------------------------------------------------------- bad input

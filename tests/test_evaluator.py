@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import guided_diffusion.evaluation.metrics as metrics
-from guided_diffusion.evaluation.evaluator import Evaluator, evaluate, main
+from guided_diffusion.evaluation.evaluator import Evaluator, evaluate, image_dtype_warning, main
 from guided_diffusion.evaluation.inception import InceptionV3
 from guided_diffusion.evaluation.metrics import (
     FIDStatistics,
@@ -369,3 +369,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert exit_status(main, [str(batch), str(batch), "--inception_path", str(wrong)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "missing keys" in err
+
+
+def test_batches_that_are_not_uint8_images_get_a_warning_naming_the_fix(tmp_path):
+    rng = np.random.default_rng(10)
+    images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    cases = {
+        "uint8": (images, None),
+        "unit": (images / 255.0, "float64 values in [0, 1], but the evaluator expects uint8 NHWC "
+                                 "images in 0..255: save (x * 255).round().clip(0, 255).astype(np.uint8)"),
+        "signed": ((images / 127.5 - 1).astype(np.float32), "float32 values in [-1, 1] (model "
+                                                            "outputs?), but the evaluator expects "
+                                                            "uint8 NHWC images in 0..255: save "
+                                                            "((x + 1) * 127.5)"),
+        "wide": (images.astype(np.float32), "float32 values in 0..255, but the evaluator expects"),
+        "int64": (images.astype(np.int64), "int64 values in 0..255"),
+        "odd": (images * 3.0, "float64 values from 0 to"),
+    }
+    for name, (array, expected) in cases.items():
+        path = str(tmp_path / f"{name}.npz")
+        np.savez(path, array)
+        message = image_dtype_warning(path)
+        if expected is None:
+            assert message is None
+        else:
+            assert message.startswith(f"warning: {path}: arr_0 holds {expected}"), message
+            assert "\n" not in message
+    # The evaluation warns before computing and still scores the file, as the reference would.
+    warnings, lines = [], []
+    evaluate(ref_batch=str(tmp_path / "uint8.npz"), sample_batch=str(tmp_path / "unit.npz"),
+             evaluator=Evaluator(model=StubFeatures(), progress=False),
+             out=lambda *a: lines.append(" ".join(map(str, a))), warn=warnings.append)
+    assert len(warnings) == 1 and "unit.npz" in warnings[0] and "FID:" in " ".join(lines)

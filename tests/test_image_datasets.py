@@ -204,3 +204,28 @@ def test_truncated_image_names_the_file_in_one_line(tmp_path):
     (data_dir / "b_broken.png").write_text("this is text, not a PNG")
     with pytest.raises(UnreadableImageError, match="b_broken.png"):
         image_datasets.ImageDataset(8, [str(data_dir / "b_broken.png")])[0]
+
+
+def test_fewer_classes_than_num_classes_warns_once_naming_the_flag(tmp_path, monkeypatch, capsys):
+    from guided_diffusion import logger
+
+    monkeypatch.setattr(image_datasets, "_WARNED_CLASS_COUNTS", set())
+    (tmp_path / "data").mkdir()
+    for name in ("circle_0", "circle_1", "cross_0", "square_0", "triangle_0"):
+        solid(tmp_path / "data" / f"{name}.png", (9, 9, 9))
+    logger.configure(dir=str(tmp_path / "log"), format_strs=["stdout"])
+    try:
+        names = image_datasets.check_dataset_classes(str(tmp_path / "data"), 1000)
+        image_datasets.check_dataset_classes(str(tmp_path / "data"), 1000)  # e.g. the val folder
+        assert image_datasets.check_dataset_classes(str(tmp_path / "data"), 4) == names
+    finally:
+        logger.reset()
+    assert names == ["circle", "cross", "square", "triangle"]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [
+        f"warning: {tmp_path / 'data'} has 4 classes but --num_classes is 1000: 996 labels never "
+        "appear in training, yet sampling draws from all 1000; pass --num_classes 4 (unless "
+        "classes come later)"
+    ]
+    with pytest.raises(ValueError, match="has 4 classes but the model has 3 labels: pass --num_classes 4"):
+        image_datasets.check_dataset_classes(str(tmp_path / "data"), 3)

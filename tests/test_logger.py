@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -100,6 +101,32 @@ def test_logkv_mean_and_human_table(tmp_path, fresh_logger):
     # The values were consumed: the next row starts empty.
     assert logger.getkvs() == {}
 
+
+def test_table_shows_whole_numbers_in_full_and_csv_appears_with_the_first_row(tmp_path, fresh_logger):
+    logger.configure(dir=str(tmp_path), format_strs=["log", "csv"])
+    # Nothing logged yet: no empty progress.csv (a sampling run never writes a row).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
+    logger.logkv("step", 2000)
+    logger.logkv("samples", 1.28e5)  # an integer count that became a float (rank averages)
+    logger.logkv("loss", 0.012345)
+    logger.logkv("lr", 1e-4)
+    logger.logkv("note", "done")
+    logger.dumpkvs()
+    text = (tmp_path / "log.txt").read_text()
+    assert "| step    | 2000     |" in text and "| samples | 128000   |" in text
+    assert "| loss    | 0.0123   |" in text and "| lr      | 0.0001   |" in text
+    assert "e+03" not in text and "| note    | done     |" in text
+    # The CSV keeps full values (only the table for people rounds).
+    assert (tmp_path / "progress.csv").read_text().splitlines() == [
+        "loss,lr,note,samples,step", "0.012345,0.0001,done,128000.0,2000"]
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # (root may write anywhere)
+            with pytest.raises(OSError, match="cannot write to the log folder"):
+                logger.configure(dir=str(tmp_path / "ro"), format_strs=["csv"])
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
 
 def test_levels_and_env_dir(tmp_path, monkeypatch, fresh_logger):
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "from_env"))

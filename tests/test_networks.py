@@ -6,6 +6,7 @@ their error messages. Models are tiny (32 channels, 16x16 or 32x32 images) to st
 import argparse
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -590,6 +591,45 @@ def test_argparse_helpers():
         a=3, b=2.0, c="x", d=True, e="hi"
     )
     assert isinstance(args.b, float)
+
+
+def test_mismatch_hints_name_every_flag_at_once(monkeypatch):
+    from guided_diffusion.cli import hints
+    from guided_diffusion.cli.hints import explain_state_dict_mismatch
+
+    flags = dict(script_util.model_and_diffusion_defaults(), **TINY, num_classes=10)
+    build = lambda f: script_util.create_model_and_diffusion(**f)[0]
+    # Three searched flags plus two read off tensors (width, learn_sigma) at once.
+    trained = dict(flags, num_res_blocks=2, resblock_updown=True, attention_resolutions="16,8",
+                   num_channels=64, learn_sigma=True)
+    hint = explain_state_dict_mismatch(build(flags), build(trained).state_dict(), flags, build)
+    fix = hint.split(" (")[0]
+    assert fix.startswith("pass ") and " or pass " not in fix
+    changes = dict(zip(fix.split()[1::2], fix.split()[2::2]))
+    assert changes == {"--num_channels": "64", "--learn_sigma": "True", "--num_res_blocks": "2",
+                       "--resblock_updown": "True", "--attention_resolutions": "16,8"}
+
+    # A classifier's class count is read off its head, whatever the pooling.
+    cflags = dict(script_util.classifier_defaults(), image_size=16, classifier_width=32,
+                  classifier_depth=1, classifier_channel_mult="1,2",
+                  classifier_attention_resolutions="8", num_classes=1000)
+    cbuild = lambda f: script_util.create_classifier(**f)
+    for pool in ("attention", "adaptive", "spatial_v2"):
+        here = dict(cflags, classifier_pool=pool)
+        four = cbuild(dict(here, num_classes=4)).state_dict()
+        assert explain_state_dict_mismatch(cbuild(here), four).startswith("pass --num_classes 4")
+        assert explain_state_dict_mismatch(cbuild(here), four, here, cbuild).startswith(
+            "pass --num_classes 4 (")
+    other = cbuild(dict(cflags, num_classes=4, classifier_depth=2, classifier_pool="adaptive"))
+    hint = explain_state_dict_mismatch(cbuild(cflags), other.state_dict(), cflags, cbuild)
+    assert hint.startswith("pass --num_classes 4 --classifier_depth 2 --classifier_pool adaptive (")
+    # Beyond what the search can reach (a fifth level), the hint says what to check; the
+    # search stops at its time limit (shortened here).
+    monkeypatch.setattr(hints, "_SEARCH_SECONDS", 1.0)
+    deep = build(dict(flags, channel_mult="1,2,2,2,2", num_res_blocks=3, image_size=32))
+    started = time.monotonic()
+    hint = explain_state_dict_mismatch(build(flags), deep.state_dict(), flags, build)
+    assert "check --num_res_blocks" in hint and time.monotonic() - started < 5
 
 
 def test_load_model_weights_names_the_flags_to_change():

@@ -22,6 +22,7 @@ from guided_diffusion.data.digits import write_digits
 from guided_diffusion.sampling.files import to_uint8
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.script_util import (
+    create_classifier,
     create_model,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -389,6 +390,61 @@ def test_classifier_of_another_image_size(work, classifier_dir, tmp_path, capsys
             "--batch_size", 1, "--timestep_respacing", "2", "--log_dir", tmp_path]
     line = error_line(capsys, run_inprocess("classifier_sample", args))
     assert "image size" in line and "--image_size 16" in line
+
+
+def test_a_checkpoint_that_differs_in_several_flags_gets_one_complete_fix(tmp_path, capsys):
+    """The newcomer's two cases, on untrained toy checkpoints: a 4-class classifier sampled with
+    the default --num_classes 1000, and a diffusion model trained with three other flags."""
+    model_flags = dict(model_and_diffusion_defaults(), image_size=16, num_channels=32,
+                       num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                       num_head_channels=16)
+    torch.save(create_model_and_diffusion(**model_flags)[0].state_dict(), tmp_path / "uncond.pt")
+    classifier = create_classifier(16, False, 32, 1, "8", True, True, "attention", num_classes=4,
+                                   classifier_channel_mult="1,2")
+    torch.save(classifier.state_dict(), tmp_path / "classifier4.pt")
+    model_args = ["--image_size", 16, "--num_channels", 32, "--num_res_blocks", 1,
+                  "--channel_mult", "1,2", "--attention_resolutions", 8, "--num_head_channels", 16]
+    refused = tmp_path / "refused"
+    base = ["--num_samples", 1, "--batch_size", 1, "--timestep_respacing", "2", "--log_dir", refused]
+    line = error_line(capsys, run_inprocess("classifier_sample", [
+        "--model_path", tmp_path / "uncond.pt", *model_args, *CLASSIFIER,
+        "--classifier_path", tmp_path / "classifier4.pt", *base]))
+    assert "classifier4.pt does not fit the model flags: pass --num_classes 4 (" in line
+    assert not refused.exists()  # refused on its flags before the log folder was made
+
+    # Trained with --num_res_blocks 2 --resblock_updown True --attention_resolutions 16,8.
+    other = dict(model_flags, num_res_blocks=2, resblock_updown=True, attention_resolutions="16,8")
+    torch.save(create_model_and_diffusion(**other)[0].state_dict(), tmp_path / "other.pt")
+    line = error_line(capsys, run_inprocess("image_sample", [
+        "--model_path", tmp_path / "other.pt", *model_args, *base]))
+    fix = line.split(": pass ", 1)[1].split(" (")[0]
+    assert "other flags may differ" not in line and " or pass " not in fix
+    assert sorted(fix.split(" --")) == sorted(
+        "--num_res_blocks 2 --resblock_updown True --attention_resolutions 16,8".split(" --"))
+    assert not refused.exists()
+    # The fix, applied, loads; the sampling folder holds no empty progress.csv.
+    args = [*model_args, *fix.split()]
+    assert run_inprocess("image_sample", ["--model_path", tmp_path / "other.pt", *args, *base,
+                                          "--progress", "False"]) == 0
+    assert sorted(os.listdir(refused)) == ["log.txt", "samples_1x16x16x3.npz", "samples_1x16x16x3.png"]
+
+
+def test_runs_refused_on_their_flags_leave_no_log_folder(tmp_path, capsys):
+    flags = dict(model_and_diffusion_defaults(), image_size=16, num_channels=32, num_res_blocks=1,
+                 channel_mult="1,2", attention_resolutions="8", num_head_channels=16)
+    torch.save(create_model_and_diffusion(**flags)[0].state_dict(), tmp_path / "toy.pt")
+    model_args = ["--model_path", tmp_path / "toy.pt", "--image_size", 16, "--num_channels", 32,
+                  "--num_res_blocks", 1, "--channel_mult", "1,2", "--attention_resolutions", 8,
+                  "--num_head_channels", 16]
+    log = tmp_path / "log"
+    cases = [
+        ("image_nll", [*model_args, "--data_dir", tmp_path / "missing", "--log_dir", log], "missing"),
+        ("image_sample", [*model_args, "--num_channels", 64, "--log_dir", log], "--num_channels 32"),
+        ("super_res_sample", [*model_args[:2], *SR, "--log_dir", log], "does not fit"),
+    ]
+    for script, args, words in cases:
+        line = error_line(capsys, run_inprocess(script, args))
+        assert words in line and not log.exists(), (script, line)
 
 
 def test_base_samples_of_the_wrong_shape(tmp_path, capsys):

@@ -186,3 +186,14 @@ def test_training_on_digits_improves_elbo_and_latent_clusters():
     own = ((recon - x[:200]) ** 2).flatten(1).sum(1)
     other = ((recon - x[:200].roll(1, dims=0)) ** 2).flatten(1).sum(1)
     assert (own < other).float().mean() > 0.7
+
+
+def test_defaults_are_the_constructor_defaults_and_every_recorded_flag():
+    from guided_diffusion.vae import ARCH_FLAGS
+
+    defaults = vae_defaults()
+    # One place for the values: create_vae's keywords; the checkpoint records exactly these.
+    assert set(defaults) == set(ARCH_FLAGS)
+    assert defaults == dict(arch="mlp", image_size=28, latent_size=20, hidden_size=500,
+                            num_channels=32, likelihood="bernoulli", class_cond=False, num_classes=10)
+    assert create_vae().latent_size == defaults["latent_size"]

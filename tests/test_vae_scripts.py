@@ -15,6 +15,7 @@ from PIL import Image
 
 from guided_diffusion import logger
 from guided_diffusion.runtime.checkpoints import load_checkpoint
+from guided_diffusion.sampling.files import grid_scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--image_size", "8", "--hidden_size", "32", "--latent_size", "2"]
@@ -34,10 +35,7 @@ def _run(name, argv, log_dir=None):
     if log_dir is not None:
         os.environ["OPENAI_LOGDIR"] = log_dir
     try:
-        if name == "vae_train":  # main(argv), as every script (run_main convention)
-            module.main(argv)
-        else:
-            module.main(module.create_argparser().parse_args(argv))
+        module.main(argv)  # the convention: main(argv) parses its own flags
     finally:
         os.environ.pop("OPENAI_LOGDIR", None)
         if old_env is not None:
@@ -97,7 +95,7 @@ def test_sample_writes_prior_samples_reconstructions_and_interpolation(trained, 
     _run(
         "vae_sample",
         ["--model_path", ckpt, "--data_dir", trained["data"], "--out_dir", out, "--num_samples", "10",
-         "--batch_size", "4", "--num_recon", "6", "--interp_steps", "5"] + MODEL,
+         "--batch_size", "4", "--num_recon", "6", "--interp_steps", "5"],  # flags: the checkpoint's
     )
     with np.load(os.path.join(out, "samples_10x8x8x3.npz")) as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (10, 8, 8, 3)
@@ -107,10 +105,14 @@ def test_sample_writes_prior_samples_reconstructions_and_interpolation(trained, 
         assert (npz["reconstructions"][..., 0] == npz["reconstructions"][..., 2]).all()
     with np.load(os.path.join(out, "interpolation.npz")) as npz:
         assert npz["images"].shape == (5, 8, 8, 3) and npz["endpoints"].shape == (2, 8, 8, 3)
-    # Interpolation row: original, 5 steps, original, 8-pixel images with 2-pixel padding.
-    assert Image.open(os.path.join(out, "interpolation.png")).size == (7 * 10 + 2, 12)
+    # Interpolation row: original, 5 steps, original, 8-pixel images magnified k times, with
+    # 2-pixel padding.
+    k = grid_scale(8, 8, 1, 7, 2)
+    assert Image.open(os.path.join(out, "interpolation.png")).size == (7 * (8 * k + 2) + 2, 8 * k + 4)
     # Reconstruction grid: 6 (original, reconstruction) pairs, 8 images per row.
-    assert Image.open(os.path.join(out, "reconstructions.png")).size == (8 * 10 + 2, 2 * 10 + 2)
+    k = grid_scale(8, 8, 2, 8, 2)
+    size = Image.open(os.path.join(out, "reconstructions.png")).size
+    assert size == (8 * (8 * k + 2) + 2, 2 * (8 * k + 2) + 2) and min(size) >= 256
 
 
 def test_latent_pca_plots_raw_2d_latent_and_prints_knn(trained, tmp_path, capsys):
@@ -132,7 +134,7 @@ def test_latent_pca_without_labels_warns_and_uses_one_colour(trained, tmp_path, 
     for i, name in enumerate(sorted(os.listdir(trained["data"]))[:40]):
         shutil.copy(os.path.join(trained["data"], name), folder / f"img{i:03d}.png")
     ckpt = os.path.join(trained["log_dir"], "vae000040.pt")
-    _run("vae_latent_pca", ["--model_path", ckpt, "--data_dir", str(folder), "--out_dir", str(tmp_path / "o")] + MODEL)
+    _run("vae_latent_pca", ["--model_path", ckpt, "--data_dir", str(folder), "--out_dir", str(tmp_path / "o")])
     printed = capsys.readouterr().out
     assert "warning" in printed and "one colour" in printed and "leave-one-out accuracy" not in printed
     with np.load(tmp_path / "o" / "latent_pca.npz") as npz:
@@ -154,13 +156,33 @@ def test_latent_pca_on_any_features(tmp_path, capsys):
 def test_bad_input_gives_one_line_errors(trained, tmp_path):
     ckpt = os.path.join(trained["log_dir"], "vae000040.pt")
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "vae_sample.py"), "--model_path", ckpt,
-         "--out_dir", str(tmp_path), "--image_size", "8", "--hidden_size", "32", "--latent_size", "20"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "pass --latent_size 2 (given 20)" in proc.stderr
+    env.pop("OPENAI_LOGDIR", None)
+    out = tmp_path / "out"
+    for script in ("vae_sample.py", "vae_latent_pca.py"):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "scripts", script), "--model_path", ckpt,
+             "--data_dir", trained["data"], "--out_dir", str(out), "--image_size", "8",
+             "--hidden_size", "32", "--latent_size", "20"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        # The convention of every script: exit status 2 and one line naming the checkpoint's
+        # value; the flags it agrees with (--image_size 8, --hidden_size 32) are not mentioned.
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith(f"error: checkpoint {ckpt} was trained with --latent_size 2, "
+                                      "not --latent_size 20: drop these flags")
+        assert not out.exists()  # refused before the log folder is made
     with pytest.raises(ValueError, match="--latent_size must be a positive integer, got 0"):
         _run("vae_train", ["--data_dir", trained["data"], "--latent_size", "0", "--image_size", "8"])
+
+
+def test_sampling_reads_the_flags_from_the_checkpoint(trained, tmp_path):
+    ckpt = os.path.join(trained["log_dir"], "vae000040.pt")
+    _run("vae_sample", ["--model_path", ckpt, "--num_samples", "2", "--batch_size", "2",
+                        "--log_dir", str(tmp_path / "log"), "--out_dir", str(tmp_path / "out")])
+    # 8x8 images from a checkpoint trained at --image_size 8 although the default is 28.
+    assert sorted(os.listdir(tmp_path / "out")) == ["samples_2x8x8x3.npz", "samples_2x8x8x3.png"]
+    assert (tmp_path / "log" / "log.txt").exists()
+    with pytest.raises(ValueError, match="not a VAE checkpoint"):
+        torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+        _run("vae_sample", ["--model_path", str(tmp_path / "plain.pt"), "--out_dir", str(tmp_path / "o2")])

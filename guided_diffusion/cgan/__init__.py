@@ -17,6 +17,7 @@ from .networks import paper_sgd_schedule, real_to_model_space, rgb_to_gray, samp
 from .sampling import balanced_labels, class_grid, generate_samples, load_generator
 from .training import ADAM_LR, CHECKPOINT_PREFIX, PAPER_SGD, CGANTrainLoop
 from .training import cgan_train_defaults, check_checkpoint_flags, load_cgan_checkpoint
+from .sampling import generator_flags
 
 _SUBMODULES = ("data", "evaluation", "networks", "sampling", "training")
 __all__ = sorted(n for n in dir() if not n.startswith("_") and n not in _SUBMODULES)

@@ -1,6 +1,6 @@
 """
 Sampling the conditional GAN: balanced or fixed labels, samples drawn on every rank and gathered
-in a fixed order, generators loaded from checkpoints, grids with one row per class.
+in a fixed order, generators loaded from checkpoints, grids with one row per class, and the network flags the sampling scripts read from a checkpoint.
 """
 
 import math
@@ -8,10 +8,12 @@ import math
 import torch
 
 from .. import dist_util
-from .networks import create_cgan, sample_noise
+from ..cli.flags import checkpoint_flags
+from ..errors import ScriptError
+from .networks import cgan_defaults, create_cgan, sample_noise
 from .training import check_checkpoint_flags, load_cgan_checkpoint
 
-__all__ = ["balanced_labels", "generate_samples", "load_generator", "class_grid"]
+__all__ = ["balanced_labels", "generate_samples", "load_generator", "class_grid", "generator_flags"]
 
 
 def balanced_labels(num_samples, num_classes, class_label=-1):
@@ -122,3 +124,23 @@ def class_grid(images, labels, *, per_class=10):
     k = min(per_class, min(int((labels == c).sum()) for c in classes))
     rows = [images[labels == c][:k] for c in classes]
     return torch.cat(rows), k
+
+
+def generator_flags(args, given):
+    """
+    The network flags of the checkpoint args.model_path, put into args (cgan_defaults() keys),
+    for the sampling and evaluation scripts: the checkpoint records them, so they are not asked
+    for again.
+
+    :param args: the parsed flags (model_path and the cgan_defaults() flags).
+    :param given: the flags given on the command line (cli.flags.explicit_flags).
+    :return: {flag: value} to build the generator with.
+    :raises ScriptError: without --model_path, or when a given flag contradicts the checkpoint.
+    """
+    if not args.model_path:
+        raise ScriptError("pass --model_path pointing to a cgan%06d.pt checkpoint of cgan_train.py")
+    saved = dict(load_cgan_checkpoint(args.model_path)["flags"])
+    if saved.get("arch") == "mlp":
+        saved.pop("conv_channels", None)  # the MLP networks have no convolutions
+    # The keys that shape the weights, and --dropout, the rate --sample_dropout samples with.
+    return checkpoint_flags(saved, args, given, tuple(cgan_defaults()), args.model_path)

@@ -1,10 +1,97 @@
 """
-The flags the scripts add to the reference's, one function per family, each default keeping the
-reference's behaviour; the reference's own families stay in script_util (model_and_diffusion_defaults
-and its siblings). Also the parsing of list-valued flags.
+The flag language of the scripts, in one place:
+
+- every flag family's defaults: the reference's (diffusion_defaults, model_and_diffusion_defaults,
+  classifier_defaults, classifier_and_diffusion_defaults; script_util re-exports them under their
+  reference names) and the ones the port adds, each default keeping the reference's behaviour;
+- FLAG_HELP, the one table of what each flag means and which group of --help it belongs to, read
+  by script_util.add_dict_to_argparser (so every script's --help shows descriptions and defaults)
+  and by the generator of docs/flags.md (`python -m guided_diffusion.cli.flags --markdown`);
+- the parsing of list-valued flags, and taking the network flags a checkpoint records
+  (explicit_flags, checkpoint_flags).
 """
 
-from ..script_util import model_and_diffusion_defaults
+import argparse
+import glob
+import importlib.util
+import os
+import sys
+
+from ..errors import ScriptError
+
+
+# ---------------------------------------------------------------------- the reference's families
+# They lived in script_util in the reference; they are here so that this module, which
+# add_dict_to_argparser reads its descriptions from, needs nothing from script_util.
+
+
+def diffusion_defaults():
+    """
+    :return: defaults of the diffusion flags shared by image and classifier training.
+    """
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def classifier_defaults():
+    """
+    :return: defaults of the noisy-classifier flags.
+    """
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def model_and_diffusion_defaults():
+    """
+    :return: defaults of the UNet and diffusion flags for image training and sampling.
+    """
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_and_diffusion_defaults():
+    """
+    :return: defaults of the classifier and diffusion flags for classifier training.
+    """
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+# ---------------------------------------------------------------------- the port's families
 
 
 def sampling_extra_defaults():
@@ -193,3 +280,539 @@ def diffusion_train_defaults():
     defaults.update(training_extra_defaults())
     defaults.update(cfg_defaults())
     return defaults
+
+
+# ---------------------------------------------------------------------- flags a checkpoint records
+
+
+def explicit_flags(parser, argv=None):
+    """
+    The flags given on a command line, as opposed to left at their defaults.
+
+    :param parser: the script's argparse parser.
+    :param argv: the arguments (None: sys.argv[1:]).
+    :return: the set of their dest names.
+    """
+    unset = object()
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = unset
+        parsed = vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return {name for name, value in parsed.items() if value is not unset}
+
+
+def checkpoint_flags(saved, args, given, keys, path):
+    """
+    Take the network flags a checkpoint records (cGAN and VAE checkpoints store theirs) instead
+    of asking for them again: each of `keys` the checkpoint has replaces the parsed value in
+    `args`. A flag given on the command line with another value is refused, naming the
+    checkpoint's value, since the weights can only be loaded into the network they came from.
+
+    :param saved: the checkpoint's {flag: value}.
+    :param args: the parsed argparse namespace (updated in place).
+    :param given: the flags given on the command line (explicit_flags()).
+    :param keys: the flags that shape the network.
+    :param path: the checkpoint's file name (for the message).
+    :return: {flag: value} for every key, the checkpoint's where it has one.
+    :raises ScriptError: naming every contradicting flag.
+    """
+    clashes = [k for k in keys if k in saved and k in given and getattr(args, k) != saved[k]]
+    if clashes:
+        needed = " ".join(f"--{k} {saved[k]}" for k in clashes)
+        passed = " ".join(f"--{k} {getattr(args, k)}" for k in clashes)
+        raise ScriptError(
+            f"checkpoint {path} was trained with {needed}, not {passed}: drop these flags (the "
+            "checkpoint's own values are used) or pass another checkpoint"
+        )
+    for key in keys:
+        if key in saved:
+            setattr(args, key, saved[key])
+    return {key: getattr(args, key) for key in keys}
+
+
+# ---------------------------------------------------------------------- what each flag means
+
+# The groups of --help and of docs/flags.md, in the order they are shown, with their headings.
+# A group named in NEW_FLAG_HELP but missing here is shown after these, under its own name.
+FLAG_GROUPS = {
+    "model": "the network's shape: sampling and evaluation need the values it was trained with",
+    "diffusion": "the noising process and the steps the sampler takes",
+    "classifier": "the noisy-image classifier and classifier guidance",
+    "data": "what is read: image folders, checkpoints, sample and latent files",
+    "training": "optimisation, checkpoints and logging",
+    "sampling": "how many samples, and how they are drawn",
+    "evaluation": "measuring samples and models",
+    "performance": "speed and memory; results stay those of the defaults up to rounding",
+    "cluster": "the run: batch size, seeds, output folders, progress and device",
+}
+
+# One row per flag name: (group, one-line description). A flag means the same in every script
+# that has it (scripts differ only in defaults, which --help and docs/flags.md show per script);
+# where model families read a flag differently, the line says so. Flags others add concurrently
+# go into NEW_FLAG_HELP at the end of this file; flag_table() merges both.
+FLAG_HELP = {
+    # model
+    "image_size": ("model", "side of the square images in pixels"),
+    "num_channels": ("model", "base width: channels of the first level (UNet; the VAE's "
+                              "--arch conv network)"),
+    "num_res_blocks": ("model", "residual blocks per resolution level of the UNet"),
+    "num_heads": ("model", "attention heads per attention layer (used when --num_head_channels "
+                           "is -1)"),
+    "num_heads_upsample": ("model", "attention heads in the upsampling half (-1 = --num_heads)"),
+    "num_head_channels": ("model", "channels per attention head, overriding --num_heads (-1 = "
+                                   "use --num_heads)"),
+    "attention_resolutions": ("model", "feature-map sizes whose levels get self-attention, "
+                                       "comma-separated (e.g. 32,16,8)"),
+    "channel_mult": ("model", 'width multiplier of each level, comma-separated ("" = by image '
+                              "size, e.g. 64 -> 1,2,3,4; 32 -> 1,2,2,2)"),
+    "dropout": ("model", "dropout probability (UNet residual blocks; cGAN: both networks)"),
+    "class_cond": ("model", 'condition on class labels, read from the file names '
+                            '("<class>_<name>.png")'),
+    "num_classes": ("model", "number of classes of a class-conditional model or classifier: "
+                             "your data's class count (the reference fixes 1000)"),
+    "use_scale_shift_norm": ("model", "residual blocks take the timestep as a scale and a shift "
+                                      "of the normalised activations (AdaGN) instead of a shift"),
+    "resblock_updown": ("model", "downsample and upsample with residual blocks instead of plain "
+                                 "convolutions"),
+    "use_new_attention_order": ("model", "split the attention input into q, k, v before the "
+                                         "heads (the legacy order splits heads first)"),
+    "large_size": ("model", "super-resolution: side of the images the model produces"),
+    "small_size": ("model", "super-resolution: side of the low-resolution images it upsamples"),
+    "class_dropout_prob": ("model", "classifier-free guidance: rate at which training replaces "
+                                    "labels by the null class; > 0 adds the null-class row, so "
+                                    "pass the training value when sampling too"),
+    "arch": ("model", 'cGAN/VAE network family: "mlp" (the papers\' fully connected networks) '
+                      'or "conv" (convolutional, RGB)'),
+    "z_dim": ("model", "cGAN: dimension of the generator's noise z"),
+    "conv_channels": ("model", "cGAN with --arch conv: width of the convolutional networks"),
+    "latent_size": ("model", "VAE: dimension of the latent z"),
+    "hidden_size": ("model", "VAE with --arch mlp: width of the hidden layers"),
+    "likelihood": ("model", 'VAE decoder: "bernoulli" (grey levels as probabilities) or '
+                            '"gaussian"'),
+    # diffusion
+    "learn_sigma": ("diffusion", "the model also predicts the variances (6 output channels; "
+                                 "Nichol & Dhariwal 2021)"),
+    "diffusion_steps": ("diffusion", "number of diffusion steps T the model is trained with"),
+    "noise_schedule": ("diffusion", 'beta schedule: "linear" or "cosine"'),
+    "timestep_respacing": ("diffusion", 'which of the T steps to use: "" = all, "250" (evenly '
+                                        'spaced), "ddim50" (DDIM striding), "10,20,30" (per '
+                                        "section)"),
+    "use_kl": ("diffusion", "train on the variational bound (loss RESCALED_KL)"),
+    "predict_xstart": ("diffusion", "the model predicts x_0 instead of the noise"),
+    "rescale_timesteps": ("diffusion", "give the model timesteps scaled to 0..1000 whatever T is"),
+    "rescale_learned_sigmas": ("diffusion", "loss RESCALED_MSE: the MSE plus the variational "
+                                            "term scaled by T/1000 (with --learn_sigma)"),
+    # classifier
+    "classifier_use_fp16": ("classifier", "run the classifier's torso in float16"),
+    "classifier_width": ("classifier", "classifier base width (channels of its first level)"),
+    "classifier_depth": ("classifier", "residual blocks per level of the classifier"),
+    "classifier_attention_resolutions": ("classifier", "feature-map sizes with attention in the "
+                                                       "classifier, comma-separated"),
+    "classifier_use_scale_shift_norm": ("classifier", "AdaGN (scale and shift) in the "
+                                                      "classifier's residual blocks"),
+    "classifier_resblock_updown": ("classifier", "the classifier downsamples with residual "
+                                                 "blocks"),
+    "classifier_pool": ("classifier", 'classifier head: "attention", "adaptive", "spatial" or '
+                                      '"spatial_v2"'),
+    "classifier_channel_mult": ("classifier", 'classifier width multiplier of each level ("" = '
+                                              "by image size)"),
+    "classifier_path": ("classifier", "the noisy classifier's checkpoint (a modelNNNNNN.pt of "
+                                      "classifier_train.py)"),
+    "classifier_scale": ("classifier", "classifier guidance scale: multiplies the gradient of "
+                                       "log p(y | x_t)"),
+    "noised": ("classifier", "train on noised images x_t at random timesteps (False: clean "
+                             "images)"),
+    # data
+    "data_dir": ("data", 'folder of images, searched recursively, class = file name before the '
+                         'first "_": the training data, or the real images a tool compares with'),
+    "val_data_dir": ("data", 'held-out images for the validation loss and accuracy ("" = none)'),
+    "test_dir": ("data", "cGAN evaluation: held-out real images (split into a validation and a "
+                         "test half)"),
+    "random_flip": ("data", "flip training images horizontally at random"),
+    "preload": ("data", "read the images into memory once instead of decoding files every "
+                        "epoch"),
+    "model_path": ("data", "the checkpoint to sample from or evaluate, written by the matching "
+                           "*_train.py"),
+    "cond_model_path": ("data", "a class-conditional diffusion checkpoint to sweep"),
+    "uncond_model_path": ("data", "an unconditional diffusion checkpoint to sweep"),
+    "base_samples": ("data", "npz of low-resolution images to upsample (image_sample.py's "
+                             "output)"),
+    "input": ("data", "images to invert: a folder, or an npz of uint8 NHWC images (arr_0)"),
+    "latents": ("data", 'latents.npz of ddim_invert.py to decode ("" = draw the latents with '
+                        "--seed)"),
+    "sample_path": ("data", "an npz of samples with labels (cgan_sample.py's output) to "
+                            "evaluate instead of --model_path"),
+    "features_npz": ("data", 'analyse these features instead of a VAE: an npz with "features" '
+                             '[N, D] and optionally "labels"'),
+    "limit": ("data", "write only the first N images (default: all)"),
+    "resample": ("data", "filter that resizes the 8x8 digits to --image_size"),
+    "num_images": ("data", "use only the first N images (0 = all)"),
+    "max_images": ("data", "use at most this many images, spread over the folder (0 = all)"),
+    # training
+    "schedule_sampler": ("training", 'how training draws timesteps: "uniform" or '
+                                     '"loss-second-moment" (by their recent losses)'),
+    "lr": ("training", "learning rate (cGAN: 0 = the optimiser's default)"),
+    "weight_decay": ("training", "weight decay of the optimiser (AdamW)"),
+    "lr_anneal_steps": ("training", "decay the learning rate linearly to 0 over this many steps "
+                                    "and stop there (0 = constant rate, train until stopped)"),
+    "ema_rate": ("training", "decay rate(s) of the weights' exponential moving average, "
+                             "comma-separated; one ema_<rate>_NNNNNN.pt per rate"),
+    "log_interval": ("training", "write the table of losses every this many steps"),
+    "save_interval": ("training", "write checkpoints every this many steps (and at the end)"),
+    "resume_checkpoint": ("training", 'continue from this checkpoint ("auto" = the newest '
+                                      'complete one in the log folder, "" = start afresh)'),
+    "fp16_scale_growth": ("training", "with --use_fp16: how much log2 of the loss scale grows "
+                                      "per step without overflow"),
+    "max_steps": ("training", "stop after this many steps of this run (0 = no limit)"),
+    "iterations": ("training", "number of training steps in all"),
+    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations"),
+    "eval_interval": ("training", "evaluate on --val_data_dir every this many steps"),
+    "optimizer": ("training", 'cGAN optimiser: "adam" or "sgd" (the paper\'s momentum SGD with '
+                              "its schedule)"),
+    "adam_beta1": ("training", "cGAN adam: decay of the first moment"),
+    "adam_beta2": ("training", "cGAN adam: decay of the second moment"),
+    "lr_decay": ("training", "cGAN sgd: the learning rate is divided by this after every step"),
+    "min_lr": ("training", "cGAN sgd: lower bound of the learning rate"),
+    "momentum": ("training", "cGAN sgd: momentum at the start"),
+    "final_momentum": ("training", "cGAN sgd: momentum reached after --momentum_saturate_steps"),
+    "momentum_saturate_steps": ("training", "cGAN sgd: steps of the linear momentum ramp"),
+    "beta": ("training", "VAE: weight of the KL term (1 = the ELBO, > 1 a beta-VAE)"),
+    # sampling
+    "num_samples": ("sampling", "how many samples to make (image_nll: images to score; "
+                                "ddim_consistency: latents to decode)"),
+    "use_ddim": ("sampling", "sample with DDIM instead of ancestral (DDPM) sampling"),
+    "clip_denoised": ("sampling", "clip each step's prediction of x_0 to [-1, 1]"),
+    "sampler": ("sampling", '"" (ddim with --use_ddim True, else ddpm), ddpm, ddim, euler, heun '
+                            "or dpmpp_2m; the solvers spend the --timestep_respacing count as "
+                            "model evaluations"),
+    "guidance_scale": ("sampling", "classifier-free guidance weight: 1 = plain conditional "
+                                   "sampling, 0 = unconditional, > 1 = stronger conditioning"),
+    "class_label": ("sampling", "draw every sample of this class (-1 = every class in turn)"),
+    "grid_per_class": ("sampling", "samples per class row of the PNG grid"),
+    "use_ema": ("sampling", "cGAN: use the generator's moving average instead of its last "
+                            "weights"),
+    "sample_dropout": ("sampling", "cGAN: keep dropout on while sampling (more varied samples)"),
+    "num_recon": ("sampling", "VAE: images to reconstruct, spread over the sorted folder"),
+    "interp_steps": ("sampling", "VAE: points on the interpolation between two encoded images"),
+    "steps": ("sampling", "DDIM step count(s), comma-separated where several are compared"),
+    "num_pairs": ("sampling", "pairs of latents to interpolate between"),
+    "num_points": ("sampling", "points on each interpolation path, ends included"),
+    "eta": ("sampling", "DDIM eta (noise added per step); inversion needs 0"),
+    "grid_images": ("sampling", "images per row of the reconstruction grid"),
+    "scales": ("sampling", "classifier guidance scales to sweep, comma-separated"),
+    "samplers": ("sampling", "samplers to compare, comma-separated"),
+    "evaluations": ("sampling", "budgets of model evaluations per sample to compare, "
+                                "comma-separated"),
+    "guidance_scales": ("sampling", "classifier-free guidance scales to compare, "
+                                    "comma-separated"),
+    # evaluation
+    "ref_batch": ("evaluation", "reference batch: an npz with uint8 NHWC images in 0..255 "
+                                "(arr_0), and optionally precomputed statistics"),
+    "sample_batch": ("evaluation", "sample batch: an npz with uint8 NHWC images in 0..255 "
+                                   "(arr_0), e.g. image_sample.py's output"),
+    "samples": ("evaluation", "samples_*.npz files with class labels (arr_1)"),
+    "inception_path": ("evaluation", "PyTorch weights of the 2015-12-05 Inception network "
+                                     "(default: the torch hub cache, then the current folder)"),
+    "sigma_start": ("evaluation", "Parzen kernel widths tried: from 10**sigma_start"),
+    "sigma_end": ("evaluation", "Parzen kernel widths tried: up to 10**sigma_end"),
+    "sigma_steps": ("evaluation", "number of Parzen kernel widths tried (log-spaced)"),
+    "valid_limit": ("evaluation", "held-out images used to choose the Parzen kernel width"),
+    "classifier_steps": ("evaluation", "training steps of the classifier that judges samples "
+                                       "(trained on the real images)"),
+    "judge_steps": ("evaluation", "training steps of the real-digits classifier that judges "
+                                  "samples"),
+    "upscale": ("evaluation", "nearest-neighbour magnification of the grids"),
+    "knn_k": ("evaluation", "k of the leave-one-out k-nearest-neighbour accuracy"),
+    # performance
+    "use_fp16": ("performance", "run the network's torso in float16 (training: with a dynamic "
+                                "loss scale)"),
+    "use_bf16": ("performance", "run the network's torso in bfloat16 (training: with float32 "
+                                "master weights)"),
+    "use_checkpoint": ("performance", "recompute activations in the backward pass (gradient "
+                                      "checkpointing): less memory, more time"),
+    "microbatch": ("performance", "split each batch into pieces of this size and accumulate "
+                                  "their gradients (-1 = no split)"),
+    "compile": ("performance", "torch.compile the networks (falls back to eager with one line)"),
+    "tf32": ("performance", "on CUDA, let float32 matrix products use TF32 tensor cores"),
+    "channels_last": ("performance", "keep activations and convolution weights channels-last "
+                                     "(NHWC)"),
+    # the run
+    "batch_size": ("cluster", "images per batch on each process (a training step, a sampling "
+                              "round, a forward pass)"),
+    "seed": ("cluster", "random seed; each process adds its rank"),
+    "log_dir": ("cluster", 'folder for log.txt and checkpoints ("" = $OPENAI_LOGDIR, else a '
+                           "new dated folder in the temp dir; digits_report: else no log file)"),
+    "out_dir": ("cluster", 'folder the outputs are written to (where optional, "" = the log '
+                           "folder)"),
+    "progress": ("cluster", "show progress bars (on rank 0)"),
+    "device": ("cluster", "torch device (default: cuda when available, else cpu)"),
+}
+
+
+def flag_table():
+    """FLAG_HELP with the rows of NEW_FLAG_HELP added (theirs win where both have a flag)."""
+    return {**FLAG_HELP, **NEW_FLAG_HELP}
+
+
+def flag_help(name):
+    """(group, description) of a flag, or None when the table has no row for it."""
+    return flag_table().get(name)
+
+
+def format_default(default):
+    """How --help and docs/flags.md show a default: "" for an empty string, else the value."""
+    if isinstance(default, str):
+        return '""' if default == "" else default
+    return str(default)
+
+
+def add_flag(parser, name, *, positional=False, **kwargs):
+    """
+    Add one flag to an argparse parser with its description from the table, its default, and
+    under its group's heading.
+
+    :param name: the flag without dashes, e.g. "image_size" (becomes --image_size), or a
+        positional argument's name with positional=True.
+    :param kwargs: argparse.add_argument keywords (default, type, required, nargs, choices);
+        an explicit help= is kept only for flags the table lacks.
+    :return: the argparse action.
+    """
+    row = flag_help(name)
+    text = row[1] if row is not None else kwargs.pop("help", None)
+    kwargs.pop("help", None)
+    if not positional:
+        if kwargs.get("required"):
+            suffix = "required"
+        elif kwargs.get("default") is not None:
+            suffix = f"default: {format_default(kwargs['default'])}"
+        else:
+            suffix = None
+        text = "; ".join(part for part in (text, suffix) if part)
+    # argparse %-formats help strings (for %(default)s); our texts are plain.
+    kwargs["help"] = text.replace("%", "%%") if text else None
+    container = parser if row is None else _group(parser, row[0])
+    if positional:
+        return container.add_argument(name, **kwargs)
+    return container.add_argument(f"--{name}", **kwargs)
+
+
+def _group(parser, group):
+    """The argument group of `group` on `parser`, created at its place in FLAG_GROUPS order."""
+    groups = parser.__dict__.setdefault("_gd_flag_groups", {})
+    if group not in groups:
+        groups[group] = parser.add_argument_group(group, FLAG_GROUPS.get(group))
+        # argparse prints groups in creation order; keep FLAG_GROUPS' order whatever order a
+        # script's defaults come in (positionals and general options stay first).
+        order = list(FLAG_GROUPS)
+        rank = {id(g): order.index(n) if n in order else len(order) for n, g in groups.items()}
+        ours = [g for g in parser._action_groups if id(g) in rank]
+        others = [g for g in parser._action_groups if id(g) not in rank]
+        parser._action_groups[:] = others + sorted(ours, key=lambda g: rank[id(g)])
+    return groups[group]
+
+
+# ---------------------------------------------------------------------- docs/flags.md
+
+# Where the scripts live, relative to a checkout (the parsers docs/flags.md describes).
+SCRIPT_PATTERNS = ("scripts/*.py", "experiments/*.py", "evaluations/evaluator.py",
+                   "datasets/digits.py")
+
+
+def script_parsers(root="."):
+    """
+    Every script's argparse parser, read from a checkout: the files of SCRIPT_PATTERNS that run
+    as a program (an `if __name__ == "__main__"` block), each through its create_argparser().
+
+    :param root: the checkout's folder.
+    :return: [(path relative to root, parser)], in SCRIPT_PATTERNS order then by name.
+    :raises ScriptError: when there are no scripts under root, or one has no create_argparser.
+    """
+    found = []
+    for pattern in SCRIPT_PATTERNS:
+        for path in sorted(glob.glob(os.path.join(root, pattern))):
+            with open(path) as f:
+                if '__name__ == "__main__"' not in f.read():
+                    continue  # a helper module next to the scripts
+            found.append(path)
+    if not found:
+        raise ScriptError(f"no scripts under {os.path.abspath(root)}: run this from a checkout "
+                          "(or pass --root)")
+    parsers = []
+    for path in found:
+        module = _load_script(path)
+        if not hasattr(module, "create_argparser"):
+            raise ScriptError(f"{path} has no create_argparser(): docs/flags.md cannot list its "
+                              "flags")
+        parsers.append((os.path.relpath(path, root), module.create_argparser()))
+    return parsers
+
+
+def _load_script(path):
+    # A script imports its neighbours (experiments/guidance_eval.py) as top-level modules, as it
+    # does when run, so its folder is on sys.path while it loads.
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(
+        f"_gd_script_{os.path.basename(folder)}_{stem}", path
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def _arguments(parser):
+    """(name, action) of a parser's arguments, without --help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        yield action.dest, action
+
+
+def undescribed_flags(parsers):
+    """
+    The flags of the parsers that the table does not describe.
+
+    :param parsers: [(script, parser)].
+    :return: sorted "script: --flag" strings (empty when every flag is described).
+    """
+    table = flag_table()
+    missing = set()
+    for script, parser in parsers:
+        for name, action in _arguments(parser):
+            if name not in table:
+                shown = action.option_strings[0] if action.option_strings else name
+                missing.add(f"{script}: {shown}")
+    return sorted(missing)
+
+
+def flags_markdown(parsers):
+    """
+    docs/flags.md: what every flag means, by group, then every script's flags and defaults.
+
+    :param parsers: [(script path, argparse parser)], e.g. script_parsers().
+    :return: the Markdown text.
+    :raises ScriptError: naming the flags without a row in the table.
+    """
+    missing = undescribed_flags(parsers)
+    if missing:
+        raise ScriptError(
+            f"{len(missing)} flags have no description in guided_diffusion/cli/flags.py "
+            f"(FLAG_HELP or NEW_FLAG_HELP): {', '.join(missing)}"
+        )
+    table = flag_table()
+    users = {}
+    for script, parser in parsers:
+        for name, _ in _arguments(parser):
+            users.setdefault(name, []).append(_short(script))
+    groups = _ordered_groups({table[name][0] for name in users})
+
+    lines = [
+        "# Flags of every script",
+        "",
+        "What each flag means, grouped as in `--help`, then each script's flags with their",
+        "defaults. Generated from the descriptions in `guided_diffusion/cli/flags.py` (`FLAG_HELP`)",
+        "and the scripts' parsers by",
+        "",
+        "```bash",
+        "python -m guided_diffusion.cli.flags --markdown > docs/flags.md",
+        "```",
+        "",
+        "Edit the table, not this file: `tests/test_help.py` fails when this file is stale or a",
+        "flag has no description. Every script also prints its own with `--help`.",
+        "",
+        "## What each flag means",
+    ]
+    for group in groups:
+        lines += ["", f"### {group}", "", _heading(group) + ".", "",
+                  "| flag | meaning | scripts |", "| --- | --- | --- |"]
+        for name in sorted(n for n in users if table[n][0] == group):
+            lines.append(f"| `{_shown_name(name, parsers)}` | {_cell(table[name][1])} | "
+                         f"{_cell(_who(users[name], len(parsers)))} |")
+    lines += ["", "## Each script's flags and defaults"]
+    for script, parser in parsers:
+        lines += ["", f"### {script}", ""]
+        if parser.description:
+            lines += [" ".join(parser.description.split()), ""]
+        lines += ["| group | flags (default) |", "| --- | --- |"]
+        by_group = {}
+        for name, action in _arguments(parser):
+            by_group.setdefault(table[name][0], []).append(_with_default(action))
+        for group in _ordered_groups(by_group):
+            lines.append(f"| {group} | {_cell(', '.join(by_group[group]))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ordered_groups(names):
+    known = [g for g in FLAG_GROUPS if g in names]
+    return known + sorted(set(names) - set(known))
+
+
+def _heading(group):
+    text = FLAG_GROUPS.get(group, group)
+    return text[0].upper() + text[1:]
+
+
+def _short(script):
+    return os.path.splitext(os.path.basename(script))[0]
+
+
+def _shown_name(name, parsers):
+    for _, parser in parsers:
+        for dest, action in _arguments(parser):
+            if dest == name:
+                return action.option_strings[0] if action.option_strings else name.upper()
+    return name
+
+
+def _who(scripts, total):
+    scripts = sorted(set(scripts))
+    if len(scripts) == total:
+        return "all"
+    return ", ".join(scripts)
+
+
+def _with_default(action):
+    if not action.option_strings:
+        return f"`{action.dest.upper()}` (positional)"
+    flag = action.option_strings[0]
+    if action.required:
+        return f"`{flag}` (required)"
+    if action.default is None:
+        return f"`{flag}`"
+    return f"`{flag} {format_default(action.default)}`"
+
+
+def _cell(text):
+    return text.replace("|", "\\|")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m guided_diffusion.cli.flags",
+        description="Print the flag reference (docs/flags.md) of a checkout's scripts.",
+    )
+    parser.add_argument("--markdown", action="store_true", required=True,
+                        help="print docs/flags.md on stdout")
+    parser.add_argument("--root", default=".", help="the checkout (default: the current folder)")
+    args = parser.parse_args(argv)
+    sys.stdout.write(flags_markdown(script_parsers(args.root)))
+
+
+if __name__ == "__main__":
+    from guided_diffusion.cli import flags as _flags
+    from guided_diffusion.cli.main import run_main
+
+    run_main(_flags.main)
+
+
+# Rows of flags added after the table was written: name -> (group, one-line description).
+# flag_table() merges them into FLAG_HELP, so they show in --help and docs/flags.md.
+NEW_FLAG_HELP = {}

@@ -3,12 +3,16 @@ Explain a checkpoint that does not fit the network built from the command-line f
 the flags to change ("checkpoint has label_emb.weight: pass --class_cond True") rather than
 torch's list of missing and unexpected keys.
 
-Two sources of hints: tensors whose shape gives a flag away (the label embedding, the base width,
-the output channels, the doubled AdaGN projection), and, when the flags and a builder are given,
-a search over one-flag changes, each built on the meta device (no memory, no initialisation).
+Two sources of hints: tensors whose shape gives a flag away (the label embedding and the
+classifier's head: --num_classes; the base width, the output channels, the doubled AdaGN
+projection), and, when the flags and a builder are given, a search of the flag space for the
+combination that makes every key and shape fit: changes are added one flag at a time, keeping the
+few combinations whose state dict is closest to the checkpoint's, each candidate built on the
+meta device (no memory, no initialisation). The message then names every flag to change at once.
 """
 
 import itertools
+import time
 
 import torch
 
@@ -32,6 +36,13 @@ _BUILTIN_SIZES = (32, 64, 128, 256, 512)
 # the same layout; 0.1 is the usual training value.
 _NULL_CLASS_PROB = 0.1
 _BUILTIN_MULTS = ("1,2,2,2", "1,2,3,4", "1,1,2,3,4", "1,1,2,2,4,4", "0.5,1,1,2,2,4,4")
+_POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
+# The search adds up to this many flag changes, keeps the closest few combinations at each
+# step, and gives up after this many seconds: an error message should not keep anyone waiting
+# (a fit is usually found in a few seconds; a hopeless search of a large network is cut short).
+_MAX_CHANGES = 4
+_BEAM = 3
+_SEARCH_SECONDS = 15.0
 _FALLBACK = (
     "check --num_res_blocks, --channel_mult/--image_size, --attention_resolutions, "
     "--resblock_updown, --use_scale_shift_norm and --num_heads/--num_head_channels against the "
@@ -113,6 +124,11 @@ def _direct_changes(expected, given, flags, is_classifier):
     if not is_classifier and out in given and out in expected and given[out] != expected[out]:
         if given[out][0] in (3, 6) and given[out][1:] == expected[out][1:]:
             changes["learn_sigma"] = given[out][0] == 6
+    if is_classifier:
+        # Whatever the pooling head, a classifier's last bias has one entry per class.
+        rows, wanted = _head_rows(given), _head_rows(expected)
+        if rows is not None and wanted is not None and rows != wanted:
+            changes["num_classes"] = rows
     reshaped = [k for k in expected if k in given and given[k] != expected[k]]
     film = [k for k in reshaped if ".emb_layers.1." in k]
     if film and film == reshaped and set(given) == set(expected):
@@ -121,6 +137,14 @@ def _direct_changes(expected, given, flags, is_classifier):
         flag = _flag_name(flags, ("use_scale_shift_norm", "classifier_use_scale_shift_norm"), is_classifier)
         changes[flag] = given[film[0]][0] > expected[film[0]][0]
     return changes
+
+
+def _head_rows(shapes):
+    """The number of outputs of a classifier's head: its last bias (None when it has none)."""
+    biases = [k for k in shapes if k.startswith("out.") and k.endswith(".bias")]
+    if not biases or len(shapes[biases[-1]]) != 1:
+        return None
+    return shapes[biases[-1]][0]
 
 
 def _label_row_changes(rows, expected, flags):
@@ -162,19 +186,77 @@ def _hints(expected, given, flags, build, is_classifier):
         base = {**flags, **direct}
         if direct and _fits(build, base, given):
             return f"{prefix}pass {_format(direct)}{_null_class_note(direct, flags)}"
-        # Several single changes can fit (another image size moves the attention levels just as
-        # other attention_resolutions do); the likeliest come first.
-        fitting = []
-        for change in _single_changes(base):
-            if _fits(build, {**base, **change}, given):
-                fitting.append(_format({**direct, **change}))
-                if len(fitting) == 3:
-                    break
+        fitting = _search(build, base, given)
         if fitting:
-            return prefix + "pass " + " or pass ".join(fitting)
+            # Several combinations can fit (another image size moves the attention levels just
+            # as other attention_resolutions do); the likeliest come first.
+            return prefix + "pass " + " or pass ".join(
+                _format({**direct, **changes}) for changes in fitting
+            )
     if direct:
         return f"{prefix}pass {_format(direct)} (other flags may differ too: {_FALLBACK})"
     return _FALLBACK
+
+
+def _search(build, base, given, max_changes=_MAX_CHANGES, beam=_BEAM, seconds=None):
+    """
+    The flag changes that make a network built from `base` match the checkpoint's shapes.
+
+    A beam search over combinations of the one-flag changes of _single_changes: at each depth
+    every kept combination is extended by one more flag, and the combinations whose state dict
+    is closest to the checkpoint's (fewest missing, unexpected and reshaped keys) go on. It runs
+    greedily (one combination kept) first, which is enough when each flag's effect shows alone,
+    then with `beam` kept. Flags a found combination does not need are dropped again.
+
+    :return: up to 3 fitting change dicts with the fewest changes, likeliest first; [] when
+        none is found within max_changes flags or `seconds` (default _SEARCH_SECONDS).
+    """
+    deadline = time.monotonic() + (_SEARCH_SECONDS if seconds is None else seconds)
+    distances = {}  # the builds already made, by their flags
+
+    def distance(changes):
+        key = frozenset(changes.items())
+        if key not in distances:
+            distances[key] = _distance(build, {**base, **changes}, given)
+        return distances[key]
+
+    for width in dict.fromkeys((1, beam)):
+        frontier, seen = [{}], set()
+        for _ in range(max_changes):
+            scored, fitting = [], []
+            for changes in frontier:
+                for change in _single_changes({**base, **changes}):
+                    if set(change) & set(changes):
+                        continue  # each flag changes once
+                    candidate = {**changes, **change}
+                    key = frozenset(candidate.items())
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    found = distance(candidate)
+                    if found == 0:
+                        fitting.append(_needed(distance, candidate))
+                        if len(fitting) == 3:
+                            return fitting
+                    elif found is not None:
+                        scored.append((found, len(scored), candidate))
+                    if time.monotonic() > deadline:
+                        return fitting
+            if fitting:
+                return fitting
+            frontier = [candidate for _, _, candidate in sorted(scored)[:width]]
+            if not frontier:
+                break
+    return []
+
+
+def _needed(distance, changes):
+    """changes without the flags the fit does not need (the search may pick up a neutral one)."""
+    for name in list(changes):
+        fewer = {k: v for k, v in changes.items() if k != name}
+        if fewer and distance(fewer) == 0:
+            changes = fewer
+    return changes
 
 
 def _null_class_note(direct, flags):
@@ -202,7 +284,8 @@ def _single_changes(flags):
     size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
     if attention_flag is not None and size_flag is not None:
         size = flags[size_flag]
-        levels = [size // 2**k for k in range(7) if size // 2**k >= 1]
+        # Only resolutions the network has: an entry for a level it lacks changes nothing.
+        levels = [size // 2**k for k in range(_level_count(flags, size)) if size // 2**k >= 1]
         # Contiguous runs of resolutions ("32,16,8") cover the configurations in use.
         for start, stop in itertools.combinations(range(len(levels) + 1), 2):
             text = ",".join(str(r) for r in levels[start:stop])
@@ -218,15 +301,40 @@ def _single_changes(flags):
         for mult in _BUILTIN_MULTS:
             if mult != flags[mult_flag]:
                 yield {mult_flag: mult}
+    if "classifier_pool" in flags:
+        for pool in _POOLS:
+            if pool != flags["classifier_pool"]:
+                yield {"classifier_pool": pool}
+
+
+def _level_count(flags, size):
+    """How many resolution levels the network of `flags` has (7, the most, when unknown)."""
+    mult_flag = next((f for f in _CHANNEL_MULT_FLAGS if f in flags), None)
+    mult = str(flags.get(mult_flag, "")).strip() if mult_flag else ""
+    if mult:
+        return len([m for m in mult.split(",") if m.strip()])
+    return {512: 7, 256: 6, 128: 5, 64: 4, 32: 4}.get(size, 7)
 
 
 def _fits(build, flags, given):
+    return _distance(build, flags, given) == 0
+
+
+def _distance(build, flags, given):
+    """
+    How far the network `flags` build is from the checkpoint: its missing, unexpected and
+    reshaped keys (0 = it fits); None for an impossible combination of flags.
+    """
     try:
         with torch.device("meta"):
             candidate = build(dict(flags))
     except Exception:  # an impossible combination of flags is simply not a candidate
-        return False
-    return _shapes(candidate.state_dict()) == given
+        return None
+    shapes = _shapes(candidate.state_dict())
+    missing = sum(1 for k in shapes if k not in given)
+    unexpected = sum(1 for k in given if k not in shapes)
+    reshaped = sum(1 for k in shapes if k in given and given[k] != shapes[k])
+    return missing + unexpected + reshaped
 
 
 def _format(changes):

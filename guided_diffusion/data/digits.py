@@ -8,9 +8,10 @@ strokes; --resample nearest keeps the 8x8 blocks). Images are saved as RGB. Clas
 sort as strings in the same order as numbers, so label k gets class index k.
 
     python datasets/digits.py --out_dir data/digits --image_size 32
+
+(The command line is datasets/digits.py's; this module is what it and the tests call.)
 """
 
-import argparse
 import os
 
 import numpy as np
@@ -76,19 +77,3 @@ def digits_arrays(image_size=32, limit=None, resample="bicubic"):
             Image.fromarray(grey).resize((image_size, image_size), resample=RESAMPLE_FILTERS[resample])
         )
     return out, np.asarray(labels, dtype=np.int64)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out_dir", required=True, help="folder to write the PNGs to")
-    parser.add_argument("--image_size", type=int, default=32, help="side of the output images")
-    parser.add_argument("--limit", type=int, default=None, help="write only the first N images")
-    parser.add_argument(
-        "--resample", choices=sorted(RESAMPLE_FILTERS), default="bicubic", help="upscaling filter"
-    )
-    args = parser.parse_args(argv)
-    out_dir = write_digits(
-        args.out_dir, image_size=args.image_size, limit=args.limit, resample=args.resample
-    )
-    count = len([n for n in os.listdir(out_dir) if n.endswith(".png")])
-    print(f"wrote digits to {out_dir} ({count} PNG files there)")

@@ -10,8 +10,8 @@ inversion loop draws nothing.
 """
 
 import torch as th
-from tqdm.auto import tqdm
 
+from .progress import steps_with_progress
 from .schedules import extract_into_tensor as _extract
 
 
@@ -53,7 +53,8 @@ class SamplingMixin:
         :param shape: the shape of the samples, (N, C, H, W).
         :param noise: if given, the starting noise x_T; else drawn with one randn(*shape).
         :param device: where to sample; defaults to the model's device.
-        :param progress: if True, show a progress bar.
+        :param progress: True for a progress bar of this loop, or a bar to advance by one per
+            step (anything with update(n), e.g. a tqdm over a whole sampling run).
         :return: the final batch of samples.
         """
         return _last_sample(
@@ -270,7 +271,8 @@ class SamplingMixin:
         :param model_kwargs: extra model inputs, e.g. {"y": labels} for a class-conditional
             model: the latents then belong to those labels.
         :param device: where to compute; defaults to x_start's device.
-        :param progress: if True, show a progress bar.
+        :param progress: True for a progress bar of this loop, or a bar to advance by one per
+            step (anything with update(n), e.g. a tqdm over a whole sampling run).
         :param eta: must be 0: with eta > 0 sampling adds fresh noise at every step, so it is
             not a deterministic map and has no inverse.
         :return: x_T, a tensor of x_start's shape.
@@ -345,7 +347,7 @@ class SamplingMixin:
             order, desc = range(self.num_timesteps), "inverting"
         else:
             order, desc = range(self.num_timesteps - 1, -1, -1), "sampling"
-        for i in tqdm(order, disable=not progress, desc=desc):
+        for i in steps_with_progress(order, progress, desc):
             t = th.full((shape[0],), i, device=device, dtype=th.long)
             # Guidance functions enable gradients themselves; the model never needs them here.
             with th.no_grad():

@@ -22,7 +22,8 @@ final x. `sigmas` is a decreasing sequence of floats ending with 0; `denoiser(x,
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from .progress import steps_with_progress
 
 __all__ = [
     "SOLVERS",
@@ -66,7 +67,7 @@ def _steps(sigmas, progress, desc):
         raise ValueError("sigmas needs at least two levels (the last one 0)")
     if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] < 0:
         raise ValueError("sigmas must decrease strictly and stay >= 0")
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc=desc):
+    for i in steps_with_progress(range(len(sigmas) - 1), progress, desc):
         yield i, sigmas[i], sigmas[i + 1]
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cli.flags import add_flag
 from .inception import HOW_TO_GET_WEIGHTS, WEIGHTS_FILENAME, load_inception
 from .metrics import FIDStatistics, ManifoldEstimator, inception_score
-from .npz import NpzArrayStream, npz_keys
+from .npz import NpzArrayStream, npz_keys, peek_values
 
 
 class Evaluator:
@@ -146,7 +147,42 @@ def default_inception_path():
     return next((path for path in candidates if os.path.isfile(path)), None)
 
 
-def evaluate(*, ref_batch, sample_batch, evaluator, out=print):
+def image_dtype_warning(path, name="arr_0"):
+    """
+    A one-line warning when a batch file does not hold what the evaluator expects, uint8 NHWC
+    images in 0..255 (image_sample.py's output): float images in [0, 1] or [-1, 1] look almost
+    black (or half black) to the Inception network, so the scores would mean nothing. Looks at
+    the first rows only.
+
+    :return: the warning, naming the conversion that fixes the file, or None when it is uint8.
+    """
+    dtype, _, low, high = peek_values(path, name)
+    if dtype == np.uint8 or low is None:
+        return None
+    start = f"warning: {path}: {name} holds {dtype} values"
+    expects = "the evaluator expects uint8 NHWC images in 0..255"
+    if np.issubdtype(dtype, np.floating) and low >= -1.0 and high <= 1.0:
+        if low < 0.0:
+            return (
+                f"{start} in [-1, 1] (model outputs?), but {expects}: save "
+                "((x + 1) * 127.5).clip(0, 255).astype(np.uint8), or "
+                "guided_diffusion.sampling.files.to_uint8(x) for an NCHW tensor"
+            )
+        return (
+            f"{start} in [0, 1], but {expects}: save (x * 255).round().clip(0, 255)"
+            ".astype(np.uint8)"
+        )
+    if low >= 0 and high <= 255:
+        return (f"{start} in 0..255, but {expects}: save x.round().astype(np.uint8) to score "
+                "the pixels the reference would")
+    return f"{start} from {low:g} to {high:g}, but {expects}: rescale to 0..255 and save as uint8"
+
+
+def _to_stderr(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate(*, ref_batch, sample_batch, evaluator, out=print, warn=_to_stderr):
     """
     Run the reference evaluation and print its lines.
 
@@ -154,10 +190,16 @@ def evaluate(*, ref_batch, sample_batch, evaluator, out=print):
     :param sample_batch: sample .npz path.
     :param evaluator: an Evaluator.
     :param out: print-like function for the output lines.
+    :param warn: called with each warning line (a batch that does not hold uint8 images);
+        default: standard error.
     :return: dict of the five metrics.
     """
     for path in (ref_batch, sample_batch):
         npz_keys(path)  # fail on a missing or non-npz file before any long computation
+    for path in (ref_batch, sample_batch):
+        message = image_dtype_warning(path)
+        if message:
+            warn(message)
 
     out("computing reference batch activations...")
     ref_acts = evaluator.read_activations(ref_batch)
@@ -184,20 +226,18 @@ def evaluate(*, ref_batch, sample_batch, evaluator, out=print):
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("ref_batch", help="path to reference batch npz file")
-    parser.add_argument("sample_batch", help="path to sample batch npz file")
-    parser.add_argument(
-        "--inception_path",
-        default=None,
-        help=f"PyTorch weights of the 2015-12-05 Inception graph ({WEIGHTS_FILENAME}); default: "
-        "the torch hub cache, then the current directory",
-    )
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
-    parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
-    )
+    parser = argparse.ArgumentParser(description=_description())
+    add_flag(parser, "ref_batch", positional=True)
+    add_flag(parser, "sample_batch", positional=True)
+    add_flag(parser, "inception_path", default=None)
+    add_flag(parser, "batch_size", type=int, default=64)
+    add_flag(parser, "device", default=None)
     return parser
+
+
+def _description():
+    # The docstring's first paragraph, whole (its first line alone stops mid-sentence).
+    return " ".join(__doc__.strip().split("\n\n")[0].split())
 
 
 def main(argv=None):

@@ -101,3 +101,18 @@ class NpzArrayStream:
             rows = self._read_rows(count)
             self._next_row += count
             yield rows
+
+
+def peek_values(path, name="arr_0", rows=64):
+    """
+    The dtype, shape and value range of an array of an .npz file, the range read from its first
+    rows only (a quick look, not a scan of a 10 GB batch).
+
+    :return: (dtype, shape, smallest value, largest value); the values are None for an empty
+        array.
+    """
+    with NpzArrayStream(path=path, name=name) as stream:
+        first = next(stream.batches(rows), None)
+        if first is None or first.size == 0:
+            return stream.dtype, stream.shape, None, None
+        return stream.dtype, stream.shape, first.min().item(), first.max().item()

@@ -15,6 +15,12 @@ from ..runtime.files import atomic_write
 
 # A grid of every sample of a 50k-image run would be gigapixels; show the first ones only.
 DEFAULT_GRID_MAX_IMAGES = 64
+# Grids are for people: small images are magnified until the grid is this many pixels a side...
+GRID_MIN_SIDE = 256
+# ...but a single row of many images is not stretched past this.
+GRID_MAX_SIDE = 2048
+# A class grid shows at most this many class rows.
+GRID_MAX_CLASSES = 16
 
 
 def to_uint8(x):
@@ -38,15 +44,21 @@ def _as_uint8_nhwc(images):
     return images
 
 
-def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0):
+def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0,
+                  min_side=GRID_MIN_SIDE):
     """
-    Save images side by side as one PNG, nrow per row, separated by padding pixels.
+    Save images side by side as one PNG, nrow per row, separated by padding pixels, each image
+    magnified (nearest neighbour, by a whole factor) so that the grid is at least min_side pixels
+    a side: samples of 8x8 or 16x16 pixels are otherwise too small to look at.
 
     :param images_uint8_nhwc: uint8 array or tensor (N, H, W, C), C in 1, 3 or 4.
     :param path: the PNG file to write.
     :param nrow: images per row (default: ceil(sqrt(N)), a near-square grid).
-    :param padding: pixels between and around the images.
+    :param padding: pixels between and around the images (not magnified).
     :param pad_value: grey level of the padding (0 = black).
+    :param min_side: the grid's smaller side reaches at least this (0: native size), unless the
+        factor that takes would make its longer side exceed GRID_MAX_SIDE (a single row of many
+        images): then the largest factor that keeps it within.
     :return: path.
     """
     images = _as_uint8_nhwc(images_uint8_nhwc)
@@ -59,6 +71,10 @@ def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0):
         raise ValueError(f"nrow must be at least 1, got {nrow}")
     ncol = min(nrow, count)
     nrows = math.ceil(count / nrow)
+    scale = grid_scale(height, width, nrows, ncol, padding, min_side)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        height, width = height * scale, width * scale
     grid = np.full(
         (nrows * (height + padding) + padding, ncol * (width + padding) + padding, channels),
         pad_value,
@@ -72,6 +88,58 @@ def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0):
         grid = grid[..., 0]
     Image.fromarray(grid).save(path, format="PNG")
     return path
+
+
+def grid_scale(height, width, rows, cols, padding, min_side=GRID_MIN_SIDE):
+    """
+    The whole magnification make_grid_png applies to images of height x width in a grid of
+    rows x cols: the smallest that makes both sides at least min_side, lowered while the longer
+    side would pass GRID_MAX_SIDE; 1 when the grid is large enough already.
+    """
+
+    def sides(scale):
+        return (rows * (height * scale + padding) + padding,
+                cols * (width * scale + padding) + padding)
+
+    scale = 1
+    while min(sides(scale)) < min_side:
+        scale += 1
+    while scale > 1 and max(sides(scale)) > GRID_MAX_SIDE:
+        scale -= 1
+    return scale
+
+
+def class_grid(images_uint8_nhwc, labels, max_images=DEFAULT_GRID_MAX_IMAGES, per_class=None,
+               max_classes=GRID_MAX_CLASSES):
+    """
+    Arrange labelled samples with one row per class, classes in increasing order, each row that
+    class's samples in their order, shorter rows filled with blank (black) tiles.
+
+    :param images_uint8_nhwc: uint8 (N, H, W, C) array or tensor.
+    :param labels: N class labels.
+    :param max_images: about how many samples the grid shows (split evenly over the rows).
+    :param per_class: samples per row, instead of the share of max_images.
+    :param max_classes: rows at most (the first classes in order); 1000 ImageNet rows would
+        make a strip nobody can look at.
+    :return: (uint8 tiles [rows * per_row, H, W, C] in row order, per_row) for make_grid_png
+        with nrow=per_row.
+    """
+    images = _as_uint8_nhwc(images_uint8_nhwc)
+    labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"got {labels.shape} labels for {len(images)} images; expected one per image")
+    if len(images) == 0:
+        raise ValueError("cannot make a grid of zero images")
+    classes = np.unique(labels)[:max_classes]
+    members = [np.flatnonzero(labels == c) for c in classes]
+    if per_class is None:
+        per_class = max(1, math.ceil(max_images / len(classes)))
+    per_row = max(1, min(per_class, max(len(m) for m in members)))
+    tiles = np.zeros((len(classes) * per_row, *images.shape[1:]), dtype=np.uint8)
+    for row, indices in enumerate(members):
+        chosen = indices[:per_row]
+        tiles[row * per_row : row * per_row + len(chosen)] = images[chosen]
+    return tiles, per_row
 
 
 def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
@@ -98,17 +166,22 @@ def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
     return path
 
 
-def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEFAULT_GRID_MAX_IMAGES):
+def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEFAULT_GRID_MAX_IMAGES,
+                 grid_per_class=None):
     """
     Save samples as out_dir/samples_NxHxWxC.npz (arr_0: the uint8 NHWC images, arr_1: the int64
-    labels when given) and a PNG grid of the first grid_max_images next to it (same stem, .png).
+    labels when given) and a PNG grid next to it (same stem, .png): with labels one row per
+    class (class_grid), else the first grid_max_images in a near-square grid; magnified to at
+    least GRID_MIN_SIDE pixels a side either way.
 
     The npz is written to a temporary file and renamed, so readers never see a partial file.
 
     :param images_uint8_nhwc: uint8 array or tensor (N, H, W, C).
     :param labels_or_None: N class labels, or None for unconditional samples.
     :param out_dir: the folder to write to (created if missing).
-    :param grid_max_images: how many samples the PNG grid shows at most.
+    :param grid_max_images: about how many samples the PNG grid shows (0: no grid).
+    :param grid_per_class: samples per class row (labelled samples), instead of a share of
+        grid_max_images.
     :return: the npz path.
     """
     images = _as_uint8_nhwc(images_uint8_nhwc)
@@ -117,7 +190,13 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
     shape_str = "x".join(str(s) for s in images.shape)
     npz_path = save_images_npz(os.path.join(out_dir, f"samples_{shape_str}.npz"), images, labels_or_None)
     if images.shape[0] > 0 and grid_max_images > 0:
-        make_grid_png(images[:grid_max_images], os.path.splitext(npz_path)[0] + ".png")
+        png_path = os.path.splitext(npz_path)[0] + ".png"
+        if labels_or_None is None:
+            make_grid_png(images[:grid_max_images], png_path)
+        else:
+            tiles, per_row = class_grid(images, labels_or_None, max_images=grid_max_images,
+                                        per_class=grid_per_class)
+            make_grid_png(tiles, png_path, nrow=per_row)
     return npz_path
 
 

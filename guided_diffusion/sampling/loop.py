@@ -26,23 +26,36 @@ def num_rounds(num_samples, batch_size):
     return math.ceil(num_samples / (batch_size * dist_util.get_world_size()))
 
 
-def gather_samples(num_samples, batch_size, make_batch, progress=True, desc="sampling"):
+def gather_samples(num_samples, batch_size, make_batch, progress=True, desc="sampling",
+                   steps_per_batch=None):
     """
     Run make_batch() round after round on every rank and gather the batches in rank order, until
     num_samples images exist (as the reference: the last round may overshoot; the excess is cut).
 
-    :param make_batch: a function returning (uint8 NHWC images, int64 labels or None).
-    :param progress: show a progress bar over the rounds on rank 0.
+    :param make_batch: a function returning (uint8 NHWC images, int64 labels or None); with
+        steps_per_batch it is called as make_batch(bar) and passes bar as the sampling loop's
+        progress= (the loop advances it once per denoising step).
+    :param progress: show a progress bar on rank 0.
+    :param steps_per_batch: the denoising steps of one batch (sample_steps()): the bar then
+        counts every step of the whole run, so a run of one large batch still moves; without it
+        the bar counts rounds.
     :return: (images array [num_samples, H, W, C], labels array or None), on every rank.
     """
     images, labels = [], []
     show = progress and dist_util.is_main_process()
-    for _ in tqdm(range(num_rounds(num_samples, batch_size)), disable=not show, desc=desc):
-        batch_images, batch_labels = make_batch()
+    rounds = num_rounds(num_samples, batch_size)
+    if steps_per_batch is None:
+        batches = (make_batch() for _ in tqdm(range(rounds), disable=not show, desc=desc))
+    else:
+        bar = tqdm(total=rounds * steps_per_batch, disable=not show, desc=desc, unit="step")
+        batches = (make_batch(bar) for _ in range(rounds))
+    for batch_images, batch_labels in batches:
         images.extend(t.cpu().numpy() for t in dist_util.all_gather_tensors(batch_images))
         if batch_labels is not None:
             labels.extend(t.cpu().numpy() for t in dist_util.all_gather_tensors(batch_labels))
         logger.log(f"created {sum(len(x) for x in images)} samples")
+    if steps_per_batch is not None:
+        bar.close()
     arr = np.concatenate(images, axis=0)[:num_samples]
     label_arr = np.concatenate(labels, axis=0)[:num_samples] if labels else None
     return arr, label_arr
@@ -141,6 +154,16 @@ def make_sample_fn(sampler, diffusion, flags):
     solvers.steps_for_evaluations(sampler, evaluations)  # refuse a too small budget now
     full = diffusion_from_flags(flags, "")
     return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)
+
+
+def sample_steps(sampler, diffusion):
+    """
+    The denoising steps one call of make_sample_fn(sampler, diffusion, ...) takes: the
+    (respaced) steps of ddpm and ddim, the solver steps its evaluation budget buys otherwise.
+    """
+    if sampler in ("ddpm", "ddim"):
+        return diffusion.num_timesteps
+    return solvers.steps_for_evaluations(sampler, diffusion.num_timesteps)
 
 
 def load_sampling_model(flags, model_path, **network):

@@ -2,6 +2,7 @@
 Writing a VAE's outputs: prior samples (the samples_NxHxWx3.npz convention of the diffusion
 scripts), reconstructions of real images, and an interpolation between two encoded images.
 Images are the decoder means E[x|z] (grey values, not binarised draws), saved as 3-channel uint8.
+Also loading a checkpoint with the architecture flags it records (vae_from_checkpoint).
 """
 
 import os
@@ -10,9 +11,33 @@ import numpy as np
 import torch
 
 from .. import dist_util
+from ..cli.flags import checkpoint_flags
 from ..image_datasets import class_labels_from_paths, list_image_files_recursively
+from ..runtime.checkpoints import load_checkpoint
 from ..sampling.files import make_grid_png, save_samples, to_uint8
-from .networks import folder_batches, interpolate, spread_indices
+from .networks import ARCH_FLAGS, check_vae_checkpoint, folder_batches, interpolate, load_vae
+from .networks import spread_indices
+
+
+def vae_from_checkpoint(path, args, given):
+    """
+    Load a VAE checkpoint with the architecture flags it records, instead of asking for them
+    again; they are put into args.
+
+    :param path: a vaeNNNNNN.pt file of vae_train.py.
+    :param args: the parsed flags (the ARCH_FLAGS are updated in place).
+    :param given: the flags given on the command line (cli.flags.explicit_flags): one that
+        contradicts the checkpoint is refused, naming the checkpoint's value.
+    :return: the model (on the CPU).
+    :raises ScriptError / ValueError: without a path, for another kind of file, or a clash.
+    """
+    if not path:
+        raise ValueError("pass --model_path, a vaeNNNNNN.pt file written by scripts/vae_train.py")
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("flags"), dict):
+        check_vae_checkpoint(state, {}, path)  # raises: not a VAE checkpoint
+    flags = checkpoint_flags(state["flags"], args, given, ARCH_FLAGS, path)
+    return load_vae(state, flags, path)
 
 
 def unit_to_uint8(x):
