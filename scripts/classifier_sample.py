@@ -35,13 +35,16 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import check_sampler_flags, make_sample_fn, resolve_sampler
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_sampler_flags(
+        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations
+    )
     check_guidance_scale(
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
@@ -54,7 +57,7 @@ def main(argv=None):
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
     model, diffusion = create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, flags)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )

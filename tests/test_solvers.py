@@ -1,5 +1,6 @@
 """
-The ODE solvers (samplers.py) on discrete-time models (solver_sampling.py).
+The ODE solvers (diffusion/solvers.py) on discrete-time models (diffusion/denoiser.py), and the
+one reading of a model output they share with GaussianDiffusion (diffusion/outputs.py).
 
 The main oracle is data whose optimal denoiser is known in closed form: a mixture of Gaussians,
 for which E[x_0 | x_0 + sigma * n] is a responsibility-weighted sum of per-component posterior
@@ -21,7 +22,12 @@ from guided_diffusion.diffusion.denoiser import (
     solver_sample_loop,
     solver_sample_loop_progressive,
 )
-from guided_diffusion.sampling.loop import SAMPLER_NAMES, make_sample_fn, resolve_sampler
+from guided_diffusion.sampling.loop import (
+    SAMPLER_NAMES,
+    check_sampler_flags,
+    make_sample_fn,
+    resolve_sampler,
+)
 
 MEANS = torch.tensor([-0.6, 0.1, 0.7], dtype=torch.float64)
 STDS = torch.tensor([0.08, 0.15, 0.05], dtype=torch.float64)
@@ -258,15 +264,27 @@ def test_bad_requests_are_one_line_errors():
         samplers.steps_for_evaluations("dpmpp_2m", 2)
     with pytest.raises(ValueError, match="known solvers: euler, heun, dpmpp_2m"):
         solver_sample_loop(full, model, (2, 1), sampler="rk4", evaluations=10)
-    respaced = create_gaussian_diffusion(steps=1000, timestep_respacing="10")
-    with pytest.raises(ValueError, match="over all of its training steps"):
-        solver_sample_loop(respaced, model, (2, 1), sampler="heun", evaluations=10)
     previous_x = create_gaussian_diffusion(steps=1000)
     previous_x.model_mean_type = previous_x.model_mean_type.PREVIOUS_X
     with pytest.raises(ValueError, match="use --sampler ddpm or ddim"):
         solver_sample_loop(previous_x, model, (2, 1), sampler="heun", evaluations=10)
     with pytest.raises(ValueError, match="decrease"):
         samplers.sample("euler", lambda x, s: x, torch.zeros(1), [1.0, 2.0, 0.0])
+
+
+def test_a_respaced_diffusion_is_read_through_its_base_process():
+    """The solvers choose their own noise levels: a SpacedDiffusion's respacing plays no part."""
+    full = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
+    model = mixture_model(full)
+    noise = torch.randn(16, 1, generator=torch.Generator().manual_seed(2))
+    expected = solver_sample_loop(full, model, (16, 1), sampler="heun", evaluations=9, noise=noise)
+    for respacing in ("10", "ddim25"):
+        respaced = create_gaussian_diffusion(steps=1000, timestep_respacing=respacing)
+        assert respaced.num_timesteps < 1000
+        np.testing.assert_array_equal(respaced.base_alphas_cumprod, full.alphas_cumprod)
+        got = solver_sample_loop(respaced, model, (16, 1), sampler="heun", evaluations=9,
+                                 noise=noise)
+        assert torch.equal(got, expected)
 
 
 def test_sampler_flag_resolution_and_make_sample_fn():
@@ -279,13 +297,86 @@ def test_sampler_flag_resolution_and_make_sample_fn():
     with pytest.raises(ValueError, match="--use_ddim True asks for ddim but --sampler is heun"):
         resolve_sampler("heun", True)
 
-    flags = dict(diffusion_steps=1000, learn_sigma=False, noise_schedule="linear", use_kl=False,
-                 predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False)
     respaced = create_gaussian_diffusion(steps=1000, timestep_respacing="ddim7")
-    assert make_sample_fn("ddim", respaced, flags) == respaced.ddim_sample_loop
-    assert make_sample_fn("ddpm", respaced, flags) == respaced.p_sample_loop
-    fn = make_sample_fn("dpmpp_2m", respaced, flags)
-    assert fn.keywords == {"sampler": "dpmpp_2m", "evaluations": 7}
-    assert fn.args[0].num_timesteps == 1000
+    assert make_sample_fn("ddim", respaced) == respaced.ddim_sample_loop
+    assert make_sample_fn("ddpm", respaced) == respaced.p_sample_loop
+    full = create_gaussian_diffusion(steps=1000)
+    fn = make_sample_fn("dpmpp_2m", full, evaluations=7)
+    assert fn.keywords == {"sampler": "dpmpp_2m", "evaluations": 7} and fn.args == (full,)
     with pytest.raises(ValueError, match="heun needs at least 3"):
-        make_sample_fn("heun", create_gaussian_diffusion(steps=1000, timestep_respacing="2"), flags)
+        make_sample_fn("heun", full, evaluations=2)
+    with pytest.raises(ValueError, match="--sampler euler needs --evaluations N"):
+        make_sample_fn("euler", full)
+
+
+def test_one_meaning_per_flag():
+    check_sampler_flags("ddim", timestep_respacing="ddim25")
+    check_sampler_flags("ddpm", timestep_respacing="")
+    check_sampler_flags("dpmpp_2m", evaluations=10)
+    with pytest.raises(ValueError, match="drop --timestep_respacing"):
+        check_sampler_flags("dpmpp_2m", timestep_respacing="10", evaluations=10)
+    with pytest.raises(ValueError, match="--sampler heun needs --evaluations N"):
+        check_sampler_flags("heun")
+    with pytest.raises(ValueError, match="--sampler ddpm takes its steps from --timestep_respacing"):
+        check_sampler_flags("ddpm", evaluations=10)
+
+
+# ----------------------------------------------------------------------------- one reading
+
+
+def tiny_model(learn_sigma, seed=0):
+    torch.manual_seed(seed)
+    model = create_model(8, 32, 1, channel_mult="1,2", learn_sigma=learn_sigma,
+                         attention_resolutions="4", num_head_channels=16)
+    torch.nn.init.normal_(model.out[2].weight, std=0.05)
+    return model.eval()
+
+
+def float_rounding_bound(*magnitudes):
+    """A few float32 roundings of the largest term the two computations go through."""
+    return 8 * torch.finfo(torch.float32).eps * sum(m.abs() for m in magnitudes) + 1e-7
+
+
+@pytest.mark.parametrize("kind", ["eps", "xstart", "eps_learned_sigma", "rescaled"])
+def test_the_denoiser_reads_the_model_as_p_mean_variance_does(kind):
+    """At an integer timestep, D(x; sigma_t) is p_mean_variance's pred_xstart, guided or not."""
+    learned = kind == "eps_learned_sigma"
+    diffusion = create_gaussian_diffusion(
+        steps=100, noise_schedule="cosine", learn_sigma=learned,
+        predict_xstart=kind == "xstart", rescale_timesteps=kind == "rescaled")
+    model = tiny_model(learned)
+    gen = torch.Generator().manual_seed(1)
+    x_t = torch.randn(2, 3, 8, 8, generator=gen)
+    guide = torch.randn(2, 3, 8, 8, generator=gen)
+    sigmas = np.exp(log_sigma_table(diffusion))
+
+    def cond_fn(x, t, **kwargs):
+        return guide * 0.5
+
+    for step in (3, 40, 97):
+        t = torch.full((2,), step)
+        sigma = float(sigmas[step])
+        x = x_t * math.sqrt(1 + sigma**2)
+        for clip in (False, True):
+            out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=clip)
+            guided = diffusion.condition_score(cond_fn, out, x_t, t)
+            for fn, expected in ((None, out["pred_xstart"]), (cond_fn, guided["pred_xstart"])):
+                denoiser = DiscreteDenoiser(diffusion, model, clip_denoised=clip, cond_fn=fn)
+                got = denoiser(x, sigma)
+                bound = float_rounding_bound(x, sigma * expected, expected)
+                assert ((got - expected).abs() <= bound).all(), (kind, step, clip, fn)
+
+
+def test_the_channel_check_is_one_line_everywhere():
+    diffusion = create_gaussian_diffusion(steps=50, learn_sigma=True)
+    three = tiny_model(learn_sigma=False)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    message = "the model outputs 3 channels but this diffusion expects 6"
+    with pytest.raises(ValueError, match=message):
+        diffusion.p_mean_variance(three, x, t)
+    with pytest.raises(ValueError, match=message):
+        diffusion.training_losses(three, x, t)
+    with pytest.raises(ValueError, match=message):
+        DiscreteDenoiser(diffusion, three)(x, 1.0)
+    with pytest.raises(ValueError, match="outputs 6 channels but this diffusion expects 3"):
+        create_gaussian_diffusion(steps=50).p_mean_variance(tiny_model(True), x, t)

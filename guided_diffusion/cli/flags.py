@@ -86,9 +86,11 @@ def sampling_guidance_defaults():
 
     guidance_scale: w of classifier-free guidance; 1 = plain conditional sampling (no extra
         model evaluation), 0 = unconditional, > 1 = stronger conditioning.
-    sampler: "" (ddim when --use_ddim True, else ddpm) or one of samplers.SAMPLER_NAMES.
+    sampler: "" (ddim when --use_ddim True, else ddpm) or one of sampling.loop.SAMPLER_NAMES.
+    evaluations: the ODE solvers' model evaluations per sample (required with them; 0 with
+        ddpm and ddim, whose steps --timestep_respacing chooses).
     """
-    return dict(guidance_scale=1.0, sampler="")
+    return dict(guidance_scale=1.0, sampler="", evaluations=0)
 
 
 def performance_defaults():
@@ -139,3 +141,14 @@ def parse_step_counts(text):
     if not counts:
         raise ValueError(f"no step counts in {text!r}: pass e.g. --steps 10,20,50,100")
     return sorted(set(counts))
+
+
+# Descriptions of the flags added by the sampling work (issues 20 and 24), merged into the one
+# flag table for --help: {flag: (group, one-line description)}.
+NEW_FLAG_HELP = {
+    "evaluations": (
+        "sampling",
+        "model evaluations per sample for the ODE solvers (--sampler euler|heun|dpmpp_*); "
+        "required with them, 0 with ddpm/ddim (they use --timestep_respacing)",
+    ),
+}

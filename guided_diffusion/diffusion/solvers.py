@@ -6,7 +6,7 @@ functions of a denoiser in the variance-exploding parametrisation of Karras et a
 
 A discrete-time model of this project (x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps) is the same
 process seen through x = x_t / sqrt(abar), sigma = sqrt((1 - abar) / abar);
-solver_sampling.DiscreteDenoiser turns a GaussianDiffusion and its model into such a D.
+denoiser.DiscreteDenoiser turns a GaussianDiffusion and its model into such a D.
 
 Every solver has the one signature
 
@@ -158,7 +158,7 @@ def steps_for_evaluations(name, evaluations):
         why = "" if least == 1 else " (one step of its order plus the final step to sigma 0)"
         raise ValueError(
             f"sampler {name} needs at least {least} model evaluations{why}, got {evaluations}: "
-            f"ask for more with --timestep_respacing (for the solvers it counts evaluations)"
+            f"ask for more (--evaluations)"
         )
     return (evaluations + 1) // 2 if name == "heun" else evaluations
 

@@ -17,7 +17,6 @@ from ..diffusion import solvers
 from ..diffusion.denoiser import solver_sample_loop
 from ..errors import ScriptError
 from ..runtime.perf import compile_model, to_channels_last
-from ..script_util import diffusion_from_flags
 from . import files as sample_files
 
 
@@ -118,29 +117,57 @@ def resolve_sampler(sampler, use_ddim):
     return sampler
 
 
-def make_sample_fn(sampler, diffusion, flags):
+def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0):
+    """
+    Refuse flags that mean nothing for the resolved sampler, before any work: ddpm and ddim take
+    their steps from --timestep_respacing (the reference's meaning); the ODE solvers take a
+    budget of model evaluations per sample, --evaluations, and need it.
+
+    :raises ValueError: one line naming the flag to change.
+    """
+    if sampler in solvers.SOLVERS:
+        if timestep_respacing:
+            raise ValueError(
+                f"--timestep_respacing chooses the steps of --sampler ddpm or ddim; the ODE "
+                f"solver {sampler} chooses its own noise levels: drop --timestep_respacing and "
+                f"give its model evaluations per sample with --evaluations N"
+            )
+        if evaluations <= 0:
+            raise ValueError(
+                f"--sampler {sampler} needs --evaluations N, its number of model evaluations "
+                f"per sample (e.g. --evaluations 20)"
+            )
+        solvers.steps_for_evaluations(sampler, evaluations)
+    elif evaluations:
+        raise ValueError(
+            f"--evaluations is the budget of the ODE solvers; --sampler {sampler} takes its steps "
+            f"from --timestep_respacing (e.g. --timestep_respacing {evaluations})"
+        )
+
+
+def make_sample_fn(sampler, diffusion, evaluations=None):
     """
     The sampling loop of a script for a resolved sampler name, called like p_sample_loop:
     fn(model, shape, noise=None, clip_denoised=..., denoised_fn=..., cond_fn=...,
     model_kwargs=..., device=..., progress=...).
 
     For ddpm and ddim it is the diffusion's own loop over its (respaced) steps. For the ODE
-    solvers the number of respaced steps is the budget of model evaluations, and the solver
-    runs on the diffusion over all steps, rebuilt from the flags.
+    solvers it is solver_sample_loop with `evaluations` model evaluations per sample, on the
+    process the diffusion was built for (its base process when respaced).
 
     :param sampler: a name from resolve_sampler.
-    :param diffusion: the diffusion built from the flags (respaced by --timestep_respacing).
-    :param flags: the diffusion flags (diffusion_steps, noise_schedule, learn_sigma, ...).
-    :raises ValueError: when the budget is too small for the solver.
+    :param diffusion: the diffusion built from the flags.
+    :param evaluations: the solvers' budget (--evaluations); unused by ddpm and ddim.
+    :raises ValueError: when a solver gets no budget or one too small for it.
     """
     if sampler == "ddpm":
         return diffusion.p_sample_loop
     if sampler == "ddim":
         return diffusion.ddim_sample_loop
-    evaluations = diffusion.num_timesteps
-    solvers.steps_for_evaluations(sampler, evaluations)  # refuse a too small budget now
-    full = diffusion_from_flags(flags, "")
-    return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)
+    check_sampler_flags(sampler, evaluations=evaluations or 0)
+    return functools.partial(
+        solver_sample_loop, diffusion, sampler=sampler, evaluations=evaluations
+    )
 
 
 def load_sampling_model(flags, model_path, **network):
