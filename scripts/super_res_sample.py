@@ -42,7 +42,8 @@ def main(argv=None):
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
     check_sampler_flags(
-        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations
+        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations,
+        sigma_grid=args.sigma_grid,
     )
     check_guidance_scale(
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
@@ -59,7 +60,7 @@ def main(argv=None):
         class_dropout_prob=args.class_dropout_prob,
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: sr_create_model_and_diffusion(**f)[0]
     )

@@ -207,7 +207,7 @@ def sample(trained, out, *extra, checkpoint="model000002.pt", num=3):
         return npz["arr_0"], npz["arr_1"]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_guidance_scale_one_is_plain_conditional_sampling(trained, tmp_path, sampler):
     budget = "--timestep_respacing" if sampler == "ddpm" else "--evaluations"
     flags = ["--sampler", sampler, budget, "5"]
@@ -220,9 +220,11 @@ def test_guidance_scale_one_is_plain_conditional_sampling(trained, tmp_path, sam
     assert not np.array_equal(plain[0], guided[0])
 
 
-def test_guided_solver_sampling_matches_the_library(trained, tmp_path):
-    images, labels = sample(trained, tmp_path, *CFG, "--sampler", "heun", "--evaluations",
-                            "7", "--guidance_scale", 3.0)
+@pytest.mark.parametrize("sampler,evaluations,grid", [("heun", 7, ""),
+                                                      ("dpmpp_2m_sde", 5, "karras")])
+def test_guided_solver_sampling_matches_the_library(trained, tmp_path, sampler, evaluations, grid):
+    images, labels = sample(trained, tmp_path, *CFG, "--sampler", sampler, "--evaluations",
+                            evaluations, "--sigma_grid", grid, "--guidance_scale", 3.0)
     parsed = vars(load_script("image_sample").create_argparser().parse_args(TINY))
     flags = {k: parsed[k] for k in model_and_diffusion_defaults()}
     model, full = create_model_and_diffusion(**flags, num_classes=CLASSES, class_dropout_prob=0.3)
@@ -232,7 +234,8 @@ def test_guided_solver_sampling_matches_the_library(trained, tmp_path):
     y = torch.randint(0, CLASSES, (3,))
     expected = solver_sample_loop(
         full, classifier_free_guidance(model, 3.0, null_label=CLASSES), (3, 3, 8, 8),
-        sampler="heun", evaluations=7, model_kwargs={"y": y})
+        sampler=sampler, evaluations=evaluations, model_kwargs={"y": y},
+        sigma_grid=grid or None)
     np.testing.assert_array_equal(labels, y.numpy())
     np.testing.assert_array_equal(images, to_uint8(expected).numpy())
 
@@ -286,7 +289,8 @@ def error_line(capsys, status):
 
 def test_bad_input_one_liners(trained, tmp_path, capsys):
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "plms"))
-    assert "unknown --sampler 'plms'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m" in line
+    assert ("unknown --sampler 'plms'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m, "
+            "dpmpp_3m, euler_ancestral, dpmpp_2m_sde") in line
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
                                      "--use_ddim", "True"))
     assert "pass only one of them" in line
@@ -302,6 +306,9 @@ def test_bad_input_one_liners(trained, tmp_path, capsys):
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "ddim",
                                      "--evaluations", "10"))
     assert "--sampler ddim takes its steps from --timestep_respacing" in line
+    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
+                                     "--evaluations", "10", "--sigma_grid", "edm"))
+    assert "unknown --sigma_grid 'edm'; known grids: karras, logsnr, time" in line
     # A model trained without a null class cannot be guided without a classifier.
     line = error_line(capsys, sample(trained, tmp_path, "--guidance_scale", 3.0))
     assert "image_train.py --class_dropout_prob" in line
@@ -421,7 +428,8 @@ def test_sampler_fid_bad_input(trained, tmp_path, capsys):
     base = ["--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"],
             *TINY, "--num_samples", 4, "--log_dir", tmp_path]
     line = error_line(capsys, run_inprocess("sampler_fid", [*base, *CFG, "--samplers", "ddim,rk4"]))
-    assert "unknown --sampler 'rk4'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m" in line
+    assert ("unknown --sampler 'rk4'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m, "
+            "dpmpp_3m, euler_ancestral, dpmpp_2m_sde") in line
     line = error_line(capsys, run_inprocess("sampler_fid", [
         *base, *CFG, "--samplers", "heun", "--evaluations", "2,10"]))
     assert "heun needs at least 3 model evaluations" in line

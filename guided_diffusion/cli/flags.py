@@ -89,8 +89,9 @@ def sampling_guidance_defaults():
     sampler: "" (ddim when --use_ddim True, else ddpm) or one of sampling.loop.SAMPLER_NAMES.
     evaluations: the ODE solvers' model evaluations per sample (required with them; 0 with
         ddpm and ddim, whose steps --timestep_respacing chooses).
+    sigma_grid: the solvers' noise levels, karras, logsnr or time ("" = each solver's default).
     """
-    return dict(guidance_scale=1.0, sampler="", evaluations=0)
+    return dict(guidance_scale=1.0, sampler="", evaluations=0, sigma_grid="")
 
 
 def performance_defaults():
@@ -150,5 +151,10 @@ NEW_FLAG_HELP = {
         "sampling",
         "model evaluations per sample for the ODE solvers (--sampler euler|heun|dpmpp_*); "
         "required with them, 0 with ddpm/ddim (they use --timestep_respacing)",
+    ),
+    "sigma_grid": (
+        "sampling",
+        "noise levels of the ODE solvers: karras, logsnr (uniform in log sigma) or time "
+        "(uniform in timestep); empty = the solver's measured default",
     ),
 }

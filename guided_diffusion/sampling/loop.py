@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import dist_util, logger
 from ..cli.weights import load_checkpoint_into
 from ..diffusion import solvers
-from ..diffusion.denoiser import solver_sample_loop
+from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..errors import ScriptError
 from ..runtime.perf import compile_model, to_channels_last
 from . import files as sample_files
@@ -117,7 +117,7 @@ def resolve_sampler(sampler, use_ddim):
     return sampler
 
 
-def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0):
+def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0, sigma_grid=""):
     """
     Refuse flags that mean nothing for the resolved sampler, before any work: ddpm and ddim take
     their steps from --timestep_respacing (the reference's meaning); the ODE solvers take a
@@ -125,6 +125,10 @@ def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0):
 
     :raises ValueError: one line naming the flag to change.
     """
+    if sigma_grid and sigma_grid not in SIGMA_GRIDS:
+        raise ValueError(
+            f"unknown --sigma_grid {sigma_grid!r}; known grids: {', '.join(SIGMA_GRIDS)}"
+        )
     if sampler in solvers.SOLVERS:
         if timestep_respacing:
             raise ValueError(
@@ -143,9 +147,14 @@ def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0):
             f"--evaluations is the budget of the ODE solvers; --sampler {sampler} takes its steps "
             f"from --timestep_respacing (e.g. --timestep_respacing {evaluations})"
         )
+    elif sigma_grid:
+        raise ValueError(
+            f"--sigma_grid chooses the noise levels of the ODE solvers; --sampler {sampler} "
+            f"visits the steps of --timestep_respacing: drop --sigma_grid"
+        )
 
 
-def make_sample_fn(sampler, diffusion, evaluations=None):
+def make_sample_fn(sampler, diffusion, evaluations=None, sigma_grid=""):
     """
     The sampling loop of a script for a resolved sampler name, called like p_sample_loop:
     fn(model, shape, noise=None, clip_denoised=..., denoised_fn=..., cond_fn=...,
@@ -158,15 +167,18 @@ def make_sample_fn(sampler, diffusion, evaluations=None):
     :param sampler: a name from resolve_sampler.
     :param diffusion: the diffusion built from the flags.
     :param evaluations: the solvers' budget (--evaluations); unused by ddpm and ddim.
+    :param sigma_grid: the solvers' grid of noise levels (--sigma_grid; "" = the solver's
+        default, denoiser.DEFAULT_SIGMA_GRID).
     :raises ValueError: when a solver gets no budget or one too small for it.
     """
     if sampler == "ddpm":
         return diffusion.p_sample_loop
     if sampler == "ddim":
         return diffusion.ddim_sample_loop
-    check_sampler_flags(sampler, evaluations=evaluations or 0)
+    check_sampler_flags(sampler, evaluations=evaluations or 0, sigma_grid=sigma_grid)
     return functools.partial(
-        solver_sample_loop, diffusion, sampler=sampler, evaluations=evaluations
+        solver_sample_loop, diffusion, sampler=sampler, evaluations=evaluations,
+        sigma_grid=sigma_grid or None,
     )
 
 
