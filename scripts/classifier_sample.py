@@ -15,9 +15,9 @@ from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
 from guided_diffusion.diffusion.guidance import check_guidance_scale, classifier_free_guidance
 from guided_diffusion.runtime.perf import set_tf32
 from guided_diffusion.sampling.files import to_uint8
-from guided_diffusion.errors import ScriptError
 from guided_diffusion.sampling.loop import (
     gather_samples,
+    load_guidance_classifier,
     output_dir,
     prepare_network,
     write_samples,
@@ -31,7 +31,6 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     classifier_defaults,
-    create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
@@ -65,32 +64,7 @@ def main(argv=None):
     prepare_network(model, **network_flags(args))
 
     logger.log("loading classifier...")
-    classifier_flags = args_to_dict(args, classifier_defaults().keys())
-    classifier_flags["num_classes"] = args.num_classes
-    classifier_flags["classifier_channel_mult"] = args.classifier_channel_mult
-    classifier = create_classifier(**classifier_flags)
-    try:
-        load_checkpoint_into(
-            classifier,
-            args.classifier_path,
-            classifier_flags,
-            build=lambda f: create_classifier(**f),
-        )
-    except ScriptError as exc:
-        if "pass --image_size" in str(exc) or "positional_embedding" in str(exc):
-            raise ScriptError(
-                f"the classifier {args.classifier_path} was trained at another image size than "
-                f"the model's --image_size {args.image_size}: use a classifier trained at that "
-                f"size ({exc})"
-            ) from None
-        raise
-    prepare_network(
-        classifier,
-        use_fp16=args.classifier_use_fp16,
-        use_bf16=args.use_bf16 and not args.classifier_use_fp16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    )
+    classifier = load_guidance_classifier(args)
 
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
 

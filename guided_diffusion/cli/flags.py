@@ -4,7 +4,7 @@ reference's behaviour; the reference's own families stay in script_util (model_a
 and its siblings). Also the parsing of list-valued flags.
 """
 
-from ..script_util import model_and_diffusion_defaults
+from ..script_util import classifier_defaults, model_and_diffusion_defaults
 
 
 def sampling_extra_defaults():
@@ -144,6 +144,33 @@ def parse_step_counts(text):
     return sorted(set(counts))
 
 
+def editing_defaults():
+    """
+    Flags of the editing scripts (image_inpaint.py, image_edit.py) besides the model's: the
+    sampling scripts' extras, guidance and sampler flags, the classifier's flags (a classifier
+    guides only with --classifier_path), and
+
+    input: the image file or folder to edit.
+    class_label: the class of class-conditional or classifier-guided edits (-1 = random).
+    """
+    defaults = dict(
+        input="",
+        model_path="",
+        clip_denoised=True,
+        batch_size=16,
+        use_ddim=False,
+        class_label=-1,
+        classifier_path="",
+        classifier_scale=1.0,
+        classifier_channel_mult="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(classifier_defaults())
+    defaults.update(sampling_extra_defaults())
+    defaults.update(cfg_defaults())
+    defaults.update(sampling_guidance_defaults())
+    return defaults
+
 # Descriptions of the flags added by the sampling work (issues 20 and 24), merged into the one
 # flag table for --help: {flag: (group, one-line description)}.
 NEW_FLAG_HELP = {
@@ -156,5 +183,31 @@ NEW_FLAG_HELP = {
         "sampling",
         "noise levels of the ODE solvers: karras, logsnr (uniform in log sigma) or time "
         "(uniform in timestep); empty = the solver's measured default",
+    ),
+    "mask": (
+        "sampling",
+        "image_inpaint.py: a mask PNG for every image, or a folder of masks named like the "
+        "images; white = keep",
+    ),
+    "invert_mask": ("sampling", "image_inpaint.py: black = keep instead of white"),
+    "jump_length": (
+        "sampling",
+        "image_inpaint.py: RePaint's jump, reverse steps run before noising back up (1 = "
+        "every step)",
+    ),
+    "resamplings": (
+        "sampling",
+        "image_inpaint.py: RePaint's resampling, times each stretch of --jump_length steps is "
+        "run (1 = none)",
+    ),
+    "edit_strength": (
+        "sampling",
+        "image_edit.py: SDEdit's t0 / T in (0, 1]: how far the input is noised before "
+        "denoising (1 = sample from noise)",
+    ),
+    "class_label": (
+        "sampling",
+        "editing scripts: the class of class-conditional or classifier-guided edits (-1 = "
+        "random, drawn as image_sample.py draws)",
     ),
 }

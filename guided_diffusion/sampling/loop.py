@@ -199,3 +199,40 @@ def load_sampling_model(flags, model_path, **network):
     model, _ = create_model_and_diffusion(**flags)
     load_checkpoint_into(model, model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0])
     return prepare_network(model, **network)
+
+
+def load_guidance_classifier(args):
+    """
+    Build the noisy-image classifier of the classifier flags in `args` (classifier_defaults()
+    plus num_classes and classifier_channel_mult), load --classifier_path into it and get it
+    ready like the model (fp16 with --classifier_use_fp16, else bf16 with --use_bf16).
+
+    :raises ScriptError: when the checkpoint does not fit the flags; a classifier trained at
+        another image size is named as such.
+    """
+    from ..script_util import args_to_dict, classifier_defaults, create_classifier
+
+    classifier_flags = args_to_dict(args, classifier_defaults().keys())
+    classifier_flags["num_classes"] = args.num_classes
+    classifier_flags["classifier_channel_mult"] = args.classifier_channel_mult
+    classifier = create_classifier(**classifier_flags)
+    try:
+        load_checkpoint_into(
+            classifier, args.classifier_path, classifier_flags,
+            build=lambda f: create_classifier(**f),
+        )
+    except ScriptError as exc:
+        if "pass --image_size" in str(exc) or "positional_embedding" in str(exc):
+            raise ScriptError(
+                f"the classifier {args.classifier_path} was trained at another image size than "
+                f"the model's --image_size {args.image_size}: use a classifier trained at that "
+                f"size ({exc})"
+            ) from None
+        raise
+    return prepare_network(
+        classifier,
+        use_fp16=args.classifier_use_fp16,
+        use_bf16=args.use_bf16 and not args.classifier_use_fp16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )
