@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from oracles import GaussianData, gaussian_w2, mixture_model
+from inpaint_gaussian import DIM, KEEP, VALUES, gaussian_data
+from inpaint_gaussian import monte_carlo_level as monte_carlo_w2
+from oracles import gaussian_w2, mixture_model
 from guided_diffusion.diffusion.inpaint import inpaint_loop, repaint_schedule
 from guided_diffusion.diffusion.sdedit import edit_steps, sdedit_loop
 from guided_diffusion.script_util import create_gaussian_diffusion
 
-DIM = 4
 N = 4000
 
 
@@ -30,33 +31,10 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def gaussian_data():
-    """Four strongly correlated 'pixels' in a row (images [N, 1, 1, 4])."""
-    index = torch.arange(DIM, dtype=torch.float64)
-    cov = 0.25 * torch.exp(-((index[:, None] - index[None, :]) ** 2) / (2 * 1.5**2))
-    cov = cov + 0.01 * torch.eye(DIM, dtype=torch.float64)
-    return GaussianData(torch.tensor([0.2, -0.1, 0.0, 0.1]), cov)
-
-
-KEEP = torch.tensor([True, True, False, False])
-VALUES = torch.tensor([0.7, 0.6])
-
-
 def known_batch(n=N):
     known = torch.zeros(n, 1, 1, DIM)
     known[..., KEEP] = VALUES.float()
     return known
-
-
-def monte_carlo_w2(mean, cov, n, repeats=8, seed=5):
-    """W2 of the Gaussian fitted to n exact draws, mean + 3 sd over repeats: the noise level."""
-    gen = torch.Generator().manual_seed(seed)
-    chol = torch.linalg.cholesky(cov)
-    levels = []
-    for _ in range(repeats):
-        z = mean + torch.randn(n, len(mean), generator=gen, dtype=torch.float64) @ chol.T
-        levels.append(gaussian_w2(z.mean(0), torch.cov(z.T), mean, cov))
-    return float(np.mean(levels) + 3 * np.std(levels))
 
 
 def fitted_w2(samples, mean, cov):
@@ -257,6 +235,36 @@ def test_edit_strength_maps_to_steps_and_bad_values_are_refused():
         sdedit_loop(full, model, torch.zeros(1, 1), strength=0.5, sampler="heun")
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         sdedit_loop(full, model, torch.zeros(1, 1), strength=0.5, sampler="plms")
+
+
+def test_editing_steps_never_read_tensors_on_the_host():
+    """RePaint's jumps and known-pixel noise and SDEdit's start use host integers and floats."""
+    from test_fast_paths import trap_host_reads
+
+    from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
+    from guided_diffusion.script_util import create_classifier, create_model
+
+    torch.manual_seed(0)
+    model = create_model(8, 32, 1, channel_mult="1,2", learn_sigma=True, class_cond=True,
+                         num_classes=3, attention_resolutions="4", num_head_channels=16).eval()
+    classifier = create_classifier(8, False, 32, 1, "4", True, True, "attention",
+                                   num_classes=3, classifier_channel_mult="1,2").eval()
+    cond_fn = make_classifier_cond_fn(classifier, 1.0)
+    diffusion = create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="4")
+    known = torch.rand(2, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[..., :3] = True
+    y = torch.tensor([0, 2])
+    # Warm-up: the first calls fill the diffusion's device tables.
+    inpaint_loop(diffusion, model, known.shape, known=known, mask=mask, resamplings=2,
+                 model_kwargs={"y": y})
+    with trap_host_reads():
+        inpaint_loop(diffusion, model, known.shape, known=known, mask=mask, jump_length=2,
+                     resamplings=2, cond_fn=cond_fn, model_kwargs={"y": y})
+        sdedit_loop(diffusion, model, known, strength=0.5, sampler="ddpm", cond_fn=cond_fn,
+                    model_kwargs={"y": y})
+        sdedit_loop(diffusion, model, known, strength=0.5, sampler="dpmpp_2m_sde",
+                    evaluations=3, model_kwargs={"y": y})
 
 
 # ----------------------------------------------------------------------------- the scripts
