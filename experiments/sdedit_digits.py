@@ -13,10 +13,10 @@ schedule, T = 1000):
     python scripts/image_train.py --data_dir runs/sdedit/digits $MODEL_FLAGS $DIFFUSION_FLAGS \
         --lr 2e-3 --batch_size 64 --ema_rate 0.99 --lr_anneal_steps 2000 --log_dir runs/sdedit/model
     python scripts/classifier_train.py --data_dir runs/sdedit/digits --image_size 8 \
-        $CLASSIFIER_FLAGS $DIFFUSION_FLAGS --lr 1e-3 --batch_size 64 --iterations 800 \
+        $CLASSIFIER_FLAGS $DIFFUSION_FLAGS --lr 1e-3 --batch_size 64 --iterations 2000 \
         --log_dir runs/sdedit/classifier
     python experiments/sdedit_digits.py --model_path runs/sdedit/model/ema_0.99_002000.pt \
-        --classifier_path runs/sdedit/classifier/model000800.pt --out_dir runs/sdedit
+        --classifier_path runs/sdedit/classifier/model002000.pt --out_dir runs/sdedit
 
 Writes sdedit_digits.json, sdedit_digits.md (the table) and sdedit_digits.png (rows: the input,
 then one row per strength, guided).
@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from guidance_eval import RealDigitsJudge  # noqa: E402
 
-from guided_diffusion.diffusion.guidance import make_classifier_cond_fn  # noqa: E402
 from guided_diffusion.diffusion.sdedit import sdedit_loop  # noqa: E402
+from guided_diffusion.sampling.editing import guided_model  # noqa: E402
 from guided_diffusion.sampling.files import make_grid_png, to_uint8, uint8_to_model_input  # noqa: E402
 from guided_diffusion.script_util import create_classifier, create_model_and_diffusion  # noqa: E402
 
@@ -77,11 +77,14 @@ def run(model_path, classifier_path, *, strengths, scales, num_inputs, respacing
     log(f"judge: {judge.heldout_accuracy:.3f} accuracy on held-out real digits; on the inputs "
         f"{np.mean(judge.predict(inputs) == source):.3f}")
     for scale in scales:
-        cond_fn = make_classifier_cond_fn(classifier, scale) if scale > 0 else None
+        # As image_edit.py guides an unconditional model: the labels reach the classifier only.
+        model_fn, cond_fn = guided_model(model, class_cond=False, guidance_scale=1.0,
+                                         num_classes=10, classifier=classifier if scale else None,
+                                         classifier_scale=scale)
         for strength in strengths:
             torch.manual_seed(seed)
             start = time.time()
-            edited = sdedit_loop(diffusion, model, x_start, strength=strength, sampler="ddim",
+            edited = sdedit_loop(diffusion, model_fn, x_start, strength=strength, sampler="ddim",
                                  cond_fn=cond_fn, model_kwargs={"y": y})
             images = to_uint8(edited).numpy()
             predicted = judge.predict(images)
