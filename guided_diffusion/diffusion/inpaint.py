@@ -35,14 +35,12 @@ def repaint_schedule(num_timesteps, jump_length=1, resamplings=1):
     The T steps are cut into blocks of jump_length steps from the top (T-1 down; the last block
     may be shorter), and each block is run `resamplings` times: between two runs the sample is
     noised back up to the level the block starts from. With jump_length 1 every step is run
-    `resamplings` times (Algorithm 1 with U = resamplings).
-
-    # deviation from reference: Algorithm 1 of the paper does not resample its last step
-    # (t = 1); here the last block is resampled like every other, so that the number of model
-    # evaluations is always T * resamplings.
+    `resamplings` times (Algorithm 1 with U = resamplings), the last block included.
 
     :return: a list of timestep indices (ints).
     """
+    # deviation from the paper: Algorithm 1 does not resample its last step (t = 1); here the
+    # last block is resampled like every other, so a run always costs T * resamplings steps.
     for name, value in (("jump_length", jump_length), ("resamplings", resamplings)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")

@@ -132,7 +132,7 @@ def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0, sigma_
     if sampler in solvers.SOLVERS:
         if timestep_respacing:
             raise ValueError(
-                f"--timestep_respacing chooses the steps of --sampler ddpm or ddim; the ODE "
+                f"--timestep_respacing chooses the steps of --sampler ddpm or ddim; the "
                 f"solver {sampler} chooses its own noise levels: drop --timestep_respacing and "
                 f"give its model evaluations per sample with --evaluations N"
             )
@@ -144,12 +144,12 @@ def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0, sigma_
         solvers.steps_for_evaluations(sampler, evaluations)
     elif evaluations:
         raise ValueError(
-            f"--evaluations is the budget of the ODE solvers; --sampler {sampler} takes its steps "
+            f"--evaluations is the budget of the solvers; --sampler {sampler} takes its steps "
             f"from --timestep_respacing (e.g. --timestep_respacing {evaluations})"
         )
     elif sigma_grid:
         raise ValueError(
-            f"--sigma_grid chooses the noise levels of the ODE solvers; --sampler {sampler} "
+            f"--sigma_grid chooses the noise levels of the solvers; --sampler {sampler} "
             f"visits the steps of --timestep_respacing: drop --sigma_grid"
         )
 
