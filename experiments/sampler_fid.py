@@ -8,9 +8,9 @@ scale) of a class-conditional model of small grayscale images such as the bundle
 
 The features are the 64 penultimate activations of a small CNN trained here on the real images
 (--data_dir, read as they are), FID from the project's evaluator maths; see
-guided_diffusion/sampler_fid.py. For every configuration the labels are balanced and the starting
+experiments/sampler_fid_lib.py. For every configuration the labels are balanced and the starting
 noise is the same (drawn from a generator seeded with --seed). ddim and ddpm get --timestep_respacing N (N evenly spaced
-steps); the ODE solvers get N as their budget of model evaluations. Writes, in --out_dir
+steps); the ODE solvers get --evaluations N, their budget of model evaluations. Writes, in --out_dir
 (default: the log folder): sampler_fid.json, sampler_fid.md (tables), sampler_fid.png (plot) and
 grids/w<scale>_<sampler>_<N>.png (the first 100 samples of each configuration).
 """
@@ -63,7 +63,7 @@ def main(argv=None):
 
     out = output_dir(args)
     rows = sweep(
-        model, lambda respacing: diffusion_from_flags(flags, respacing), flags, reference,
+        model, lambda respacing: diffusion_from_flags(flags, respacing), reference,
         samplers=names, evaluations=budgets, guidance_scales=scales,
         num_samples=args.num_samples, batch_size=args.batch_size, num_classes=args.num_classes,
         image_size=args.image_size, seed=args.seed,

@@ -98,8 +98,8 @@ def check_budgets(samplers, evaluations):
                 solvers.steps_for_evaluations(name, budget)
 
 
-def generate(model, diffusion, flags, *, sampler, guidance_scale, num_samples, batch_size,
-             num_classes, seed, image_size, progress=False):
+def generate(model, diffusion, *, sampler, guidance_scale, num_samples, batch_size,
+             num_classes, seed, image_size, evaluations=None, progress=False):
     """
     Sample class-conditional images with one sampler and guidance scale.
 
@@ -108,12 +108,13 @@ def generate(model, diffusion, flags, *, sampler, guidance_scale, num_samples, b
     the same noise (ddpm's per-step noise comes from torch's global generator, seeded with
     `seed` + 1).
 
-    :param diffusion: the diffusion respaced to the evaluation budget (--timestep_respacing).
-    :param flags: the diffusion flags (for make_sample_fn).
+    :param diffusion: for ddpm and ddim, the diffusion respaced to the evaluation budget; for
+        the ODE solvers, the model's diffusion (its respacing is not used).
+    :param evaluations: the ODE solvers' budget of model evaluations (unused by ddpm and ddim).
     :return: (uint8 images [N, H, W, 3], int64 labels [N], model evaluations per image; with
         guidance_scale != 1 one evaluation is one forward pass over twice the batch).
     """
-    sample_fn = make_sample_fn(sampler, diffusion, flags)
+    sample_fn = make_sample_fn(sampler, diffusion, evaluations)
     calls = []
 
     def counted(x, t, **kwargs):
@@ -138,14 +139,15 @@ def generate(model, diffusion, flags, *, sampler, guidance_scale, num_samples, b
     return np.concatenate(images), labels.numpy(), evaluations
 
 
-def sweep(model, build_diffusion, flags, reference, *, samplers, evaluations, guidance_scales,
+def sweep(model, build_diffusion, reference, *, samplers, evaluations, guidance_scales,
           num_samples, batch_size, num_classes, image_size, seed=0, grid_dir=None, log=print,
           progress=False):
     """
     FID and class accuracy for every (guidance scale, sampler, evaluation budget).
 
     :param build_diffusion: a function respacing -> diffusion (the model's flags with that
-        --timestep_respacing).
+        --timestep_respacing): ddpm and ddim get str(budget), the ODE solvers "" and the
+        budget as their evaluations.
     :param reference: the dict of real_reference.
     :param grid_dir: if given, a PNG grid of the first 100 samples of each configuration.
     :param progress: a progress bar over the configurations.
@@ -154,12 +156,16 @@ def sweep(model, build_diffusion, flags, reference, *, samplers, evaluations, gu
     """
     rows = []
     configs = [(w, n, b) for w in guidance_scales for n in samplers for b in evaluations]
+    from guided_diffusion.diffusion.solvers import SOLVERS
+
     for scale, name, budget in tqdm(configs, disable=not progress, desc="configurations"):
         start = time.time()
+        solver = name in SOLVERS
         images, labels, used = generate(
-            model, build_diffusion(str(budget)), flags, sampler=name,
+            model, build_diffusion("" if solver else str(budget)), sampler=name,
             guidance_scale=scale, num_samples=num_samples, batch_size=batch_size,
             num_classes=num_classes, seed=seed, image_size=image_size,
+            evaluations=budget if solver else None,
         )
         samples = to_eval_space(images, grayscale=True)
         stats = FIDStatistics.from_features(

@@ -2,14 +2,16 @@
 Gaussian diffusion: the forward process, the model's reverse process, guidance, sampling and
 training losses (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
 
-This module keeps the reference's public names. The work is split by job: ``schedules`` holds the
-pure float64 table maths, ``diffusion_sampling`` the samplers, ``diffusion_losses`` the training
-losses and likelihood; this file holds the process itself and how model outputs are read.
+This module keeps the reference's public names. The work is split by job: ``diffusion.schedules``
+holds the pure float64 table maths, ``diffusion.outputs`` how model outputs are read,
+``diffusion.sampling`` the samplers, ``diffusion.training_losses`` the training losses and
+likelihood; this file holds the process itself and its tables.
 """
 
 import numpy as np
 import torch as th
 
+from .diffusion import outputs
 from .diffusion.training_losses import TrainingLossesMixin
 from .diffusion.sampling import SamplingMixin
 from .diffusion.types import LossType, ModelMeanType, ModelVarType
@@ -55,17 +57,62 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         for name, values in tables.items():
             setattr(self, name, values)
         # Tables the reference derived from others at every lookup (1 - alphas_cumprod, ...)
-        # are kept here, so that each is copied to a device once (see extract_into_tensor).
-        self._one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
-        self._log_betas = np.log(self.betas)
-        self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
-        self._posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
-        # Reverse-process variances that do not depend on the model.
+        # are computed once here, in float64 as the reference did at each lookup.
         large = np.append(self.posterior_variance[1], self.betas[1:])
-        self._fixed_variances = {
-            ModelVarType.FIXED_LARGE: (large, np.log(large)),
-            ModelVarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
-        }
+        tables.update(
+            one_minus_alphas_cumprod=1.0 - self.alphas_cumprod,
+            log_betas=np.log(self.betas),
+            recip_posterior_mean_coef1=1.0 / self.posterior_mean_coef1,
+            posterior_mean_coef2_over_coef1=self.posterior_mean_coef2 / self.posterior_mean_coef1,
+            fixed_large_variance=large,
+            fixed_large_log_variance=np.log(large),
+        )
+        self._host_tables = tables
+        # Device copies of the tables, one dict per device, made at their first use there.
+        self._device_tables = {}
+
+    @property
+    def base_alphas_cumprod(self):
+        """
+        alpha_bar over every step of the process the model was trained with (its timesteps are
+        the model's): this diffusion's own; a SpacedDiffusion's base process's.
+        """
+        return self.alphas_cumprod
+
+    def _tables_on(self, device):
+        """
+        Every float64 table of this diffusion as a tensor on `device`, copied there once.
+
+        # deviation from reference: the reference copies a table to the device at every lookup,
+        # which on a GPU stops the host (a synchronising copy) several times per sampling step.
+        The tables are read at their first use on a device: build a new diffusion rather than
+        changing one's numpy tables afterwards.
+        """
+        device = th.device(device)
+        tables = self._device_tables.get(device)
+        if tables is None:
+            # Made outside inference mode so that tensors first built under it stay usable in
+            # training, and without autograd history.
+            with th.inference_mode(False), th.no_grad():
+                tables = {
+                    name: th.from_numpy(np.array(values, dtype=np.float64)).to(device)
+                    for name, values in self._host_tables.items()
+                }
+            self._device_tables[device] = tables
+        return tables
+
+    def _extract(self, name, t, shape):
+        """
+        The float64 table `name` at timesteps t, cast to float32 after the lookup (as the
+        reference) and broadcast to `shape` ([N x ...], N = len(t)).
+        """
+        values = self._tables_on(t.device)[name][t].float()
+        values = values.reshape(values.shape + (1,) * (len(shape) - values.dim()))
+        return values.expand(shape)
+
+    def _level(self, t, shape):
+        """The coefficients of outputs.py at integer timesteps t, for images of `shape`."""
+        return outputs.TimestepLevel(lambda name: self._extract(name, t, shape))
 
     # -- forward process q -------------------------------------------------------------------
 
@@ -75,9 +122,9 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
 
         :return: a tuple (mean, variance, log_variance), all of x_start's shape.
         """
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(self._one_minus_alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -91,8 +138,8 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
         return (
-            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -104,11 +151,11 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start shape {tuple(x_start.shape)} != x_t shape {tuple(x_t.shape)}")
         mean = (
-            _extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = self._extract("posterior_variance", t, x_t.shape)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     # -- the model's reverse process p ---------------------------------------------------------
@@ -127,42 +174,24 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         """
         if model_kwargs is None:
             model_kwargs = {}
-        batch, channels = x.shape[:2]
+        batch = x.shape[0]
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
 
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            _check_output_channels(model_output, x, learned_variance=True)
-            model_output, var_values = th.split(model_output, channels, dim=1)
-            if self.model_var_type == ModelVarType.LEARNED:
-                model_log_variance = var_values
-            else:
-                # Nichol & Dhariwal (2021) eq. 15, with v mapped from [-1, 1] to [0, 1].
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(self._log_betas, t, x.shape)
-                frac = (var_values + 1) / 2
-                model_log_variance = frac * max_log + (1 - frac) * min_log
-            model_variance = th.exp(model_log_variance)
-        else:
-            _check_output_channels(model_output, x, learned_variance=False)
-            variance, log_variance = self._fixed_variances[self.model_var_type]
-            model_variance = _extract_into_tensor(variance, t, x.shape)
-            model_log_variance = _extract_into_tensor(log_variance, t, x.shape)
-
-        def process_xstart(pred):
-            if denoised_fn is not None:
-                pred = denoised_fn(pred)
-            return pred.clamp(-1, 1) if clip_denoised else pred
-
+        level = self._level(t, x.shape)
+        prediction, var_values = outputs.split_output(model_output, x, self.model_var_type)
+        model_variance, model_log_variance = outputs.read_variance(
+            self.model_var_type, var_values, level
+        )
+        pred_xstart = outputs.process_xstart(
+            outputs.read_xstart(self.model_mean_type, prediction, x, level),
+            clip_denoised,
+            denoised_fn,
+        )
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output))
-            model_mean = model_output
+            model_mean = prediction
         else:
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
             model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
 
         return {
@@ -173,23 +202,13 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         }
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        # Invert q_sample: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar).
-        return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
-        )
+        return outputs.xstart_from_eps(x_t, eps, self._level(t, x_t.shape))
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
-        # Invert the posterior mean for x_0.
-        return (
-            _extract_into_tensor(self._recip_posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(self._posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t
-        )
+        return outputs.xstart_from_xprev(x_t, xprev, self._level(t, x_t.shape))
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+        return outputs.eps_from_xstart(x_t, pred_xstart, self._level(t, x_t.shape))
 
     def _scale_timesteps(self, t):
         if self.rescale_timesteps:
@@ -215,22 +234,10 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         """
         if model_kwargs is None:
             model_kwargs = {}
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
-
+        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
         out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["pred_xstart"] = outputs.guided_xstart(
+            p_mean_var["pred_xstart"], x, gradient, self._level(t, x.shape)
+        )
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
         return out
-
-
-def _check_output_channels(model_output, x, *, learned_variance):
-    expected = x.shape[1] * (2 if learned_variance else 1)
-    if model_output.shape[1] != expected:
-        hint = "--learn_sigma False" if learned_variance else "--learn_sigma True"
-        raise ValueError(
-            f"the model outputs {model_output.shape[1]} channels but this diffusion expects "
-            f"{expected} for {x.shape[1]}-channel images; the model and diffusion flags disagree "
-            f"(try {hint})"
-        )

@@ -27,11 +27,18 @@ class SpacedDiffusion(GaussianDiffusion):
         self.use_timesteps = set(use_timesteps)
         self.original_num_steps = len(kwargs["betas"])
         base = GaussianDiffusion(**kwargs)
+        # The process the model was trained with: the ODE solvers read its noise levels.
+        self._base_alphas_cumprod = base.alphas_cumprod
         betas, self.timestep_map = respace_betas(base.alphas_cumprod, self.use_timesteps)
         # The map as a tensor, per (device, dtype): building it at every model call would copy
         # it to the device (a host synchronisation on a GPU) several times per step.
         self._timestep_map_tensors = {}
         super().__init__(**{**kwargs, "betas": betas})
+
+    @property
+    def base_alphas_cumprod(self):
+        """alpha_bar over all original_num_steps steps of the base process."""
+        return self._base_alphas_cumprod
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)

@@ -7,7 +7,6 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
 """
 
 import argparse
-import re
 
 import torch
 
@@ -16,9 +15,9 @@ from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
 from guided_diffusion.diffusion.guidance import check_guidance_scale, classifier_free_guidance
 from guided_diffusion.runtime.perf import set_tf32
 from guided_diffusion.sampling.files import to_uint8
-from guided_diffusion.errors import ScriptError
 from guided_diffusion.sampling.loop import (
     gather_samples,
+    load_guidance_classifier,
     output_dir,
     prepare_network,
     write_samples,
@@ -32,17 +31,26 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     classifier_defaults,
-    create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
+from guided_diffusion.sampling.loop import (
+    check_sampler_flags,
+    load_guidance_classifier,
+    make_sample_fn,
+    resolve_sampler,
+    sample_steps,
+)
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_sampler_flags(
+        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations,
+        sigma_grid=args.sigma_grid,
+    )
     check_guidance_scale(
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
@@ -54,43 +62,16 @@ def main(argv=None):
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
     model, diffusion = create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, flags)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
 
-    classifier_flags = args_to_dict(args, classifier_defaults().keys())
-    classifier_flags["num_classes"] = args.num_classes
-    classifier_flags["classifier_channel_mult"] = args.classifier_channel_mult
-    classifier = create_classifier(**classifier_flags)
-    try:
-        load_checkpoint_into(
-            classifier,
-            args.classifier_path,
-            classifier_flags,
-            build=lambda f: create_classifier(**f),
-        )
-    except ScriptError as exc:
-        # The model and the classifier share --image_size: changing it for the classifier
-        # alone is no fix. (The hint may list --image_size among other flags to change.)
-        if re.search(r"--image_size \d", str(exc)) or "positional_embedding" in str(exc):
-            raise ScriptError(
-                f"the classifier {args.classifier_path} was trained at another image size than "
-                f"the model's --image_size {args.image_size}: use a classifier trained at that "
-                f"size ({exc})"
-            ) from None
-        raise
+    classifier = load_guidance_classifier(args)
     logger.configure(dir=args.log_dir or None)
     set_tf32(args.tf32)
     logger.log(f"loaded the model {args.model_path} and the classifier {args.classifier_path}")
     prepare_network(model, **network_flags(args))
-    prepare_network(
-        classifier,
-        use_fp16=args.classifier_use_fp16,
-        use_bf16=args.use_bf16 and not args.classifier_use_fp16,
-        compile=args.compile,
-        channels_last=args.channels_last,
-    )
 
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
 
@@ -124,7 +105,7 @@ def main(argv=None):
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
                                  progress=args.progress,
-                                 steps_per_batch=sample_steps(sampler, diffusion))
+                                 steps_per_batch=sample_steps(sampler, diffusion, args.evaluations))
     write_samples(arr, labels, output_dir(args))
     logger.log("sampling complete")
 

@@ -30,13 +30,22 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
+from guided_diffusion.sampling.loop import (
+    check_sampler_flags,
+    make_sample_fn,
+    resolve_sampler,
+    sample_steps,
+)
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_sampler_flags(
+        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations,
+        sigma_grid=args.sigma_grid,
+    )
     check_guidance_scale(
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
@@ -48,7 +57,7 @@ def main(argv=None):
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
     model, diffusion = create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, flags)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
@@ -84,7 +93,7 @@ def main(argv=None):
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
                                  progress=args.progress,
-                                 steps_per_batch=sample_steps(sampler, diffusion))
+                                 steps_per_batch=sample_steps(sampler, diffusion, args.evaluations))
     write_samples(arr, labels, output_dir(args))
     logger.log("sampling complete")
 

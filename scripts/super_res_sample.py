@@ -34,13 +34,22 @@ from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
+from guided_diffusion.sampling.loop import (
+    check_sampler_flags,
+    make_sample_fn,
+    resolve_sampler,
+    sample_steps,
+)
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
+    check_sampler_flags(
+        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations,
+        sigma_grid=args.sigma_grid,
+    )
     check_guidance_scale(
         args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
     )
@@ -55,7 +64,7 @@ def main(argv=None):
         class_dropout_prob=args.class_dropout_prob,
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, flags)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: sr_create_model_and_diffusion(**f)[0]
     )
@@ -87,7 +96,7 @@ def main(argv=None):
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
                                  progress=args.progress,
-                                 steps_per_batch=sample_steps(sampler, diffusion))
+                                 steps_per_batch=sample_steps(sampler, diffusion, args.evaluations))
     write_samples(arr, labels, output_dir(args))
     logger.log("sampling complete")
 

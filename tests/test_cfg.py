@@ -191,7 +191,7 @@ def test_a_dropout_checkpoint_resumes(trained):
     assert float(rows[-1].split(",")[header.split(",").index("step")]) == 3  # steps taken
     # The resumed checkpoint samples, guided, with a solver.
     out = trained["root"] / "resumed_samples"
-    images, labels = sample(trained, out, *CFG, "--sampler", "dpmpp_2m", "--timestep_respacing",
+    images, labels = sample(trained, out, *CFG, "--sampler", "dpmpp_2m", "--evaluations",
                             "4", "--guidance_scale", 2.0, checkpoint="model000003.pt")
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
     assert set(labels.tolist()) <= set(range(CLASSES))
@@ -207,9 +207,10 @@ def sample(trained, out, *extra, checkpoint="model000002.pt", num=3):
         return npz["arr_0"], npz["arr_1"]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_guidance_scale_one_is_plain_conditional_sampling(trained, tmp_path, sampler):
-    flags = ["--sampler", sampler, "--timestep_respacing", "5"]
+    budget = "--timestep_respacing" if sampler == "ddpm" else "--evaluations"
+    flags = ["--sampler", sampler, budget, "5"]
     plain = sample(trained, tmp_path / "plain", *CFG, *flags)
     scale_one = sample(trained, tmp_path / "one", *CFG, *flags, "--guidance_scale", 1.0)
     guided = sample(trained, tmp_path / "guided", *CFG, *flags, "--guidance_scale", 4.0)
@@ -219,9 +220,11 @@ def test_guidance_scale_one_is_plain_conditional_sampling(trained, tmp_path, sam
     assert not np.array_equal(plain[0], guided[0])
 
 
-def test_guided_solver_sampling_matches_the_library(trained, tmp_path):
-    images, labels = sample(trained, tmp_path, *CFG, "--sampler", "heun", "--timestep_respacing",
-                            "7", "--guidance_scale", 3.0)
+@pytest.mark.parametrize("sampler,evaluations,grid", [("heun", 7, ""),
+                                                      ("dpmpp_2m_sde", 5, "karras")])
+def test_guided_solver_sampling_matches_the_library(trained, tmp_path, sampler, evaluations, grid):
+    images, labels = sample(trained, tmp_path, *CFG, "--sampler", sampler, "--evaluations",
+                            evaluations, "--sigma_grid", grid, "--guidance_scale", 3.0)
     parsed = vars(load_script("image_sample").create_argparser().parse_args(TINY))
     flags = {k: parsed[k] for k in model_and_diffusion_defaults()}
     model, full = create_model_and_diffusion(**flags, num_classes=CLASSES, class_dropout_prob=0.3)
@@ -231,7 +234,8 @@ def test_guided_solver_sampling_matches_the_library(trained, tmp_path):
     y = torch.randint(0, CLASSES, (3,))
     expected = solver_sample_loop(
         full, classifier_free_guidance(model, 3.0, null_label=CLASSES), (3, 3, 8, 8),
-        sampler="heun", evaluations=7, model_kwargs={"y": y})
+        sampler=sampler, evaluations=evaluations, model_kwargs={"y": y},
+        sigma_grid=grid or None)
     np.testing.assert_array_equal(labels, y.numpy())
     np.testing.assert_array_equal(images, to_uint8(expected).numpy())
 
@@ -245,7 +249,7 @@ def test_classifier_and_classifier_free_guidance_together(trained, tmp_path):
             "--classifier_width", 32, "--classifier_depth", 1, "--classifier_channel_mult", "1,2",
             "--classifier_attention_resolutions", 4, "--classifier_path", tmp_path / "classifier.pt",
             "--num_samples", 2, "--batch_size", 2, "--seed", 0, "--progress", "False",
-            "--log_dir", tmp_path, "--timestep_respacing", 5, "--sampler", "dpmpp_2m",
+            "--log_dir", tmp_path, "--evaluations", 5, "--sampler", "dpmpp_2m",
             "--guidance_scale", 2.0]
     outputs = []
     for scale in (0.0, 20.0):
@@ -270,7 +274,7 @@ def test_super_res_sampling_with_guidance_and_a_solver(tmp_path):
         "--attention_resolutions", 4, "--num_head_channels", 16, "--learn_sigma", True,
         "--diffusion_steps", 50, "--class_cond", True, "--num_classes", CLASSES,
         "--class_dropout_prob", 0.1, "--base_samples", tmp_path / "base.npz", "--num_samples", 2,
-        "--batch_size", 2, "--sampler", "euler", "--timestep_respacing", 4,
+        "--batch_size", 2, "--sampler", "euler", "--evaluations", 4,
         "--guidance_scale", 2.0, "--log_dir", tmp_path, "--progress", "False"]) == 0
     with np.load(tmp_path / "samples_2x8x8x3.npz") as npz:
         assert npz["arr_0"].shape == (2, 8, 8, 3) and npz["arr_1"].tolist() == [0, 3]
@@ -285,13 +289,26 @@ def error_line(capsys, status):
 
 def test_bad_input_one_liners(trained, tmp_path, capsys):
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "plms"))
-    assert "unknown --sampler 'plms'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m" in line
+    assert ("unknown --sampler 'plms'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m, "
+            "dpmpp_3m, euler_ancestral, dpmpp_2m_sde") in line
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
                                      "--use_ddim", "True"))
     assert "pass only one of them" in line
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "dpmpp_2m",
-                                     "--timestep_respacing", "2"))
+                                     "--evaluations", "2"))
     assert "dpmpp_2m needs at least 3 model evaluations" in line
+    # One meaning per flag: steps for ddpm/ddim, model evaluations for the solvers.
+    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "dpmpp_2m",
+                                     "--timestep_respacing", "10", "--evaluations", "10"))
+    assert "drop --timestep_respacing" in line and "--evaluations N" in line
+    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun"))
+    assert "--sampler heun needs --evaluations N" in line
+    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "ddim",
+                                     "--evaluations", "10"))
+    assert "--sampler ddim takes its steps from --timestep_respacing" in line
+    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
+                                     "--evaluations", "10", "--sigma_grid", "edm"))
+    assert "unknown --sigma_grid 'edm'; known grids: karras, logsnr, time" in line
     # A model trained without a null class cannot be guided without a classifier.
     line = error_line(capsys, sample(trained, tmp_path, "--guidance_scale", 3.0))
     assert "image_train.py --class_dropout_prob" in line
@@ -389,7 +406,7 @@ def test_sampler_fid_same_noise_for_every_configuration(trained):
             return model(x, t, **kwargs)
 
         images, labels, used = generate(
-            watched, diffusion_from_flags(flags, "5"), flags, sampler=sampler,
+            watched, diffusion_from_flags(flags, "5"), sampler=sampler, evaluations=5,
             guidance_scale=scale, num_samples=6, batch_size=batch_size, num_classes=CLASSES,
             seed=3, image_size=8)
         return images, labels, calls, used
@@ -411,7 +428,8 @@ def test_sampler_fid_bad_input(trained, tmp_path, capsys):
     base = ["--model_path", trained["log"] / "model000002.pt", "--data_dir", trained["data"],
             *TINY, "--num_samples", 4, "--log_dir", tmp_path]
     line = error_line(capsys, run_inprocess("sampler_fid", [*base, *CFG, "--samplers", "ddim,rk4"]))
-    assert "unknown --sampler 'rk4'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m" in line
+    assert ("unknown --sampler 'rk4'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m, "
+            "dpmpp_3m, euler_ancestral, dpmpp_2m_sde") in line
     line = error_line(capsys, run_inprocess("sampler_fid", [
         *base, *CFG, "--samplers", "heun", "--evaluations", "2,10"]))
     assert "heun needs at least 3 model evaluations" in line

@@ -13,7 +13,7 @@ from guided_diffusion import logger, script_util
 from guided_diffusion.runtime import perf as perf_util
 from guided_diffusion.resample import UniformSampler
 from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
-from guided_diffusion.diffusion.schedules import device_table, extract_into_tensor
+from guided_diffusion.diffusion.schedules import extract_into_tensor
 from guided_diffusion.train_util import TrainLoop
 from guided_diffusion.unet import QKVAttention, QKVAttentionLegacy
 
@@ -232,12 +232,18 @@ def test_cuda_steps_run_under_sync_debug_mode_error(tmp_path, precision):
 def test_tables_and_timestep_map_are_copied_to_a_device_once():
     diffusion = script_util.create_gaussian_diffusion(steps=100, timestep_respacing="ddim10")
     t = torch.tensor([0, 9])
-    first = device_table(diffusion.alphas_cumprod, t.device)
-    assert device_table(diffusion.alphas_cumprod, t.device) is first
-    assert first.dtype == torch.float64  # looked up in float64, then cast
-    values = extract_into_tensor(diffusion.alphas_cumprod, t, (2, 1, 1, 1))
+    first = diffusion._tables_on(t.device)
+    assert diffusion._tables_on(t.device) is first
+    assert first["alphas_cumprod"].dtype == torch.float64  # looked up in float64, then cast
+    values = diffusion._extract("alphas_cumprod", t, (2, 1, 1, 1))
     expected = torch.from_numpy(diffusion.alphas_cumprod[[0, 9]]).float().view(2, 1, 1, 1)
     assert values.dtype == torch.float32 and torch.equal(values, expected)
+    # Each diffusion owns its copies: no state is shared between instances.
+    other = script_util.create_gaussian_diffusion(steps=100, timestep_respacing="ddim10")
+    assert other._tables_on(t.device) is not first
+    # The reference's helper takes any table, a temporary included, and reads the same values.
+    derived = extract_into_tensor(1.0 - diffusion.alphas_cumprod, t, (2, 1, 1, 1))
+    assert torch.equal(derived, diffusion._extract("one_minus_alphas_cumprod", t, (2, 1, 1, 1)))
     seen = []
     wrapped = diffusion._wrap_model(lambda x, ts: seen.append(ts) or x)
     wrapped(torch.zeros(2), t)

@@ -35,7 +35,7 @@ def test_every_script_is_found_and_every_flag_is_described(parsers):
     assert {"experiments/digits_report.py", "experiments/guidance_sweep.py",
             "experiments/sampler_fid.py", "evaluations/evaluator.py", "datasets/digits.py"} <= set(names)
     assert not any(n.endswith(("guidance_eval.py", "sampler_fid_lib.py")) for n in names)
-    assert len(names) == 21
+    assert len(names) >= 21  # scripts are added over time; each must be found and described
     assert flags.undescribed_flags(parsers) == []
     for script, parser in parsers:
         for action in parser._actions:

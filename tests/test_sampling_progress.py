@@ -8,7 +8,7 @@ import torch
 from guided_diffusion import logger
 from guided_diffusion.diffusion import progress as loop_progress
 from guided_diffusion.sampling import loop
-from guided_diffusion.script_util import create_gaussian_diffusion, diffusion_defaults
+from guided_diffusion.script_util import create_gaussian_diffusion
 
 pytestmark = pytest.mark.usefixtures("cpu_only", "quiet_logger")
 
@@ -55,10 +55,12 @@ def test_one_bar_counts_every_denoising_step_of_the_run(monkeypatch, sampler, st
     RecordingBar.made = []
     monkeypatch.setattr(loop, "tqdm", RecordingBar)
     monkeypatch.setattr(loop_progress, "tqdm", _no_bar_of_its_own)
-    flags = dict(diffusion_defaults(), diffusion_steps=100)
-    diffusion = create_gaussian_diffusion(steps=100, timestep_respacing="4")
-    sample_fn = loop.make_sample_fn(sampler, diffusion, flags)
-    assert loop.sample_steps(sampler, diffusion) == steps  # heun: 2 steps of 2 evaluations
+    # ddpm/ddim: 4 respaced steps; the solvers: a budget of 4 model evaluations.
+    respacing = "4" if sampler in ("ddpm", "ddim") else ""
+    evaluations = None if sampler in ("ddpm", "ddim") else 4
+    diffusion = create_gaussian_diffusion(steps=100, timestep_respacing=respacing)
+    sample_fn = loop.make_sample_fn(sampler, diffusion, evaluations)
+    assert loop.sample_steps(sampler, diffusion, evaluations) == steps  # heun: 2 steps of 2 evaluations
     seen = []
 
     def make_batch(bar):

@@ -173,9 +173,12 @@ def sampling_guidance_defaults():
 
     guidance_scale: w of classifier-free guidance; 1 = plain conditional sampling (no extra
         model evaluation), 0 = unconditional, > 1 = stronger conditioning.
-    sampler: "" (ddim when --use_ddim True, else ddpm) or one of samplers.SAMPLER_NAMES.
+    sampler: "" (ddim when --use_ddim True, else ddpm) or one of sampling.loop.SAMPLER_NAMES.
+    evaluations: the ODE solvers' model evaluations per sample (required with them; 0 with
+        ddpm and ddim, whose steps --timestep_respacing chooses).
+    sigma_grid: the solvers' noise levels, karras, logsnr or time ("" = each solver's default).
     """
-    return dict(guidance_scale=1.0, sampler="")
+    return dict(guidance_scale=1.0, sampler="", evaluations=0, sigma_grid="")
 
 
 def performance_defaults():
@@ -806,13 +809,90 @@ def main(argv=None):
     sys.stdout.write(flags_markdown(script_parsers(args.root)))
 
 
+def editing_defaults():
+    """
+    Flags of the editing scripts (image_inpaint.py, image_edit.py) besides the model's: the
+    sampling scripts' extras, guidance and sampler flags, the classifier's flags (a classifier
+    guides only with --classifier_path), and
+
+    input: the image file or folder to edit.
+    class_label: the class of class-conditional or classifier-guided edits (-1 = random).
+    """
+    defaults = dict(
+        input="",
+        model_path="",
+        clip_denoised=True,
+        batch_size=16,
+        use_ddim=False,
+        class_label=-1,
+        classifier_path="",
+        classifier_scale=1.0,
+        classifier_channel_mult="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(classifier_defaults())
+    defaults.update(sampling_extra_defaults())
+    defaults.update(cfg_defaults())
+    defaults.update(sampling_guidance_defaults())
+    return defaults
+
+# Rows of flags added after the table was written: name -> (group, one-line description).
+# flag_table() merges them into FLAG_HELP, so they show in --help and docs/flags.md.
+NEW_FLAG_HELP = {
+    "evaluations": (
+        "sampling",
+        "model evaluations per sample for the ODE solvers (--sampler euler|heun|dpmpp_*); "
+        "required with them, 0 with ddpm/ddim (they use --timestep_respacing)",
+    ),
+    "sigma_grid": (
+        "sampling",
+        "noise levels of the ODE solvers: karras, logsnr (uniform in log sigma) or time "
+        "(uniform in timestep); empty = the solver's measured default",
+    ),
+    "mask": (
+        "sampling",
+        "image_inpaint.py: a mask PNG for every image, or a folder of masks named like the "
+        "images; white = keep",
+    ),
+    "invert_mask": ("sampling", "image_inpaint.py: black = keep instead of white"),
+    "jump_length": (
+        "sampling",
+        "image_inpaint.py: RePaint's jump, reverse steps run before noising back up (1 = "
+        "every step)",
+    ),
+    "resamplings": (
+        "sampling",
+        "image_inpaint.py: RePaint's resampling, times each stretch of --jump_length steps is "
+        "run (1 = none)",
+    ),
+    "edit_strength": (
+        "sampling",
+        "image_edit.py: SDEdit's t0 / T in (0, 1]: how far the input is noised before "
+        "denoising (1 = sample from noise)",
+    ),
+    "class_label": (
+        "sampling",
+        "editing scripts: the class of class-conditional or classifier-guided edits (-1 = "
+        "random, drawn as image_sample.py draws)",
+    ),
+    "classifier_scales": (
+        "evaluation",
+        "experiments/sdedit_digits.py: classifier-guidance scales to edit with, comma-separated",
+    ),
+    "num_inputs": ("evaluation", "experiments/sdedit_digits.py: held-out digits to edit"),
+    "strengths": (
+        "evaluation",
+        "experiments/sdedit_digits.py: edit strengths (SDEdit's t0 / T), comma-separated",
+    ),
+    "budgets": (
+        "evaluation",
+        "experiments/solver_grids.py: model-evaluation budgets to compare, comma-separated",
+    ),
+}
+
+
 if __name__ == "__main__":
     from guided_diffusion.cli import flags as _flags
     from guided_diffusion.cli.main import run_main
 
     run_main(_flags.main)
-
-
-# Rows of flags added after the table was written: name -> (group, one-line description).
-# flag_table() merges them into FLAG_HELP, so they show in --help and docs/flags.md.
-NEW_FLAG_HELP = {}

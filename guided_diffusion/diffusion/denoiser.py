@@ -1,6 +1,5 @@
 """
-The ODE solvers of samplers.py on this project's discrete-time models, and the one `--sampler`
-flag of the sampling scripts.
+The ODE solvers of solvers.py on this project's discrete-time models.
 
 A GaussianDiffusion trained over T steps defines noise levels only at its integer timesteps:
 sigma_t = sqrt((1 - abar_t) / abar_t). The solvers work in continuous sigma, so a sigma between
@@ -15,15 +14,15 @@ import math
 import numpy as np
 import torch
 
+from . import outputs
 from . import solvers as samplers
-from .types import ModelMeanType, ModelVarType
+from .sampling import loop_start
+from .types import ModelMeanType
 
 __all__ = [
+    "DEFAULT_SIGMA_GRID",
     "DiscreteDenoiser",
-    "SAMPLER_NAMES",
-    "diffusion_from_flags",
-    "make_sample_fn",
-    "resolve_sampler",
+    "SIGMA_GRIDS",
     "solver_sample_loop",
     "solver_sample_loop_progressive",
     "solver_sigmas",
@@ -37,22 +36,23 @@ DEFAULT_SIGMA_MAX = 80.0
 
 class DiscreteDenoiser:
     """
-    D(x; sigma) of a discrete-time diffusion model, for the solvers of samplers.py.
+    D(x; sigma) of a discrete-time diffusion model, for the solvers of solvers.py.
 
     The solver's x = x_t / sqrt(abar) is scaled back to the model's x_t, the model is called at
-    the (fractional) timestep of sigma, and its output is read as a prediction of x_0: directly
-    for START_X models, as x - sigma * eps for EPSILON models. Learned-variance channels are
-    dropped: an ODE solver has no use for them.
+    the (fractional) timestep of sigma, and its output is read as a prediction of x_0 by the
+    diffusion's own reading (outputs.read_xstart at a SigmaLevel). Learned-variance channels
+    are dropped: an ODE solver has no use for them.
 
-    :param diffusion: a GaussianDiffusion over all of its training steps (a SpacedDiffusion
-        with timestep_respacing "" is fine; a respaced one is refused, see solver_sample_loop).
+    :param diffusion: the GaussianDiffusion the model was trained with. A SpacedDiffusion may be
+        respaced: its base process (base_alphas_cumprod) gives the noise levels and timesteps,
+        and its respacing is not used (the solvers choose their own noise levels).
     :param model: called as model(x_t, t, **model_kwargs) with t a float tensor of timesteps
         (scaled to [0, 1000) when diffusion.rescale_timesteps).
     :param clip_denoised: clip the x_0 prediction to [-1, 1].
     :param denoised_fn: if not None, applied to the x_0 prediction before clipping.
     :param cond_fn: classifier guidance: cond_fn(x_t, t, **model_kwargs) returns
-        scale * grad log p(y | x_t); the noise prediction is shifted by -sqrt(1 - abar) times
-        it, as condition_score does for DDIM (Dhariwal & Nichol 2021, Algorithm 2).
+        scale * grad log p(y | x_t); the x_0 prediction is shifted as condition_score does for
+        DDIM (outputs.guided_xstart; Dhariwal & Nichol 2021, Algorithm 2), after clipping.
     """
 
     def __init__(self, diffusion, model, *, clip_denoised=True, denoised_fn=None, cond_fn=None):
@@ -62,19 +62,15 @@ class DiscreteDenoiser:
                 "the ODE solvers need a model that predicts the noise or x_0, not the previous "
                 "x (ModelMeanType.PREVIOUS_X): use --sampler ddpm or ddim"
             )
-        _check_full(diffusion)
         self.model = model
         self.mean_type = mean_type
-        self.learned_variance = ModelVarType(diffusion.model_var_type) in (
-            ModelVarType.LEARNED,
-            ModelVarType.LEARNED_RANGE,
-        )
+        self.var_type = diffusion.model_var_type
         self.clip_denoised = clip_denoised
         self.denoised_fn = denoised_fn
         self.cond_fn = cond_fn
-        self.num_timesteps = diffusion.num_timesteps
         self.rescale_timesteps = diffusion.rescale_timesteps
-        abar = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+        abar = np.asarray(diffusion.base_alphas_cumprod, dtype=np.float64)
+        self.num_timesteps = len(abar)
         self.sigmas = np.sqrt((1.0 - abar) / abar)
         self.log_sigmas = np.log(self.sigmas)
         self.evaluations = 0
@@ -96,6 +92,10 @@ class DiscreteDenoiser:
         """
         return float(np.interp(math.log(sigma), self.log_sigmas, np.arange(self.num_timesteps)))
 
+    def t_to_sigma(self, t):
+        """The noise level of a fractional timestep in [0, T - 1] (the inverse of sigma_to_t)."""
+        return float(np.exp(np.interp(t, np.arange(self.num_timesteps), self.log_sigmas)))
+
     def model_timestep(self, sigma):
         """The timestep value the network is called with for noise level sigma."""
         t = self.sigma_to_t(sigma)
@@ -108,54 +108,71 @@ class DiscreteDenoiser:
         :return: the prediction of x_0, of x's shape.
         """
         self.evaluations += 1
-        abar = 1.0 / (1.0 + sigma * sigma)
-        x_t = x * math.sqrt(abar)
+        level = outputs.SigmaLevel(sigma)
+        x_t = x / level.sqrt_recip_abar
         t = torch.full((x.shape[0],), self.model_timestep(sigma), device=x.device)
         with torch.no_grad():
             out = self.model(x_t, t, **model_kwargs)
-        channels = x.shape[1]
-        expected = channels * (2 if self.learned_variance else 1)
-        if out.shape[1] != expected:
-            raise ValueError(
-                f"the model outputs {out.shape[1]} channels but this diffusion expects "
-                f"{expected} for {channels}-channel images (check --learn_sigma)"
-            )
-        out = out[:, :channels].to(x.dtype)
-        if self.mean_type == ModelMeanType.EPSILON:
-            # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) = x - sigma * eps.
-            denoised = x - sigma * out
-        else:
-            denoised = out
-        if self.denoised_fn is not None:
-            denoised = self.denoised_fn(denoised)
-        if self.clip_denoised:
-            denoised = denoised.clamp(-1, 1)
+        prediction, _ = outputs.split_output(out, x, self.var_type)
+        denoised = outputs.process_xstart(
+            outputs.read_xstart(self.mean_type, prediction.to(x.dtype), x_t, level),
+            self.clip_denoised,
+            self.denoised_fn,
+        )
         if self.cond_fn is not None:
-            # eps' = eps - sqrt(1 - abar) * grad, so x_0' = x - sigma * eps' shifts by
-            # sigma * sqrt(1 - abar) * grad; like condition_score, after clipping.
             gradient = self.cond_fn(x_t, t, **model_kwargs)
-            denoised = denoised + (sigma * math.sqrt(1.0 - abar)) * gradient.to(x.dtype)
+            denoised = outputs.guided_xstart(denoised, x_t, gradient.to(x.dtype), level)
         return denoised
 
 
-def _check_full(diffusion):
-    timestep_map = getattr(diffusion, "timestep_map", None)
-    if timestep_map is not None and list(timestep_map) != list(range(len(timestep_map))):
-        raise ValueError(
-            "the ODE solvers need the diffusion over all of its training steps (build it with "
-            "timestep_respacing ''); give the number of model evaluations as `evaluations`"
-        )
+# The grids of noise levels: Karras et al. (2022, eq. 5), and the two of DPM-Solver (Lu et al.
+# 2022, section 3.3): uniform in lambda = -log sigma ("logSNR") and uniform in time.
+SIGMA_GRIDS = ("karras", "logsnr", "time")
+# The grid each solver uses when none is named: of the three, the one never far from the best:
+# the smallest worst-case ratio of its Wasserstein-1 distance to a Gaussian mixture to the best
+# grid's, over the linear and cosine schedules (T = 1000) and 5, 10, 20 and 50 model
+# evaluations (experiments/solver_grids.py; the measured tables are in docs/solvers.md). On the cosine schedule DPM-Solver++(2M) on the Karras
+# grid is no better than DDIM at 10 evaluations; on the logSNR grid it is on both schedules.
+DEFAULT_SIGMA_GRID = {
+    "euler": "time",
+    "heun": "logsnr",
+    "dpmpp_2m": "logsnr",
+    "dpmpp_3m": "logsnr",
+    "euler_ancestral": "time",
+    "dpmpp_2m_sde": "logsnr",
+}
 
 
-def solver_sigmas(denoiser, num_steps, *, sigma_min=None, sigma_max=None, rho=7.0):
+def solver_sigmas(denoiser, num_steps, *, grid="karras", sigma_min=None, sigma_max=None, rho=7.0):
     """
-    The noise levels the solvers visit: karras_sigmas between max(0.002, the model's smallest
-    level) and min(80, its largest) unless sigma_min / sigma_max are given (Karras et al. 2022,
-    Table 1 and their handling of discrete models).
+    The noise levels the solvers visit: num_steps levels from sigma_max down to sigma_min, then 0.
+
+    The range defaults to max(0.002, the model's smallest level) .. min(80, its largest)
+    (Karras et al. 2022, Table 1 and their handling of discrete models).
+
+    :param grid: "karras": evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5);
+        "logsnr": evenly spaced in log sigma; "time": evenly spaced in the model's (fractional)
+        timestep, read back through the diffusion's table (DPM-Solver's time-uniform grid on a
+        discrete model, the spacing of DDIM's evenly respaced steps).
     """
     lo = max(DEFAULT_SIGMA_MIN, denoiser.sigma_min) if sigma_min is None else sigma_min
     hi = min(DEFAULT_SIGMA_MAX, denoiser.sigma_max) if sigma_max is None else sigma_max
-    return samplers.karras_sigmas(num_steps, lo, hi, rho=rho)
+    if grid == "karras":
+        return samplers.karras_sigmas(num_steps, lo, hi, rho=rho)
+    if grid == "logsnr":
+        return samplers.logsnr_sigmas(num_steps, lo, hi)
+    if grid == "time":
+        if num_steps < 1:
+            raise ValueError(f"need at least one step, got {num_steps}")
+        if not 0 < lo <= hi:
+            raise ValueError(f"need 0 < sigma_min <= sigma_max, got {lo}, {hi}")
+        if num_steps == 1:
+            return [float(hi), 0.0]
+        times = np.linspace(denoiser.sigma_to_t(hi), denoiser.sigma_to_t(lo), num_steps)
+        levels = [denoiser.t_to_sigma(t) for t in times]
+        # The ends exactly as asked (the table round trip can move them by a rounding).
+        return [float(hi)] + levels[1:-1] + [float(lo), 0.0]
+    raise ValueError(f"unknown sigma grid {grid!r}; known grids: {', '.join(SIGMA_GRIDS)}")
 
 
 def solver_sample_loop_progressive(
@@ -173,6 +190,7 @@ def solver_sample_loop_progressive(
     model_kwargs=None,
     device=None,
     progress=False,
+    sigma_grid=None,
     sigma_min=None,
     sigma_max=None,
     rho=7.0,
@@ -182,10 +200,6 @@ def solver_sample_loop_progressive(
     model's x_t at the step's end; the image after the last step), "pred_xstart" (the x_0
     prediction the step used), "sigma" and "sigma_next".
     """
-    from .sampling import _model_device
-
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
     if sampler not in samplers.SOLVERS:
         raise ValueError(f"unknown solver {sampler!r}; known solvers: {', '.join(samplers.SOLVERS)}")
     denoiser = DiscreteDenoiser(
@@ -195,16 +209,13 @@ def solver_sample_loop_progressive(
         if evaluations is None:
             raise ValueError("give the number of model evaluations (evaluations=) or sigmas=")
         steps = samplers.steps_for_evaluations(sampler, evaluations)
-        sigmas = solver_sigmas(denoiser, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    if device is None:
-        device = _model_device(model, noise)
-    if noise is not None:
-        if tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
-        x_t = noise
-    else:
-        # The seed contract of the DDIM loop: one randn(*shape), and nothing else is drawn.
-        x_t = torch.randn(*shape, device=device)
+        sigmas = solver_sigmas(
+            denoiser, steps, grid=sigma_grid or DEFAULT_SIGMA_GRID[sampler],
+            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+        )
+    # The seed contract of the DDIM loop: one randn(*shape) when no noise is given; then the
+    # ODE solvers draw nothing, the SDE solvers one randn_like per step (solvers.py).
+    x_t, _ = loop_start(model, shape, noise=noise, device=device)
     # The start is x_t itself, read at the first level: x = x_t / sqrt(abar).
     x = x_t * math.sqrt(1.0 + sigmas[0] ** 2)
     solver = samplers.SOLVERS[sampler]
@@ -219,21 +230,26 @@ def solver_sample_loop_progressive(
 
 def solver_sample_loop(diffusion, model, shape, *, sampler, evaluations=None, **kwargs):
     """
-    Generate samples with a deterministic ODE solver of samplers.py ("euler", "heun",
-    "dpmpp_2m") on the noise levels of Karras et al. (2022), eq. 5.
+    Generate samples with a solver of solvers.py: the ODE solvers "euler", "heun", "dpmpp_2m",
+    "dpmpp_3m" or the SDE solvers "euler_ancestral", "dpmpp_2m_sde".
 
-    :param diffusion: a GaussianDiffusion over all of its training steps (a respaced one is
-        refused: the solvers choose their own noise levels, between any two timesteps).
+    :param diffusion: the diffusion the model was trained with; a respaced SpacedDiffusion is
+        read through its base process (see DiscreteDenoiser): the solvers choose their own
+        noise levels, so the respacing plays no part.
     :param model: the model, as for p_sample_loop.
     :param shape: the shape of the samples, (N, C, H, W).
     :param sampler: the solver's name.
-    :param evaluations: the budget of model evaluations (the scripts' --timestep_respacing
-        count); see samplers.steps_for_evaluations for how each solver spends it.
+    :param evaluations: the budget of model evaluations per sample (the scripts'
+        --evaluations); see solvers.steps_for_evaluations for how each solver spends it.
     :param sigmas: instead of evaluations, the noise levels to visit (decreasing, ending 0).
-    :param noise: the starting x_T; else drawn with one randn(*shape), the only random draw.
+    :param noise: the starting x_t, read at the first noise level (x_T ~ N(0, I) for sampling;
+        an image noised to sigma_max for SDEdit); else drawn with one randn(*shape). The SDE
+        solvers then draw one randn_like per step (solvers.py).
     :param clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress: as for
         ddim_sample_loop (see DiscreteDenoiser).
-    :param sigma_min, sigma_max, rho: override the noise range and warp (solver_sigmas).
+    :param sigma_grid: "karras", "logsnr" or "time" (solver_sigmas); None: the solver's
+        DEFAULT_SIGMA_GRID.
+    :param sigma_min, sigma_max, rho: override the noise range and Karras's warp.
     :return: the final batch of samples.
     """
     final = None

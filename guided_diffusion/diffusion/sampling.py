@@ -12,7 +12,6 @@ inversion loop draws nothing.
 import torch as th
 
 from .progress import steps_with_progress
-from .schedules import extract_into_tensor as _extract
 
 
 class SamplingMixin:
@@ -122,8 +121,8 @@ class SamplingMixin:
 
         # Recompute eps from the (possibly clipped) x_0 prediction so the update is consistent.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = (
             eta
             * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
@@ -146,7 +145,7 @@ class SamplingMixin:
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -240,8 +239,8 @@ class SamplingMixin:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_in = _extract(self.alphas_cumprod_prev, t, x.shape)
-        alpha_bar_out = _extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_in = self._extract("alphas_cumprod_prev", t, x.shape)
+        alpha_bar_out = self._extract("alphas_cumprod", t, x.shape)
         x0 = (x - th.sqrt(1 - alpha_bar_in) * eps) / th.sqrt(alpha_bar_in)
         sample = th.sqrt(alpha_bar_out) * x0 + th.sqrt(1 - alpha_bar_out) * eps
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -330,30 +329,55 @@ class SamplingMixin:
         self, step, model, shape, *, noise, device, progress, reverse=False, **step_kwargs
     ):
         """
-        The one sampling loop: run `step` from t = T-1 down to 0 (from 0 up to T-1 when
-        reverse, for inversion), yielding each output; `noise` is the starting tensor.
+        Run `step` from t = T-1 down to 0 (from 0 up to T-1 when reverse, for inversion),
+        yielding each output; `noise` is the starting tensor (drawn when None).
         """
-        if not isinstance(shape, (tuple, list)):
-            raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
-        if device is None:
-            device = _model_device(model, noise)
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
-            img = noise
-        else:
-            img = th.randn(*shape, device=device)
+        img, device = loop_start(model, shape, noise=noise, device=device)
         if reverse:
             order, desc = range(self.num_timesteps), "inverting"
         else:
             order, desc = range(self.num_timesteps - 1, -1, -1), "sampling"
-        for i in steps_with_progress(order, progress, desc):
-            t = th.full((shape[0],), i, device=device, dtype=th.long)
-            # Guidance functions enable gradients themselves; the model never needs them here.
-            with th.no_grad():
-                out = step(model, img, t, **step_kwargs)
-            yield out
-            img = out["sample"]
+        yield from run_steps(
+            step, model, img, order, device=device, progress=progress, desc=desc, **step_kwargs
+        )
+
+
+def loop_start(model, shape, *, noise=None, device=None):
+    """
+    The start of every sampling loop: check the shape, pick the device and take the starting
+    tensor, drawing it with one torch.randn(*shape) when noise is None.
+
+    :param device: where to sample; defaults to noise's device, else the model's (a plain
+        function counts as on the CPU).
+    :return: (the starting tensor, the device).
+    """
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
+    if device is None:
+        device = _model_device(model, noise)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
+        return noise, device
+    return th.randn(*shape, device=device), device
+
+
+def run_steps(step, model, img, timesteps, *, device, progress=False, desc="sampling", **step_kwargs):
+    """
+    The one sampling loop: call step(model, img, t, **step_kwargs) at each timestep index in
+    turn (t a batch-sized long tensor) and yield its output, whose "sample" is the next img.
+
+    :param step: a step function such as GaussianDiffusion.p_sample or ddim_sample.
+    :param timesteps: the sequence of timestep indices, e.g. range(T - 1, -1, -1).
+    """
+    batch = img.shape[0]
+    for i in steps_with_progress(timesteps, progress, desc):
+        t = th.full((batch,), i, device=device, dtype=th.long)
+        # Guidance functions enable gradients themselves; the model never needs them here.
+        with th.no_grad():
+            out = step(model, img, t, **step_kwargs)
+        yield out
+        img = out["sample"]
 
 
 def check_invertible_eta(eta):

@@ -6,7 +6,6 @@ are bit-for-bit those of the reference; extract_into_tensor casts to float32 onl
 """
 
 import math
-import weakref
 
 import numpy as np
 import torch as th
@@ -14,7 +13,6 @@ import torch as th
 from ..errors import UnknownScheduleError
 
 KNOWN_SCHEDULES = ("linear", "cosine")
-
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
@@ -214,56 +212,15 @@ def extract_into_tensor(arr, timesteps, broadcast_shape):
     Look up a float64 numpy table at a batch of indices and broadcast it to broadcast_shape.
 
     The lookup happens in float64 and only the result is cast to float32, as in the reference,
-    so the tables keep their precision.
+    so the tables keep their precision. The table is copied to the indices' device at every
+    call, as in the reference; GaussianDiffusion keeps its own tables on each device instead
+    (GaussianDiffusion._tables_on).
 
-    :param arr: the 1-D numpy array. Each array is copied to a device once and kept there for as
-        long as the array lives (keyed by the array object, so pass a long-lived table, not a
-        temporary such as ``1 - table``, and do not modify it in place afterwards).
+    :param arr: the 1-D numpy array.
     :param timesteps: a tensor of indices into the array.
     :param broadcast_shape: a shape [N x ...] whose leading dimension matches timesteps.
     :return: a float32 tensor of broadcast_shape.
     """
-    values = device_table(arr, timesteps.device)[timesteps].float()
+    values = th.as_tensor(arr, device=timesteps.device)[timesteps].float()
     values = values.reshape(values.shape + (1,) * (len(broadcast_shape) - values.dim()))
     return values.expand(broadcast_shape)
-
-
-# id(array) -> (weak reference to the array, {device: tensor copy}).
-_DEVICE_TABLES = {}
-
-
-def device_table(arr, device):
-    """
-    A tensor copy of a numpy table on `device`, made once per (array, device).
-
-    # deviation from reference: the reference copies the table to the device at every lookup,
-    # which on a GPU stops the host (a synchronising copy) several times per sampling step.
-
-    :param arr: a numpy array (cached), or a tensor or sequence (converted, not cached).
-    :param device: the torch device.
-    :return: a tensor with arr's values and dtype.
-    """
-    device = th.device(device)
-    if isinstance(arr, th.Tensor):
-        return arr.to(device)
-    if not isinstance(arr, np.ndarray):
-        return th.as_tensor(np.asarray(arr), device=device)
-    key = id(arr)
-    entry = _DEVICE_TABLES.get(key)
-    if entry is None or entry[0]() is not arr:
-        ref = weakref.ref(arr, lambda _ref, key=key: _forget_table(key, _ref))
-        entry = (ref, {})
-        _DEVICE_TABLES[key] = entry
-    copies = entry[1]
-    table = copies.get(device)
-    if table is None:
-        with th.inference_mode(False), th.no_grad():
-            table = th.from_numpy(np.array(arr)).to(device)
-        copies[device] = table
-    return table
-
-
-def _forget_table(key, ref):
-    entry = _DEVICE_TABLES.get(key)
-    if entry is not None and entry[0] is ref:
-        del _DEVICE_TABLES[key]

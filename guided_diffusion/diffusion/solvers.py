@@ -1,12 +1,12 @@
 """
-Deterministic ODE solvers for the probability-flow ODE of a diffusion model, written as pure
-functions of a denoiser in the variance-exploding parametrisation of Karras et al. (2022):
+Solvers for the probability-flow ODE of a diffusion model (and two for its reverse SDE), written
+as functions of a denoiser in the variance-exploding parametrisation of Karras et al. (2022):
 
     x = x_0 + sigma * eps,    D(x; sigma) ~ E[x_0 | x],    dx/dsigma = (x - D(x; sigma)) / sigma.
 
 A discrete-time model of this project (x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps) is the same
 process seen through x = x_t / sqrt(abar), sigma = sqrt((1 - abar) / abar);
-solver_sampling.DiscreteDenoiser turns a GaussianDiffusion and its model into such a D.
+denoiser.DiscreteDenoiser turns a GaussianDiffusion and its model into such a D.
 
 Every solver has the one signature
 
@@ -16,22 +16,34 @@ and is a generator: it yields one dict per step, {"x": x after the step, "denois
 D evaluated, "sigma": the sigma the step started from, "sigma_next": where it ended, "i": the
 step index}, so callers can watch or stop the trajectory; sample() drains one and returns the
 final x. `sigmas` is a decreasing sequence of floats ending with 0; `denoiser(x, sigma,
-**extra_args)` takes a Python float sigma. Nothing here draws random numbers.
+**extra_args)` takes a Python float sigma.
+
+The ODE solvers (euler, heun, dpmpp_2m, dpmpp_3m) draw no random numbers. The SDE solvers
+(euler_ancestral, dpmpp_2m_sde) draw from torch's global generator, exactly one
+torch.randn_like(x) per step, right after the step's model evaluation, the last step (to sigma 0,
+where no noise is added) included: the order of draws of DDIM's steps, so a fixed seed gives
+fixed samples.
 """
 
 import math
 
 import numpy as np
+import torch
 
 from .progress import steps_with_progress
 
 __all__ = [
     "SOLVERS",
+    "STOCHASTIC",
     "MIN_EVALUATIONS",
     "euler",
     "heun",
     "dpmpp_2m",
+    "dpmpp_3m",
+    "euler_ancestral",
+    "dpmpp_2m_sde",
     "karras_sigmas",
+    "logsnr_sigmas",
     "sample",
     "steps_for_evaluations",
     "evaluations_for_steps",
@@ -58,6 +70,24 @@ def karras_sigmas(num_steps, sigma_min, sigma_max, rho=7.0):
     ramp = np.linspace(0.0, 1.0, num_steps)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     levels = (hi + ramp * (lo - hi)) ** rho
+    return [float(s) for s in levels] + [0.0]
+
+
+def logsnr_sigmas(num_steps, sigma_min, sigma_max):
+    """
+    num_steps noise levels from sigma_max down to sigma_min evenly spaced in
+    lambda = -log sigma (half the log signal-to-noise ratio), followed by 0: the "logSNR" grid
+    of DPM-Solver (Lu et al. 2022, section 3.3).
+
+    :return: a list of num_steps + 1 Python floats, the last 0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"need at least one step, got {num_steps}")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    if num_steps == 1:
+        return [float(sigma_max), 0.0]
+    levels = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
     return [float(s) for s in levels] + [0.0]
 
 
@@ -131,12 +161,128 @@ def dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, progress=False):
         yield {"x": x, "denoised": denoised, "sigma": sigma, "sigma_next": sigma_next, "i": i}
 
 
-SOLVERS = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m}
+def dpmpp_3m(denoiser, x, sigmas, *, extra_args=None, progress=False):
+    """
+    Third-order multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", eq. 9 with the data
+    prediction expanded to second order in lambda = -log sigma, as in their multistep solvers).
+
+    In the x / alpha scale the exact step from lambda_i to lambda_i + h is
+        x_next = e^{-h} x + int_0^h e^{u - h} D(lambda_i + u) du,
+    and with D = D_i + u D' + u^2 / 2 D'' the integral is
+        phi_1 D_i + phi_2 D' + phi_3 D'',  phi_1 = 1 - e^{-h},  phi_2 = h - phi_1,
+        phi_3 = h^2 / 2 - phi_2.
+    D' and D'' come from the quadratic through the last three evaluations (divided differences
+    on the non-uniform lambda grid). The first step is first order (no history), the second
+    second order (D'' = 0), and the last one, to sigma = 0 where lambda is infinite, returns D.
+    One evaluation per step.
+    """
+    extra_args = extra_args or {}
+    history = []  # (denoised, lambda) of the previous steps, newest first
+    for i, sigma, sigma_next in _steps(sigmas, progress, "dpmpp_3m"):
+        denoised = denoiser(x, sigma, **extra_args)
+        lam = -math.log(sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda > 0
+            phi_1 = -math.expm1(-h)
+            phi_2 = h - phi_1
+            phi_3 = 0.5 * h * h - phi_2
+            x = math.exp(-h) * x + phi_1 * denoised
+            if history:
+                prev, lam_prev = history[0]
+                h_1 = lam - lam_prev
+                slope = (denoised - prev) / h_1
+                if len(history) > 1:
+                    prev2, lam_prev2 = history[1]
+                    h_2 = lam_prev - lam_prev2
+                    curvature = (slope - (prev - prev2) / h_2) / (h_1 + h_2)
+                    # The quadratic's derivatives at lambda_i: D' = d1 + c h_1, D'' = 2 c.
+                    x = x + phi_2 * (slope + curvature * h_1) + phi_3 * (2.0 * curvature)
+                else:
+                    x = x + phi_2 * slope
+        history = [(denoised, lam)] + history[:1]
+        yield {"x": x, "denoised": denoised, "sigma": sigma, "sigma_next": sigma_next, "i": i}
+
+
+def euler_ancestral(denoiser, x, sigmas, *, extra_args=None, progress=False):
+    """
+    Ancestral sampling: DDPM's posterior step (Ho et al. 2020, eq. 6-7), which is DDIM with
+    eta = 1 (Song et al. 2021, eq. 16), in the x / alpha scale. From sigma to sigma_next it adds
+    fresh noise of variance sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
+    moves the rest of the way with an Euler step to sigma_down = sigma_next^2 / sigma
+    (sigma_down^2 + sigma_up^2 = sigma_next^2):
+        x_next = D + (sigma_down / sigma) (x - D) + sigma_up z.
+    One evaluation and one torch.randn_like(x) per step (see the module docstring).
+    """
+    extra_args = extra_args or {}
+    for i, sigma, sigma_next in _steps(sigmas, progress, "euler_ancestral"):
+        denoised = denoiser(x, sigma, **extra_args)
+        noise = torch.randn_like(x)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            ratio = sigma_next / sigma
+            sigma_up = sigma_next * math.sqrt(1.0 - ratio * ratio)
+            x = denoised + (ratio * ratio) * (x - denoised) + sigma_up * noise
+        yield {"x": x, "denoised": denoised, "sigma": sigma, "sigma_next": sigma_next, "i": i}
+
+
+def dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, progress=False):
+    """
+    The stochastic DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", section 5, SDE-DPM-Solver++
+    with the multistep second-order data prediction). For the reverse SDE in the x / alpha scale
+    the step of size h = lambda_next - lambda is
+        x_next = (sigma_next / sigma) e^{-h} x + int_0^h 2 e^{-2(h - u)} D(lambda + u) du
+                 + sigma_next sqrt(1 - e^{-2h}) z,
+    whose integral with D = D_i + u D' is (1 - e^{-2h}) D_i + (h - (1 - e^{-2h}) / 2) D', D' the
+    backward difference of the last two evaluations in lambda. Its first-order version is
+    euler_ancestral. The first step is first order and the last one (to sigma = 0) returns D.
+    One evaluation and one torch.randn_like(x) per step (see the module docstring).
+    """
+    extra_args = extra_args or {}
+    previous = None  # (denoised, lambda) of the step before
+    for i, sigma, sigma_next in _steps(sigmas, progress, "dpmpp_2m_sde"):
+        denoised = denoiser(x, sigma, **extra_args)
+        noise = torch.randn_like(x)
+        lam = -math.log(sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            keep = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            x = (sigma_next / sigma) * math.exp(-h) * x + keep * denoised
+            if previous is not None:
+                slope = (denoised - previous[0]) / (lam - previous[1])
+                x = x + (h - 0.5 * keep) * slope
+            x = x + (sigma_next * math.sqrt(keep)) * noise
+        previous = (denoised, lam)
+        yield {"x": x, "denoised": denoised, "sigma": sigma, "sigma_next": sigma_next, "i": i}
+
+
+SOLVERS = {
+    "euler": euler,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "euler_ancestral": euler_ancestral,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+}
+# The solvers that draw random numbers (one torch.randn_like(x) per step).
+STOCHASTIC = ("euler_ancestral", "dpmpp_2m_sde")
 
 # The fewest model evaluations for which a solver takes a step of its order: Heun needs one
-# two-evaluation step before the final Euler step; DPM-Solver++(2M) needs one first-order step
-# to have a history, then one second-order step, then the final step to sigma = 0.
-MIN_EVALUATIONS = {"euler": 1, "heun": 3, "dpmpp_2m": 3}
+# two-evaluation step before the final Euler step; the multistep solvers of order k need k - 1
+# lower-order steps to have a history, then one step of order k, then the final step to
+# sigma = 0.
+MIN_EVALUATIONS = {
+    "euler": 1,
+    "heun": 3,
+    "dpmpp_2m": 3,
+    "dpmpp_3m": 4,
+    "euler_ancestral": 1,
+    "dpmpp_2m_sde": 3,
+}
 
 
 def evaluations_for_steps(name, num_steps):
@@ -159,7 +305,7 @@ def steps_for_evaluations(name, evaluations):
         why = "" if least == 1 else " (one step of its order plus the final step to sigma 0)"
         raise ValueError(
             f"sampler {name} needs at least {least} model evaluations{why}, got {evaluations}: "
-            f"ask for more with --timestep_respacing (for the solvers it counts evaluations)"
+            f"ask for more (--evaluations)"
         )
     return (evaluations + 1) // 2 if name == "heun" else evaluations
 

@@ -8,7 +8,8 @@ import numpy as np
 import torch as th
 from tqdm.auto import tqdm
 
-from .types import LossType, ModelMeanType, ModelVarType
+from . import outputs
+from .types import LossType, ModelMeanType
 from ..losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 _LN2 = np.log(2.0)
@@ -63,14 +64,8 @@ class TrainingLossesMixin:
             return terms
 
         model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
-        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            channels = x_t.shape[1]
-            if model_output.shape != (x_t.shape[0], 2 * channels, *x_t.shape[2:]):
-                raise ValueError(
-                    f"the model output has shape {tuple(model_output.shape)}, but a learned variance "
-                    f"needs {2 * channels} channels; pass --learn_sigma to both model and diffusion"
-                )
-            model_output, var_values = th.split(model_output, channels, dim=1)
+        model_output, var_values = outputs.split_output(model_output, x_t, self.model_var_type)
+        if var_values is not None:
             # The vb term trains only the variance: the mean is detached so that the MSE term
             # alone drives it (Nichol & Dhariwal 2021, section 3.1).
             frozen = th.cat([model_output.detach(), var_values], dim=1)
@@ -91,11 +86,6 @@ class TrainingLossesMixin:
             target = x_start
         else:
             target = noise
-        if model_output.shape != target.shape:
-            raise ValueError(
-                f"the model output has shape {tuple(model_output.shape)} but the target has "
-                f"{tuple(target.shape)}"
-            )
         terms["mse"] = mean_flat((target - model_output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms

@@ -7,6 +7,7 @@ round after round on every rank and gathering them in rank order, and writing th
 import functools
 import math
 import os
+import re
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -14,10 +15,9 @@ from tqdm.auto import tqdm
 from .. import dist_util, logger
 from ..cli.weights import load_checkpoint_into
 from ..diffusion import solvers
-from ..diffusion.denoiser import solver_sample_loop
+from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..errors import ScriptError
 from ..runtime.perf import compile_model, to_channels_last
-from ..script_util import diffusion_from_flags
 from . import files as sample_files
 
 
@@ -131,39 +131,79 @@ def resolve_sampler(sampler, use_ddim):
     return sampler
 
 
-def make_sample_fn(sampler, diffusion, flags):
+def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0, sigma_grid=""):
+    """
+    Refuse flags that mean nothing for the resolved sampler, before any work: ddpm and ddim take
+    their steps from --timestep_respacing (the reference's meaning); the ODE solvers take a
+    budget of model evaluations per sample, --evaluations, and need it.
+
+    :raises ValueError: one line naming the flag to change.
+    """
+    if sigma_grid and sigma_grid not in SIGMA_GRIDS:
+        raise ValueError(
+            f"unknown --sigma_grid {sigma_grid!r}; known grids: {', '.join(SIGMA_GRIDS)}"
+        )
+    if sampler in solvers.SOLVERS:
+        if timestep_respacing:
+            raise ValueError(
+                f"--timestep_respacing chooses the steps of --sampler ddpm or ddim; the "
+                f"solver {sampler} chooses its own noise levels: drop --timestep_respacing and "
+                f"give its model evaluations per sample with --evaluations N"
+            )
+        if evaluations <= 0:
+            raise ValueError(
+                f"--sampler {sampler} needs --evaluations N, its number of model evaluations "
+                f"per sample (e.g. --evaluations 20)"
+            )
+        solvers.steps_for_evaluations(sampler, evaluations)
+    elif evaluations:
+        raise ValueError(
+            f"--evaluations is the budget of the solvers; --sampler {sampler} takes its steps "
+            f"from --timestep_respacing (e.g. --timestep_respacing {evaluations})"
+        )
+    elif sigma_grid:
+        raise ValueError(
+            f"--sigma_grid chooses the noise levels of the solvers; --sampler {sampler} "
+            f"visits the steps of --timestep_respacing: drop --sigma_grid"
+        )
+
+
+def make_sample_fn(sampler, diffusion, evaluations=None, sigma_grid=""):
     """
     The sampling loop of a script for a resolved sampler name, called like p_sample_loop:
     fn(model, shape, noise=None, clip_denoised=..., denoised_fn=..., cond_fn=...,
     model_kwargs=..., device=..., progress=...).
 
     For ddpm and ddim it is the diffusion's own loop over its (respaced) steps. For the ODE
-    solvers the number of respaced steps is the budget of model evaluations, and the solver
-    runs on the diffusion over all steps, rebuilt from the flags.
+    solvers it is solver_sample_loop with `evaluations` model evaluations per sample, on the
+    process the diffusion was built for (its base process when respaced).
 
     :param sampler: a name from resolve_sampler.
-    :param diffusion: the diffusion built from the flags (respaced by --timestep_respacing).
-    :param flags: the diffusion flags (diffusion_steps, noise_schedule, learn_sigma, ...).
-    :raises ValueError: when the budget is too small for the solver.
+    :param diffusion: the diffusion built from the flags.
+    :param evaluations: the solvers' budget (--evaluations); unused by ddpm and ddim.
+    :param sigma_grid: the solvers' grid of noise levels (--sigma_grid; "" = the solver's
+        default, denoiser.DEFAULT_SIGMA_GRID).
+    :raises ValueError: when a solver gets no budget or one too small for it.
     """
     if sampler == "ddpm":
         return diffusion.p_sample_loop
     if sampler == "ddim":
         return diffusion.ddim_sample_loop
-    evaluations = diffusion.num_timesteps
-    solvers.steps_for_evaluations(sampler, evaluations)  # refuse a too small budget now
-    full = diffusion_from_flags(flags, "")
-    return functools.partial(solver_sample_loop, full, sampler=sampler, evaluations=evaluations)
+    check_sampler_flags(sampler, evaluations=evaluations or 0, sigma_grid=sigma_grid)
+    return functools.partial(
+        solver_sample_loop, diffusion, sampler=sampler, evaluations=evaluations,
+        sigma_grid=sigma_grid or None,
+    )
 
 
-def sample_steps(sampler, diffusion):
+def sample_steps(sampler, diffusion, evaluations=None):
     """
-    The denoising steps one call of make_sample_fn(sampler, diffusion, ...) takes: the
+    The denoising steps one call of make_sample_fn(sampler, diffusion, evaluations) takes: the
     (respaced) steps of ddpm and ddim, the solver steps its evaluation budget buys otherwise.
     """
     if sampler in ("ddpm", "ddim"):
         return diffusion.num_timesteps
-    return solvers.steps_for_evaluations(sampler, diffusion.num_timesteps)
+    return solvers.steps_for_evaluations(sampler, evaluations)
 
 
 def load_sampling_model(flags, model_path, **network):
@@ -183,3 +223,42 @@ def load_sampling_model(flags, model_path, **network):
     model, _ = create_model_and_diffusion(**flags)
     load_checkpoint_into(model, model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0])
     return prepare_network(model, **network)
+
+
+def load_guidance_classifier(args):
+    """
+    Build the noisy-image classifier of the classifier flags in `args` (classifier_defaults()
+    plus num_classes and classifier_channel_mult), load --classifier_path into it and get it
+    ready like the model (fp16 with --classifier_use_fp16, else bf16 with --use_bf16).
+
+    :raises ScriptError: when the checkpoint does not fit the flags; a classifier trained at
+        another image size is named as such.
+    """
+    from ..script_util import args_to_dict, classifier_defaults, create_classifier
+
+    classifier_flags = args_to_dict(args, classifier_defaults().keys())
+    classifier_flags["num_classes"] = args.num_classes
+    classifier_flags["classifier_channel_mult"] = args.classifier_channel_mult
+    classifier = create_classifier(**classifier_flags)
+    try:
+        load_checkpoint_into(
+            classifier, args.classifier_path, classifier_flags,
+            build=lambda f: create_classifier(**f),
+        )
+    except ScriptError as exc:
+        # The model and the classifier share --image_size: changing it for the classifier alone
+        # is no fix (the hint may list --image_size among other flags to change).
+        if re.search(r"--image_size \d", str(exc)) or "positional_embedding" in str(exc):
+            raise ScriptError(
+                f"the classifier {args.classifier_path} was trained at another image size than "
+                f"the model's --image_size {args.image_size}: use a classifier trained at that "
+                f"size ({exc})"
+            ) from None
+        raise
+    return prepare_network(
+        classifier,
+        use_fp16=args.classifier_use_fp16,
+        use_bf16=args.use_bf16 and not args.classifier_use_fp16,
+        compile=args.compile,
+        channels_last=args.channels_last,
+    )

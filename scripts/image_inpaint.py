@@ -1,0 +1,95 @@
+"""
+Inpaint images with a diffusion model: RePaint (Lugmayr et al. 2022). The pixels a mask keeps
+(white by default) are kept, the others are sampled so that they fit them; --resamplings and
+--jump_length set RePaint's resampling. Writes inpainted/<name>.png per input and
+samples_NxHxWx3.npz (arr_1: the labels, when class-conditional or classifier-guided) plus a grid.
+
+    python scripts/image_inpaint.py --model_path model.pt --input photos/ --mask masks/ \
+        --timestep_respacing 250 --resamplings 10 --jump_length 10 $MODEL_FLAGS
+"""
+
+import argparse
+
+from guided_diffusion import logger
+from guided_diffusion.cli.flags import editing_defaults, network_flags
+from guided_diffusion.cli.main import run_main, start_single_process_tool
+from guided_diffusion.cli.weights import load_checkpoint_into
+from guided_diffusion.diffusion.guidance import check_guidance_scale
+from guided_diffusion.diffusion.inpaint import INPAINT_SAMPLERS, inpaint_loop, repaint_schedule
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.runtime.seeding import seed_sampling
+from guided_diffusion.sampling import editing
+from guided_diffusion.sampling.loop import (
+    check_sampler_flags,
+    load_guidance_classifier,
+    output_dir,
+    prepare_network,
+    resolve_sampler,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    sampler = resolve_sampler(args.sampler, args.use_ddim)
+    if sampler not in INPAINT_SAMPLERS:
+        raise ScriptError(
+            f"inpainting runs RePaint on the diffusion's own steps: use --sampler ddpm or ddim "
+            f"(with --timestep_respacing), not {sampler}"
+        )
+    check_sampler_flags(sampler, timestep_respacing=args.timestep_respacing,
+                        evaluations=args.evaluations, sigma_grid=args.sigma_grid)
+    check_guidance_scale(args.guidance_scale, class_cond=args.class_cond,
+                         class_dropout_prob=args.class_dropout_prob)
+    editing.check_class_label(args.class_label, args.num_classes)
+    images, masks, paths = editing.read_inpainting_inputs(
+        args.input, args.mask, args.image_size, invert_mask=args.invert_mask)
+    repaint_schedule(1, args.jump_length, args.resamplings)  # refuses values below 1, now
+
+    start_single_process_tool("image_inpaint.py", args)
+    logger.log(f"read {len(images)} images and masks from {args.input}, {args.mask}")
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    flags.update(num_classes=args.num_classes, class_dropout_prob=args.class_dropout_prob)
+    model, diffusion = create_model_and_diffusion(**flags)
+    load_checkpoint_into(model, args.model_path, flags,
+                         build=lambda f: create_model_and_diffusion(**f)[0])
+    prepare_network(model, **network_flags(args))
+    classifier = load_guidance_classifier(args) if args.classifier_path else None
+    model_fn, cond_fn = editing.guided_model(
+        model, class_cond=args.class_cond, guidance_scale=args.guidance_scale,
+        num_classes=args.num_classes, classifier=classifier,
+        classifier_scale=args.classifier_scale)
+
+    def inpaint(x_start, model_kwargs, mask):
+        return inpaint_loop(
+            diffusion, model_fn, tuple(x_start.shape), known=x_start, mask=mask,
+            sampler=sampler, jump_length=args.jump_length, resamplings=args.resamplings,
+            clip_denoised=args.clip_denoised, cond_fn=cond_fn, model_kwargs=model_kwargs,
+            device=x_start.device, eta=args.eta)
+
+    seed_sampling(args.seed)
+    logger.log(f"inpainting with {sampler}, {args.resamplings} resamplings, jump length "
+               f"{args.jump_length}...")
+    edited, labels = editing.run_in_batches(
+        images, args.batch_size, inpaint, labels_needed=args.class_cond or classifier is not None,
+        class_label=args.class_label, num_classes=args.num_classes, masks=masks,
+        progress=args.progress)
+    path = editing.write_edits(edited, labels, paths, output_dir(args), "inpainted")
+    logger.log(f"wrote {path} and inpainted/*.png")
+
+
+def create_argparser():
+    defaults = editing_defaults()
+    defaults.update(mask="", invert_mask=False, jump_length=1, resamplings=1, eta=0.0)
+    parser = argparse.ArgumentParser(description="Inpaint images with RePaint.")
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)
