@@ -25,10 +25,12 @@ SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batc
 META = "batches.meta"
 SIDE = 32
 
-# What a CIFAR batch pickle may name: numpy's array reconstruction, nothing else.
+# What a CIFAR batch pickle may name: numpy's array and scalar reconstruction, nothing else.
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),  # a numpy int label in a re-pickled batch
+    ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
