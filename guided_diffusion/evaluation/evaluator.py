@@ -1,7 +1,8 @@
 """
 Evaluate a batch of samples against a reference batch: Inception Score, FID, sFID, precision and
-recall, with the printed output of guided-diffusion's TensorFlow evaluator, in PyTorch. Either
-batch may be an .npz (arr_0: uint8 images) or a folder of images of one size.
+recall, with the printed output of guided-diffusion's TensorFlow evaluator, in PyTorch.
+
+Either batch may be an .npz (arr_0: uint8 images) or a folder of images of one size.
 
     python evaluations/evaluator.py REF_BATCH.npz SAMPLE_BATCH.npz \
         --inception_path pt_inception-2015-12-05-6726825d.pth
