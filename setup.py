@@ -26,6 +26,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=PACKAGES,
+    # The released checkpoints' table (download_checkpoints.py, docs/reproduce.md).
+    package_data={"guided_diffusion.data": ["released.json"]},
     install_requires=[
         "torch>=1.13",
         "numpy",
@@ -43,6 +45,8 @@ setup(
     extras_require={
         # Checkpoints and logs on object stores (gs://, az://, https://).
         "remote": ["blobfile>=1.0.5"],
-        "dev": ["pytest"],
+        # datasets/lsun.py reads LSUN's lmdb databases.
+        "lsun": ["lmdb"],
+        "dev": ["pytest", "lmdb"],
     },
 )

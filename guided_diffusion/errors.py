@@ -63,3 +63,7 @@ class TrainingPreempted(SystemExit):
 
     def __str__(self):
         return self.message
+
+
+class ImageChannelsError(ValueError):
+    """A data file has another channel count than --in_channels (the message names the file)."""

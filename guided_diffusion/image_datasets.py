@@ -1,10 +1,16 @@
 """
 Image folders as an endless stream of training batches.
 
-A dataset is a folder (searched recursively) of jpg/jpeg/png/gif files. For class-conditional
-training the class of an image is the part of its file name before the first "_" (e.g.
-"cat_0001.png" is class "cat"); class names are numbered in sorted order. In a distributed job,
-rank r of W reads the files r, r + W, r + 2W, ... of the sorted list.
+A dataset is a folder (searched recursively) of jpg/jpeg/png/gif files, and .npy arrays for data
+that is not a picture (any channel count). For class-conditional training the class of an image
+is the part of its file name before the first "_" (e.g. "cat_0001.png" is class "cat"); class
+names are numbered in sorted order. In a distributed job, rank r of W reads the files r, r + W,
+r + 2W, ... of the sorted list.
+
+Channels (in_channels): 3, the reference's, turns every picture into RGB (grey ImageNet JPEGs
+included); 1 keeps grey pictures grey and refuses colour ones; 2 and 4 read grey+alpha and RGBA.
+A .npy array ([H, W] or [H, W, C]; uint8 0..255, or floats already in [-1, 1]) is used as it is
+and must have exactly in_channels channels and the image size.
 """
 
 import functools
@@ -18,12 +24,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from . import dist_util, logger
-from .errors import UnreadableImageError
+from .errors import ImageChannelsError, UnreadableImageError
 from .diffusion.guidance import drop_labels
 from .runtime.resumable_data import MappedBatches, ResumableBatches
 from .runtime.files import blobfile
+from .runtime.shapes import format_image_size, image_hw
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+# deviation from reference: .npy arrays are data files too (N-channel data that is no picture).
+ARRAY_EXTENSIONS = ("npy",)
+# The PIL mode a picture is converted to for each channel count (3: the reference's RGB).
+PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 def load_data(
@@ -36,6 +47,7 @@ def load_data(
     random_crop=False,
     random_flip=True,
     seed=None,
+    in_channels=3,
 ):
     """
     An endless stream of (images, kwargs) batches from an image folder.
@@ -46,13 +58,15 @@ def load_data(
 
     :param data_dir: the dataset folder.
     :param batch_size: images per batch on this rank.
-    :param image_size: side of the square images produced.
+    :param image_size: side of the square images produced, or (height, width) for rectangles
+        (an addition: the image is scaled to cover the rectangle, then cropped).
     :param class_cond: if True, kwargs holds "y", the int64 class labels of the batch.
     :param deterministic: if True, read files in sorted order instead of shuffling.
     :param random_crop: if True, crop at a random place and scale (augmentation).
     :param random_flip: if True, flip each image horizontally with probability 1/2.
     :param seed: seed of the order and the augmentations; None: torch.initial_seed(), which the
         training scripts set to --seed + rank.
+    :param in_channels: channels of the images produced (see the module's docstring).
     :return: an iterator of (float32 NCHW tensor in [-1, 1], dict) pairs that never ends, with
         state_dict() and load_state_dict().
     :raises ValueError: on an unspecified or empty folder, unlabelled files with class_cond, or
@@ -76,6 +90,7 @@ def load_data(
         num_shards=world,
         random_crop=random_crop,
         random_flip=random_flip,
+        in_channels=in_channels,
     )
     if len(dataset) < batch_size:
         # drop_last would make every epoch empty and the generator would spin forever.
@@ -94,15 +109,15 @@ class _ImageBatches(ResumableBatches):
     def __next__(self):
         try:
             return super().__next__()
-        except UnreadableImageError as exc:
+        except (UnreadableImageError, ImageChannelsError) as exc:
             # A worker's error comes back wrapped in its traceback text; keep only our message.
-            raise UnreadableImageError(_last_line(str(exc))) from None
+            raise type(exc)(_last_line(str(exc), type(exc))) from None
 
 
-def _last_line(text):
+def _last_line(text, kind=UnreadableImageError):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else text
-    prefix = UnreadableImageError.__name__ + ": "
+    prefix = kind.__name__ + ": "
     return last.split(prefix, 1)[1] if prefix in last else last
 
 
@@ -131,7 +146,8 @@ def list_image_files_recursively(data_dir):
     results = _walk(data_dir)
     if not results:
         raise ValueError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}: check --data_dir"
+            f"no images ({', '.join(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)}) found under "
+            f"{data_dir}: check --data_dir"
         )
     return results
 
@@ -153,9 +169,17 @@ def _walk(folder):
         # named "x.png" is searched rather than read as an image.
         if isdir(path):
             found.extend(_walk(path))
-        elif "." in entry and entry.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+        elif _is_data_file(entry):
             found.append(path)
     return found
+
+
+def _is_data_file(name):
+    return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
+
+
+def _is_array_file(path):
+    return str(path).lower().endswith(tuple("." + e for e in ARRAY_EXTENSIONS))
 
 
 def class_labels_from_paths(paths):
@@ -202,39 +226,51 @@ class ImageDataset(Dataset):
         num_shards=1,
         random_crop=False,
         random_flip=True,
+        in_channels=3,
     ):
         """
-        :param resolution: side of the square output images.
+        :param resolution: side of the square output images, or (height, width).
         :param image_paths: all image paths of the dataset (every shard's).
         :param classes: one int label per path, or None for unlabelled data.
         :param shard: which shard this dataset holds (the rank).
         :param num_shards: how many shards there are (the world size).
         :param random_crop: crop at a random place and scale instead of the centre.
         :param random_flip: flip horizontally with probability 1/2.
+        :param in_channels: channels of the output (see the module's docstring).
         """
         super().__init__()
         if classes is not None and len(classes) != len(image_paths):
             raise ValueError(f"{len(classes)} class labels given for {len(image_paths)} images")
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
         self.resolution = resolution
         self.local_images = list(image_paths)[shard::num_shards]
         self.local_classes = None if classes is None else list(classes)[shard::num_shards]
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.in_channels = in_channels
 
     def __len__(self):
         return len(self.local_images)
 
     def __getitem__(self, idx):
         path = self.local_images[idx]
-        pil_image = _read_image(path)
-
-        if self.random_crop:
-            arr = random_crop_arr(pil_image, self.resolution)
+        if _is_array_file(path):
+            # Arrays are data, not pictures: no resampling, so no crop; a flip is still a flip.
+            arr = read_array(path, self.resolution, self.in_channels)
         else:
-            arr = center_crop_arr(pil_image, self.resolution)
+            pil_image = read_image(path, self.in_channels)
+            if self.random_crop:
+                arr = random_crop_arr(pil_image, self.resolution)
+            else:
+                arr = center_crop_arr(pil_image, self.resolution)
+            arr = _with_channel_axis(arr)
         if self.random_flip and random.random() < 0.5:
             arr = arr[:, ::-1]
-        arr = arr.astype(np.float32) / 127.5 - 1
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 127.5 - 1
+        else:
+            arr = arr.astype(np.float32)
 
         out_dict = {}
         if self.local_classes is not None:
@@ -242,7 +278,12 @@ class ImageDataset(Dataset):
         return np.transpose(arr, [2, 0, 1]), out_dict
 
 
-def _read_image(path):
+def _with_channel_axis(arr):
+    # PIL gives grey images as [H, W]; every consumer wants [H, W, C].
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _open_image(path):
     try:
         if _is_remote(path):
             with blobfile().BlobFile(path, "rb") as f:
@@ -252,12 +293,107 @@ def _read_image(path):
             with Image.open(path) as opened:
                 opened.load()
                 pil_image = opened.copy()
-        return pil_image.convert("RGB")
+        return pil_image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnreadableImageError(
             f"cannot read image {path} ({reason}): delete or replace the file"
         ) from None
+
+
+def read_image(path, in_channels=3):
+    """
+    Decode a picture and convert it to in_channels channels (PIL_MODES): 3 makes anything RGB
+    (the reference), 1 keeps grey grey (16-bit grey scaled to 8 bits) and refuses colour, 2 and
+    4 give grey+alpha and RGBA.
+
+    :raises UnreadableImageError: naming the file when it cannot be decoded.
+    :raises ImageChannelsError: naming the file and the fix when it cannot have that many
+        channels.
+    """
+    pil_image = _open_image(path)
+    if in_channels not in PIL_MODES:
+        raise ImageChannelsError(
+            f"--in_channels {in_channels} but {path} is a picture (1 to 4 channels): store "
+            f"{in_channels}-channel data as .npy arrays [H, W, {in_channels}]"
+        )
+    if in_channels == 3:
+        return pil_image.convert("RGB")
+    if pil_image.mode.startswith("I;16") or pil_image.mode in ("I", "F"):
+        # 16-bit (CT, microscopy) or 32-bit grey: PIL's own conversion to "L" clips at 255.
+        wide = np.asarray(pil_image, dtype=np.float64)
+        top = 65535.0 if pil_image.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+        pil_image = Image.fromarray(np.clip(np.round(wide * (255.0 / top)), 0, 255).astype(np.uint8))
+    colour = "R" in pil_image.getbands() or pil_image.mode == "P" and _palette_has_colour(pil_image)
+    if in_channels in (1, 2) and colour:
+        rgb = np.asarray(pil_image.convert("RGB"))
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            raise ImageChannelsError(
+                f"{path} is a colour image but --in_channels is {in_channels} (the folder mixes "
+                "grey and colour images): convert it to grey or remove it, or pass "
+                "--in_channels 3"
+            )
+    return pil_image.convert(PIL_MODES[in_channels])
+
+
+def _palette_has_colour(pil_image):
+    rgb = np.asarray(pil_image.convert("RGB"))
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def _read_image(path):
+    """The reference's reading: any picture as RGB (kept for code written against it)."""
+    return read_image(path, 3)
+
+
+def read_array(path, image_size, in_channels):
+    """
+    Read a .npy data file as it is: [H, W] (one channel) or [H, W, C], uint8 (0..255) or floats
+    already in [-1, 1].
+
+    :return: an [H, W, C] array (uint8 or float32).
+    :raises UnreadableImageError: when it cannot be read or has another size or dtype.
+    :raises ImageChannelsError: when it has another channel count than in_channels.
+    """
+    try:
+        if _is_remote(path):
+            with blobfile().BlobFile(path, "rb") as f:
+                arr = np.load(f, allow_pickle=False)
+        else:
+            arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableImageError(
+            f"cannot read array {path} ({reason}): delete or replace the file"
+        ) from None
+    if arr.ndim not in (2, 3):
+        raise UnreadableImageError(
+            f"{path} holds an array of shape {arr.shape}: data files must be [H, W] or [H, W, C]"
+        )
+    arr = _with_channel_axis(arr)
+    if arr.shape[2] != in_channels:
+        raise ImageChannelsError(
+            f"{path} has {arr.shape[2]} channels but --in_channels is {in_channels} (every file "
+            f"of a folder needs the same count): pass --in_channels {arr.shape[2]} or fix the file"
+        )
+    height, width = image_hw(image_size)
+    if arr.shape[:2] != (height, width):
+        raise UnreadableImageError(
+            f"{path} is {arr.shape[0]}x{arr.shape[1]} but --image_size is "
+            f"{format_image_size(image_size)}: arrays are read as they are (no resizing), so "
+            f"save them at {height}x{width}"
+        )
+    if arr.dtype == np.uint8:
+        return arr
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UnreadableImageError(
+            f"{path} holds {arr.dtype} values: save uint8 (0..255) or floats in [-1, 1]"
+        )
+    if arr.size and (not np.isfinite(arr).all() or arr.min() < -1 or arr.max() > 1):
+        raise UnreadableImageError(
+            f"{path} holds floats outside [-1, 1]: scale them to [-1, 1] (or save uint8 0..255)"
+        )
+    return arr.astype(np.float32)
 
 
 def _downscale_by_halving(pil_image, min_side):
@@ -276,45 +412,72 @@ def _resize_short_side(pil_image, short_side):
     )
 
 
+def _resize_to_cover(pil_image, height, width):
+    """
+    Scale so the image covers height x width (the smallest such scale), halving with BOX first
+    as _resize_short_side does. For a square this is exactly _resize_short_side.
+    """
+    if height == width:
+        return _resize_short_side(pil_image, height)
+    while pil_image.size[0] >= 2 * width and pil_image.size[1] >= 2 * height:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = max(width / pil_image.size[0], height / pil_image.size[1])
+    size = tuple(
+        max(round(s * scale), want) for s, want in zip(pil_image.size, (width, height))
+    )
+    return pil_image.resize(size, resample=Image.BICUBIC)
+
+
 def center_crop_arr(pil_image, image_size):
     """
-    Resize so the short side is image_size, then cut the central image_size square.
+    Resize so the short side is image_size, then cut the central image_size square. For a
+    (height, width) rectangle: scale to cover it, then cut it from the centre.
 
-    :return: an HWC uint8 array of shape (image_size, image_size, channels).
+    :return: an HWC (HW for grey) uint8 array of shape (image_size, image_size, channels).
     """
-    arr = np.array(_resize_short_side(pil_image, image_size))
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
+    height, width = image_hw(image_size)
+    arr = np.array(_resize_to_cover(pil_image, height, width))
+    top = (arr.shape[0] - height) // 2
+    left = (arr.shape[1] - width) // 2
+    return arr[top : top + height, left : left + width]
 
 
 def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0):
     """
     Resize so the short side is a random length in [ceil(image_size / max_crop_frac),
-    ceil(image_size / min_crop_frac)], then cut an image_size square at a random place.
+    ceil(image_size / min_crop_frac)], then cut an image_size square at a random place. For a
+    (height, width) rectangle the random length is drawn for its shorter side and the image is
+    scaled to cover the rectangle enlarged by the same factor.
 
-    :return: an HWC uint8 array of shape (image_size, image_size, channels).
+    :return: an HWC (HW for grey) uint8 array of shape (image_size, image_size, channels).
     """
-    shortest = math.ceil(image_size / max_crop_frac)
-    longest = math.ceil(image_size / min_crop_frac)
+    height, width = image_hw(image_size)
+    side = min(height, width)
+    shortest = math.ceil(side / max_crop_frac)
+    longest = math.ceil(side / min_crop_frac)
     short_side = random.randrange(shortest, longest + 1)
-    arr = np.array(_resize_short_side(pil_image, short_side))
-    top = random.randrange(arr.shape[0] - image_size + 1)
-    left = random.randrange(arr.shape[1] - image_size + 1)
-    return arr[top : top + image_size, left : left + image_size]
+    if height == width:
+        arr = np.array(_resize_short_side(pil_image, short_side))
+    else:
+        grow = short_side / side
+        arr = np.array(_resize_to_cover(pil_image, round(height * grow), round(width * grow)))
+    top = random.randrange(arr.shape[0] - height + 1)
+    left = random.randrange(arr.shape[1] - width + 1)
+    return arr[top : top + height, left : left + width]
 
 
-def read_image_folder(data_dir, image_size, class_cond=False, limit=None):
+def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_channels=3):
     """
     Read the images of a folder as they are, for tools that compare outputs with them pixel by
     pixel (e.g. DDIM inversion): no resizing, cropping or flipping, so every image must already
     be image_size x image_size.
 
     :param data_dir: the folder, searched recursively, files in sorted order (as load_data).
-    :param image_size: the side every image must have.
+    :param image_size: the side every image must have, or (height, width).
     :param class_cond: if True, also return labels from the file names (as load_data).
     :param limit: read only the first `limit` files (None or 0: all).
-    :return: (uint8 array [N, image_size, image_size, 3], int64 labels [N] or None).
+    :param in_channels: channels to read the images with (see read_image).
+    :return: (uint8 array [N, height, width, in_channels], int64 labels [N] or None).
     :raises ValueError: naming the first image of another size, or an unreadable one.
     """
     paths = list_image_files_recursively(data_dir)
@@ -324,17 +487,26 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None):
     if limit:
         paths = paths[:limit]
         labels = None if labels is None else labels[:limit]
+    height, width = image_hw(image_size)
     images = []
     for path in paths:
-        pil_image = _read_image(path)
-        if pil_image.size != (image_size, image_size):
-            width, height = pil_image.size
-            other = f", or a model trained at --image_size {width}" if width == height else ""
+        if _is_array_file(path):
+            arr = read_array(path, image_size, in_channels)
+            if arr.dtype != np.uint8:
+                raise UnreadableImageError(
+                    f"{path} holds floats: this tool compares uint8 images, save it as uint8"
+                )
+            images.append(arr)
+            continue
+        pil_image = read_image(path, in_channels)
+        if pil_image.size != (width, height):
+            got_w, got_h = pil_image.size
+            other = f", or a model trained at --image_size {got_w}" if got_w == got_h else ""
             raise ValueError(
-                f"image {path} is {width}x{height} but --image_size is {image_size}: give "
-                f"{image_size}x{image_size} images{other}"
+                f"image {path} is {got_w}x{got_h} but --image_size is "
+                f"{format_image_size(image_size)}: give {width}x{height} images{other}"
             )
-        images.append(np.asarray(pil_image, dtype=np.uint8))
+        images.append(_with_channel_axis(np.asarray(pil_image, dtype=np.uint8)))
     label_arr = None if labels is None else np.asarray(labels, dtype=np.int64)
     return np.stack(images), label_arr
 
@@ -400,10 +572,13 @@ def with_label_dropout(data, *, prob, null_label):
     return MappedBatches(data, _DropBatchLabels(prob, null_label))
 
 
-def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False,
+                       in_channels=3):
     """
     Batches of large images with their area-downsampled versions as model_kwargs["low_res"]
     (what super_res_train.py trains on; the reference defined it in that script).
+
+    :param in_channels: channels of the images (see load_data).
     """
     if small_size > large_size:
         raise ValueError(f"--small_size {small_size} is larger than --large_size {large_size}")
@@ -412,6 +587,7 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
         batch_size=batch_size,
         image_size=large_size,
         class_cond=class_cond,
+        in_channels=in_channels,
     )
     # A mapped stream rather than a generator, so that its position saves with the checkpoint.
     return MappedBatches(data, functools.partial(_with_low_res, small_size=small_size))

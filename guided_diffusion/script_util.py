@@ -22,6 +22,7 @@ from .cli.flags import (  # noqa: F401  (the reference's names, defined with the
     model_and_diffusion_defaults,
 )
 from .cli.hints import explain_state_dict_mismatch  # noqa: F401  (public here)
+from .runtime.shapes import format_image_size, image_hw, parse_image_size, short_side
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -54,15 +55,17 @@ def sr_model_and_diffusion_defaults():
     res["small_size"] = 64
     accepted = inspect.signature(sr_create_model_and_diffusion).parameters
     # The keywords the port adds to the reference's factory are not reference flags.
-    added = ("num_classes", "class_dropout_prob", "channel_mult")
+    added = ("num_classes", "class_dropout_prob", "channel_mult", "in_channels")
     return {k: v for k, v in res.items() if k in accepted and k not in added}
 
 
 def _parse_channel_mult(channel_mult, image_size, table, size_flag):
     """
     :param channel_mult: "" (pick by size), a comma-separated string, or a sequence of numbers.
+    :param image_size: an int, or (height, width): a rectangle picks by its shorter side.
     :return: a tuple of multipliers.
     """
+    image_size = short_side(image_size)
     if isinstance(channel_mult, str):
         if channel_mult.strip() == "":
             if image_size not in table:
@@ -92,8 +95,13 @@ def _attention_ds(attention_resolutions, image_size):
     """
     Turn attention resolutions (feature-map sizes) into downsample rates image_size // r.
 
+    A rectangle counts by its shorter side: "16" on a 32x64 image means attention at
+    downsample rate 2, where the feature map is 16x32 (an addition; the reference is square).
+
     :param attention_resolutions: a comma-separated string or a sequence of ints.
+    :param image_size: an int, or (height, width).
     """
+    image_size = short_side(image_size)
     if isinstance(attention_resolutions, str):
         parts = [p for p in attention_resolutions.split(",") if p.strip()]
         try:
@@ -113,6 +121,28 @@ def _attention_ds(attention_resolutions, image_size):
 def _check_num_classes(num_classes):
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+
+
+def _check_in_channels(in_channels):
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+
+
+def _check_sides(image_size, channel_mult, size_flag):
+    """
+    Refuse an image the UNet cannot take: it halves the sides len(channel_mult) - 1 times and
+    concatenates each level's features with the upsampled ones, so both sides must divide by
+    2 ** (levels - 1). (The reference only failed inside torch.cat.)
+    """
+    factor = 2 ** (len(channel_mult) - 1)
+    bad = [side for side in image_hw(image_size) if side % factor]
+    if bad:
+        raise ValueError(
+            f"{size_flag} {format_image_size(image_size)}: the UNet halves each side "
+            f"{len(channel_mult) - 1} times (channel_mult {','.join(str(m) for m in channel_mult)}"
+            f"), so every side must be divisible by {factor}; {bad[0]} is not: pick sides "
+            f"divisible by {factor} or pass a --channel_mult with fewer levels"
+        )
 
 
 def create_model_and_diffusion(
@@ -141,12 +171,14 @@ def create_model_and_diffusion(
     use_new_attention_order,
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
+    in_channels=3,
 ):
     """
     Build a UNet and its diffusion from the flags of model_and_diffusion_defaults().
 
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param class_dropout_prob: see create_model (extra to the reference).
+    :param in_channels: see create_model (extra to the reference).
     :return: (UNetModel, SpacedDiffusion).
     """
     model = create_model(
@@ -168,6 +200,7 @@ def create_model_and_diffusion(
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
         class_dropout_prob=class_dropout_prob,
+        in_channels=in_channels,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -201,31 +234,38 @@ def create_model(
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
+    in_channels=3,
 ):
     """
-    Build the diffusion UNet (3 input channels; 6 outputs with learn_sigma, else 3).
+    Build the diffusion UNet (in_channels inputs, 3 by default; twice as many outputs with
+    learn_sigma, else as many).
 
+    :param image_size: the side of square images, or (height, width) for rectangles: the
+        channel table and attention_resolutions then go by the shorter side (an addition).
     :param channel_mult: "" to pick by image size (512, 256, 128, 64, 32), or e.g. "1,2,2,2".
     :param attention_resolutions: feature-map sizes with attention, e.g. "16,8".
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param class_dropout_prob: > 0 for classifier-free guidance training: the label embedding
         gets one more row, the null class (index num_classes), and the model's num_classes
         counts it. 0 (the default) keeps the reference's layout (extra to the reference).
+    :param in_channels: image channels: 1 for grey data, 3 (the reference's only value) for
+        RGB, any count for .npy data (extra to the reference).
     :return: a UNetModel.
     """
     _check_num_classes(num_classes)
+    _check_in_channels(in_channels)
     check_class_dropout_prob(class_dropout_prob, class_cond)
+    channel_mult = _parse_channel_mult(channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size")
+    _check_sides(image_size, channel_mult, "--image_size")
     return UNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, image_size),
         dropout=dropout,
-        channel_mult=_parse_channel_mult(
-            channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
-        ),
+        channel_mult=channel_mult,
         num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
@@ -257,6 +297,7 @@ def create_classifier_and_diffusion(
     rescale_learned_sigmas,
     num_classes=NUM_CLASSES,
     classifier_channel_mult="",
+    in_channels=3,
 ):
     """
     Build a noisy-image classifier and the diffusion it is trained on, from the flags of
@@ -264,6 +305,7 @@ def create_classifier_and_diffusion(
 
     :param num_classes: number of output classes (extra to the reference).
     :param classifier_channel_mult: see create_classifier (extra to the reference).
+    :param in_channels: see create_classifier (extra to the reference).
     :return: (EncoderUNetModel, SpacedDiffusion).
     """
     classifier = create_classifier(
@@ -277,6 +319,7 @@ def create_classifier_and_diffusion(
         classifier_pool,
         num_classes=num_classes,
         classifier_channel_mult=classifier_channel_mult,
+        in_channels=in_channels,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -302,22 +345,26 @@ def create_classifier(
     classifier_pool,
     num_classes=NUM_CLASSES,
     classifier_channel_mult="",
+    in_channels=3,
 ):
     """
     Build the noisy-image classifier: the UNet's encoder half with 64-channel attention heads.
 
+    :param image_size: a side, or (height, width) (see create_model).
     :param num_classes: number of output logits (extra to the reference, which fixes 1000).
     :param classifier_channel_mult: "" to pick by image size as create_model does, or an explicit
         comma-separated list for other sizes (extra to the reference).
+    :param in_channels: image channels (extra to the reference, which fixes 3).
     :return: an EncoderUNetModel.
     """
     _check_num_classes(num_classes)
+    _check_in_channels(in_channels)
     channel_mult = _parse_channel_mult(
         classifier_channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
     )
     return EncoderUNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=classifier_width,
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
@@ -357,6 +404,7 @@ def sr_create_model_and_diffusion(
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
     channel_mult="",
+    in_channels=3,
 ):
     """
     Build a super-resolution UNet and its diffusion from sr_model_and_diffusion_defaults() flags.
@@ -365,6 +413,7 @@ def sr_create_model_and_diffusion(
     :param class_dropout_prob: see create_model (extra to the reference).
     :param channel_mult: see sr_create_model ("" = by large_size, as the reference; extra to the
         reference, for sizes outside its table).
+    :param in_channels: see sr_create_model (extra to the reference).
     :return: (SuperResModel, SpacedDiffusion).
     """
     model = sr_create_model(
@@ -386,6 +435,7 @@ def sr_create_model_and_diffusion(
         num_classes=num_classes,
         class_dropout_prob=class_dropout_prob,
         channel_mult=channel_mult,
+        in_channels=in_channels,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -419,6 +469,7 @@ def sr_create_model(
     num_classes=NUM_CLASSES,
     channel_mult="",
     class_dropout_prob=0.0,
+    in_channels=3,
 ):
     """
     Build the super-resolution UNet working at large_size (small_size only describes the data).
@@ -426,19 +477,22 @@ def sr_create_model(
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param channel_mult: "" for the built-in table, or an explicit list (extra to the reference).
     :param class_dropout_prob: see create_model (extra to the reference).
+    :param in_channels: channels of the images (and of the low-resolution input); the network
+        sees twice as many (extra to the reference, which fixes 3).
     :return: a SuperResModel.
     """
     del small_size  # the low-resolution input is upsampled to large_size before the network
     _check_num_classes(num_classes)
+    _check_in_channels(in_channels)
     check_class_dropout_prob(class_dropout_prob, class_cond)
     # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
     # to the image-model table instead of being rejected.
     table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
     return SuperResModel(
         image_size=large_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
+        out_channels=2 * in_channels if learn_sigma else in_channels,
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, large_size),
         dropout=dropout,
@@ -524,11 +578,22 @@ def add_dict_to_argparser(parser, default_dict):
             kind = str
         elif isinstance(default, bool):
             kind = str2bool
+        elif name == "image_size" and isinstance(default, int):
+            # An int for a square as in the reference, or "H,W" for a rectangle (an addition).
+            kind = _image_size_arg
         else:
             kind = type(default)
         # The description, the default in --help and the group come from cli/flags.FLAG_HELP,
         # so that every script explains its flags without a line of its own.
         add_flag(parser, name, default=default, type=kind)
+
+
+def _image_size_arg(text):
+    # argparse shows an ArgumentTypeError's message as it is ("invalid value" otherwise).
+    try:
+        return parse_image_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def args_to_dict(args, keys):

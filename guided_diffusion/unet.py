@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp16_util import convert_module_to_bf16, convert_module_to_f16, convert_module_to_f32
+from .runtime.shapes import image_hw
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -116,7 +117,8 @@ class AttentionPool2d(nn.Module):
     Attention pooling as in CLIP (Radford et al. 2021): the spatial mean attends over all
     positions (plus itself), with a learned positional embedding, and its output is projected.
 
-    :param spacial_dim: the side length of the square feature map.
+    :param spacial_dim: the side length of the square feature map, or its (height, width)
+        (an addition: rectangles).
     :param embed_dim: the input channels.
     :param num_heads_channels: channels per attention head.
     :param output_dim: output channels (defaults to embed_dim).
@@ -124,13 +126,14 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
         super().__init__()
+        height, width = image_hw(spacial_dim)
         if embed_dim % num_heads_channels:
             raise ValueError(
                 f"attention pooling over {embed_dim} channels needs a multiple of "
                 f"num_head_channels={num_heads_channels}"
             )
         self.positional_embedding = nn.Parameter(
-            torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
+            torch.randn(embed_dim, height * width + 1) / embed_dim**0.5
         )
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
@@ -527,7 +530,8 @@ class UNetModel(nn.Module):
     The ADM UNet: timestep (and optionally class) conditioned, with residual blocks, multi-head
     self-attention at chosen resolutions and skip connections between the two halves.
 
-    :param image_size: input side length (used by subclasses and for bookkeeping).
+    :param image_size: input side length, or (height, width) (used by subclasses and for
+        bookkeeping).
     :param in_channels: input channels.
     :param model_channels: base channel count.
     :param out_channels: output channels.
@@ -725,6 +729,12 @@ def _check_labels(y, num_classes):
         raise ValueError(message) from None
 
 
+def _feature_grid(image_size, ds):
+    """The feature map's side (a square) or (height, width) at downsample rate ds."""
+    height, width = image_hw(image_size)
+    return height // ds if height == width else (height // ds, width // ds)
+
+
 class SuperResModel(UNetModel):
     """
     A UNetModel for super-resolution: the low-resolution image, bilinearly upsampled to the input
@@ -842,7 +852,7 @@ class EncoderUNetModel(nn.Module):
             self.out = nn.Sequential(
                 normalization(ch),
                 nn.SiLU(),
-                AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
+                AttentionPool2d(_feature_grid(image_size, ds), ch, num_head_channels, out_channels),
             )
         elif pool == "spatial":
             self.out = nn.Sequential(

@@ -8,7 +8,6 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
 
 import argparse
 
-import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
@@ -24,6 +23,7 @@ from guided_diffusion.sampling.loop import (
 )
 from guided_diffusion.cli.weights import load_checkpoint_into
 from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
+from guided_diffusion.cli.flags import label_choice_defaults, sample_script_defaults
 from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.runtime.seeding import seed_sampling
@@ -36,11 +36,11 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.sampling.loop import (
     check_sampler_flags,
-    load_guidance_classifier,
     make_sample_fn,
     resolve_sampler,
     sample_steps,
 )
+from guided_diffusion.sampling.loop import class_labels, sample_shape
 
 
 def main(argv=None):
@@ -61,8 +61,10 @@ def main(argv=None):
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
+    flags["in_channels"] = args.in_channels
     model, diffusion = create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid, eta=args.eta)
+    next_labels = class_labels(args)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
@@ -86,12 +88,10 @@ def main(argv=None):
 
     seed_sampling(args.seed)
     logger.log(f"sampling with {sampler}...")
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    shape = sample_shape(args.batch_size, args.image_size, args.in_channels)
 
     def make_batch(bar):
-        classes = torch.randint(
-            low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
-        )
+        classes = next_labels()
         sample = sample_fn(
             model_fn,
             shape,
@@ -106,7 +106,7 @@ def main(argv=None):
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
                                  progress=args.progress,
                                  steps_per_batch=sample_steps(sampler, diffusion, args.evaluations))
-    write_samples(arr, labels, output_dir(args))
+    write_samples(arr, labels, output_dir(args), save_images=args.save_images)
     logger.log("sampling complete")
 
 
@@ -125,6 +125,8 @@ def create_argparser():
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
     defaults.update(sampling_guidance_defaults())
+    defaults.update(sample_script_defaults())
+    defaults.update(label_choice_defaults())
     # Needed for classifiers at sizes without a built-in channel table (e.g. 16).
     defaults.update(classifier_channel_mult="")
     parser = argparse.ArgumentParser(description="Sample with classifier guidance.")

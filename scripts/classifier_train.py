@@ -32,7 +32,8 @@ def main(argv=None):
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
-    flags.update(num_classes=args.num_classes, classifier_channel_mult=args.classifier_channel_mult)
+    flags.update(num_classes=args.num_classes, classifier_channel_mult=args.classifier_channel_mult,
+                 in_channels=args.in_channels)
     model, diffusion = create_classifier_and_diffusion(**flags)
     model.to(dist_util.dev())
     to_channels_last(model, args.channels_last)
@@ -46,6 +47,7 @@ def main(argv=None):
         image_size=args.image_size,
         class_cond=True,
         random_crop=True,
+        in_channels=args.in_channels,
     )
     val_data = None
     if args.val_data_dir:
@@ -55,6 +57,7 @@ def main(argv=None):
             batch_size=args.batch_size,
             image_size=args.image_size,
             class_cond=True,
+            in_channels=args.in_channels,
         )
 
     logger.log("training classifier model...")

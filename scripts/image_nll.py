@@ -15,7 +15,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.perf import set_tf32
 from guided_diffusion.cli.weights import load_checkpoint_into
-from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
+from guided_diffusion.cli.flags import channel_defaults, network_flags, sampling_extra_defaults
 from guided_diffusion.sampling.loop import output_dir, prepare_network
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.runtime.seeding import seed_sampling
@@ -36,6 +36,7 @@ def main(argv=None):
     # made, so a run refused on its flags leaves no folder behind.
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
+    flags["in_channels"] = args.in_channels
     model, diffusion = create_model_and_diffusion(**flags)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
@@ -46,6 +47,7 @@ def main(argv=None):
         image_size=args.image_size,
         class_cond=args.class_cond,
         deterministic=True,
+        in_channels=args.in_channels,
     )
     logger.configure(dir=args.log_dir or None)
     set_tf32(args.tf32)
@@ -104,6 +106,7 @@ def create_argparser():
     defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
     defaults.update(model_and_diffusion_defaults())
     defaults.update(sampling_extra_defaults())
+    defaults.update(channel_defaults())
     parser = argparse.ArgumentParser(description="Bits per dimension of a dataset under a model.")
     add_dict_to_argparser(parser, defaults)
     return parser

@@ -7,7 +7,6 @@ Generate a large batch of image samples from a model and save them as a large nu
 
 import argparse
 
-import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
@@ -22,6 +21,7 @@ from guided_diffusion.sampling.loop import (
 )
 from guided_diffusion.cli.weights import load_checkpoint_into
 from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
+from guided_diffusion.cli.flags import label_choice_defaults, sample_script_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
@@ -36,6 +36,7 @@ from guided_diffusion.sampling.loop import (
     resolve_sampler,
     sample_steps,
 )
+from guided_diffusion.sampling.loop import class_labels, sample_shape
 
 
 def main(argv=None):
@@ -56,8 +57,10 @@ def main(argv=None):
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags["num_classes"] = args.num_classes
     flags["class_dropout_prob"] = args.class_dropout_prob
+    flags["in_channels"] = args.in_channels
     model, diffusion = create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid, eta=args.eta)
+    next_labels = class_labels(args, class_cond=args.class_cond)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
     )
@@ -70,16 +73,14 @@ def main(argv=None):
     logger.log(f"sampling with {sampler}...")
     # The null class is label num_classes; with --guidance_scale 1 this is the model itself.
     model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    shape = sample_shape(args.batch_size, args.image_size, args.in_channels)
 
     def make_batch(bar):
         model_kwargs = {}
         labels = None
         if args.class_cond:
             # Labels are drawn before the batch's noise, as in the reference.
-            labels = torch.randint(
-                low=0, high=args.num_classes, size=(args.batch_size,), device=dist_util.dev()
-            )
+            labels = next_labels()
             model_kwargs["y"] = labels
         sample = sample_fn(
             model_fn,
@@ -94,7 +95,7 @@ def main(argv=None):
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
                                  progress=args.progress,
                                  steps_per_batch=sample_steps(sampler, diffusion, args.evaluations))
-    write_samples(arr, labels, output_dir(args))
+    write_samples(arr, labels, output_dir(args), save_images=args.save_images)
     logger.log("sampling complete")
 
 
@@ -110,6 +111,8 @@ def create_argparser():
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
     defaults.update(sampling_guidance_defaults())
+    defaults.update(sample_script_defaults())
+    defaults.update(label_choice_defaults())
     parser = argparse.ArgumentParser(description="Sample images from a diffusion model.")
     add_dict_to_argparser(parser, defaults)
     return parser

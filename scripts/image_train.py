@@ -10,7 +10,7 @@ optNNNNNN.pt, stateNNNNNN.pt) and progress.csv go to --log_dir (default $OPENAI_
 import argparse
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import diffusion_train_defaults
+from guided_diffusion.cli.flags import augmentation_defaults, diffusion_train_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import check_dataset_classes, load_data, with_label_dropout
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -34,6 +34,7 @@ def main(argv=None):
         **args_to_dict(args, model_and_diffusion_defaults().keys()),
         num_classes=args.num_classes,
         class_dropout_prob=args.class_dropout_prob,
+        in_channels=args.in_channels,
     )
     model.to(dist_util.dev())
     to_channels_last(model, args.channels_last)
@@ -47,6 +48,9 @@ def main(argv=None):
         batch_size=args.batch_size,
         image_size=args.image_size,
         class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        random_crop=args.random_crop,
+        in_channels=args.in_channels,
     )
     # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
     data = with_label_dropout(data, prob=args.class_dropout_prob, null_label=args.num_classes)
@@ -64,6 +68,7 @@ def main(argv=None):
 def create_argparser():
     defaults = diffusion_train_defaults()
     defaults.update(model_and_diffusion_defaults())
+    defaults.update(augmentation_defaults())
     parser = argparse.ArgumentParser(description="Train a diffusion model on a folder of images.")
     add_dict_to_argparser(parser, defaults)
     return parser

@@ -25,7 +25,8 @@ from guided_diffusion.sampling.loop import (
 )
 from guided_diffusion.cli.weights import load_checkpoint_into
 from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
-from guided_diffusion.sampling.files import read_image_npz
+from guided_diffusion.cli.flags import sample_script_defaults
+from guided_diffusion.sampling.files import read_low_res_images
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
@@ -40,6 +41,7 @@ from guided_diffusion.sampling.loop import (
     resolve_sampler,
     sample_steps,
 )
+from guided_diffusion.sampling.loop import sample_shape
 
 
 def main(argv=None):
@@ -62,13 +64,15 @@ def main(argv=None):
         num_classes=args.num_classes,
         channel_mult=args.channel_mult,
         class_dropout_prob=args.class_dropout_prob,
+        in_channels=args.in_channels,
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid)
+    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid, eta=args.eta)
     load_checkpoint_into(
         model, args.model_path, flags, build=lambda f: sr_create_model_and_diffusion(**f)[0]
     )
-    data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond)
+    data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond,
+                                args.in_channels)
     logger.configure(dir=args.log_dir or None)
     set_tf32(args.tf32)
     logger.log(f"loaded the model {args.model_path} and the base samples {args.base_samples}")
@@ -79,7 +83,7 @@ def main(argv=None):
     # deviation from reference: the reference always used p_sample_loop, ignoring --use_ddim.
     # The low-resolution input is repeated for the unconditional half of guidance.
     model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
-    shape = (args.batch_size, 3, args.large_size, args.large_size)
+    shape = sample_shape(args.batch_size, args.large_size, args.in_channels)
 
     def make_batch(bar):
         model_kwargs = {k: v.to(dist_util.dev()) for k, v in next(data).items()}
@@ -97,29 +101,26 @@ def main(argv=None):
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
                                  progress=args.progress,
                                  steps_per_batch=sample_steps(sampler, diffusion, args.evaluations))
-    write_samples(arr, labels, output_dir(args))
+    write_samples(arr, labels, output_dir(args), save_images=args.save_images)
     logger.log("sampling complete")
 
 
-def read_base_samples(base_samples, small_size, class_cond):
+def read_base_samples(base_samples, small_size, class_cond, in_channels=3):
     """
-    :return: (uint8 images [N, small, small, 3], int64 labels or None) from an image_sample npz.
+    :return: (uint8 images [N, small, small, C], int64 labels or None) from an image_sample
+        npz, an image file or a folder of images (sampling.files.read_low_res_images).
     :raises ScriptError: when the file is missing, unreadable or holds the wrong shapes.
     """
-    if not base_samples:
-        raise ScriptError("pass --base_samples FILE.npz (the output of image_sample.py)")
-    return read_image_npz(
-        base_samples, small_size, class_cond=class_cond, size_flag="--small_size",
-        what="base samples", labels_hint="sample the base images with a class-conditional model",
-    )
+    return read_low_res_images(base_samples, small_size, class_cond=class_cond,
+                               channels=in_channels)
 
 
-def load_data_for_worker(base_samples, batch_size, small_size, class_cond):
+def load_data_for_worker(base_samples, batch_size, small_size, class_cond, in_channels=3):
     """
     An endless generator of {"low_res": float NCHW in [-1, 1], "y": labels} batches made of this
     rank's share (entries rank, rank + W, ...) of the base samples, cycling through them.
     """
-    image_arr, label_arr = read_base_samples(base_samples, small_size, class_cond)
+    image_arr, label_arr = read_base_samples(base_samples, small_size, class_cond, in_channels)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     if len(range(rank, len(image_arr), world)) == 0:
         raise ScriptError(f"{base_samples} holds {len(image_arr)} images, fewer than {world} ranks")
@@ -155,6 +156,7 @@ def create_argparser():
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
     defaults.update(sampling_guidance_defaults())
+    defaults.update(sample_script_defaults())
     defaults.update(channel_mult="")  # "" = by large_size; needed for sizes like 16
     parser = argparse.ArgumentParser(description="Upsample samples with a super-resolution model.")
     add_dict_to_argparser(parser, defaults)

@@ -39,6 +39,7 @@ def main(argv=None):
         num_classes=args.num_classes,
         channel_mult=args.channel_mult,
         class_dropout_prob=args.class_dropout_prob,
+        in_channels=args.in_channels,
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
     model.to(dist_util.dev())
@@ -54,6 +55,7 @@ def main(argv=None):
         large_size=args.large_size,
         small_size=args.small_size,
         class_cond=args.class_cond,
+        in_channels=args.in_channels,
     )
     # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
     data = with_label_dropout(data, prob=args.class_dropout_prob, null_label=args.num_classes)

@@ -70,6 +70,9 @@ def create_cgan(*, arch, image_size, num_classes, z_dim, conv_channels, dropout)
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}: use one of {', '.join(ARCHS)}")
+    if not isinstance(image_size, int):
+        # --image_size parses height,width for the diffusion scripts; these networks are square.
+        raise ValueError(f"the cGAN makes square images: pass one --image_size, got {image_size}")
     if num_classes < 1:
         raise ValueError(f"--num_classes must be at least 1, got {num_classes}")
     if z_dim < 1:

@@ -193,6 +193,47 @@ def performance_defaults():
     return dict(compile=False, tf32=True, channels_last=False)
 
 
+def channel_defaults():
+    """
+    in_channels: channels of the images a diffusion model or classifier works on: 3 (RGB, the
+        reference's only value and what the released checkpoints need), 1 for grey data, any
+        count for .npy data.
+    """
+    return dict(in_channels=3)
+
+
+def sample_script_defaults():
+    """
+    Flags of the three diffusion sampling scripts (image_sample, classifier_sample,
+    super_res_sample) for what they write and how DDIM runs; each default keeps the reference's
+    output.
+
+    save_images: also write one PNG per sample beside the npz.
+    eta: DDIM's eta (0 = deterministic); the ddim sampler only.
+    in_channels: see channel_defaults().
+    """
+    return dict(save_images=False, eta=0.0, **channel_defaults())
+
+
+def label_choice_defaults():
+    """
+    Which classes image_sample and classifier_sample draw. The defaults draw them at random
+    before each batch's noise, as the reference does.
+
+    class_label: every sample of this class (-1 = no fixed class).
+    balanced_labels: classes in turn, so every class gets the same count.
+    """
+    return dict(class_label=-1, balanced_labels=False)
+
+
+def augmentation_defaults():
+    """
+    image_train.py's data augmentation: random_flip as the reference (on), random_crop off (the
+    reference's load_data had it, but only classifier_train turned it on).
+    """
+    return dict(random_flip=True, random_crop=False)
+
+
 def training_extra_defaults():
     """
     Flags the training scripts add to the reference's; each default keeps reference behaviour.
@@ -256,6 +297,7 @@ def classifier_train_defaults():
     del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
     defaults.update(extras)
     defaults.update(classifier_channel_mult="")
+    defaults.update(channel_defaults())
     return defaults
 
 
@@ -263,7 +305,7 @@ def diffusion_train_defaults():
     """
     The training flags of image_train.py and super_res_train.py with the reference's defaults
     (the model and diffusion flags come from script_util), then the port's additions:
-    training_extra_defaults() and classifier-free guidance's class_dropout_prob.
+    training_extra_defaults(), classifier-free guidance's class_dropout_prob and in_channels.
     """
     defaults = dict(
         data_dir="",
@@ -282,6 +324,7 @@ def diffusion_train_defaults():
     )
     defaults.update(training_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(channel_defaults())
     return defaults
 
 
@@ -621,8 +664,7 @@ def _group(parser, group):
 # ---------------------------------------------------------------------- docs/flags.md
 
 # Where the scripts live, relative to a checkout (the parsers docs/flags.md describes).
-SCRIPT_PATTERNS = ("scripts/*.py", "experiments/*.py", "evaluations/evaluator.py",
-                   "datasets/digits.py")
+SCRIPT_PATTERNS = ("scripts/*.py", "experiments/*.py", "evaluations/*.py", "datasets/*.py")
 
 
 def script_parsers(root="."):
@@ -870,11 +912,6 @@ NEW_FLAG_HELP = {
         "image_edit.py: SDEdit's t0 / T in (0, 1]: how far the input is noised before "
         "denoising (1 = sample from noise)",
     ),
-    "class_label": (
-        "sampling",
-        "editing scripts: the class of class-conditional or classifier-guided edits (-1 = "
-        "random, drawn as image_sample.py draws)",
-    ),
     "classifier_scales": (
         "evaluation",
         "experiments/sdedit_digits.py: classifier-guidance scales to edit with, comma-separated",
@@ -888,6 +925,37 @@ NEW_FLAG_HELP = {
         "evaluation",
         "experiments/solver_grids.py: model-evaluation budgets to compare, comma-separated",
     ),
+
+    "image_size": ("model", "side of the square images in pixels, or height,width for "
+                            "rectangles (e.g. 32,48)"),
+    "in_channels": ("model", "image channels: 3 = RGB (released checkpoints), 1 = grey, any "
+                             "count for .npy data"),
+    "save_images": ("sampling", "also write one PNG per sample (<index>_<label>.png) into a "
+                                "folder named like the npz"),
+    "class_label": ("sampling", "draw every sample of this class (-1 = none fixed: diffusion "
+                                "samplers draw at random, cGAN takes every class in turn)"),
+    "balanced_labels": ("sampling", "draw the classes in turn so every class gets the same "
+                                    "count (instead of at random)"),
+    "random_crop": ("data", "crop training images at a random place and scale (short side "
+                            "scaled to 1 to 1.25 times the size)"),
+    "ref_batch": ("evaluation", "reference batch: an npz with uint8 NHWC images in 0..255 "
+                                "(arr_0, optionally with statistics), or a folder of images"),
+    "sample_batch": ("evaluation", "sample batch: an npz with uint8 NHWC images in 0..255 "
+                                   "(arr_0), e.g. image_sample.py's output, or a folder of "
+                                   "images"),
+    "npz": ("data", "a samples npz (arr_0 uint8 images, arr_1 labels when present)"),
+    "folder": ("data", "a folder of images, searched recursively"),
+    "out_npz": ("data", "the npz file to write"),
+    "stats": ("evaluation", "also store the Inception statistics (mu, sigma, mu_s, sigma_s), so "
+                            "the evaluator need not recompute them"),
+    "names": ("data", "released checkpoint names (e.g. 64x64_diffusion), or all"),
+    "base_url": ("data", "where the checkpoints are downloaded from (a mirror; default: the "
+                         "reference's release)"),
+    "list": ("data", "print the released checkpoints with their sizes and flags, download "
+                     "nothing"),
+    "archive": ("data", "the dataset archive as its authors distribute it"),
+    "lmdb_path": ("data", "an LSUN lmdb database (e.g. bedroom_train_lmdb)"),
+    "prefix": ("data", "class name the files are named with (<prefix>_<index>.png)"),
 }
 
 

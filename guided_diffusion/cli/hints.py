@@ -120,10 +120,21 @@ def _direct_changes(expected, given, flags, is_classifier):
         width = given["time_embed.0.weight"][1]
         if width != expected["time_embed.0.weight"][1]:
             changes[_flag_name(flags, _WIDTH_FLAGS, is_classifier)] = width
+    channels = flags.get("in_channels", 3)
+    first = "input_blocks.0.0.weight"
+    if first in given and first in expected and given[first][1] != expected[first][1]:
+        # The first convolution reads the image channels (twice as many for the super-resolution
+        # model, whose input is the noisy image and the upsampled low-resolution one).
+        per_channel = max(1, expected[first][1] // channels)
+        if given[first][1] % per_channel == 0:
+            channels = given[first][1] // per_channel
+            changes["in_channels"] = channels
     out = "out.2.weight"
     if not is_classifier and out in given and out in expected and given[out] != expected[out]:
-        if given[out][0] in (3, 6) and given[out][1:] == expected[out][1:]:
-            changes["learn_sigma"] = given[out][0] == 6
+        if given[out][0] in (channels, 2 * channels) and given[out][1:] == expected[out][1:]:
+            learned = given[out][0] == 2 * channels
+            if flags.get("learn_sigma") != learned:
+                changes["learn_sigma"] = learned
     if is_classifier:
         # Whatever the pooling head, a classifier's last bias has one entry per class.
         rows, wanted = _head_rows(given), _head_rows(expected)
@@ -283,7 +294,9 @@ def _single_changes(flags):
     attention_flag = next((f for f in _ATTENTION_FLAGS if f in flags), None)
     size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
     if attention_flag is not None and size_flag is not None:
+        # A rectangle's attention levels go by its shorter side.
         size = flags[size_flag]
+        size = size if isinstance(size, int) else min(size)
         # Only resolutions the network has: an entry for a level it lacks changes nothing.
         levels = [size // 2**k for k in range(_level_count(flags, size)) if size // 2**k >= 1]
         # Contiguous runs of resolutions ("32,16,8") cover the configurations in use.
@@ -291,7 +304,7 @@ def _single_changes(flags):
             text = ",".join(str(r) for r in levels[start:stop])
             if text != flags[attention_flag]:
                 yield {attention_flag: text}
-    if size_flag is not None:
+    if size_flag is not None and isinstance(flags[size_flag], int):
         current = flags[size_flag]
         sizes = set(_BUILTIN_SIZES) | {current // 4, current // 2, current * 2}
         for size in sorted(s for s in sizes if s >= 8 and s != current):

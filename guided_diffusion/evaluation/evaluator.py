@@ -2,12 +2,15 @@
 Evaluate a batch of samples against a reference batch: Inception Score, FID, sFID, precision and
 recall, with the printed output of guided-diffusion's TensorFlow evaluator, in PyTorch.
 
+Either batch may be an .npz (arr_0: uint8 images) or a folder of images of one size.
+
     python evaluations/evaluator.py REF_BATCH.npz SAMPLE_BATCH.npz \
         --inception_path pt_inception-2015-12-05-6726825d.pth
 """
 
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -16,7 +19,8 @@ from tqdm.auto import tqdm
 from ..cli.flags import add_flag
 from .inception import HOW_TO_GET_WEIGHTS, WEIGHTS_FILENAME, load_inception
 from .metrics import FIDStatistics, ManifoldEstimator, inception_score
-from .npz import NpzArrayStream, npz_keys, peek_values
+from .batches import check_batch_path, is_image_folder, open_image_batch
+from .npz import npz_keys, peek_values
 
 
 class Evaluator:
@@ -50,14 +54,11 @@ class Evaluator:
 
     def read_activations(self, npz_path):
         """
-        :param npz_path: a batch file with uint8 NHWC images in ``arr_0``.
+        :param npz_path: a batch file with uint8 NHWC images in ``arr_0`` (3 channels, or 1 for
+            grey images, given to the network as 3 equal channels), or a folder of images.
         :return: (pool [N x 2048], spatial [N x 2023]) float32 features.
         """
-        with NpzArrayStream(path=npz_path, name="arr_0") as stream:
-            if len(stream.shape) != 4 or stream.shape[-1] != 3:
-                raise ValueError(
-                    f"{npz_path}: arr_0 has shape {stream.shape}, expected N x H x W x 3 images"
-                )
+        with open_image_batch(npz_path) as stream:
             return self.compute_activations(stream.batches(self.batch_size), total=len(stream))
 
     @torch.inference_mode()
@@ -89,6 +90,8 @@ class Evaluator:
         :param activations: (pool, spatial) from read_activations.
         :return: (pool statistics, spatial statistics).
         """
+        if is_image_folder(npz_path):
+            return tuple(self.compute_statistics(features) for features in activations)
         keys = set(npz_keys(npz_path))
         result = []
         with np.load(npz_path) as stored:
@@ -156,6 +159,8 @@ def image_dtype_warning(path, name="arr_0"):
 
     :return: the warning, naming the conversion that fixes the file, or None when it is uint8.
     """
+    if is_image_folder(path):
+        return None  # image files are 8-bit by construction
     dtype, _, low, high = peek_values(path, name)
     if dtype == np.uint8 or low is None:
         return None
@@ -186,8 +191,8 @@ def evaluate(*, ref_batch, sample_batch, evaluator, out=print, warn=_to_stderr):
     """
     Run the reference evaluation and print its lines.
 
-    :param ref_batch: reference .npz path.
-    :param sample_batch: sample .npz path.
+    :param ref_batch: reference .npz path, or a folder of images.
+    :param sample_batch: sample .npz path, or a folder of images.
     :param evaluator: an Evaluator.
     :param out: print-like function for the output lines.
     :param warn: called with each warning line (a batch that does not hold uint8 images);
@@ -195,7 +200,7 @@ def evaluate(*, ref_batch, sample_batch, evaluator, out=print, warn=_to_stderr):
     :return: dict of the five metrics.
     """
     for path in (ref_batch, sample_batch):
-        npz_keys(path)  # fail on a missing or non-npz file before any long computation
+        check_batch_path(path)  # fail on a missing or unreadable batch before long computation
     for path in (ref_batch, sample_batch):
         message = image_dtype_warning(path)
         if message:

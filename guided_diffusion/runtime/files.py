@@ -121,3 +121,26 @@ def blobfile():
             "remote paths (gs://, az://, https://) need blobfile: pip install 'guided-diffusion[remote]'"
         ) from None
     return bf
+
+
+# The first bytes of the files people pass where an npz is expected.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x93NUMPY", "a single .npy array (np.save), not an npz (np.savez)"),
+    (b"PK", None),  # a zip archive: what an npz is
+)
+
+
+def file_kind(path):
+    """
+    What a file is by its first bytes: None for a zip (an npz), else a phrase such as
+    "a PNG image", or "not an npz file" when it is none of the known kinds.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    return "not an npz file"

@@ -1,17 +1,22 @@
 """
 Image files in and out of sampling: the reference's samples_NxHxWxC.npz plus a PNG grid to look
-at, reading such npz files (and image folders) back, and the DDIM tools' latents files.
+at, one image file per sample (--save_images, npz_to_images.py), reading such npz files, image
+files and folders back, and the DDIM tools' latents files.
 """
 
 import math
 import os
+import shutil
+import tempfile
+import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import ScriptError
-from ..runtime.files import atomic_write
+from ..runtime.files import atomic_write, file_kind
+from ..runtime.shapes import format_image_size, image_hw
 
 # A grid of every sample of a 50k-image run would be gigapixels; show the first ones only.
 DEFAULT_GRID_MAX_IMAGES = 64
@@ -37,11 +42,24 @@ def _as_uint8_nhwc(images):
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images (use to_uint8 first), got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+    if images.ndim != 4 or images.shape[-1] < 1:
+        raise ValueError(f"expected images of shape (N, H, W, C), got {images.shape}")
+    if images.shape[1] in (1, 2, 3, 4) and images.shape[-1] > 4:
+        # N-channel samples are allowed, but a few rows of many channels is NCHW by mistake.
         raise ValueError(
-            f"expected images of shape (N, H, W, C) with C in 1, 3, 4, got {images.shape}"
+            f"expected images of shape (N, H, W, C), got {images.shape}: NCHW? (use to_uint8)"
         )
     return images
+
+
+def _viewable(images):
+    """
+    What a PNG grid can show of N-channel samples: grey, RGB and RGBA as they are; any other
+    channel count (2, or 5 and more, from --in_channels) as its first channel in grey.
+    """
+    if images.shape[-1] in (1, 3, 4):
+        return images
+    return images[..., :1]
 
 
 def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0,
@@ -61,7 +79,7 @@ def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0,
         images): then the largest factor that keeps it within.
     :return: path.
     """
-    images = _as_uint8_nhwc(images_uint8_nhwc)
+    images = _viewable(_as_uint8_nhwc(images_uint8_nhwc))
     count, height, width, channels = images.shape
     if count == 0:
         raise ValueError("cannot make a grid of zero images")
@@ -167,7 +185,7 @@ def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
 
 
 def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEFAULT_GRID_MAX_IMAGES,
-                 grid_per_class=None):
+                 grid_per_class=None, save_images=False):
     """
     Save samples as out_dir/samples_NxHxWxC.npz (arr_0: the uint8 NHWC images, arr_1: the int64
     labels when given) and a PNG grid next to it (same stem, .png): with labels one row per
@@ -182,6 +200,8 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
     :param grid_max_images: about how many samples the PNG grid shows (0: no grid).
     :param grid_per_class: samples per class row (labelled samples), instead of a share of
         grid_max_images.
+    :param save_images: also write one image file per sample into the folder named like the
+        npz without .npz (samples_NxHxWxC/, see save_image_files).
     :return: the npz path.
     """
     images = _as_uint8_nhwc(images_uint8_nhwc)
@@ -197,40 +217,212 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
             tiles, per_row = class_grid(images, labels_or_None, max_images=grid_max_images,
                                         per_class=grid_per_class)
             make_grid_png(tiles, png_path, nrow=per_row)
+    if save_images:
+        save_image_files(images, labels_or_None, os.path.splitext(npz_path)[0])
     return npz_path
 
 
-def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size", what="images",
-                   labels_hint="add them as arr_1 or pass --class_cond False"):
+# ------------------------------------------------------------------ one file per sample
+
+# Channels a PNG holds, and the PIL mode of each; other counts are written as .npy arrays.
+PNG_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def sample_file_name(index, label=None, digits=6, channels=3):
     """
-    Read images as image_sample.py writes them: arr_0 uint8 [N, H, W, 3], arr_1 int64 labels.
+    The name of sample `index`: "<index>.png", or "<index>_<label>.png" with a label; the index
+    zero-padded to `digits` so that names sort in sample order; ".npy" for channel counts a PNG
+    cannot hold.
+    """
+    ext = "png" if channels in PNG_MODES else "npy"
+    stem = f"{index:0{digits}d}" if label is None else f"{index:0{digits}d}_{int(label)}"
+    return f"{stem}.{ext}"
+
+
+class ImageFileWriter:
+    """
+    Write samples one file each into a folder that appears complete or not at all: files go to
+    a hidden temporary folder beside it, which replaces the folder when close() succeeds (an
+    older folder of that name is removed then); on an error nothing is left behind.
+
+    Use as a context manager; call write(images, labels) for each batch, in sample order.
+
+    :param folder: the destination folder.
+    :param total: how many samples will be written (for the zero padding of the names).
+    """
+
+    def __init__(self, folder, total):
+        self.folder = os.path.abspath(os.fspath(folder))
+        self.digits = max(6, len(str(max(total - 1, 0))))
+        self.count = 0
+        self._tmp = None
+
+    def __enter__(self):
+        parent = os.path.dirname(self.folder)
+        os.makedirs(parent, exist_ok=True)
+        self._tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(self.folder) + ".")
+        return self
+
+    def write(self, images_uint8_nhwc, labels_or_None=None):
+        images = _as_uint8_nhwc(images_uint8_nhwc)
+        labels = None if labels_or_None is None else _labels_array(labels_or_None, len(images))
+        for i, image in enumerate(images):
+            label = None if labels is None else labels[i]
+            name = sample_file_name(self.count, label, self.digits, image.shape[-1])
+            path = os.path.join(self._tmp, name)
+            if name.endswith(".npy"):
+                np.save(path, image)
+            else:
+                channels = image.shape[-1]
+                pixels = image[..., 0] if channels == 1 else image
+                Image.fromarray(pixels).save(path, format="PNG")  # L, LA, RGB or RGBA
+            self.count += 1
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return False
+        old = None
+        if os.path.exists(self.folder):
+            old = self._tmp + ".old"
+            os.replace(self.folder, old)
+        os.replace(self._tmp, self.folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def save_image_files(images_uint8_nhwc, labels_or_None, folder):
+    """
+    Write each image as its own file in `folder` (replaced whole, see ImageFileWriter):
+    "<index>_<label>.png" when labels are given, else "<index>.png" (grey, grey+alpha, RGB or
+    RGBA by the channel count; .npy for other counts).
+
+    :return: the folder.
+    """
+    images = _as_uint8_nhwc(images_uint8_nhwc)
+    with ImageFileWriter(folder, len(images)) as writer:
+        writer.write(images, labels_or_None)
+    return os.fspath(folder)
+
+
+def _labels_array(labels, count):
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape != (count,):
+        raise ValueError(f"got {labels.shape} labels for {count} images; expected one per image")
+    return labels
+
+
+def npz_to_image_files(npz_path, folder=None, limit=None, batch_size=256):
+    """
+    Write the images of a samples npz (arr_0, with labels arr_1 when present) one file each,
+    as save_image_files names them, reading the npz in batches (a 50k-image file never sits in
+    memory at once).
+
+    :param folder: the destination (default: beside the npz, named like it without .npz).
+    :param limit: write only the first `limit` images (None or 0: all).
+    :return: (folder, number of files written).
+    :raises ScriptError: when the file is not such an npz (a PNG, a latents file, ...).
+    """
+    from ..evaluation.npz import NpzArrayStream, npz_keys
+
+    check_npz_file(npz_path, "samples")
+    keys = npz_keys(npz_path)
+    if "arr_0" not in keys:
+        raise ScriptError(
+            f"{npz_path} has no arr_0 (it holds {', '.join(keys) or 'nothing'}): pass a samples "
+            "npz written by a sampling script"
+        )
+    folder = folder or os.path.splitext(os.fspath(npz_path))[0]
+    labels = None
+    if "arr_1" in keys:
+        with np.load(npz_path) as data:
+            labels = data["arr_1"]
+    with NpzArrayStream(path=npz_path, name="arr_0") as stream:
+        if len(stream.shape) != 4 or stream.dtype != np.uint8:
+            raise ScriptError(
+                f"{npz_path}: arr_0 is {stream.dtype} of shape {stream.shape}, expected uint8 "
+                "images (N, H, W, C) as the sampling scripts write them"
+            )
+        total = len(stream) if not limit else min(limit, len(stream))
+        if labels is not None and len(labels) != len(stream):
+            raise ScriptError(
+                f"{npz_path} holds {len(stream)} images but {len(labels)} labels (arr_1)"
+            )
+        with ImageFileWriter(folder, total) as writer:
+            for batch in stream.batches(batch_size):
+                batch = batch[: total - writer.count]
+                if len(batch) == 0:
+                    break
+                start = writer.count
+                writer.write(batch, None if labels is None else labels[start : start + len(batch)])
+    return folder, total
+
+
+# ------------------------------------------------------------------ what a file really is
+
+def check_npz_file(path, what, hint=""):
+    """
+    Refuse, in one line, a file given where an npz is expected (instead of numpy's message
+    about pickled data).
+
+    :param what: what the file should hold, for the message (e.g. "base samples").
+    :param hint: what to pass instead, appended to the message.
+    :raises FileNotFoundError: when it is missing.
+    :raises ScriptError: when it is not an npz.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise ScriptError(f"{path} is a folder but {what} must be an npz file{hint}")
+    kind = file_kind(path)
+    if kind is not None:
+        raise ScriptError(f"{path} is {kind}, but {what} must be an npz file (np.savez){hint}")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except zipfile.BadZipFile:
+        raise ScriptError(f"{path} is not a readable npz file (a damaged zip archive){hint}") from None
+
+
+def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size", what="images",
+                   labels_hint="add them as arr_1 or pass --class_cond False", channels=3):
+    """
+    Read images as image_sample.py writes them: arr_0 uint8 [N, H, W, C], arr_1 int64 labels.
 
     :param path: the npz file.
-    :param image_size: the side the images must have.
+    :param image_size: the side the images must have, or (height, width).
     :param class_cond: if True, the labels are required and returned.
     :param size_flag: the flag that sets image_size (for messages).
     :param what: what the file holds (for messages), e.g. "base samples".
     :param labels_hint: what to do when labels are missing (for messages).
+    :param channels: the channel count C the images must have (--in_channels).
     :return: (uint8 images, int64 labels or None; None unless class_cond).
     :raises FileNotFoundError: when the file is missing.
-    :raises ScriptError: when it is unreadable or holds the wrong shapes.
+    :raises ScriptError: when it is no npz (an image, say), unreadable, or of the wrong shapes.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+    check_npz_file(path, what)
     try:
         with np.load(path) as obj:
             image_arr = obj["arr_0"]
             label_arr = obj["arr_1"] if "arr_1" in obj else None
     except (OSError, ValueError, KeyError) as exc:
         raise ScriptError(f"cannot read {what} {path}: {exc}") from None
-    expected = (image_size, image_size, 3)
+    height, width = image_hw(image_size)
+    expected = (height, width, channels)
     if image_arr.ndim != 4 or tuple(image_arr.shape[1:]) != expected:
         hint = ""
-        if image_arr.ndim == 4 and image_arr.shape[1] == image_arr.shape[2]:
-            hint = f": pass {size_flag} {image_arr.shape[1]} (with a model trained for it)"
+        if image_arr.ndim == 4 and tuple(image_arr.shape[1:3]) != (height, width):
+            hint = (f": pass {size_flag} {format_image_size(tuple(image_arr.shape[1:3]))} (with "
+                    "a model trained for it)")
+        elif image_arr.ndim == 4:
+            hint = f": pass --in_channels {image_arr.shape[3]} (with a model trained for it)"
         raise ScriptError(
             f"{what} {path} have shape {tuple(image_arr.shape)}, expected "
-            f"(N, {image_size}, {image_size}, 3) for {size_flag} {image_size}{hint}"
+            f"(N, {height}, {width}, {channels}) for {size_flag} "
+            f"{format_image_size(image_size)}{hint}"
         )
     if image_arr.dtype != np.uint8:
         raise ScriptError(f"{what} {path} must be uint8 images, got {image_arr.dtype}")
@@ -245,24 +437,82 @@ def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size",
     return image_arr, label_arr.astype(np.int64)
 
 
-def read_images(path, image_size, class_cond=False, limit=None):
+def read_images(path, image_size, class_cond=False, limit=None, channels=3):
     """
     Images to compare outputs with pixel by pixel: an image folder (read as is, labels from the
     file names) or an npz of uint8 images (arr_0, with labels as arr_1).
 
     :param limit: keep the first `limit` images (None or 0: all).
-    :return: (uint8 images [N, image_size, image_size, 3], int64 labels or None).
+    :return: (uint8 images [N, height, width, channels], int64 labels or None).
     """
     from ..image_datasets import read_image_folder
 
     if not path:
         raise ScriptError("no images given: pass --input FOLDER or --input FILE.npz")
     if os.path.isdir(path):
-        return read_image_folder(path, image_size, class_cond=class_cond, limit=limit)
-    images, labels = read_image_npz(path, image_size, class_cond=class_cond)
+        return read_image_folder(path, image_size, class_cond=class_cond, limit=limit,
+                                 in_channels=channels)
+    images, labels = read_image_npz(path, image_size, class_cond=class_cond, channels=channels)
     if limit:
         images, labels = images[:limit], (None if labels is None else labels[:limit])
     return images, labels
+
+
+def read_low_res_images(path, small_size, class_cond=False, channels=3):
+    """
+    The images super_res_sample.py upsamples (--base_samples): an npz of samples (arr_0, labels
+    arr_1), one image file, or a folder of images (labels from the file names, as training
+    reads them). Pictures are brought to small_size as training brings its images to size
+    (scaled so the short side fits, then the centre cropped): a picture of that size is used
+    as it is.
+
+    :param channels: the channel count (--in_channels).
+    :return: (uint8 images [N, small, small, channels], int64 labels or None; None unless
+        class_cond).
+    :raises FileNotFoundError: when the path is missing.
+    :raises ScriptError: for a file that is neither an npz nor a picture, wrong shapes, or
+        missing labels.
+    """
+    from ..image_datasets import (
+        IMAGE_EXTENSIONS,
+        center_crop_arr,
+        class_labels_from_paths,
+        list_image_files_recursively,
+        read_image,
+    )
+
+    if not path:
+        raise ScriptError(
+            "pass --base_samples: an npz of samples (image_sample.py's output), an image file "
+            "or a folder of images"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"base samples not found: {path}")
+    if os.path.isfile(path) and file_kind(path) is None:
+        return read_image_npz(
+            path, small_size, class_cond=class_cond, size_flag="--small_size",
+            what="base samples", channels=channels,
+            labels_hint="sample the base images with a class-conditional model",
+        )
+    if os.path.isdir(path):
+        paths = [p for p in list_image_files_recursively(path) if not p.lower().endswith(".npy")]
+        if not paths:
+            raise ScriptError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    elif file_kind(path) in ("a PNG image", "a JPEG image", "a GIF image"):
+        paths = [path]
+    else:
+        raise ScriptError(
+            f"--base_samples {path} is {file_kind(path)}: pass an npz of samples, an image "
+            "file or a folder of images"
+        )
+    labels = None
+    if class_cond:
+        labels = np.asarray(class_labels_from_paths(paths)[0], dtype=np.int64)
+    images = []
+    for image_path in paths:
+        arr = center_crop_arr(read_image(image_path, channels), small_size)
+        images.append(arr[:, :, None] if arr.ndim == 2 else arr)
+    return np.stack(images), labels
 
 
 def uint8_to_model_input(images):
@@ -300,8 +550,7 @@ def load_latents(path, image_size, class_cond=False, channels=3):
     :raises FileNotFoundError: when the file is missing.
     :raises ScriptError: when it is unreadable, not a latents file, or of another shape.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"latents not found: {path}")
+    check_npz_file(path, "latents", hint=": pass the latents.npz of ddim_invert.py")
     try:
         with np.load(path) as obj:
             if "x_T" not in obj:

@@ -10,6 +10,7 @@ import os
 import re
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .. import dist_util, logger
@@ -18,6 +19,7 @@ from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..errors import ScriptError
 from ..runtime.perf import compile_model, to_channels_last
+from ..runtime.shapes import image_hw
 from . import files as sample_files
 
 
@@ -61,19 +63,100 @@ def gather_samples(num_samples, batch_size, make_batch, progress=True, desc="sam
     return arr, label_arr
 
 
-def write_samples(arr, label_arr, out_dir):
+def write_samples(arr, label_arr, out_dir, save_images=False):
     """
-    Save samples_NxHxWx3.npz (+ PNG grid) on rank 0, then wait for every rank.
+    Save samples_NxHxWxC.npz (+ PNG grid) on rank 0, then wait for every rank.
 
+    :param save_images: also write one PNG per sample (--save_images) into samples_NxHxWxC/
+        beside the npz, named <index>_<label>.png (or <index>.png without labels).
     :return: the npz path (on every rank).
     """
     shape_str = "x".join(str(s) for s in arr.shape)
     path = os.path.join(out_dir, f"samples_{shape_str}.npz")
     if dist_util.is_main_process():
         logger.log(f"saving to {path}")
-        path = sample_files.save_samples(arr, label_arr, out_dir)
+        path = sample_files.save_samples(arr, label_arr, out_dir, save_images=save_images)
+        if save_images:
+            logger.log(f"saved {len(arr)} images to {os.path.splitext(path)[0]}")
     dist_util.barrier()
     return path
+
+
+def sample_shape(batch_size, image_size, in_channels=3):
+    """
+    The shape of one sampling batch, (batch_size, in_channels, height, width).
+
+    :param image_size: a side (square) or (height, width), as --image_size parses it.
+    """
+    height, width = image_hw(image_size)
+    return (batch_size, in_channels, height, width)
+
+
+class ClassLabels:
+    """
+    The labels of each sampling batch, one call per batch:
+
+    - by default, torch.randint over [0, num_classes) right before the batch's noise, as the
+      reference draws them (the seed contract: same seed, same labels and samples);
+    - class_label k: every label is k (no random draw, so the noise differs from the default);
+    - balanced: sample i of the run (in gathered order: round, then rank, then position) gets
+      label i % num_classes, so the first num_classes * m samples hold m of every class.
+
+    :param num_classes: the label count.
+    :param batch_size: samples per batch on each rank.
+    :param class_label: a class in [0, num_classes), or -1 for no fixed class.
+    :param balanced: labels in turn instead of at random.
+    :raises ScriptError: for a class out of range, or both class_label and balanced.
+    """
+
+    def __init__(self, num_classes, batch_size, class_label=-1, balanced=False):
+        if class_label != -1 and not 0 <= class_label < num_classes:
+            raise ScriptError(
+                f"--class_label {class_label} is out of range: the model has --num_classes "
+                f"{num_classes}, so pass a class from 0 to {num_classes - 1} (or -1 for all)"
+            )
+        if class_label != -1 and balanced:
+            raise ScriptError(
+                "--class_label and --balanced_labels True exclude each other: pick one"
+            )
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.class_label = class_label
+        self.balanced = balanced
+        self.rounds = 0
+
+    def __call__(self, device=None):
+        """The labels of the next batch of this rank, an int64 tensor [batch_size]."""
+        device = device if device is not None else dist_util.dev()
+        if self.class_label != -1:
+            return torch.full((self.batch_size,), self.class_label, dtype=torch.int64,
+                              device=device)
+        if self.balanced:
+            first = (self.rounds * dist_util.get_world_size() + dist_util.get_rank()) * self.batch_size
+            self.rounds += 1
+            index = torch.arange(first, first + self.batch_size, dtype=torch.int64)
+            return (index % self.num_classes).to(device)
+        return torch.randint(low=0, high=self.num_classes, size=(self.batch_size,), device=device)
+
+
+def class_labels(args, class_cond=True):
+    """
+    The ClassLabels of a sampling script's flags (--num_classes, --batch_size, --class_label,
+    --balanced_labels).
+
+    :param class_cond: whether the run uses labels at all; --class_label or --balanced_labels
+        without them is refused (an unconditional model has no class to choose).
+    :raises ScriptError: see ClassLabels.
+    """
+    chosen = getattr(args, "class_label", -1) != -1 or getattr(args, "balanced_labels", False)
+    if chosen and not class_cond:
+        raise ScriptError(
+            "--class_label and --balanced_labels choose the classes of a class-conditional model: "
+            "pass --class_cond True with a model trained with it, or use classifier_sample.py"
+        )
+    return ClassLabels(args.num_classes, args.batch_size,
+                       class_label=getattr(args, "class_label", -1),
+                       balanced=getattr(args, "balanced_labels", False))
 
 
 def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, channels_last=False):
@@ -168,7 +251,7 @@ def check_sampler_flags(sampler, *, timestep_respacing="", evaluations=0, sigma_
         )
 
 
-def make_sample_fn(sampler, diffusion, evaluations=None, sigma_grid=""):
+def make_sample_fn(sampler, diffusion, evaluations=None, sigma_grid="", eta=0.0):
     """
     The sampling loop of a script for a resolved sampler name, called like p_sample_loop:
     fn(model, shape, noise=None, clip_denoised=..., denoised_fn=..., cond_fn=...,
@@ -184,10 +267,21 @@ def make_sample_fn(sampler, diffusion, evaluations=None, sigma_grid=""):
     :param sigma_grid: the solvers' grid of noise levels (--sigma_grid; "" = the solver's
         default, denoiser.DEFAULT_SIGMA_GRID).
     :raises ValueError: when a solver gets no budget or one too small for it.
+    :param eta: DDIM's eta (--eta): 0 is deterministic DDIM, 1 has DDPM's variance at each
+        kept step (Song et al. 2021, eq. 16). The ddim sampler only.
     """
+    if not 0.0 <= eta:
+        raise ScriptError(f"--eta must be at least 0 (0 = deterministic DDIM), got {eta}")
+    if eta and sampler != "ddim":
+        raise ScriptError(
+            f"--eta {eta} is DDIM's: pass --use_ddim True (or --sampler ddim), or drop --eta "
+            f"(the {sampler} sampler takes none)"
+        )
     if sampler == "ddpm":
         return diffusion.p_sample_loop
     if sampler == "ddim":
+        if eta:
+            return functools.partial(diffusion.ddim_sample_loop, eta=eta)
         return diffusion.ddim_sample_loop
     check_sampler_flags(sampler, evaluations=evaluations or 0, sigma_grid=sigma_grid)
     return functools.partial(
@@ -239,6 +333,7 @@ def load_guidance_classifier(args):
     classifier_flags = args_to_dict(args, classifier_defaults().keys())
     classifier_flags["num_classes"] = args.num_classes
     classifier_flags["classifier_channel_mult"] = args.classifier_channel_mult
+    classifier_flags["in_channels"] = getattr(args, "in_channels", 3)
     classifier = create_classifier(**classifier_flags)
     try:
         load_checkpoint_into(

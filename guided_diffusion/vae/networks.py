@@ -86,6 +86,9 @@ def create_vae(
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"--likelihood must be one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
     _require_positive("latent_size", latent_size)
+    if not isinstance(image_size, int):
+        # --image_size parses height,width for the diffusion scripts; these networks are square.
+        raise ValueError(f"the VAE takes square images: pass one --image_size, got {image_size}")
     _require_positive("image_size", image_size)
     if arch == "mlp":
         _require_positive("hidden_size", hidden_size)
