@@ -1,6 +1,6 @@
 """
-Shared fixtures: locating the conformance vectors, the `cuda` marker, and running code under test
-as on a machine without a GPU.
+Shared fixtures: locating the conformance vectors, the `cuda` marker, running code under test as
+on a machine without a GPU, and one intra-op thread for modules of tiny models.
 """
 
 import os
@@ -38,6 +38,24 @@ def conformance():
 
 def load_vector(path):
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """
+    One intra-op thread for a module's tests and its module-scoped fixtures (request it with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`; it is set up before the module's
+    other module-scoped fixtures). Tiny models gain nothing from threads, and on a busy machine
+    OpenMP spin-waiting made tests several times slower. No assertion may rely on it: comparisons
+    with the conformance vectors use tolerances that hold for any thread count and vector unit.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -32,12 +32,7 @@ EVALUATIONS = (5, 10, 20, 50)
 N = 20000
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def log_sigma_table(diffusion):
@@ -89,7 +84,6 @@ def direct_samples(n, generator):
 @pytest.fixture(scope="module")
 def mixture_runs():
     """Samples of every solver and of DDIM at each budget, from the same starting noise."""
-    torch.set_num_threads(1)
     full = create_gaussian_diffusion(steps=1000, noise_schedule="linear")
     model = mixture_model(full)
     noise = torch.randn(N, 1, generator=torch.Generator().manual_seed(0))
