@@ -71,17 +71,19 @@ def _fingerprint_slack(tensor, normal):
     How far the fingerprint [sum, sum of squares, first, last] of an initial tensor may move on
     another machine. The random bits are the same everywhere; only the float maths differs.
 
-    Uniform draws u * (b - a) + a round once or twice (fused multiply-add or not): at most
-    ulp(b) <= 2^-23 * max|x| apart. Normal draws go through Box-Muller, x = s * r * cos(2 pi u),
-    r = sqrt(-2 ln u') <= R_MAX: 2 pi rounded in float32 or in float64 moves the angle by up to
-    3 * 2^-22, and ln, cos 2 ulp apart add ~2^-21, so x moves by at most s * R_MAX * 2^-19 (the
-    scalar and AVX2 kernels measured 2.1e-6 apart at s = 1, against 1.1e-5); s <= max|x| for
-    these tensors of thousands of draws. With that per-element delta and m = max|x|, the sum
-    moves by at most N * delta, the sum of squares by N * (2 m delta + delta^2), first and last by
-    delta. The float64 sums' own rounding, ~N * 2^-53 * sum|x|, is far below.
+    Uniform draws u * (b - a) + a are float32 maths with or without a fused multiply-add (the scalar
+    and AVX2 builds differ by one ulp of x): the product, below 2b, rounds by up to ulp(b), the
+    result by ulp(x) / 2 on each side, so they are at most 3 * 2^-23 * max|x| apart (b <= 2 max|x|
+    for any of these tensors of >= 32 draws): delta = 2^-21 * max|x|. Normal draws go through
+    Box-Muller, x = s * r * cos(2 pi u), r = sqrt(-2 ln u') <= R_MAX: 2 pi rounded in float32 or in
+    float64 moves the angle by up to 3 * 2^-22, and ln, cos 2 ulp apart add ~2^-21, so x moves by at
+    most s * R_MAX * 2^-19 (the scalar and AVX2 kernels measured 2.1e-6 apart at s = 1, against
+    1.1e-5); s <= max|x| for these tensors of thousands of draws. With that per-element delta and m
+    = max|x|, the sum moves by at most N * delta, the sum of squares by N * (2 m delta + delta^2),
+    first and last by delta. The float64 sums' own rounding, ~N * 2^-53 * sum|x|, is far below.
     """
     m = tensor.detach().abs().max().double()
-    delta = m * (R_MAX * 2.0**-19 if normal else 2.0**-23)
+    delta = m * (R_MAX * 2.0**-19 if normal else 2.0**-21)
     n = tensor.numel()
     return torch.stack([n * delta, n * (2 * m * delta + delta**2), delta, delta])
 
