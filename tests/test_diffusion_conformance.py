@@ -11,7 +11,9 @@ that can amplify its output's rounding (x_0 = x_t / sqrt(abar) - eps * sqrt(1 / 
 t = T-1 of 30 steps, the decoder likelihood divides by tiny variances at t = 0): those results
 are also allowed how far the reference's maths moves them when the denoiser's output (and the
 classifier gradient) moves within the single-call tolerance. That reach is computed, not tuned:
-see _step_reach and _loss_reach.
+see _step_reach, _loss_reach and _bpd_terms_and_reach (calc_bpd_loop is T such single calls).
+Guided loops get the loop tolerance plus their reach to the classifier gradient, as the README
+asks that they be judged against how far the reference moves itself.
 """
 
 import math
