@@ -1,21 +1,14 @@
 """
-Shared fixtures: locating the conformance vectors, the `cuda` marker, and running code under test
-as on a machine without a GPU.
+Shared fixtures: locating the conformance vectors, the `cuda` marker, running code under test as
+on a machine without a GPU, and one intra-op thread for modules of tiny models.
 """
 
 import os
 import sys
 from pathlib import Path
 
-# The conformance vectors were produced on a CPU whose oneDNN kernels used AVX2. On an AVX-512
-# machine oneDNN picks other convolution kernels whose float rounding differs by ~1e-6, which the
-# PREVIOUS_X maths amplifies (x_0 = xprev / posterior_mean_coef1, ~813x at t = T-1) past the
-# vectors' 1e-4 tolerance. Capping the ISA before torch loads oneDNN makes the comparison
-# reproducible on any x86 machine; it changes no result beyond float rounding.
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The experiments (not part of the installed package) import each other as top-level modules.
@@ -41,6 +34,24 @@ def conformance():
 
 def load_vector(path):
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """
+    One intra-op thread for a module's tests and its module-scoped fixtures (request it with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`; it is set up before the module's
+    other module-scoped fixtures). Tiny models gain nothing from threads, and on a busy machine
+    OpenMP spin-waiting made tests several times slower. No assertion may rely on it: comparisons
+    with the conformance vectors use tolerances that hold for any thread count and vector unit.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- devices

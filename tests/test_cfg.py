@@ -27,7 +27,7 @@ from guided_diffusion.diffusion.denoiser import solver_sample_loop
 
 from test_scripts import load_script, run_inprocess
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 CLASSES = 4
 TINY = (
@@ -36,14 +36,6 @@ TINY = (
     f"--noise_schedule cosine --class_cond True --num_classes {CLASSES}"
 ).split()
 CFG = ["--class_dropout_prob", "0.3"]
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(class_dropout_prob=0.0, seed=0, **overrides):

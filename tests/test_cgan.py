@@ -43,13 +43,7 @@ from guided_diffusion.runtime.checkpoints import save_atomic
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny models gain nothing from intra-op threads, and spin-waiting slows busy machines.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _flags(**over):

@@ -32,12 +32,7 @@ from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 MU, S = 0.3, 0.5
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def alphas_cumprod(schedule, steps=1000):
@@ -224,8 +219,6 @@ def trained_unet(tmp_path_factory):
     model = create_model(8, 32, 1, channel_mult="1,2", attention_resolutions="", num_head_channels=16)
     diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the per-test thread limit
     for _ in range(60):
         batch = data[torch.randint(0, len(data), (16,))]
         t = torch.randint(0, diffusion.num_timesteps, (16,))
@@ -233,7 +226,6 @@ def trained_unet(tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.set_num_threads(threads)
     return model.eval(), data
 
 

@@ -18,7 +18,9 @@ from guided_diffusion.sampling.files import grid_scale, to_uint8
 from guided_diffusion.sampling.files import save_latents, uint8_to_model_input
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-from test_scripts import SCRIPTS, _single_thread, child_env, error_line, run_inprocess  # noqa: F401
+from test_scripts import SCRIPTS, child_env, error_line, run_inprocess
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_CLASSES = 6
 TOY = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "

@@ -23,12 +23,7 @@ from guided_diffusion.script_util import create_gaussian_diffusion
 N = 4000
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def known_batch(n=N):

@@ -17,14 +17,13 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def judge():
-    torch.set_num_threads(1)
     return RealDigitsJudge(8, steps=300, seed=0)
 
 

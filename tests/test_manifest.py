@@ -19,16 +19,7 @@ SCRIPT_FOR_KIND = {
     "classifier": "classifier_sample",
 }
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These models are too small to gain from intra-op threads, and on a busy machine OpenMP
-    # spin-waiting made the suite several times slower; results are unaffected (the tolerances
-    # cover thread-count noise).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _names():

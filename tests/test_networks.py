@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from conftest import load_vector
 from guided_diffusion import fp16_util, logger, nn as gnn, script_util
 from guided_diffusion.unet import (
     AttentionBlock,
@@ -35,16 +34,7 @@ TINY = dict(
     num_heads=2,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These models are too small to gain from intra-op threads, and on a busy machine OpenMP
-    # spin-waiting made the suite several times slower; results are unaffected (the tolerances
-    # cover thread-count noise).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _perturb(model, seed=0, scale=0.05):
@@ -64,19 +54,6 @@ def _inputs(batch=2, size=16, seed=1):
 
 
 # ---------------------------------------------------------------- nn helpers
-
-
-def test_timestep_embedding_matches_reference(conformance):
-    vec = load_vector(conformance / "misc.pt")["timestep_embedding"]
-    t = vec["t"]
-    torch.testing.assert_close(gnn.timestep_embedding(t, 128), vec["dim128"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gnn.timestep_embedding(t, 33), vec["dim33"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        gnn.timestep_embedding(t, 64, max_period=100),
-        vec["dim64_maxperiod100"],
-        rtol=1e-5,
-        atol=1e-5,
-    )
 
 
 def test_timestep_embedding_formula():

@@ -25,7 +25,7 @@ from guided_diffusion.cli.main import run_main
 from _launch import child_env
 from test_scripts import load_script
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET = (
@@ -43,14 +43,6 @@ CGAN = ["--image_size", "8", "--batch_size", "4", "--random_flip", "True"]
 VAE = ["--image_size", "8", "--hidden_size", "32", "--latent_size", "2", "--batch_size", "4",
        "--random_flip", "True"]
 TOTAL = 5  # steps of the uninterrupted runs
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from guided_diffusion.script_util import (
 from _launch import child_env, find_mpiexec, mpiexec_prefix, torchrun_prefix
 from conftest import conformance_dir
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -96,14 +96,6 @@ def run_inprocess(name, args):
     except SystemExit as exc:
         return exc.code
     return 0
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,7 @@ ODE_SOLVERS = tuple(n for n in samplers.SOLVERS if n not in samplers.STOCHASTIC)
 ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 3}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def log_sigma_table(diffusion):

@@ -24,15 +24,7 @@ from guided_diffusion.train_util import (
     parse_resume_step_from_filename,
 )
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 
 def tiny_model(use_fp16=False):
