@@ -256,8 +256,11 @@ def test_tables_and_timestep_map_are_copied_to_a_device_once():
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_compiled_forward_is_one_graph_and_matches_eager():
+def test_compiled_forward_is_one_graph_and_matches_eager(tmp_path, monkeypatch):
     # The smallest class-conditional UNet with attention: compiling takes tens of seconds on CPU.
+    # A cache of its own: inductor's shared cache in the temp folder can hold kernels another
+    # process built for another vector unit (ATEN_CPU_CAPABILITY), which gave NaN here.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = tiny_unet(image_size=8, channel_mult="1", attention_resolutions="1",
                       resblock_updown=False).eval()
     x, t, y = unet_inputs(size=8)
