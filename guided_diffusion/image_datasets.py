@@ -400,10 +400,14 @@ def with_label_dropout(data, *, prob, null_label):
     return MappedBatches(data, _DropBatchLabels(prob, null_label))
 
 
-def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False,
+                       **load_kwargs):
     """
     Batches of large images with their area-downsampled versions as model_kwargs["low_res"]
     (what super_res_train.py trains on; the reference defined it in that script).
+
+    :param load_kwargs: further load_data keywords (e.g. deterministic=True, random_flip=False
+        for a fixed validation subset).
     """
     if small_size > large_size:
         raise ValueError(f"--small_size {small_size} is larger than --large_size {large_size}")
@@ -412,6 +416,7 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
         batch_size=batch_size,
         image_size=large_size,
         class_cond=class_cond,
+        **load_kwargs,
     )
     # A mapped stream rather than a generator, so that its position saves with the checkpoint.
     return MappedBatches(data, functools.partial(_with_low_res, small_size=small_size))
