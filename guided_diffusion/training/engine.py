@@ -532,6 +532,10 @@ class Trainer:
         """
         if self.keep_checkpoints == KEEP_ALL:
             return
+        if "://" in os.fspath(self.log_dir):
+            # Object stores (gs://, az://) are listed through blobfile; not supported here.
+            logger.warn("--keep_checkpoints applies to local log folders only: nothing deleted")
+            return
         prefix = self.task.checkpoint_prefix
         pattern = re.compile(re.escape(prefix) + r"(\d+)\.pt")
         steps = sorted(
