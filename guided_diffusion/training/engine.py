@@ -413,6 +413,15 @@ class Trainer:
                     preemption.stop(self.global_step, self.last_checkpoint)
             if self.steps_this_run and self._saved_at != self.global_step:
                 self.save()
+        self.close_streams()
+
+    def close_streams(self):
+        """Stop the data streams' loader workers (their positions are kept), now that the run
+        is over, rather than leaving them to the garbage collector."""
+        for stream in self.streams.values():
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
 
     def take_step(self, batch, cond):
         """One optimizer step of the task, counted and logged."""

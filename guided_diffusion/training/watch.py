@@ -141,6 +141,9 @@ def fixed_batches(data, num_images):
         keep = min(len(images), num_images - taken)
         batches.append((images[:keep], {k: v[:keep] for k, v in kwargs.items()}))
         taken += keep
+    close = getattr(data, "close", None)
+    if callable(close):
+        close()  # the stream is not read again: stop its loader's workers now
     return batches
 
 
