@@ -30,7 +30,7 @@ from guided_diffusion.data.digits import write_digits
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.fp16_util import MixedPrecisionTrainer, make_adamw
 from guided_diffusion.runtime.run_record import describe_run, write_run_record
-from guided_diffusion.script_util import create_gaussian_diffusion, create_model_and_diffusion
+from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.training.ema import ema_decay
 from guided_diffusion.training.engine import KEEP_ALL
 
