@@ -18,6 +18,7 @@ grids/w<scale>_<sampler>_<N>.png (the first 100 samples of each configuration).
 import argparse
 import os
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import logger
 from guided_diffusion.diffusion.guidance import check_guidance_scale
 from guided_diffusion.cli.flags import parse_step_counts
@@ -34,7 +35,7 @@ from guided_diffusion.script_util import diffusion_from_flags
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
     names = [resolve_sampler(n.strip(), False) for n in args.samplers.split(",") if n.strip()]
     if not names:
         raise ScriptError(f"--samplers is empty: pass some of {', '.join(SAMPLER_NAMES)}")

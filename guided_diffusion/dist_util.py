@@ -359,6 +359,23 @@ def get_world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
+def launcher():
+    """
+    What started this process, in words for a run's record: "torchrun", "mpiexec (<the MPI its
+    variables belong to>)", "RANK/WORLD_SIZE variables" (a cluster script that sets them) or
+    "python" (one plain process). Reads environment variables only.
+    """
+    if _started_by_torchrun():
+        return "torchrun"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not _launched_by_mpi():
+        return "RANK/WORLD_SIZE variables"
+    if _launched_by_mpi():
+        name, _ = _mpi_size_var()
+        library = _LAUNCHER_LIBRARIES.get(name, "an MPI launcher") if name else "an MPI launcher"
+        return f"mpiexec ({library})"
+    return "python"
+
+
 def get_local_rank():
     """Rank of this process among the processes on its node (0 when not distributed)."""
     return _local_rank

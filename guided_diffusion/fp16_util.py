@@ -268,6 +268,9 @@ class MixedPrecisionTrainer:
     :param fp16_scale_growth: increase of lg_loss_scale after each successful step.
     :param initial_lg_loss_scale: starting log2 loss scale.
     :param use_bf16: train with the bfloat16 torso (an addition to the reference).
+    :param grad_clip: > 0: scale the master gradients down so that their global L2 norm (the
+        unscaled one with fp16) is at most this, on the device, before the step; 0 (the
+        reference's behaviour) never clips. An addition to the reference.
     """
 
     def __init__(
@@ -278,9 +281,13 @@ class MixedPrecisionTrainer:
         fp16_scale_growth=1e-3,
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
         use_bf16=False,
+        grad_clip=0.0,
     ):
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
+        if not grad_clip >= 0:
+            raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
+        self.grad_clip = float(grad_clip)
         self.model = model
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
@@ -375,6 +382,8 @@ class MixedPrecisionTrainer:
         # As in the reference, the norms are logged for taken steps only.
         logger.logkv_mean("grad_norm", grad_norm, count=took)
         logger.logkv_mean("param_norm", param_norm, count=took)
+        if self.grad_clip > 0:
+            self._clip_master_grads(grad_norm, took)
 
         if _takes_found_inf(opt):
             # Unscaling and skipping happen inside the fused kernel, on the device.
@@ -398,6 +407,23 @@ class MixedPrecisionTrainer:
             self._lg_loss_scale.add_(torch.where(took, self._scale_growth, self._scale_backoff))
         self.skipped_steps.add_(found_inf.float())
         return took
+
+    @torch.no_grad()
+    def _clip_master_grads(self, grad_norm, took):
+        """
+        Scale the master gradients by min(1, grad_clip / (norm + 1e-6)) on the device (no host
+        synchronisation), where grad_norm is their unscaled global norm; with fp16 the gradients
+        still carry the loss scale, which the optimizer step divides out afterwards, so the
+        threshold applies to the true gradient. Logs grad_norm_clipped (the norm after it).
+        """
+        grads = [p.grad for p in self.master_params if p.grad is not None]
+        if not grads:
+            return
+        coef = torch.clamp(self.grad_clip / (grad_norm + 1e-6), max=1.0)
+        # A non-finite norm means a skipped step: leave those gradients as they are.
+        coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        logger.logkv_mean("grad_norm_clipped", grad_norm * coef, count=took)
 
     @torch.no_grad()
     def _norm_tensors(self):

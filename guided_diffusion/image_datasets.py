@@ -573,12 +573,14 @@ def with_label_dropout(data, *, prob, null_label):
 
 
 def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False,
-                       in_channels=3):
+                       in_channels=3, **load_kwargs):
     """
     Batches of large images with their area-downsampled versions as model_kwargs["low_res"]
     (what super_res_train.py trains on; the reference defined it in that script).
 
     :param in_channels: channels of the images (see load_data).
+    :param load_kwargs: further load_data keywords (e.g. deterministic=True, random_flip=False
+        for a fixed validation subset).
     """
     if small_size > large_size:
         raise ValueError(f"--small_size {small_size} is larger than --large_size {large_size}")
@@ -588,6 +590,7 @@ def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=
         image_size=large_size,
         class_cond=class_cond,
         in_channels=in_channels,
+        **load_kwargs,
     )
     # A mapped stream rather than a generator, so that its position saves with the checkpoint.
     return MappedBatches(data, functools.partial(_with_low_res, small_size=small_size))

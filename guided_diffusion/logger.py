@@ -209,6 +209,14 @@ class TensorBoardOutputFormat(KVWriter):
         self.writer.flush()
         self.step += 1
 
+    def write_image(self, key, image, step):
+        """
+        Add one uint8 HWC image (e.g. a grid of samples) under `key` at training step `step`.
+        Images are indexed by the training step, scalars by the dumpkvs() count.
+        """
+        self.writer.add_image(key, image, step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
@@ -278,6 +286,33 @@ def getkvs():
 def log(*args, level=INFO):
     """Write the arguments, separated by spaces, to the text outputs (terminal, log.txt)."""
     get_current().log(*args, level=level)
+
+
+def log_image(key, image, step):
+    """
+    Send an image to the outputs that take images (TensorBoard); the others ignore it.
+
+    :param key: its name, e.g. "samples".
+    :param image: a uint8 array [H, W, C].
+    :param step: the training step it belongs to.
+    """
+    for fmt in get_current().output_formats:
+        if hasattr(fmt, "write_image"):
+            fmt.write_image(key, image, step)
+
+
+# Lines said before the log folder exists (e.g. which flags an args.json gave), written by the
+# next configure() right after it opens the outputs; see hold_lines.
+_held_lines = []
+
+
+def hold_lines(lines):
+    """
+    Keep these lines for the next configure(), which logs them first thing, replacing any lines
+    held before (so a run refused before configure() leaves none for the next one). Scripts that
+    read their flags before they may create the log folder use it.
+    """
+    _held_lines[:] = [str(line) for line in lines]
 
 
 def debug(*args):
@@ -635,6 +670,9 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
     if output_formats:
         log("Logging to %s" % dir)
+    held, _held_lines[:] = list(_held_lines), []
+    for line in held:
+        log(line)
 
 
 def _configure_default_logger():

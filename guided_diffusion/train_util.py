@@ -19,14 +19,20 @@ from . import dist_util, logger
 from .errors import NonFiniteLossError  # noqa: F401  (public here, where it lived)
 from .resample import LossAwareSampler, UniformSampler
 from .runtime import checkpoints
-from .training.engine import Trainer, checkpoint_step, resolve_resume_checkpoint  # noqa: F401
+from .training.engine import KEEP_ALL, Trainer, checkpoint_step, resolve_resume_checkpoint  # noqa: F401
+from .training.finetune import adapt_label_embedding
+from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
 from .training.mixed_precision import MIN_LG_LOSS_SCALE, MixedPrecisionTask, parse_ema_rates  # noqa: F401
+from .training.watch import SampleGrid, Validation
 
 # The TrainLoop keywords that come straight from the training scripts' flags of the same names.
 TRAIN_LOOP_FLAGS = (
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
     "resume_checkpoint", "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps",
     "max_steps", "use_bf16",
+    # the port's run features (docs/runs.md)
+    "ema_warmup_power", "ema_inv_gamma", "grad_clip", "keep_checkpoints", "init_checkpoint",
+    "init_num_classes", "init_add_null_class", "sample_interval", "val_interval",
 )
 
 
@@ -56,6 +62,26 @@ class TrainLoop(MixedPrecisionTask):
         reference, handy for tests, benchmarks and short jobs.
     :param use_bf16: train with the torso in bfloat16 and float32 master weights (as use_fp16,
         without loss scaling; an addition to the reference, exclusive with use_fp16).
+
+    Additions to the reference for living with a run (docs/runs.md); every default keeps the
+    reference's behaviour:
+
+    :param ema_warmup_power: > 0 warms the EMA decay up (mixed_precision.ema_decay).
+    :param ema_inv_gamma: the warm-up's step scale.
+    :param grad_clip: > 0 clips the global gradient norm to it (logged as grad_norm_clipped).
+    :param keep_checkpoints: keep the newest K checkpoint sets (-1: all).
+    :param init_checkpoint: start a fresh run from this checkpoint's weights (step 0, fresh
+        optimizer, EMA from the weights).
+    :param init_num_classes: with init_checkpoint, re-initialise the label embedding (the model
+        was built for this many classes).
+    :param init_add_null_class: with init_checkpoint, add the null-class row of classifier-free
+        guidance to the checkpoint's label embedding.
+    :param sample_interval: every this many steps rank 0 writes samples_stepNNNNNN.png with the
+        EMA weights (0: never); needs sample_diffusion.
+    :param sample_diffusion: the diffusion the grid is sampled with by DDIM (e.g. 25 steps).
+    :param num_classes: the labels of the grid's class-conditional samples (image i: i % K).
+    :param val_data: fixed validation batches (watch.fixed_batches) of this rank, or None.
+    :param val_interval: every this many steps, log the loss terms on val_data (val_*).
     """
 
     def __init__(
@@ -78,7 +104,21 @@ class TrainLoop(MixedPrecisionTask):
         lr_anneal_steps=0,
         max_steps=0,
         use_bf16=False,
+        ema_warmup_power=0.0,
+        ema_inv_gamma=1.0,
+        grad_clip=0.0,
+        keep_checkpoints=KEEP_ALL,
+        init_checkpoint="",
+        init_num_classes=0,
+        init_add_null_class=False,
+        sample_interval=0,
+        sample_diffusion=None,
+        num_classes=None,
+        val_data=None,
+        val_interval=1000,
     ):
+        if sample_interval and sample_diffusion is None:
+            raise ValueError("sample_interval needs a sample_diffusion (the DDIM-respaced one)")
         self.diffusion = diffusion
         self.data = data
         self.batch_size = batch_size
@@ -95,7 +135,12 @@ class TrainLoop(MixedPrecisionTask):
             use_fp16=use_fp16,
             use_bf16=use_bf16,
             fp16_scale_growth=fp16_scale_growth,
+            ema_warmup_power=ema_warmup_power,
+            ema_inv_gamma=ema_inv_gamma,
+            grad_clip=grad_clip,
         )
+        self.init_num_classes = init_num_classes
+        self.init_add_null_class = init_add_null_class
         self.trainer = Trainer(
             self,
             data=data,
@@ -106,8 +151,16 @@ class TrainLoop(MixedPrecisionTask):
             total_steps=lr_anneal_steps,
             max_steps=max_steps,
             limit_flags=("--lr_anneal_steps", "--max_steps"),
+            keep_checkpoints=keep_checkpoints,
+            init_checkpoint=init_checkpoint,
         )
         self.resume_checkpoint = self.trainer.resume_checkpoint or ""
+        self.sample_grid = None
+        if sample_interval:
+            self.sample_grid = SampleGrid(self, sample_diffusion, num_classes, self.trainer.log_dir)
+            self.trainer.add_periodic(sample_interval, self.sample_grid)
+        if val_data is not None:
+            self.trainer.add_periodic(val_interval, Validation(self, val_data))
 
     # The run's schedule lives in the engine; these are the reference's names for it (settable,
     # as plain attributes were).
@@ -151,8 +204,10 @@ class TrainLoop(MixedPrecisionTask):
     # ----------------------------------------------------------------------------- a step
 
     def train_step(self, batch, cond, step):
+        if self.sample_grid is not None:
+            self.sample_grid.observe(batch, cond)
         self.forward_backward(batch, cond)
-        self.optimize()
+        self.optimize(step)
         # As the reference: the rate for the next step, from the index of the step just taken.
         self._anneal_lr(step)
 
@@ -209,6 +264,27 @@ class TrainLoop(MixedPrecisionTask):
             return
         self.set_lr(self.lr * (1 - step / self.lr_anneal_steps))
 
+    def adapt_init_state(self, state, path):
+        """--init_num_classes / --init_add_null_class: re-initialise the label embedding."""
+        return adapt_label_embedding(
+            state, self.model.state_dict(), path=path, init_num_classes=self.init_num_classes,
+            init_add_null_class=self.init_add_null_class,
+        )
+
+    def init_mismatch_advice(self, state):
+        label = "label_emb.weight"
+        if self.init_num_classes or self.init_add_null_class:
+            return ""
+        ours = self.model.state_dict().get(label)
+        theirs = state.get(label)
+        if ours is None or theirs is None or ours.shape == theirs.shape:
+            return ""
+        return (
+            f"; or, to fine-tune it on your {ours.shape[0]} labels, re-initialise its label "
+            "embedding with --init_num_classes K (--init_add_null_class True adds only the "
+            "null class of classifier-free guidance)"
+        )
+
     # ----------------------------------------------------------------------------- resuming
 
     def shared_state(self):
@@ -264,33 +340,3 @@ def find_ema_checkpoint(main_checkpoint, step, rate):
         return None
     path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
     return path if os.path.exists(path) else None
-
-
-def log_loss_dict(diffusion, ts, losses):
-    """
-    Log the mean of each loss term, and its mean per quarter of the diffusion steps as
-    <key>_q0 .. <key>_q3 (q0: the least noisy quarter).
-
-    deviation from reference: the values stay tensors on their device until the logger dumps
-    them (the reference copied every loss to the host at every microbatch); a quarter no timestep
-    of the batch fell into is not logged, as before.
-
-    :param diffusion: gives num_timesteps.
-    :param ts: the timesteps of the batch.
-    :param losses: {name: per-example loss tensor}.
-    """
-    if not losses:
-        return
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    # int(4 * t / T) for integer t in [0, T), the reference's quarter index.
-    quarter = torch.div(4 * ts.to(values.device), diffusion.num_timesteps, rounding_mode="floor")
-    quarter = quarter.long().clamp(0, 3)
-    counts = torch.zeros(4, device=values.device).index_add_(0, quarter, torch.ones_like(values[0]))
-    sums = torch.zeros(len(losses), 4, device=values.device).index_add_(1, quarter, values)
-    means = sums / counts.clamp(min=1)
-    for i, key in enumerate(losses):
-        logger.logkv_mean(key, values[i].mean())
-        for q in range(4):
-            logger.logkv_mean(f"{key}_q{q}", means[i, q], count=counts[q])
-
-

@@ -28,7 +28,7 @@ from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
 from guided_diffusion.training.engine import start_run
 
 # Flags handled here rather than by CGANTrainLoop.
-_SCRIPT_FLAGS = ("data_dir", "random_flip", "preload", "seed", "log_dir")
+_SCRIPT_FLAGS = ("data_dir", "random_flip", "preload", "seed", "log_dir", "log_format")
 
 
 def create_argparser():
@@ -41,7 +41,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed)
+    start_run(log_dir=args.log_dir, seed=args.seed, args=args, script=__file__, argv=argv)
     found = count_classes(args.data_dir)
     if found > args.num_classes:
         raise ValueError(f"{args.data_dir} has {found} classes: pass --num_classes {found}")

@@ -9,6 +9,7 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
 import argparse
 
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
 from guided_diffusion.diffusion.guidance import check_guidance_scale, classifier_free_guidance
@@ -44,7 +45,7 @@ from guided_diffusion.sampling.loop import class_labels, sample_shape
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
     check_sampler_flags(

@@ -28,7 +28,8 @@ from guided_diffusion.training.engine import start_run
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32)
+    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32, args=args, script=__file__,
+              argv=argv)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
@@ -74,6 +75,7 @@ def main(argv=None):
         **args_to_dict(args, [
             "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval",
             "resume_checkpoint", "weight_decay", "anneal_lr", "eval_interval", "max_steps",
+            "keep_checkpoints", "grad_clip",
         ]),
     ).run_loop()
 

@@ -22,6 +22,7 @@ import os
 import numpy as np
 import torch
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
 from guided_diffusion.diffusion.inversion import consistency_distances, decode_in_batches
 from guided_diffusion.script_util import diffusion_for_steps
@@ -38,7 +39,7 @@ from guided_diffusion.script_util import add_dict_to_argparser
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
     step_counts = parse_step_counts(args.steps)
 
     start_single_process_tool("ddim_consistency.py", args)

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
 from guided_diffusion.diffusion.inversion import decode_in_batches, slerp_pairs
 from guided_diffusion.script_util import diffusion_for_steps
@@ -34,7 +35,7 @@ from guided_diffusion.script_util import add_dict_to_argparser
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
     steps = parse_step_counts(args.steps)
     if len(steps) != 1:
         raise ScriptError(f"--steps takes one step count here, got {args.steps!r}")

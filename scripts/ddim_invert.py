@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
 from guided_diffusion.script_util import diffusion_for_steps
 from guided_diffusion.cli.flags import parse_step_counts
@@ -34,7 +35,7 @@ from guided_diffusion.script_util import add_dict_to_argparser
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
     check_invertible_eta(args.eta)
     step_counts = parse_step_counts(args.steps)
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch.distributed as dist
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.perf import set_tf32
@@ -28,7 +29,7 @@ from guided_diffusion.script_util import (
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
 
     dist_util.setup_dist()
 

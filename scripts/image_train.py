@@ -22,16 +22,19 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import TRAIN_LOOP_FLAGS, TrainLoop
-from guided_diffusion.training.engine import start_run
+from guided_diffusion.training.engine import parse_run_args, start_run
+from guided_diffusion.training.watch import watch_keywords
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32)
+    args = parse_run_args(create_argparser(), argv)
+    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32, args=args, script=__file__,
+              argv=argv)
 
     logger.log("creating model and diffusion...")
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys()),
+        **flags,
         num_classes=args.num_classes,
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
@@ -62,6 +65,10 @@ def main(argv=None):
         data=data,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         **args_to_dict(args, TRAIN_LOOP_FLAGS),
+        # --sample_interval grids and --val_data_dir losses (docs/runs.md)
+        **watch_keywords(args, flags, lambda folder: load_data(
+            data_dir=folder, batch_size=args.batch_size, image_size=args.image_size,
+            class_cond=args.class_cond, deterministic=True, random_flip=False)),
     ).run_loop()
 
 

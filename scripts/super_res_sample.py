@@ -11,6 +11,7 @@ import argparse
 import numpy as np
 import torch
 
+from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import cfg_defaults, sampling_guidance_defaults
 from guided_diffusion.diffusion.guidance import check_guidance_scale, classifier_free_guidance
@@ -45,7 +46,7 @@ from guided_diffusion.sampling.loop import sample_shape
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
     check_sampler_flags(

@@ -26,12 +26,14 @@ from guided_diffusion.script_util import (
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import TRAIN_LOOP_FLAGS, TrainLoop
-from guided_diffusion.training.engine import start_run
+from guided_diffusion.training.engine import parse_run_args, start_run
+from guided_diffusion.training.watch import watch_keywords
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32)
+    args = parse_run_args(create_argparser(), argv)
+    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32, args=args, script=__file__,
+              argv=argv)
 
     logger.log("creating model...")
     flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())
@@ -67,6 +69,10 @@ def main(argv=None):
         data=data,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         **args_to_dict(args, TRAIN_LOOP_FLAGS),
+        # --sample_interval grids and --val_data_dir losses (docs/runs.md)
+        **watch_keywords(args, flags, lambda folder: load_superres_data(
+            folder, args.batch_size, large_size=args.large_size, small_size=args.small_size,
+            class_cond=args.class_cond, deterministic=True, random_flip=False)),
     ).run_loop()
 
 

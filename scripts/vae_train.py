@@ -26,7 +26,7 @@ from guided_diffusion.vae import (
 )
 
 # Flags handled here rather than by VAETrainLoop.
-_SCRIPT_FLAGS = ("data_dir", "random_flip", "seed", "log_dir")
+_SCRIPT_FLAGS = ("data_dir", "random_flip", "seed", "log_dir", "log_format")
 
 
 def create_argparser():
@@ -39,7 +39,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed)
+    start_run(log_dir=args.log_dir, seed=args.seed, args=args, script=__file__, argv=argv)
     flags = args_to_dict(args, ARCH_FLAGS)
     # Same initial weights on every rank; then per-rank noise and data order.
     torch.manual_seed(args.seed)

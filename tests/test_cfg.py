@@ -301,17 +301,22 @@ def test_bad_input_one_liners(trained, tmp_path, capsys):
     line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
                                      "--evaluations", "10", "--sigma_grid", "edm"))
     assert "unknown --sigma_grid 'edm'; known grids: karras, logsnr, time" in line
+    # The checks below are about flags missing on the command line, as for a released
+    # checkpoint: --config none keeps the run's args.json (which has them) out of it.
+    released = ("--config", "none")
     # A model trained without a null class cannot be guided without a classifier.
-    line = error_line(capsys, sample(trained, tmp_path, "--guidance_scale", 3.0))
+    line = error_line(capsys, sample(trained, tmp_path, *released, "--guidance_scale", 3.0))
     assert "image_train.py --class_dropout_prob" in line
-    line = error_line(capsys, sample(trained, tmp_path, "--class_cond", "False",
+    line = error_line(capsys, sample(trained, tmp_path, *released, "--class_cond", "False",
                                      "--guidance_scale", 3.0))
     assert "--class_cond True --class_dropout_prob" in line
     # The checkpoint has a null-class row: the explainer names the flag, not a wrong class count.
-    line = error_line(capsys, sample(trained, tmp_path))
+    line = error_line(capsys, sample(trained, tmp_path, *released))
     assert "pass --class_dropout_prob 0.1" in line and "--num_classes 5" not in line
-    line = error_line(capsys, sample(trained, tmp_path, "--num_classes", "1000"))
+    line = error_line(capsys, sample(trained, tmp_path, *released, "--num_classes", "1000"))
     assert "--num_classes 4 --class_dropout_prob 0.1" in line
+    # With the run's args.json beside the checkpoint, guidance needs no model flags at all.
+    assert sample(trained, tmp_path, "--guidance_scale", 3.0) != 2
 
 
 # ----------------------------------------------------------------------------- sampler_fid.py
@@ -425,6 +430,7 @@ def test_sampler_fid_bad_input(trained, tmp_path, capsys):
     line = error_line(capsys, run_inprocess("sampler_fid", [
         *base, *CFG, "--samplers", "heun", "--evaluations", "2,10"]))
     assert "heun needs at least 3 model evaluations" in line
-    line = error_line(capsys, run_inprocess("sampler_fid", [*base, "--guidance_scales", "1,3"]))
+    line = error_line(capsys, run_inprocess("sampler_fid", [*base, "--guidance_scales", "1,3",
+                                                            "--config", "none"]))
     assert "image_train.py --class_dropout_prob" in line
     assert not (tmp_path / "sampler_fid.json").exists()

@@ -107,6 +107,8 @@ def work(tmp_path_factory):
     result = launch("two_ranks", "image_train", [
         "--data_dir", data, *MODEL, "--batch_size", 4, "--lr_anneal_steps", 4,
         "--save_interval", 2, "--log_interval", 1, "--log_dir", train_dir,
+        # rank 0 draws a grid at step 4 (the weights are those of a run without it)
+        "--sample_interval", 4, "--sample_steps", 5,
     ])
     assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, "data": data, "train": train_dir}
@@ -153,6 +155,12 @@ def test_two_rank_training_writes_checkpoints_and_logs(work):
     samples = [float(r.split(",")[columns.index("samples")]) for r in rows]
     # The logged step counts the steps taken, as the checkpoint names do.
     assert steps == [1, 2, 3, 4] and samples == [8, 16, 24, 32]  # 2 ranks x batch 4
+    # args.json, written by rank 0 alone, names the job's size and launcher.
+    record = json.loads((work["train"] / "args.json").read_text())
+    launcher = "mpiexec" if find_mpiexec()[0] else "torchrun"
+    assert record["world_size"] == 2 and record["launcher"].split()[0] == launcher
+    assert not [n for n in names if n.startswith("args-")]
+    assert [n for n in names if n.endswith(".png")] == ["samples_step000004.png"]
 
 
 def test_resume_from_path_and_auto(work, tmp_path):
@@ -182,6 +190,8 @@ def test_torchrun_training(work, tmp_path):
         "--log_dir", tmp_path, "--log_interval", 1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"model000002.pt", "log-rank001.txt", "progress.csv"} <= set(os.listdir(tmp_path))
+    record = json.loads((tmp_path / "args.json").read_text())
+    assert (record["world_size"], record["launcher"]) == (2, "torchrun")
 
 
 # ----------------------------------------------------------------------------- sampling

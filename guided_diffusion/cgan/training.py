@@ -18,7 +18,7 @@ from .. import dist_util, logger
 from ..nn import update_ema
 from ..runtime.checkpoints import load_checkpoint
 from ..runtime import train_state
-from ..training.engine import TrainTask, Trainer
+from ..training.engine import KEEP_ALL, TrainTask, Trainer
 from .networks import (
     MODEL_FLAG_KEYS,
     OPTIMIZERS,
@@ -60,7 +60,7 @@ def cgan_train_defaults():
     for name, param in inspect.signature(CGANTrainLoop.__init__).parameters.items():
         if param.default is not inspect.Parameter.empty and name != "model_flags":
             defaults[name] = param.default
-    defaults.update(random_flip=False, preload=True, seed=0, log_dir="")
+    defaults.update(random_flip=False, preload=True, seed=0, log_dir="", log_format="")
     return defaults
 
 
@@ -93,6 +93,7 @@ class CGANTrainLoop(TrainTask):
         directory, fresh start when there is none), or a checkpoint path.
     :param model_flags: the network flags (cgan_defaults keys) stored in checkpoints and checked
         on resume.
+    :param keep_checkpoints: keep the newest K checkpoints (-1: all; Trainer).
     """
 
     checkpoint_prefix = CHECKPOINT_PREFIX
@@ -122,6 +123,7 @@ class CGANTrainLoop(TrainTask):
         save_interval=5000,
         resume_checkpoint="",
         model_flags=None,
+        keep_checkpoints=KEEP_ALL,
     ):
         if optimizer not in OPTIMIZERS:
             raise ValueError(
@@ -180,6 +182,7 @@ class CGANTrainLoop(TrainTask):
             total_steps=iterations,
             max_steps=max_steps,
             limit_flags=("--iterations", "--max_steps"),
+            keep_checkpoints=keep_checkpoints,
         )
         self.ddp_generator = dist_util.wrap_ddp(self.generator)
         self.ddp_discriminator = dist_util.wrap_ddp(self.discriminator)

@@ -108,7 +108,7 @@ def sampling_extra_defaults():
     """
     return dict(
         seed=0, num_classes=1000, log_dir="", out_dir="", progress=True, use_bf16=False,
-        **performance_defaults(),
+        config="", **performance_defaults(),
     )
 
 
@@ -246,7 +246,46 @@ def training_extra_defaults():
     compile, tf32, channels_last: see perf_util.performance_defaults().
     """
     return dict(
-        seed=0, num_classes=1000, log_dir="", max_steps=0, use_bf16=False, **performance_defaults()
+        seed=0, num_classes=1000, log_dir="", max_steps=0, use_bf16=False, **performance_defaults(),
+        **run_defaults(),
+    )
+
+
+def run_defaults():
+    """
+    Flags every training script adds for living with a run (docs/runs.md); the defaults keep
+    the reference's behaviour.
+
+    log_format: rank 0's log outputs, e.g. "stdout,log,csv,tensorboard" ("" = $OPENAI_LOG_FORMAT,
+        else stdout,log,csv).
+    keep_checkpoints: keep the newest K checkpoint sets (-1 = all).
+    """
+    return dict(log_format="", keep_checkpoints=-1)
+
+
+def diffusion_run_defaults():
+    """
+    The run features of the diffusion training scripts (image_train, super_res_train) beyond
+    run_defaults(); each default keeps the reference's behaviour (docs/runs.md).
+
+    ema_warmup_power, ema_inv_gamma: warm-up of the EMA decay (0 = none).
+    grad_clip: clip the global gradient norm to this (0 = never).
+    init_checkpoint, init_num_classes, init_add_null_class: fine-tune a checkpoint.
+    sample_interval, sample_steps: a grid of EMA samples every N steps (0 = never), DDIM steps.
+    val_data_dir, val_interval, val_num_images: validation loss terms on a fixed subset.
+    """
+    return dict(
+        ema_warmup_power=0.0,
+        ema_inv_gamma=1.0,
+        grad_clip=0.0,
+        init_checkpoint="",
+        init_num_classes=0,
+        init_add_null_class=False,
+        sample_interval=0,
+        sample_steps=25,
+        val_data_dir="",
+        val_interval=1000,
+        val_num_images=256,
     )
 
 
@@ -296,7 +335,7 @@ def classifier_train_defaults():
     extras = training_extra_defaults()
     del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
     defaults.update(extras)
-    defaults.update(classifier_channel_mult="")
+    defaults.update(classifier_channel_mult="", grad_clip=0.0)
     defaults.update(channel_defaults())
     return defaults
 
@@ -325,6 +364,7 @@ def diffusion_train_defaults():
     defaults.update(training_extra_defaults())
     defaults.update(cfg_defaults())
     defaults.update(channel_defaults())
+    defaults.update(diffusion_run_defaults())
     return defaults
 
 
@@ -956,6 +996,40 @@ NEW_FLAG_HELP = {
     "archive": ("data", "the dataset archive as its authors distribute it"),
     "lmdb_path": ("data", "an LSUN lmdb database (e.g. bedroom_train_lmdb)"),
     "prefix": ("data", "class name the files are named with (<prefix>_<index>.png)"),
+
+    # issue 22: runs a researcher can live in (docs/runs.md)
+    "config": ("data", "a training run's args.json whose model and diffusion flags to use (\"\" = "
+                       "the args.json beside --model_path if there is one; none = never); flags "
+                       "given on the command line win"),
+    "log_format": ("training", "rank 0's log outputs, comma-separated from stdout, log, csv, "
+                               "json, tensorboard (\"\" = $OPENAI_LOG_FORMAT, else "
+                               "stdout,log,csv)"),
+    "keep_checkpoints": ("training", "keep only the newest K checkpoint sets, deleting older "
+                                     "ones once a new set is on disk (never the one resumed "
+                                     "from); -1 = keep all"),
+    "grad_clip": ("training", "clip the global gradient norm to this before each step (logged "
+                              "as grad_norm_clipped); 0 = never"),
+    "ema_warmup_power": ("training", "warm the EMA decay up as min(ema_rate, 1 - (1 + step / "
+                                     "ema_inv_gamma) ** -power), e.g. 0.6667 for short runs; 0 = "
+                                     "constant --ema_rate (the reference)"),
+    "ema_inv_gamma": ("training", "step scale of the EMA warm-up (see --ema_warmup_power)"),
+    "init_checkpoint": ("training", "fine-tune: start a fresh run (step 0, new optimizer, EMA = "
+                                    "weights) from this checkpoint's weights; ignored when the "
+                                    "run resumes"),
+    "init_num_classes": ("training", "with --init_checkpoint: re-initialise the label embedding "
+                                     "for K classes (the model gets --num_classes K); 0 = keep "
+                                     "the checkpoint's"),
+    "init_add_null_class": ("training", "with --init_checkpoint: add the null-class row of "
+                                        "classifier-free guidance to the checkpoint's label "
+                                        "embedding (with --class_dropout_prob > 0)"),
+    "sample_interval": ("training", "every N steps rank 0 writes samples_stepNNNNNN.png (EMA "
+                                    "weights, fixed noise and labels, DDIM) to the log folder "
+                                    "and TensorBoard; 0 = never"),
+    "sample_steps": ("training", "DDIM steps of the --sample_interval grids"),
+    "val_interval": ("training", "every N steps log the loss terms on the --val_data_dir subset "
+                                 "(val_loss, val_mse, val_vb and their quarters)"),
+    "val_num_images": ("data", "images of the fixed validation subset taken from --val_data_dir "
+                               "(shared among the ranks)"),
 }
 
 

@@ -187,6 +187,14 @@ class ResumableBatches:
             worker_init_fn=ignore_in_worker if self.num_workers else None,
         )
 
+    def close(self):
+        """
+        Stop the loader's workers now (the position is kept: a later next() starts a new loader
+        there). A loader left to the garbage collector inside a reference cycle cannot stop its
+        workers in time, and the collection then waits for them (seconds per worker).
+        """
+        self._close()
+
     def _close(self):
         batches, self._batches = self._batches, None
         _running.discard(self)
@@ -257,6 +265,12 @@ class MappedBatches:
 
     def state_dict(self):
         return self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+
+    def close(self):
+        """Close the underlying stream, if it can be (ResumableBatches.close)."""
+        close = getattr(self.batches, "close", None)
+        if callable(close):
+            close()
 
     def load_state_dict(self, state):
         self.batches.load_state_dict(state)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist_util
-from ..train_util import log_loss_dict
-from .engine import Trainer
+from .loss_logging import log_loss_dict
+from .engine import KEEP_ALL, Trainer
 from .mixed_precision import MixedPrecisionTask
 
 __all__ = ["ClassifierTrainLoop", "compute_top_k", "split_microbatches"]
@@ -44,6 +44,8 @@ class ClassifierTrainLoop(MixedPrecisionTask):
     :param max_steps: stop after this many steps of this run (0: no limit).
     :param weight_hints: keywords for cli.weights (flags, build) so that a checkpoint that does not
         fit names the flags to change.
+    :param keep_checkpoints: keep the newest K checkpoint sets (-1: all; Trainer).
+    :param grad_clip: > 0 clips the global gradient norm to it (0: never).
     """
 
     loss_key = "train_loss"
@@ -69,6 +71,8 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         eval_interval=5,
         max_steps=0,
         weight_hints=None,
+        keep_checkpoints=KEEP_ALL,
+        grad_clip=0.0,
     ):
         if eval_interval < 1:
             raise ValueError(f"--eval_interval must be at least 1, got {eval_interval}")
@@ -88,6 +92,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
             weight_decay=weight_decay,
             use_fp16=use_fp16,
             initial_lg_loss_scale=CLASSIFIER_LG_LOSS_SCALE,
+            grad_clip=grad_clip,
         )
         self.trainer = Trainer(
             self,
@@ -100,6 +105,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
             max_steps=max_steps,
             streams={"val": val_data},
             limit_flags=("--iterations", "--max_steps"),
+            keep_checkpoints=keep_checkpoints,
         )
 
     def weight_hints(self):

@@ -16,37 +16,134 @@ so the three always agree.
 """
 
 import os
+import re
 
 from .. import dist_util, logger
-from ..errors import NonFiniteLossError
+from ..cli.flags import explicit_flags
+from ..errors import NonFiniteLossError, ScriptError
 from ..runtime import checkpoints, train_state
+from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
 from ..runtime.progress import StepMeter
 from ..runtime.seeding import seed_training
+from .ema import check_ema_warmup
+from .finetune import check_init_flags
 
-__all__ = ["TrainTask", "Trainer", "resolve_resume_checkpoint", "start_run"]
+__all__ = ["TrainTask", "Trainer", "resolve_resume_checkpoint", "start_run", "parse_run_args",
+           "check_run_flags", "KEEP_ALL"]
+
+# --keep_checkpoints: keep every checkpoint set (the reference's behaviour).
+KEEP_ALL = -1
+# The output formats of the logger that --log_format takes.
+LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
 
 # Companion files of a checkpoint set: never a checkpoint to resume from on their own.
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
 
 
-def start_run(*, log_dir="", seed=0, tf32=None):
+def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=None):
     """
     The first lines of every training script: join the process group (if launched on several
-    ranks), open the log folder, seed torch/numpy/random with seed + rank (so that model
-    initialisation, noise, timesteps and data order repeat across runs and differ across
-    ranks), and apply the TF32 choice.
+    ranks), open the log folder, record the run in args.json there (when `args` is given), seed
+    torch/numpy/random with seed + rank (so that model initialisation, noise, timesteps and data
+    order repeat across runs and differ across ranks), and apply the TF32 choice.
 
     :param log_dir: the log folder ("" = $OPENAI_LOGDIR, else a dated folder).
     :param seed: the base seed.
     :param tf32: True/False to set TF32 matmuls on CUDA; None leaves torch's setting.
+    :param args: the parsed flags (an argparse namespace): rank 0 writes them, with the versions,
+        git commit, world size and launcher, to args.json (runtime.run_record); their
+        --log_format (if any) chooses rank 0's log outputs.
+    :param script: the training script (its __file__), named in args.json.
+    :param argv: the script's arguments, as main(argv) received them (None: sys.argv[1:]).
     """
+    if args is not None:
+        # Before the log folder exists: a run refused on its flags leaves nothing behind.
+        check_run_flags(args)
     dist_util.setup_dist()
-    logger.configure(dir=log_dir or None)
+    log_format = getattr(args, "log_format", "") if args is not None else ""
+    _configure_logger(log_dir, log_format)
+    if args is not None and dist_util.is_main_process():
+        record = describe_run(vars(args), script or "unknown", argv)
+        path = write_run_record(logger.get_dir(), record)
+        logger.log(f"recorded the flags of this run in {path}")
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
+
+
+def parse_run_args(parser, argv=None):
+    """
+    Parse a training script's flags. With --init_num_classes K the model is built for K classes,
+    so --num_classes becomes K (refused when given with another value).
+
+    :raises ValueError: naming the contradicting flags.
+    """
+    args = parser.parse_args(argv)
+    classes = getattr(args, "init_num_classes", 0)
+    if classes and classes != args.num_classes:
+        if "num_classes" in explicit_flags(parser, argv):
+            raise ValueError(
+                f"--num_classes {args.num_classes} and --init_num_classes {classes} disagree: the "
+                "re-initialised label embedding is the model's; drop --num_classes"
+            )
+        args.num_classes = classes
+    return args
+
+
+def check_run_flags(args):
+    """
+    Refuse the run features' flags that cannot work (those a script has), naming the fix.
+
+    :raises ValueError: with one line.
+    """
+    get = lambda name, default: getattr(args, name, default)  # noqa: E731
+    check_keep_checkpoints(get("keep_checkpoints", KEEP_ALL))
+    if not get("grad_clip", 0.0) >= 0:
+        raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {args.grad_clip}")
+    check_ema_warmup(get("ema_warmup_power", 0.0), get("ema_inv_gamma", 1.0))
+    if hasattr(args, "init_checkpoint"):
+        check_init_flags(
+            init_checkpoint=args.init_checkpoint,
+            init_num_classes=get("init_num_classes", 0),
+            init_add_null_class=get("init_add_null_class", False),
+            class_cond=get("class_cond", False),
+            class_dropout_prob=get("class_dropout_prob", 0.0),
+        )
+        if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
+            raise FileNotFoundError(
+                f"--init_checkpoint {args.init_checkpoint} does not exist: pass the checkpoint "
+                "file to fine-tune (e.g. a released 256x256_diffusion.pt)"
+            )
+    for name, least in (("sample_interval", 0), ("sample_steps", 1), ("val_interval", 1),
+                        ("val_num_images", 1)):
+        if get(name, least) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+
+
+def _configure_logger(log_dir, log_format):
+    """
+    logger.configure with --log_format (a comma-separated list of LOG_FORMATS) on rank 0; ""
+    keeps $OPENAI_LOG_FORMAT (default stdout,log,csv). Other ranks keep $OPENAI_LOG_FORMAT_MPI.
+    """
+    formats = None
+    if log_format:
+        formats = [f.strip() for f in log_format.split(",") if f.strip()]
+        unknown = [f for f in formats if f not in LOG_FORMATS]
+        if unknown:
+            raise ValueError(
+                f"--log_format {log_format}: unknown format {', '.join(unknown)}; use a "
+                f"comma-separated list of {', '.join(LOG_FORMATS)}"
+            )
+        if not dist_util.is_main_process():
+            formats = None
+    try:
+        logger.configure(dir=log_dir or None, format_strs=formats)
+    except ImportError as exc:
+        # The tensorboard format without the tensorboard package.
+        raise ScriptError(f"{exc} (or drop tensorboard from --log_format / OPENAI_LOG_FORMAT)") \
+            from None
 
 
 def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
@@ -153,6 +250,25 @@ class TrainTask:
     def load_shared_state(self, shared):
         """Restore what shared_state() returned."""
 
+    def checkpoint_set_paths(self, folder, step):
+        """
+        The files of the checkpoint set of `step` that exist in `folder`, the marker first (what
+        --keep_checkpoints deletes, in that order, so that a set is never left looking complete
+        with files missing). The default: the marker alone (one-file checkpoints).
+        """
+        marker = os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}.pt")
+        return [marker] if os.path.exists(marker) else []
+
+    def init_from_checkpoint(self, path):
+        """
+        Start from the weights of a checkpoint (--init_checkpoint): weights only, at step 0,
+        with a fresh optimizer. Tasks that support fine-tuning override it.
+        """
+        raise ScriptError(
+            f"--init_checkpoint is not supported by {type(self).__name__}: use "
+            "--resume_checkpoint to continue a run"
+        )
+
 
 class Trainer:
     """
@@ -176,6 +292,11 @@ class Trainer:
     :param log_dir: where checkpoints go (default: the logger's folder).
     :param limit_flags: the flags that set total_steps and max_steps, for the notice a run
         without an end prints at its start.
+    :param keep_checkpoints: keep the newest this many checkpoint sets in the log folder, deleting
+        older ones after each new set is on disk (never the set the run resumed or started
+        from); KEEP_ALL (-1) keeps every set.
+    :param init_checkpoint: a checkpoint whose weights a fresh run starts from
+        (task.init_from_checkpoint); ignored, with a log line, when the run resumes.
     """
 
     def __init__(
@@ -192,7 +313,10 @@ class Trainer:
         streams=None,
         log_dir=None,
         limit_flags=("--max_steps",),
+        keep_checkpoints=KEEP_ALL,
+        init_checkpoint="",
     ):
+        check_keep_checkpoints(keep_checkpoints)
         if log_interval < 1 or save_interval < 1:
             raise ValueError(
                 f"--log_interval and --save_interval must be at least 1, got {log_interval} and "
@@ -224,6 +348,10 @@ class Trainer:
         self._pending_state = None
         if self.resume_checkpoint:
             self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
+        self.keep_checkpoints = keep_checkpoints
+        self.init_checkpoint = self._start_from(init_checkpoint)
+        # (interval, function of the global step) pairs run after every step (add_periodic).
+        self._periodic = []
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -271,6 +399,7 @@ class Trainer:
                         start_step=self.start_step,
                     )
                 self.take_step(batch, cond)
+                self.run_periodic()
                 # As in the reference, values are dumped after the first step of every interval.
                 if (self.steps_this_run - 1) % self.log_interval == 0:
                     self.check_health()
@@ -284,6 +413,15 @@ class Trainer:
                     preemption.stop(self.global_step, self.last_checkpoint)
             if self.steps_this_run and self._saved_at != self.global_step:
                 self.save()
+        self.close_streams()
+
+    def close_streams(self):
+        """Stop the data streams' loader workers (their positions are kept), now that the run
+        is over, rather than leaving them to the garbage collector."""
+        for stream in self.streams.values():
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
 
     def take_step(self, batch, cond):
         """One optimizer step of the task, counted and logged."""
@@ -350,7 +488,94 @@ class Trainer:
             if os.fspath(files[-1][1]) != path:
                 raise RuntimeError(f"the last checkpoint file must be {path}, got {files[-1][1]}")
             checkpoints.save_checkpoint_files(files, previous=self.last_checkpoint)
+            # Only once the new set is complete on disk.
+            self.prune_checkpoints(step)
         self.last_checkpoint = path
         self._saved_at = step
         dist_util.barrier()
         return path
+
+    # ----------------------------------------------------------------------------- run features
+    # Kept apart from the loop above: fine-tuning's start, work done every N steps (sample
+    # grids, validation), and deleting old checkpoint sets.
+
+    def _start_from(self, init_checkpoint):
+        """Load --init_checkpoint's weights into a fresh run; returns the path (or "")."""
+        if not init_checkpoint:
+            return ""
+        if self.resume_checkpoint:
+            logger.log(
+                f"--init_checkpoint {init_checkpoint} is not used: the run resumes from "
+                f"{self.resume_checkpoint}"
+            )
+            return ""
+        if not os.path.exists(init_checkpoint):
+            raise FileNotFoundError(
+                f"--init_checkpoint {init_checkpoint} does not exist: pass the checkpoint file "
+                "to fine-tune (e.g. a released 256x256_diffusion.pt)"
+            )
+        self.task.init_from_checkpoint(init_checkpoint)
+        return init_checkpoint
+
+    def add_periodic(self, interval, function):
+        """
+        Call function(global_step) after every step whose global_step is a multiple of
+        `interval` (on every rank; a function that only rank 0 needs checks the rank itself).
+        Steps count resumed ones, so a resumed run calls it where the uninterrupted run does.
+        The function must leave the training state alone (random streams, weights, data).
+        """
+        if interval < 1:
+            raise ValueError(f"a periodic interval must be at least 1, got {interval}")
+        self._periodic.append((interval, function))
+
+    def run_periodic(self):
+        for interval, function in self._periodic:
+            if self.global_step % interval == 0:
+                function(self.global_step)
+
+    def prune_checkpoints(self, step):
+        """
+        Delete the checkpoint sets older than the newest keep_checkpoints ones (counting the set
+        of `step`, just written), never the one this run resumed or started from, nor sets of
+        later steps (another run's). Only complete sets (with their marker) count. Rank 0.
+        """
+        if self.keep_checkpoints == KEEP_ALL:
+            return
+        if "://" in os.fspath(self.log_dir):
+            # Object stores (gs://, az://) are listed through blobfile; not supported here.
+            logger.warn("--keep_checkpoints applies to local log folders only: nothing deleted")
+            return
+        prefix = self.task.checkpoint_prefix
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.pt")
+        steps = sorted(
+            (int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(self.log_dir)) if m),
+            reverse=True,
+        )
+        older = [s for s in steps if s <= step][self.keep_checkpoints:]
+        protected = {
+            os.path.realpath(p) for p in (self.resume_checkpoint, self.init_checkpoint) if p
+        }
+        for old in older:
+            marker = self.marker_path(old)
+            if os.path.realpath(marker) in protected:
+                continue
+            paths = self.task.checkpoint_set_paths(self.log_dir, old)
+            try:
+                for path in paths:
+                    os.remove(path)
+            except OSError as exc:
+                logger.warn(f"--keep_checkpoints: could not delete {exc.filename}: {exc.strerror}")
+                continue
+            logger.log(
+                f"--keep_checkpoints {self.keep_checkpoints}: deleted the checkpoint set of "
+                f"step {old} ({', '.join(os.path.basename(p) for p in paths)})"
+            )
+
+
+def check_keep_checkpoints(keep):
+    """:raises ValueError: unless keep is KEEP_ALL (-1) or at least 1."""
+    if keep != KEEP_ALL and keep < 1:
+        raise ValueError(
+            f"--keep_checkpoints {keep} would delete every checkpoint, the newest included: pass "
+            f"K >= 1 to keep the newest K sets, or {KEEP_ALL} to keep them all"
+        )

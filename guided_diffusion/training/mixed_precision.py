@@ -9,17 +9,21 @@ where the model and EMA files are plain state dicts (the released checkpoints ar
 the model file, written last, marks the set complete.
 """
 
+import contextlib
 import copy
 import functools
 import math
 import os
+import re
 
 import torch
 
 from .. import dist_util, logger
 from ..cli.weights import check_model_weights, load_model_weights
+from ..errors import ScriptError
 from ..fp16_util import MixedPrecisionTrainer, make_adamw, master_params_to_model_params
 from ..runtime import train_state
+from .ema import check_ema_warmup, ema_decay
 from .engine import TrainTask
 
 # With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
@@ -83,6 +87,9 @@ class MixedPrecisionTask(TrainTask):
         use_bf16=False,
         fp16_scale_growth=1e-3,
         initial_lg_loss_scale=None,
+        ema_warmup_power=0.0,
+        ema_inv_gamma=1.0,
+        grad_clip=0.0,
     ):
         """
         :param model: the network, already on its device; batches go to that device.
@@ -93,9 +100,16 @@ class MixedPrecisionTask(TrainTask):
         :param use_bf16: bfloat16 torso (no loss scale); exclusive with use_fp16.
         :param fp16_scale_growth: lg_loss_scale increase per successful fp16 step.
         :param initial_lg_loss_scale: the starting log2 loss scale (None: the trainer's default).
+        :param ema_warmup_power: > 0 warms the EMA decay up (see ema_decay); 0 keeps the
+            reference's constant decay.
+        :param ema_inv_gamma: the warm-up's step scale (see ema_decay).
+        :param grad_clip: > 0 clips the global gradient norm to it (MixedPrecisionTrainer).
         """
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
+        check_ema_warmup(ema_warmup_power, ema_inv_gamma)
+        self.ema_warmup_power = ema_warmup_power
+        self.ema_inv_gamma = ema_inv_gamma
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay
@@ -115,6 +129,7 @@ class MixedPrecisionTask(TrainTask):
             use_fp16=use_fp16,
             fp16_scale_growth=fp16_scale_growth,
             use_bf16=use_bf16,
+            grad_clip=grad_clip,
             **extra,
         )
         self.opt = make_adamw(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
@@ -126,22 +141,31 @@ class MixedPrecisionTask(TrainTask):
 
     # ----------------------------------------------------------------------------- a step
 
-    def optimize(self):
-        """The optimizer step after the gradients were accumulated, then the EMA update."""
+    def optimize(self, step=None):
+        """
+        The optimizer step after the gradients were accumulated, then the EMA update.
+
+        :param step: the index of this step (for the EMA warm-up; None: no warm-up).
+        """
         took_step = self.mp_trainer.optimize_no_sync(self.opt)
-        self.update_ema(took_step)
+        self.update_ema(took_step, step)
         return took_step
 
-    def update_ema(self, took_step):
+    def update_ema(self, took_step, step=None):
         """
         Move every EMA towards the master weights, only if the step was taken (a device flag).
 
         # deviation from reference: one foreach lerp per rate instead of a Python loop over the
         # parameters, and the "taken" test happens on the device; the update is the same
         # rate * ema + (1 - rate) * weights (up to rounding).
+
+        :param step: the index of the step just taken; with --ema_warmup_power > 0 the decay
+            is ema_decay(rate, step, ...), a host number computed from it.
         """
         masters = list(self.mp_trainer.master_params)
         for rate, params in zip(self.ema_rate, self.ema_params):
+            if step is not None:
+                rate = ema_decay(rate, step, self.ema_warmup_power, self.ema_inv_gamma)
             weight = torch.where(took_step, 1.0 - rate, 0.0).to(masters[0].dtype)
             with torch.no_grad():
                 torch._foreach_lerp_(list(params), masters, [weight] * len(masters))
@@ -201,6 +225,87 @@ class MixedPrecisionTask(TrainTask):
              os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}.pt"))
         )
         return files
+
+    def checkpoint_set_paths(self, folder, step):
+        """The set's files in `folder`: the model file (the marker) first, then every EMA rate's
+        (also rates this run does not train), the optimizer and the training state."""
+        suffix = f"{step:06d}.pt"
+        marker = os.path.join(folder, f"{self.checkpoint_prefix}{suffix}")
+        ema = re.compile(r"ema_.+_" + re.escape(suffix))
+        companions = sorted(os.path.join(folder, n) for n in os.listdir(folder) if ema.fullmatch(n))
+        companions += [os.path.join(folder, f"opt{suffix}"), train_state.state_path(folder, step)]
+        return [p for p in [marker] + companions if os.path.exists(p)]
+
+    def init_from_checkpoint(self, path):
+        """
+        --init_checkpoint: load the weights of `path` (a released checkpoint, or any model or
+        EMA file), at step 0 with a fresh optimizer and every EMA starting from the weights.
+        Subclasses may re-initialise some tensors first (adapt_init_state); everything else must
+        fit exactly, or the error names the flags to change.
+        """
+        logger.log(f"--init_checkpoint: starting from the weights of {path} (step 0, fresh "
+                   "optimizer, EMA from the weights)")
+        state = dist_util.load_state_dict(path, map_location=self.device)
+        state, notes = self.adapt_init_state(state, path)
+        try:
+            self.load_model_state(state, path)
+        except ScriptError as exc:
+            raise ScriptError(f"--init_checkpoint: {exc}{self.init_mismatch_advice(state)}") \
+                from None
+        if notes:
+            for note in notes:
+                logger.log(f"--init_checkpoint: re-initialised {note}")
+        else:
+            logger.log("--init_checkpoint: re-initialised nothing; every tensor loaded")
+
+    def init_mismatch_advice(self, state):
+        """Hook of init_from_checkpoint: text appended to the error of a checkpoint that does
+        not fit (e.g. the fine-tuning flags that would re-initialise the tensor at fault)."""
+        return ""
+
+    def adapt_init_state(self, state, path):
+        """
+        Hook of init_from_checkpoint: return (the state dict to load, a list of lines naming
+        each re-initialised tensor). The default changes nothing.
+        """
+        return state, []
+
+    @contextlib.contextmanager
+    def ema_in_model(self, index=0):
+        """
+        Run the block with the model holding EMA rate number `index`'s weights (the model's own
+        weights when there is no EMA), and put the training weights back afterwards, bit for bit.
+
+        float32: the parameters' storage is swapped with the EMA's (no copy); fp16/bf16: the EMA
+        masters are cast into the torso, then the training masters (which the torso always
+        holds, rounded) are cast back.
+        """
+        if not self.ema_params:
+            yield
+            return
+        ema = list(self.ema_params[index])
+        trainer = self.mp_trainer
+        groups = trainer.param_groups_and_shapes
+        params = list(self.model.parameters())
+        if groups is None:
+            self._swap_data(params, ema)
+            try:
+                yield
+            finally:
+                self._swap_data(params, ema)
+        else:
+            with torch.no_grad():
+                master_params_to_model_params(groups, ema)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    master_params_to_model_params(groups, trainer.master_params)
+
+    @staticmethod
+    def _swap_data(params, others):
+        for param, other in zip(params, others):
+            param.data, other.data = other.data, param.data
 
     def load_checkpoint(self, path, step):
         """

@@ -14,7 +14,7 @@ import torch
 from .. import dist_util, logger
 from ..runtime import train_state
 from ..runtime.checkpoints import load_checkpoint
-from ..training.engine import TrainTask, Trainer
+from ..training.engine import KEEP_ALL, TrainTask, Trainer
 from .networks import check_vae_checkpoint, vae_losses, vae_state
 
 __all__ = ["CHECKPOINT_PREFIX", "VAETrainLoop", "vae_train_defaults"]
@@ -31,7 +31,7 @@ def vae_train_defaults():
     for name, param in inspect.signature(VAETrainLoop.__init__).parameters.items():
         if param.default is not inspect.Parameter.empty and name not in ("log_dir", "batch_size"):
             defaults[name] = param.default
-    defaults.update(random_flip=False, seed=0, log_dir="")
+    defaults.update(random_flip=False, seed=0, log_dir="", log_format="")
     return defaults
 
 
@@ -52,6 +52,7 @@ class VAETrainLoop(TrainTask):
     :param resume_checkpoint: "", "auto" or a path (see training.engine.resolve_resume_checkpoint).
     :param weight_decay: Adam weight decay.
     :param log_dir: where checkpoints go (default: the logger's folder).
+    :param keep_checkpoints: keep the newest K checkpoints (-1: all; Trainer).
     """
 
     checkpoint_prefix = CHECKPOINT_PREFIX
@@ -72,6 +73,7 @@ class VAETrainLoop(TrainTask):
         resume_checkpoint="",
         weight_decay=0.0,
         log_dir=None,
+        keep_checkpoints=KEEP_ALL,
     ):
         if beta < 0:
             raise ValueError(f"--beta must be >= 0, got {beta}")
@@ -98,6 +100,7 @@ class VAETrainLoop(TrainTask):
             max_steps=max_steps,
             log_dir=log_dir,
             limit_flags=("--iterations", "--max_steps"),
+            keep_checkpoints=keep_checkpoints,
         )
         self.ddp_model = dist_util.wrap_ddp(self.model)
 
