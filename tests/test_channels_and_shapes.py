@@ -43,12 +43,7 @@ def one_error_line(capsys, status):
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +93,10 @@ def test_grey_digits_train_and_sample_end_to_end(grey_digits, tmp_path, capsys):
     with Image.open(folder / "000001_2.png") as png:
         assert png.mode == "L"
         np.testing.assert_array_equal(np.array(png), images[1, :, :, 0])
-    # The grey checkpoint sampled with the default 3 channels: one line naming the fix.
-    line = one_error_line(capsys, run_script("image_sample", [*sample, "--log_dir", tmp_path / "no"]))
+    # The grey checkpoint sampled with the default 3 channels (as a checkpoint without its run's
+    # args.json, which would supply --in_channels): one line naming the fix.
+    line = one_error_line(capsys, run_script("image_sample", [*sample, "--config", "none",
+                                                              "--log_dir", tmp_path / "no"]))
     assert "--in_channels 1" in line and not (tmp_path / "no").exists()
     line = one_error_line(capsys, run_script("image_sample", [*sample, "--in_channels", 1,
                                                                "--class_label", 10]))
