@@ -40,7 +40,7 @@ from test_resume import CGAN, DIFFUSION, SUPER_RES, VAE, load, run, tensors_equa
 from test_scripts import load_script
 from test_train_util import make_loop, tiny_model
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER = (
@@ -49,7 +49,6 @@ CLASSIFIER = (
 ).split()
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
