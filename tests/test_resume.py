@@ -162,7 +162,7 @@ def test_preempted_then_resumed_run_equals_the_uninterrupted_one(name, data, tmp
     assert names == sorted(f.format(4) for f in files)  # only the preemption checkpoint
     log = (parts / "log.txt").read_text()
     assert f"preempted by {sig.name}: stopped after step 4 with a complete checkpoint" in log
-    assert str(parts / files[-1].format(4)) in log and "--resume_checkpoint auto" in log
+    assert f"{parts / files[-1].format(4)}; continue with --resume_checkpoint auto --log_dir {parts}" in log
 
     assert run(name, [*common, total_flag, TOTAL, "--resume_checkpoint", "auto"], parts,
                monkeypatch) == 0

@@ -257,6 +257,7 @@ class Trainer:
                 "is stopped; SIGTERM or SIGUSR1 saves a checkpoint first"
             )
         with PreemptionWatch() as preemption:
+            self._stop_if_preempted_before_start(preemption)
             self._restore_train_state()
             meter = None
             while not self.done():
@@ -284,6 +285,14 @@ class Trainer:
                     preemption.stop(self.global_step, self.last_checkpoint)
             if self.steps_this_run and self._saved_at != self.global_step:
                 self.save()
+
+    def _stop_if_preempted_before_start(self, preemption):
+        """
+        A signal received while the run started up (model building, data listing, the process
+        group forming) stops it before its first step, on every rank, with nothing written.
+        """
+        if preemption.agree():
+            preemption.stop_before_first_step(self.log_dir, self.resume_checkpoint)
 
     def take_step(self, batch, cond):
         """One optimizer step of the task, counted and logged."""
