@@ -130,3 +130,57 @@ def test_sigterm_twice_to_the_whole_mpiexec_job_as_a_worker_starts(data, tmp_pat
     assert_complete_checkpoint(tmp_path, step)
     for name in ("log.txt", "log-rank001.txt"):
         assert f"preempted by SIGTERM: stopped after step {step}" in (tmp_path / name).read_text()
+
+
+# ----------------------------------------------------------------------------- point 2
+
+
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error")]
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_a_full_disk_on_one_rank_ends_every_rank_with_one_line(launcher, data, tmp_path):
+    prefix = [*mpiexec_prefix(2), sys.executable] if launcher == "mpiexec" else torchrun_prefix(2)
+    # Rank 1's third log dump fails with ENOSPC while rank 0 goes on to its next collective.
+    fault = {"enospc": "dump", "n": 3, "rank": 1}
+    timeout = 60
+    status, out, err, seconds = launch(prefix, tmp_path, data,
+                                       ["--batch_size", 2, "--save_interval", 2], fault,
+                                       GD_DIST_TIMEOUT=timeout)
+    assert status != 0
+    assert seconds < timeout, f"the job took {seconds:.0f} s to end"
+    lines = error_lines(err)
+    failure = f"error (rank 1): {tmp_path / 'log-rank001.txt'}: No space left on device"
+    assert failure in lines, err[-3000:]
+    # At most one more line: rank 0's, saying it lost its peer (torchrun), and no tracebacks of
+    # ours ("[rankN]:" lines are torch's rank-prefixed ones).
+    others = [line for line in lines if line != failure]
+    assert len(others) <= 1 and all("lost contact with the other ranks" in x for x in others)
+    assert not [line for line in err.splitlines() if line.startswith("[rank")], err[-3000:]
+    if launcher == "torchrun":
+        # torchrun prints its own traceback and failure table; the table shows our line as the
+        # root cause's "traceback".
+        assert err.count("Traceback (most recent call last)") == 1
+        root = err[err.index("Root Cause"):]
+        assert f"traceback : {failure}" in root, err[-3000:]
+    else:
+        assert "Traceback" not in err
+    # The checkpoint written before the failure is complete.
+    assert_complete_checkpoint(tmp_path, 2)
+
+
+def test_an_out_of_memory_error_on_one_rank_ends_the_job_promptly(data, tmp_path):
+    # Without the abort, rank 0 would wait in its next collective for the whole GD_DIST_TIMEOUT.
+    timeout = 120
+    fault = {"raise": "oom", "n": 3, "rank": 1}
+    status, out, err, seconds = launch([*mpiexec_prefix(2), sys.executable], tmp_path, data,
+                                       ["--batch_size", 2], fault, GD_DIST_TIMEOUT=timeout,
+                                       timeout=2 * timeout + 60)
+    assert status == 2, err[-3000:]
+    assert seconds < timeout / 2, f"the job took {seconds:.0f} s to end"
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(
+        "error (rank 1): out of memory (CUDA out of memory"), err[-3000:]
+    assert "--batch_size" in lines[0] and "--microbatch" in lines[0]
+    assert "Traceback" not in err
