@@ -49,7 +49,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed)
+    start_run(log_dir=args.log_dir, seed=args.seed, resume_checkpoint=args.resume_checkpoint)
     found = count_classes(args.data_dir)
     if found > args.num_classes:
         raise ValueError(f"{args.data_dir} has {found} classes: pass --num_classes {found}")

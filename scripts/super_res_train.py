@@ -39,7 +39,8 @@ from guided_diffusion.training.engine import start_run
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32)
+    start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32,
+              resume_checkpoint=args.resume_checkpoint)
 
     logger.log("creating model...")
     flags = args_to_dict(args, sr_model_and_diffusion_defaults().keys())

@@ -47,7 +47,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_run(log_dir=args.log_dir, seed=args.seed)
+    start_run(log_dir=args.log_dir, seed=args.seed, resume_checkpoint=args.resume_checkpoint)
     flags = args_to_dict(args, ARCH_FLAGS)
     # Same initial weights on every rank; then per-rank noise and data order.
     torch.manual_seed(args.seed)

@@ -184,3 +184,42 @@ def test_an_out_of_memory_error_on_one_rank_ends_the_job_promptly(data, tmp_path
         "error (rank 1): out of memory (CUDA out of memory"), err[-3000:]
     assert "--batch_size" in lines[0] and "--microbatch" in lines[0]
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- point 6
+
+
+def test_a_second_job_on_a_live_jobs_folder_is_refused_and_a_dead_job_leaves_no_lock(
+        data, tmp_path):
+    first = subprocess.Popen(
+        [sys.executable, TRAIN, "--data_dir", data, *MODEL, "--batch_size", "4",
+         "--save_interval", "1000", "--log_dir", str(tmp_path)],
+        env=child_env(cpu=True), start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        progress = tmp_path / "progress.csv"
+        deadline = time.monotonic() + TIMEOUT
+        while not (progress.exists() and len(progress.read_text().splitlines()) > 2):
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first job did not start training"
+            time.sleep(0.1)
+        log_before = (tmp_path / "log.txt").read_text()
+        status, out, err, _ = launch(one_process(), tmp_path, data,
+                                     ["--batch_size", 4, "--max_steps", 1])
+        assert status == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith(
+            f"error: the log folder {tmp_path} is in use by another training job "
+            f"(pid {first.pid} on ")
+        assert "pass another --log_dir" in lines[0]
+        assert first.poll() is None  # the first job runs on, its log untouched
+        assert (tmp_path / "log.txt").read_text().startswith(log_before)
+        assert saved_steps(tmp_path) == []
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # dies without any clean-up
+        first.wait()
+    status, out, err, _ = launch(one_process(), tmp_path, data,
+                                 ["--batch_size", 4, "--max_steps", 1])
+    assert status == 0, err[-3000:]
+    assert saved_steps(tmp_path) == [1]

@@ -346,3 +346,65 @@ def test_fp16_loss_scale_and_loss_aware_sampler_history_resume(tmp_path):
     state = load(tmp_path / "state000003.pt")["shared"]
     assert state["lg_loss_scale"] == 20.75
     assert int(state["schedule_sampler"]["loss_counts"].sum()) == 12
+
+
+# ----------------------------------------------------------------------------- auto resume
+
+
+def test_auto_refuses_a_folder_whose_checkpoints_are_all_unreadable(data, tmp_path, monkeypatch,
+                                                                     capsys):
+    cut = tmp_path / "model000003.pt"
+    cut.write_bytes(b"PK\x03\x04 cut short by a crash")
+    status = run("image_train", ["--data_dir", data, *DIFFUSION, "--max_steps", 1,
+                                 "--resume_checkpoint", "auto"], tmp_path, monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --resume_checkpoint auto: {tmp_path} holds model000003.pt, "
+                             "but none can be read")
+    assert cut.read_bytes() == b"PK\x03\x04 cut short by a crash"
+    assert checkpoints.checkpoint_candidates(tmp_path, "model") == [str(cut)]  # nothing trained
+
+
+def test_auto_skips_unreadable_newer_checkpoints_with_a_warning(data, tmp_path, monkeypatch):
+    args = ["--data_dir", data, *DIFFUSION]
+    assert run("image_train", [*args, "--max_steps", 1], tmp_path, monkeypatch) == 0
+    (tmp_path / "model000002.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert run("image_train", [*args, "--max_steps", 1, "--resume_checkpoint", "auto"], tmp_path,
+               monkeypatch) == 0
+    log = (tmp_path / "log.txt").read_text()
+    assert f"warning: --resume_checkpoint auto skipped model000002.pt in {tmp_path}" in log
+    assert f"resuming from {tmp_path / 'model000001.pt'}" in log
+
+
+def test_auto_without_a_fixed_log_folder_is_refused(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where a dated folder would go
+    module = load_script("image_train")
+    try:
+        status = run_main(module.main, ["--data_dir", data, *DIFFUSION, "--max_steps", "1",
+                                        "--resume_checkpoint", "auto"])
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "without --log_dir (or $OPENAI_LOGDIR) every run writes to a new dated folder" in err[0]
+    assert "pass --log_dir DIR, the same in every run" in err[0]
+    assert os.listdir(tmp_path) == []  # refused before any folder was made
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed_at_the_next_start(data, tmp_path,
+                                                                            monkeypatch):
+    # What a save killed mid-write leaves (runtime.files.atomic_write's temporary names).
+    strays = [".model000002.pt.k3j_x9a1.tmp", ".opt000002.pt.zq81mbb0.tmp"]
+    for name in strays:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert run("image_train", ["--data_dir", data, *DIFFUSION, "--max_steps", 1], tmp_path,
+               monkeypatch) == 0
+    names = os.listdir(tmp_path)
+    assert not set(strays) & set(names) and "notes.tmp" in names
+    assert (f"removed 2 temporary file(s) that an interrupted save left in {tmp_path}: "
+            f"{', '.join(sorted(strays))}") in (tmp_path / "log.txt").read_text()

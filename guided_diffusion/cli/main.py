@@ -14,6 +14,7 @@ import torch
 
 from .. import dist_util, logger
 from ..errors import NonFiniteLossError, ScriptError, StorageError
+from ..runtime import log_folder
 from ..runtime.perf import preserved_float32_precision, set_tf32
 
 
@@ -53,6 +54,8 @@ def run_main(main, argv=None):
     except BaseException as exc:
         _fail_distributed(exc)
         raise
+    finally:
+        log_folder.release_folders()
 
 
 def _prefix():

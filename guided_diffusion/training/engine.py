@@ -18,8 +18,8 @@ so the three always agree.
 import os
 
 from .. import dist_util, logger
-from ..errors import NonFiniteLossError
-from ..runtime import checkpoints, train_state
+from ..errors import LogFolderInUseError, NonFiniteLossError, ScriptError
+from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
 from ..runtime.progress import StepMeter
@@ -31,22 +31,79 @@ __all__ = ["TrainTask", "Trainer", "resolve_resume_checkpoint", "start_run"]
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
 
 
-def start_run(*, log_dir="", seed=0, tf32=None):
+def start_run(*, log_dir="", seed=0, tf32=None, resume_checkpoint=""):
     """
     The first lines of every training script: join the process group (if launched on several
-    ranks), open the log folder, seed torch/numpy/random with seed + rank (so that model
-    initialisation, noise, timesteps and data order repeat across runs and differ across
+    ranks), claim and open the log folder, seed torch/numpy/random with seed + rank (so that
+    model initialisation, noise, timesteps and data order repeat across runs and differ across
     ranks), and apply the TF32 choice.
 
     :param log_dir: the log folder ("" = $OPENAI_LOGDIR, else a dated folder).
     :param seed: the base seed.
     :param tf32: True/False to set TF32 matmuls on CUDA; None leaves torch's setting.
+    :param resume_checkpoint: the --resume_checkpoint flag: "auto" needs a fixed log folder.
+    :raises ScriptError: for --resume_checkpoint auto without --log_dir or $OPENAI_LOGDIR.
+    :raises LogFolderInUseError: when another live job holds the log folder.
     """
     dist_util.setup_dist()
+    folder = log_dir or os.environ.get("OPENAI_LOGDIR") or ""
+    check_auto_resume_folder(resume_checkpoint, folder)
+    notes = claim_log_folder(os.path.expanduser(folder)) if folder else []
     logger.configure(dir=log_dir or None)
+    for note in notes:
+        logger.log(note)
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
+
+
+def check_auto_resume_folder(resume_checkpoint, folder):
+    """
+    --resume_checkpoint auto looks for checkpoints in the log folder, so the folder must be the
+    same in every run: without --log_dir or $OPENAI_LOGDIR each run gets a new dated folder and
+    auto would never find anything.
+
+    :raises ScriptError: naming the fix.
+    """
+    if resume_checkpoint == "auto" and not folder:
+        raise ScriptError(
+            "--resume_checkpoint auto looks for checkpoints in the log folder, but without "
+            "--log_dir (or $OPENAI_LOGDIR) every run writes to a new dated folder, so it would "
+            "never resume: pass --log_dir DIR, the same in every run"
+        )
+
+
+def claim_log_folder(folder):
+    """
+    Make this job the only one using `folder` (runtime.log_folder): rank 0 takes its lock and
+    removes the temporary files an interrupted save left there; every rank learns the outcome,
+    so all refuse together.
+
+    :return: lines to log once the logger is open (what was removed, a file system without
+        locks).
+    :raises LogFolderInUseError: on every rank, when another live job holds the folder.
+    """
+    problem, notes = None, []
+    if dist_util.is_main_process():
+        try:
+            warning = log_folder.lock_folder(folder)
+            notes += [warning] if warning else []
+            removed = log_folder.remove_stray_temporaries(folder)
+            if removed:
+                notes.append(
+                    f"removed {len(removed)} temporary file(s) that an interrupted save left in "
+                    f"{folder}: {', '.join(removed)}"
+                )
+        except LogFolderInUseError as exc:
+            problem = str(exc)
+        except OSError:
+            pass  # an unwritable folder: logger.configure says so in its own words
+    problem = dist_util.broadcast_from_main(problem)
+    if problem:
+        error = LogFolderInUseError(problem)
+        error.same_on_every_rank = True  # rank 0 prints it; the others leave quietly
+        raise error
+    return notes
 
 
 def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
@@ -54,23 +111,18 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
     The checkpoint a run resumes from.
 
     :param resume_checkpoint: "" (fresh start), "auto" (the newest complete
-        <prefix>NNNNNN.pt in log_dir; a fresh start when there is none) or a path.
+        <prefix>NNNNNN.pt in log_dir; a fresh start when there is no such file) or a path.
     :param log_dir: where "auto" looks (default: the logger's folder).
     :param prefix: the marker file's prefix ("model", "cgan", "vae").
     :return: the checkpoint path, or None for a fresh start.
     :raises FileNotFoundError: when an explicit path does not exist.
-    :raises ValueError: when the path is a companion file (optimizer, EMA, state) of a set.
+    :raises ValueError: when the path is a companion file (optimizer, EMA, state) of a set, or
+        when "auto" finds checkpoint files none of which can be read.
     """
     if not resume_checkpoint:
         return None
     if resume_checkpoint == "auto":
-        folder = log_dir or logger.get_dir()
-        found = checkpoints.find_latest_checkpoint(folder, prefix)
-        if found is None:
-            logger.log(f"--resume_checkpoint auto: no checkpoint in {folder}, starting fresh")
-        else:
-            logger.log(f"--resume_checkpoint auto: resuming from {found}")
-        return found
+        return _newest_readable_checkpoint(log_dir or logger.get_dir(), prefix)
     if not os.path.exists(resume_checkpoint):
         raise FileNotFoundError(
             f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file or "
@@ -83,6 +135,37 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
             "and state files next to it are found automatically"
         )
     return resume_checkpoint
+
+
+def _newest_readable_checkpoint(folder, prefix):
+    """
+    What --resume_checkpoint auto resumes from: the newest readable <prefix>NNNNNN.pt in folder
+    (newer unreadable ones are skipped with a warning), None when there is none at all. Files
+    that are all unreadable stop the run: starting over silently would train from scratch and
+    then overwrite them.
+    """
+    candidates = checkpoints.checkpoint_candidates(folder, prefix)
+    # Remote files are published whole (see checkpoints.save_atomic), so they count as readable.
+    found = next((path for path in candidates
+                  if "://" in path or checkpoints.is_complete_checkpoint(path)), None)
+    skipped = candidates if found is None else candidates[: candidates.index(found)]
+    unreadable = [os.path.basename(path) for path in skipped]
+    if found is None and unreadable:
+        raise ValueError(
+            f"--resume_checkpoint auto: {folder} holds {', '.join(unreadable)}, but none can be "
+            "read (cut short or corrupt), so the run would start over and overwrite them: move "
+            "them away to start afresh, or pass --resume_checkpoint with a good checkpoint"
+        )
+    if found is None:
+        logger.log(f"--resume_checkpoint auto: no checkpoint in {folder}, starting fresh")
+        return None
+    if unreadable:
+        logger.warn(
+            f"warning: --resume_checkpoint auto skipped {', '.join(unreadable)} in {folder}: "
+            "cannot be read (cut short or corrupt)"
+        )
+    logger.log(f"--resume_checkpoint auto: resuming from {found}")
+    return found
 
 
 def checkpoint_step(path, prefix="model"):
