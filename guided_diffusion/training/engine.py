@@ -1,9 +1,11 @@
 """
-The one training engine. It owns a run: where it starts (a fresh start, a checkpoint, or the
-newest complete checkpoint in the log folder), the exact training state (every rank's random
-streams and data positions, restored before the first step), when to log, save and stop, the
-progress line, preemption (SIGTERM/SIGUSR1 -> checkpoint -> exit status 75), and writing each
-checkpoint set atomically with its marker file last.
+The one training engine. It owns a run: its log folder (one live job per folder, leftovers of an
+interrupted save removed), where it starts (a fresh start, a checkpoint, or the newest readable
+checkpoint in the log folder), the exact training state (every rank's random streams and data
+positions, restored before the first step), the settings a resumed run may change (--lr, the
+intervals: applied and logged), when to log, save and stop, the progress line, preemption
+(SIGTERM/SIGUSR1 -> checkpoint -> exit status 75; before the first step: nothing written), and
+writing each checkpoint set atomically with its marker file last.
 
 A model family plugs in a TrainTask: one optimizer step, the files its checkpoint holds, and how
 to load them back. The diffusion model (train_util.TrainLoop), the noisy classifier
@@ -236,6 +238,20 @@ class TrainTask:
     def load_shared_state(self, shared):
         """Restore what shared_state() returned."""
 
+    def run_settings(self):
+        """
+        The task's flags that a resumed run may change, with this run's values, e.g.
+        {"--lr": 1e-4}: saved with every checkpoint, compared (and changes logged) on resume.
+        """
+        return {}
+
+    def apply_settings(self, step):
+        """
+        Put this run's settings into effect after a checkpoint was loaded, for the step `step`
+        the run continues with (e.g. the learning rate of --lr: the optimizer state in the
+        checkpoint brings back the rate it was saved with).
+        """
+
 
 class Trainer:
     """
@@ -305,6 +321,8 @@ class Trainer:
         self.last_checkpoint = self.resume_checkpoint
         self._saved_at = None
         self._pending_state = None
+        # A resumed run applies its own settings once, when it starts (_apply_resumed_settings).
+        self._settings_pending = bool(self.resume_checkpoint)
         if self.resume_checkpoint:
             self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
 
@@ -394,10 +412,38 @@ class Trainer:
 
     def _restore_train_state(self):
         state, self._pending_state = self._pending_state, None
+        if self._settings_pending:
+            self._settings_pending = False
+            self._apply_resumed_settings(state)
         if state is None:
             return
         shared = train_state.restore(state, self.streams, source=self.resume_checkpoint)
         self.task.load_shared_state(shared)
+
+    def run_settings(self):
+        """The flags of this run that a resumed run may change (saved with each checkpoint)."""
+        settings = {"--save_interval": self.save_interval, "--log_interval": self.log_interval}
+        if len(self.limit_flags) == 2:  # (the flag of total_steps, that of max_steps)
+            settings[self.limit_flags[0]] = self.total_steps
+        return {**settings, **self.task.run_settings()}
+
+    def _apply_resumed_settings(self, state):
+        """
+        A resumed run trains with its own flags, not the checkpoint's (the optimizer state
+        brings back the learning rate it was saved with): the task applies them, and what
+        differs from the checkpoint's run is logged in one line.
+        """
+        # deviation from reference: the reference kept the optimizer file's learning rate, so
+        # --lr given on resume was ignored.
+        self.task.apply_settings(self.start_step)
+        saved = (state or {}).get("settings") or {}
+        changed = [
+            f"{flag} {saved[flag]!r} -> {value!r}"
+            for flag, value in self.run_settings().items()
+            if flag in saved and saved[flag] != value
+        ]
+        if changed:
+            logger.log(f"resuming with changed settings: {', '.join(changed)}")
 
     def check_health(self):
         """Stop with NonFiniteLossError when the task reports a broken state."""
@@ -435,7 +481,8 @@ class Trainer:
         step = self.global_step
         path = self.marker_path(step)
         # A collective: every rank's random streams and data positions go to rank 0.
-        state = train_state.gather(step, self.streams, self.task.shared_state())
+        state = train_state.gather(step, self.streams, self.task.shared_state(),
+                                   settings=self.run_settings())
         if dist_util.is_main_process():
             logger.log(f"saving checkpoint at step {step}: {path}")
             files = self.task.checkpoint_files(self.log_dir, step, state)
