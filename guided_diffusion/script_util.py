@@ -83,6 +83,30 @@ def _parse_channel_mult(channel_mult, image_size, table, size_flag):
     return tuple(channel_mult)
 
 
+def check_size_fits_levels(size, channel_mult, size_flag="--image_size",
+                           mult_flag="--channel_mult"):
+    """
+    Each level of channel_mult but the last halves the feature maps, and the UNet's way up
+    joins them with the way down: the size must halve evenly that many times, or the first
+    forward pass fails deep inside torch (e.g. --image_size 7 with --channel_mult 1,2).
+
+    :param size: the image side.
+    :param channel_mult: the parsed multipliers (one per level).
+    :raises ValueError: naming the sizes that work.
+    """
+    halvings = len(channel_mult) - 1
+    step = 2 ** halvings
+    if size >= 1 and size % step == 0:
+        return
+    fits = [n for n in (size - size % step, size - size % step + step) if n >= step]
+    mult = ",".join(str(m) for m in channel_mult)
+    raise ValueError(
+        f"{size_flag} {size} does not fit {mult_flag} {mult}: its {len(channel_mult)} levels halve "
+        f"the image {halvings} time(s), so the size must be a multiple of {step}: pass "
+        f"{size_flag} {' or '.join(str(n) for n in fits)}, or a {mult_flag} with fewer levels"
+    )
+
+
 def _number(text):
     value = float(text)
     return int(value) if value.is_integer() else value
@@ -215,6 +239,8 @@ def create_model(
     """
     _check_num_classes(num_classes)
     check_class_dropout_prob(class_dropout_prob, class_cond)
+    mult = _parse_channel_mult(channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size")
+    check_size_fits_levels(image_size, mult)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -223,9 +249,7 @@ def create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, image_size),
         dropout=dropout,
-        channel_mult=_parse_channel_mult(
-            channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
-        ),
+        channel_mult=mult,
         num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
@@ -315,6 +339,7 @@ def create_classifier(
     channel_mult = _parse_channel_mult(
         classifier_channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
     )
+    check_size_fits_levels(image_size, channel_mult, mult_flag="--classifier_channel_mult")
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
@@ -434,6 +459,8 @@ def sr_create_model(
     # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
     # to the image-model table instead of being rejected.
     table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
+    mult = _parse_channel_mult(channel_mult, large_size, table, "large size")
+    check_size_fits_levels(large_size, mult, size_flag="--large_size")
     return SuperResModel(
         image_size=large_size,
         in_channels=3,
@@ -442,7 +469,7 @@ def sr_create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, large_size),
         dropout=dropout,
-        channel_mult=_parse_channel_mult(channel_mult, large_size, table, "large size"),
+        channel_mult=mult,
         num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,

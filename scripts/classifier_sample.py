@@ -36,11 +36,17 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
+from guided_diffusion.sampling.loop import (
+    check_sampling_flags,
+    make_sample_fn,
+    resolve_sampler,
+    sample_steps,
+)
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
     check_guidance_scale(
@@ -73,7 +79,10 @@ def main(argv=None):
     except ScriptError as exc:
         # The model and the classifier share --image_size: changing it for the classifier
         # alone is no fix. (The hint may list --image_size among other flags to change.)
-        if re.search(r"--image_size \d", str(exc)) or "positional_embedding" in str(exc):
+        # (A missing or extra positional embedding is another --classifier_pool, not a size.)
+        text = str(exc)
+        if re.search(r"--image_size \d", text) or re.search(
+                r"shape mismatches, e\.g\. \S*positional_embedding", text):
             raise ScriptError(
                 f"the classifier {args.classifier_path} was trained at another image size than "
                 f"the model's --image_size {args.image_size}: use a classifier trained at that "

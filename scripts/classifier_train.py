@@ -39,6 +39,11 @@ def main(argv=None):
     start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32,
               resume_checkpoint=args.resume_checkpoint)
 
+    # The data folders first: a missing one is refused before any work.
+    check_dataset_classes(args.data_dir, args.num_classes)
+    if args.val_data_dir:
+        check_dataset_classes(args.val_data_dir, args.num_classes, flag="--val_data_dir")
+
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
     flags.update(num_classes=args.num_classes, classifier_channel_mult=args.classifier_channel_mult)
@@ -48,7 +53,6 @@ def main(argv=None):
     compile_model(model, args.compile)
 
     logger.log("creating data loader...")
-    check_dataset_classes(args.data_dir, args.num_classes)
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -58,12 +62,12 @@ def main(argv=None):
     )
     val_data = None
     if args.val_data_dir:
-        check_dataset_classes(args.val_data_dir, args.num_classes)
         val_data = load_data(
             data_dir=args.val_data_dir,
             batch_size=args.batch_size,
             image_size=args.image_size,
             class_cond=True,
+            flag="--val_data_dir",
         )
 
     logger.log("training classifier model...")

@@ -16,7 +16,7 @@ from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.perf import set_tf32
 from guided_diffusion.cli.weights import load_checkpoint_into
 from guided_diffusion.cli.flags import network_flags, sampling_extra_defaults
-from guided_diffusion.sampling.loop import output_dir, prepare_network
+from guided_diffusion.sampling.loop import check_sampling_flags, output_dir, prepare_network
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
@@ -29,6 +29,7 @@ from guided_diffusion.script_util import (
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
 
     dist_util.setup_dist()
 

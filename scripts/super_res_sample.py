@@ -34,11 +34,17 @@ from guided_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.sampling.loop import make_sample_fn, resolve_sampler, sample_steps
+from guided_diffusion.sampling.loop import (
+    check_sampling_flags,
+    make_sample_fn,
+    resolve_sampler,
+    sample_steps,
+)
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
     check_guidance_scale(
