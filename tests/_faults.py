@@ -10,8 +10,9 @@ The fault is a JSON object in $GD_TEST_FAULT:
   this process's whole process group (its loader workers included), or with "to": "job" to the
   launcher's process group as well (mpiexec then forwards it to every rank's group). WHEN:
   "import" (before the script's imports, once its first lines caught the signals), "start" (as
-  the script opens its data), "worker" (right after the N-th loader worker process starts: the
-  moment torch has not yet let the worker ignore it), "save" (after the first file of the N-th
+  the script opens its data), "worker" (while the N-th loader worker process starts: after torch
+  installed its own SIGTERM handler in it, before worker_init_fn runs; every worker is held 0.6 s
+  there), "save" (after the first file of the N-th
   checkpoint is written, the rest still to come). With "times": 2 a second signal follows 0.2 s
   later (during a save: after the second file).
 - {"enospc": "dump", "n": N, "rank": R}: the N-th logger dump of rank R fails with "No space
@@ -85,7 +86,24 @@ def install():
 
             image_datasets.load_data = load_data
         elif when == "worker":
-            tick = counted(FAULT.get("n", 1), signal_as_asked)
+            # Hold every new worker for a moment right after torch installed its own SIGTERM
+            # handler there (before worker_init_fn runs), and signal in that moment: the window
+            # a signal to the process group hits by chance on a cluster, made certain.
+            from torch.utils.data._utils import signal_handling
+
+            real_handlers = signal_handling._set_worker_signal_handlers
+
+            def set_worker_signal_handlers(*args, **kwargs):
+                real_handlers(*args, **kwargs)
+                time.sleep(0.6)
+
+            signal_handling._set_worker_signal_handlers = set_worker_signal_handlers
+
+            def signal_in_the_window():
+                time.sleep(0.3)
+                signal_as_asked()
+
+            tick = counted(FAULT.get("n", 1), signal_in_the_window)
             real_start = multiprocessing.process.BaseProcess.start
 
             def start(self):
