@@ -638,7 +638,13 @@ def abort_job(status, message=None):
     if mpi is not None:
         try:
             if mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+                # The launcher's proxy forwards this rank's output through a pipe; aborting at
+                # once can end the proxy before it passed the line on.
+                time.sleep(_ABORT_GRACE_SECONDS)
                 mpi.COMM_WORLD.Abort(status)
         except Exception:
             pass
     os._exit(status)
+
+
+_ABORT_GRACE_SECONDS = 0.5

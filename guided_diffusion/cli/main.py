@@ -7,6 +7,7 @@ once with one line; single-process tools refuse several ranks.
 
 import errno
 import os
+import re
 import sys
 import traceback
 
@@ -79,10 +80,9 @@ def _fail_distributed(exc):
     if isinstance(exc, KeyboardInterrupt):
         dist_util.abort_job(130)
     if dist_util.is_collective_failure(exc):
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         line = (
-            f"{_prefix()}: lost contact with the other ranks ({_shorten(first)}): another rank "
-            "failed, was killed or hangs (its own line says why)"
+            f"{_prefix()}: lost contact with the other ranks ({_backend_reason(exc)}): another "
+            "rank failed, was killed or hangs (its own line says why)"
         )
         if os.environ.get("GD_TRACEBACK"):
             traceback.print_exc()
@@ -93,6 +93,16 @@ def _fail_distributed(exc):
     print(f"{_prefix()}: {type(exc).__name__} (traceback below)", file=sys.stderr, flush=True)
     traceback.print_exc()
     dist_util.abort_job(1, message=f"{_prefix()}: {type(exc).__name__}: {_shorten(str(exc))}")
+
+
+def _backend_reason(exc):
+    """
+    What a failed collective says, in a few words: gloo's message starts with its source
+    position ("[.../pair.cc:553] Connection closed by peer [127.0.0.1]:31450. This is ...").
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return _shorten(text.split(". ")[0], 120)
 
 
 def _shorten(text, limit=200):

@@ -208,5 +208,5 @@ def save_checkpoint_files(files, previous=None):
         raise CheckpointWriteError(
             f"cannot write checkpoint file {failed}: {reason}; the files of this checkpoint were "
             f"removed and {kept}: free space (or fix the folder's permissions) and continue with "
-            "--resume_checkpoint auto"
+            f"--resume_checkpoint auto --log_dir {os.path.dirname(marker) or '.'}"
         ) from None
