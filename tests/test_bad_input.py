@@ -12,7 +12,6 @@ from guided_diffusion.runtime import train_state
 from guided_diffusion.script_util import (
     classifier_defaults,
     create_classifier,
-    create_model,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )

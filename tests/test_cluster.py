@@ -6,7 +6,7 @@
 - a rank killed with SIGKILL ends the job in bounded time with a non-zero status, under mpiexec and
   under torchrun, leaving no process behind and no unreadable checkpoint;
 - two torchrun launches with --nnodes 2 on localhost train as one job;
-- an mpiexec of another MPI than mpi4py's is refused in one line.
+- an mpiexec of another MPI than mpi4py's, and srun without --mpi, are refused in one line.
 """
 
 import os
