@@ -94,6 +94,8 @@ def check_size_fits_levels(size, channel_mult, size_flag="--image_size",
     :param channel_mult: the parsed multipliers (one per level).
     :raises ValueError: naming the sizes that work.
     """
+    # deviation from reference: the reference builds such a network and fails in its first
+    # forward pass (a tensor size mismatch where the way up meets the way down).
     halvings = len(channel_mult) - 1
     step = 2 ** halvings
     if size >= 1 and size % step == 0:

@@ -31,6 +31,8 @@ def check_sampling_flags(args):
     :param args: the parsed flags (those it has of num_samples, batch_size, out_dir are checked).
     :raises ScriptError: naming the flag.
     """
+    # deviation from reference: the reference divides by --batch_size (ZeroDivisionError), fails
+    # to concatenate no batches, and finds an unwritable folder only when it saves.
     for name in ("num_samples", "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
