@@ -21,10 +21,12 @@ saying what to change, instead of NCCL failing in its first collective. Hiding t
 
 An mpiexec of one MPI library running a program whose mpi4py loads another starts N singletons
 (each rank 0 of 1) instead of one job of N ranks; setup_dist sees the launcher's variables disagree
-with MPI's size and stops with a one-line LauncherMismatchError naming both libraries.
+with MPI's size and stops with a one-line LauncherMismatchError naming both libraries. So does
+`srun` without `--mpi` (SLURM says N tasks, nothing gives the process a rank).
 
 Collectives and the rendezvous give up after GD_DIST_TIMEOUT seconds (default 600), so a rank that
-hangs or never arrives ends the job instead of blocking it forever.
+hangs or never arrives ends the job instead of blocking it forever; a rank that fails ends the
+whole job at once (abort_job, called by cli.main.run_main).
 """
 
 import atexit
@@ -140,6 +142,26 @@ def _check_launcher_matches_mpi(MPI, comm):
     )
 
 
+def _refuse_lone_slurm_task(world_size):
+    """
+    :raises LauncherMismatchError: when SLURM started this job step with several tasks but the
+        process would run as a job of one (srun without --mpi, or an MPI that does not speak the
+        PMI srun offers): every task would train alone as rank 0.
+    """
+    text = os.environ.get("SLURM_STEP_NUM_TASKS", "").strip()
+    if world_size > 1 or not text.isdigit() or int(text) <= 1:
+        return
+    task = os.environ.get("SLURM_PROCID", "?")
+    raise LauncherMismatchError(
+        f"launcher/MPI mismatch: SLURM started this job step with {text} tasks "
+        f"(SLURM_STEP_NUM_TASKS={text}; this is task {task}), but neither MPI nor torchrun gave "
+        "this process a rank, so every task would train alone as rank 0 and overwrite the "
+        "others' checkpoints: start the step with srun --mpi=pmi2 (or --mpi=pmix, whichever "
+        "the MPI that mpi4py loads speaks), or run one torchrun per node "
+        "(srun --ntasks-per-node=1 torchrun --nnodes ... --nproc_per_node ...)"
+    )
+
+
 def _launched_by_mpi():
     return any(name in os.environ for name in _MPI_LAUNCHER_VARS)
 
@@ -224,6 +246,7 @@ def setup_dist():
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         # torchrun (or a cluster launcher that mimics it) already set everything up.
         world_size = int(os.environ["WORLD_SIZE"])
+        _refuse_lone_slurm_task(world_size)
         _select_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world_size > 1 and torch.cuda.is_available() and _started_by_torchrun():
             # torchrun gives all its workers one environment, hence the same visible GPUs.
@@ -235,6 +258,7 @@ def setup_dist():
         return
 
     if not _launched_by_mpi():
+        _refuse_lone_slurm_task(1)
         _select_device(0)
         return
 
@@ -246,11 +270,13 @@ def setup_dist():
                 f"started by an MPI launcher with {size} processes but mpi4py is not installed: "
                 "run 'pip install mpi4py' or launch with torchrun instead"
             )
+        _refuse_lone_slurm_task(1)
         _select_device(0)
         return
 
     comm = MPI.COMM_WORLD
     _check_launcher_matches_mpi(MPI, comm)
+    _refuse_lone_slurm_task(comm.size)
     # Processes sharing memory are on the same node; their rank among themselves picks the GPU.
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
@@ -526,6 +552,20 @@ def _cpu_group():
     return _host_group
 
 
+def broadcast_from_main(obj):
+    """
+    Rank 0's picklable object, on every rank (every rank must call it at the same point).
+
+    :param obj: the object (only rank 0's is used; small: it is pickled and sent whole).
+    :return: rank 0's object; obj itself on a single process.
+    """
+    if not is_distributed():
+        return obj
+    box = [obj if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
+
+
 def max_over_ranks(value):
     """
     The largest of an integer over all ranks (every rank must call it at the same point).
@@ -541,3 +581,87 @@ def max_over_ranks(value):
     tensor = torch.tensor([int(value)], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group())
     return int(tensor[0])
+
+
+# ---------------------------------------------------------------------------------- failures
+
+# What torch.distributed's backends say when a collective cannot complete because another rank
+# is gone or stuck (gloo: "Connection closed by peer", "Connection reset by peer", "Timed out
+# waiting ..."; NCCL: its watchdog's timeouts and aborts).
+_LOST_PEER_PATTERNS = (
+    "connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+    "timeout", "nccl", "gloo", "socket", "remote worker",
+)
+
+
+def is_collective_failure(exc):
+    """
+    True when exc is a collective (or the rendezvous store) failing because another rank of
+    the job died, left or hangs, rather than a bug of this rank.
+    """
+    if not is_distributed():
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    if type(exc) is not RuntimeError:  # e.g. torch.OutOfMemoryError is a RuntimeError too
+        return False
+    text = str(exc).lower()
+    return any(pattern in text for pattern in _LOST_PEER_PATTERNS)
+
+
+def _write_torchrun_error_file(message):
+    # torchrun's agent reads this file when the worker fails and shows its message in the
+    # failure table it prints ("traceback : ..."), and picks the failure with the earliest
+    # timestamp as the "Root Cause": so the one line is there too, not only above the table.
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        import json
+
+        # The layout torch.distributed.elastic's own error handler writes; the table shows
+        # "py_callstack", which holds the line here.
+        record = {"message": message, "extraInfo": {
+            "py_callstack": message, "timestamp": str(int(time.time()))}}
+        with open(path, "w") as f:
+            json.dump({"message": record}, f)
+    except OSError:
+        pass
+
+
+def abort_job(status, message=None):
+    """
+    End this process at once, and with it the whole job, after a failure on this rank.
+
+    Leaving normally would run the shutdown hooks, which wait for the other ranks (the
+    process group's teardown, MPI_Finalize) while they may wait for this one in a collective:
+    the job would hang. So: under an MPI launcher MPI_Abort, which makes the launcher end every
+    rank at once; otherwise (torchrun, a single process) os._exit, which closes this rank's
+    connections, so the others' next collective fails at once (NCCL's waits are bounded by
+    GD_DIST_TIMEOUT) and torchrun stops the rest.
+
+    :param status: the exit status.
+    :param message: the line printed for the failure, handed to torchrun's error file.
+    """
+    if message:
+        _write_torchrun_error_file(message)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        try:
+            if mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+                # The launcher's proxy forwards this rank's output through a pipe; aborting at
+                # once can end the proxy before it passed the line on.
+                time.sleep(_ABORT_GRACE_SECONDS)
+                mpi.COMM_WORLD.Abort(status)
+        except Exception:
+            pass
+    os._exit(status)
+
+
+_ABORT_GRACE_SECONDS = 0.5

@@ -31,6 +31,10 @@ class LauncherMismatchError(ValueError):
     """The launcher started N processes, but MPI (through mpi4py) sees a job of another size."""
 
 
+class LogFolderInUseError(ScriptError):
+    """Another live training job holds the log folder (runtime.log_folder)."""
+
+
 class StorageError(OSError):
     """A file or folder the run needs cannot be written; the message says what was kept."""
 

@@ -48,6 +48,7 @@ def load_data(
     random_flip=True,
     seed=None,
     in_channels=3,
+    flag="--data_dir",
 ):
     """
     An endless stream of (images, kwargs) batches from an image folder.
@@ -67,6 +68,7 @@ def load_data(
     :param seed: seed of the order and the augmentations; None: torch.initial_seed(), which the
         training scripts set to --seed + rank.
     :param in_channels: channels of the images produced (see the module's docstring).
+    :param flag: the flag that named data_dir, for error messages (e.g. "--val_data_dir").
     :return: an iterator of (float32 NCHW tensor in [-1, 1], dict) pairs that never ends, with
         state_dict() and load_state_dict().
     :raises ValueError: on an unspecified or empty folder, unlabelled files with class_cond, or
@@ -74,10 +76,10 @@ def load_data(
     :raises FileNotFoundError: when data_dir does not exist.
     """
     if not data_dir:
-        raise ValueError("unspecified data directory: pass --data_dir pointing to a folder of images")
+        raise ValueError(f"unspecified data directory: pass {flag} pointing to a folder of images")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    all_files = list_image_files_recursively(data_dir)
+    all_files = list_image_files_recursively(data_dir, flag=flag)
     classes = None
     if class_cond:
         classes, _ = class_labels_from_paths(all_files)
@@ -126,13 +128,14 @@ def _is_remote(path):
     return "://" in str(path)
 
 
-def list_image_files_recursively(data_dir):
+def list_image_files_recursively(data_dir, flag="--data_dir"):
     """
     Every image file under data_dir, in sorted order.
 
     Each folder's entries are visited in sorted order and sub-folders are expanded in place, as in
     the reference, so the order (and hence which rank reads which file) matches it.
 
+    :param flag: the flag that named data_dir, for error messages.
     :raises FileNotFoundError: when data_dir does not exist.
     :raises ValueError: when it holds no image files.
     """
@@ -142,12 +145,12 @@ def list_image_files_recursively(data_dir):
     else:
         exists = os.path.isdir(data_dir)
     if not exists:
-        raise FileNotFoundError(f"data directory not found: {data_dir} (check --data_dir)")
+        raise FileNotFoundError(f"data directory not found: {data_dir} (check {flag})")
     results = _walk(data_dir)
     if not results:
         raise ValueError(
             f"no images ({', '.join(IMAGE_EXTENSIONS + ARRAY_EXTENSIONS)}) found under "
-            f"{data_dir}: check --data_dir"
+            f"{data_dir}: check {flag}"
         )
     return results
 
@@ -511,7 +514,7 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_cha
     return np.stack(images), label_arr
 
 
-def check_dataset_classes(data_dir, num_classes):
+def check_dataset_classes(data_dir, num_classes, flag="--data_dir"):
     """
     Compare a class-conditional dataset's classes with the model's label count.
 
@@ -520,10 +523,11 @@ def check_dataset_classes(data_dir, num_classes):
     folder): the run works, but most labels never appear in training while sampling draws
     labels from all of them, so one warning line (per count, per process) names --num_classes K.
 
+    :param flag: the flag that named data_dir, for error messages.
     :return: the class names, in label order.
     :raises ValueError: naming the --num_classes to pass.
     """
-    _, names = class_labels_from_paths(list_image_files_recursively(data_dir))
+    _, names = class_labels_from_paths(list_image_files_recursively(data_dir, flag=flag))
     if len(names) > num_classes:
         raise ValueError(
             f"{data_dir} has {len(names)} classes but the model has {num_classes} labels: pass "

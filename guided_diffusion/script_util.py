@@ -86,6 +86,35 @@ def _parse_channel_mult(channel_mult, image_size, table, size_flag):
     return tuple(channel_mult)
 
 
+def check_size_fits_levels(size, channel_mult, size_flag="--image_size",
+                           mult_flag="--channel_mult"):
+    """
+    Each level of channel_mult but the last halves the feature maps, and the UNet's way up
+    joins them with the way down: every side must halve evenly that many times, or the first
+    forward pass fails deep inside torch (e.g. --image_size 7 with --channel_mult 1,2).
+
+    :param size: the image side, or (height, width) for a rectangle.
+    :param channel_mult: the parsed multipliers (one per level).
+    :raises ValueError: naming the sizes that work.
+    """
+    # deviation from reference: the reference builds such a network and fails in its first
+    # forward pass (a tensor size mismatch where the way up meets the way down).
+    halvings = len(channel_mult) - 1
+    step = 2 ** halvings
+    bad = [side for side in image_hw(size) if side < 1 or side % step]
+    if not bad:
+        return
+    side = bad[0]
+    fits = [n for n in (side - side % step, side - side % step + step) if n >= step]
+    mult = ",".join(str(m) for m in channel_mult)
+    raise ValueError(
+        f"{size_flag} {format_image_size(size)} does not fit {mult_flag} {mult}: its "
+        f"{len(channel_mult)} levels halve the image {halvings} time(s), so every side must be a "
+        f"multiple of {step} ({side} is not): pass sides of {' or '.join(str(n) for n in fits)}, "
+        f"or a {mult_flag} with fewer levels"
+    )
+
+
 def _number(text):
     value = float(text)
     return int(value) if value.is_integer() else value
@@ -126,23 +155,6 @@ def _check_num_classes(num_classes):
 def _check_in_channels(in_channels):
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-
-
-def _check_sides(image_size, channel_mult, size_flag):
-    """
-    Refuse an image the UNet cannot take: it halves the sides len(channel_mult) - 1 times and
-    concatenates each level's features with the upsampled ones, so both sides must divide by
-    2 ** (levels - 1). (The reference only failed inside torch.cat.)
-    """
-    factor = 2 ** (len(channel_mult) - 1)
-    bad = [side for side in image_hw(image_size) if side % factor]
-    if bad:
-        raise ValueError(
-            f"{size_flag} {format_image_size(image_size)}: the UNet halves each side "
-            f"{len(channel_mult) - 1} times (channel_mult {','.join(str(m) for m in channel_mult)}"
-            f"), so every side must be divisible by {factor}; {bad[0]} is not: pick sides "
-            f"divisible by {factor} or pass a --channel_mult with fewer levels"
-        )
 
 
 def create_model_and_diffusion(
@@ -256,7 +268,7 @@ def create_model(
     _check_in_channels(in_channels)
     check_class_dropout_prob(class_dropout_prob, class_cond)
     channel_mult = _parse_channel_mult(channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size")
-    _check_sides(image_size, channel_mult, "--image_size")
+    check_size_fits_levels(image_size, channel_mult)
     return UNetModel(
         image_size=image_size,
         in_channels=in_channels,
@@ -362,6 +374,7 @@ def create_classifier(
     channel_mult = _parse_channel_mult(
         classifier_channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size"
     )
+    check_size_fits_levels(image_size, channel_mult, mult_flag="--classifier_channel_mult")
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=in_channels,
@@ -488,6 +501,8 @@ def sr_create_model(
     # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
     # to the image-model table instead of being rejected.
     table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
+    mult = _parse_channel_mult(channel_mult, large_size, table, "large size")
+    check_size_fits_levels(large_size, mult, size_flag="--large_size")
     return SuperResModel(
         image_size=large_size,
         in_channels=in_channels,
@@ -496,7 +511,7 @@ def sr_create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, large_size),
         dropout=dropout,
-        channel_mult=_parse_channel_mult(channel_mult, large_size, table, "large size"),
+        channel_mult=mult,
         num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,

@@ -285,6 +285,13 @@ class TrainLoop(MixedPrecisionTask):
             "null class of classifier-free guidance)"
         )
 
+    def lr_at(self, step):
+        # The rate _anneal_lr set after the previous step (the first step keeps --lr), computed
+        # by the same expression, so a resumed run continues the schedule bit for bit.
+        if not self.lr_anneal_steps or step == 0:
+            return self.lr
+        return self.lr * (1 - (step - 1) / self.lr_anneal_steps)
+
     # ----------------------------------------------------------------------------- resuming
 
     def shared_state(self):

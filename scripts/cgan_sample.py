@@ -19,7 +19,7 @@ from guided_diffusion.cli.flags import explicit_flags
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.sampling.files import save_samples, to_uint8
-from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
 from guided_diffusion.script_util import add_dict_to_argparser
 
 
@@ -45,6 +45,7 @@ def create_argparser():
 def main(argv=None):
     parser = create_argparser()
     args = parser.parse_args(argv)
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
     # Everything that can refuse the flags comes before the log folder is made.
     model_flags = generator_flags(args, explicit_flags(parser, argv))
     if args.grid_per_class < 1:

@@ -10,6 +10,14 @@ networks, the generator's EMA, both optimisers, the step and the network flags) 
 go to --log_dir (default $OPENAI_LOGDIR).
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a preemption signal (SIGTERM, SIGUSR1) is recorded from
+    # here on instead of killing the process, so one that arrives while the run starts up ends
+    # it with exit status 75 before the first step (guided_diffusion/runtime/signals.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 import argparse
 
 import torch

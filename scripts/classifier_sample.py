@@ -37,6 +37,7 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.sampling.loop import (
     check_sampler_flags,
+    check_sampling_flags,
     make_sample_fn,
     resolve_sampler,
     sample_steps,
@@ -46,6 +47,7 @@ from guided_diffusion.sampling.loop import class_labels, sample_shape
 
 def main(argv=None):
     args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
 
     sampler = resolve_sampler(args.sampler, args.use_ddim)
     check_sampler_flags(

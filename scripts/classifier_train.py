@@ -8,6 +8,14 @@ Runs on CPU too, with gradients averaged over ranks (the reference required CUDA
 (modelNNNNNN.pt, optNNNNNN.pt) and progress.csv go to --log_dir (default $OPENAI_LOGDIR).
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a preemption signal (SIGTERM, SIGUSR1) is recorded from
+    # here on instead of killing the process, so one that arrives while the run starts up ends
+    # it with exit status 75 before the first step (guided_diffusion/runtime/signals.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 import argparse
 
 from guided_diffusion import dist_util, logger
@@ -31,6 +39,11 @@ def main(argv=None):
     start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32, args=args, script=__file__,
               argv=argv)
 
+    # The data folders first: a missing one is refused before any work.
+    check_dataset_classes(args.data_dir, args.num_classes)
+    if args.val_data_dir:
+        check_dataset_classes(args.val_data_dir, args.num_classes, flag="--val_data_dir")
+
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
     flags.update(num_classes=args.num_classes, classifier_channel_mult=args.classifier_channel_mult,
@@ -41,7 +54,6 @@ def main(argv=None):
     compile_model(model, args.compile)
 
     logger.log("creating data loader...")
-    check_dataset_classes(args.data_dir, args.num_classes)
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -52,13 +64,13 @@ def main(argv=None):
     )
     val_data = None
     if args.val_data_dir:
-        check_dataset_classes(args.val_data_dir, args.num_classes)
         val_data = load_data(
             data_dir=args.val_data_dir,
             batch_size=args.batch_size,
             image_size=args.image_size,
             class_cond=True,
             in_channels=args.in_channels,
+            flag="--val_data_dir",
         )
 
     logger.log("training classifier model...")

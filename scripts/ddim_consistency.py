@@ -31,7 +31,7 @@ from guided_diffusion.sampling.files import make_grid_png, save_images_npz, to_u
 from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
 from guided_diffusion.sampling.files import load_latents
 from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
 from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.runtime.files import write_json
@@ -40,6 +40,7 @@ from guided_diffusion.script_util import add_dict_to_argparser
 
 def main(argv=None):
     args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
     step_counts = parse_step_counts(args.steps)
 
     start_single_process_tool("ddim_consistency.py", args)

@@ -28,7 +28,7 @@ from guided_diffusion.errors import ScriptError
 from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
 from guided_diffusion.sampling.files import load_latents
 from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
 from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import add_dict_to_argparser
@@ -36,6 +36,7 @@ from guided_diffusion.script_util import add_dict_to_argparser
 
 def main(argv=None):
     args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
     steps = parse_step_counts(args.steps)
     if len(steps) != 1:
         raise ScriptError(f"--steps takes one step count here, got {args.steps!r}")

@@ -27,7 +27,7 @@ from guided_diffusion.diffusion.sampling import check_invertible_eta
 from guided_diffusion.sampling.files import make_grid_png, to_uint8
 from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
 from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import output_dir
+from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
 from guided_diffusion.sampling.files import read_images, save_latents, uint8_to_model_input
 from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.runtime.files import write_json
@@ -36,6 +36,7 @@ from guided_diffusion.script_util import add_dict_to_argparser
 
 def main(argv=None):
     args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
     check_invertible_eta(args.eta)
     step_counts = parse_step_counts(args.steps)
 

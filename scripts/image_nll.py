@@ -17,7 +17,7 @@ from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.perf import set_tf32
 from guided_diffusion.cli.weights import load_checkpoint_into
 from guided_diffusion.cli.flags import channel_defaults, network_flags, sampling_extra_defaults
-from guided_diffusion.sampling.loop import output_dir, prepare_network
+from guided_diffusion.sampling.loop import check_sampling_flags, output_dir, prepare_network
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.script_util import (
@@ -30,6 +30,7 @@ from guided_diffusion.script_util import (
 
 def main(argv=None):
     args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
 
     dist_util.setup_dist()
 

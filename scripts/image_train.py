@@ -7,6 +7,14 @@ Also runs under torchrun or as one plain process. Checkpoints (modelNNNNNN.pt, e
 optNNNNNN.pt, stateNNNNNN.pt) and progress.csv go to --log_dir (default $OPENAI_LOGDIR).
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a preemption signal (SIGTERM, SIGUSR1) is recorded from
+    # here on instead of killing the process, so one that arrives while the run starts up ends
+    # it with exit status 75 before the first step (guided_diffusion/runtime/signals.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 import argparse
 
 from guided_diffusion import dist_util, logger

@@ -27,6 +27,7 @@ from guided_diffusion.vae import (
     vae_defaults,
     vae_from_checkpoint,
 )
+from guided_diffusion.sampling.loop import check_sampling_flags
 
 
 def create_argparser():
@@ -50,6 +51,7 @@ def create_argparser():
 def main(argv=None):
     parser = create_argparser()
     args = parser.parse_args(argv)
+    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
     # The checkpoint and the data folder are checked before any folder is made.
     model = vae_from_checkpoint(args.model_path, args, explicit_flags(parser, argv))
     if args.data_dir and not os.path.isdir(args.data_dir):

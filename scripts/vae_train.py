@@ -8,6 +8,14 @@ Works as one process, under ``mpiexec -n N`` or under ``torchrun``. Checkpoints 
 progress.csv go to --log_dir (default $OPENAI_LOGDIR); losses are logged in nats per image.
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a preemption signal (SIGTERM, SIGUSR1) is recorded from
+    # here on instead of killing the process, so one that arrives while the run starts up ends
+    # it with exit status 75 before the first step (guided_diffusion/runtime/signals.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 import argparse
 
 import torch

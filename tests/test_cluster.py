@@ -6,7 +6,7 @@
 - a rank killed with SIGKILL ends the job in bounded time with a non-zero status, under mpiexec and
   under torchrun, leaving no process behind and no unreadable checkpoint;
 - two torchrun launches with --nnodes 2 on localhost train as one job;
-- an mpiexec of another MPI than mpi4py's is refused in one line.
+- an mpiexec of another MPI than mpi4py's, and srun without --mpi, are refused in one line.
 """
 
 import os
@@ -300,3 +300,29 @@ def test_an_mpiexec_of_another_mpi_is_refused_in_one_line():
     assert f"launcher of {launcher}" in line
     assert f"mpi4py loads {library.split()[0]}" in line and "sees 1 process" in line
     assert "mpiexec of" in line and "torchrun --nproc_per_node 4" in line
+
+
+def test_srun_without_mpi_is_refused_in_one_line():
+    # What srun without --mpi gives task 1 of a 2-task step: SLURM's variables, no rank from MPI.
+    env = {"SLURM_STEP_NUM_TASKS": 2, "SLURM_PROCID": 1, "SLURM_NTASKS": 2}
+    code = (
+        "from guided_diffusion import dist_util\n"
+        "from guided_diffusion.cli.main import run_main\n"
+        "run_main(lambda argv: dist_util.setup_dist())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        "error: launcher/MPI mismatch: SLURM started this job step with 2 tasks "
+        "(SLURM_STEP_NUM_TASKS=2; this is task 1)")
+    assert "srun --mpi=pmi2" in lines[0] and "torchrun" in lines[0]
+    # A step of one task is fine; two tasks that each run a one-process torchrun are not.
+    for env, status in (({"SLURM_STEP_NUM_TASKS": 1, "SLURM_PROCID": 0}, 0),
+                        ({"SLURM_STEP_NUM_TASKS": 2, "SLURM_PROCID": 0, "RANK": 0,
+                          "WORLD_SIZE": 1}, 2)):
+        proc = subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == status, proc.stderr

@@ -36,12 +36,21 @@ DIFFUSION = ["--image_size", "16", *UNET, "--batch_size", "4"]
 SUPER_RES = ["--large_size", "16", "--small_size", "8", *UNET, "--batch_size", "4"]
 CLASSIFIER = (
     "--image_size 16 --classifier_width 32 --classifier_depth 1 --classifier_channel_mult 1,2 "
-    "--classifier_attention_resolutions 8 --num_classes 10 --diffusion_steps 50 --batch_size 4 "
-    "--eval_interval 1"
+    "--classifier_attention_resolutions 8 --num_classes 10 --diffusion_steps 50 --batch_size 4"
 ).split()
 CGAN = ["--image_size", "8", "--batch_size", "4", "--random_flip", "True"]
 VAE = ["--image_size", "8", "--hidden_size", "32", "--latent_size", "2", "--batch_size", "4",
        "--random_flip", "True"]
+# Every optional feature that carries state or a schedule across a resume: microbatches, the
+# fp16 loss scale, several EMA rates, validation every third step (the preempted run stops
+# after step 4, off that schedule), the paper's SGD schedule, labels.
+FEATURES = {
+    "image_train": "--microbatch 2 --use_fp16 True --ema_rate 0.9,0.99".split(),
+    "super_res_train": "--microbatch 2 --ema_rate 0.9,0.99 --class_cond True --num_classes 10".split(),
+    "classifier_train": "--microbatch 2 --classifier_use_fp16 True --eval_interval 3".split(),
+    "cgan_train": "--optimizer sgd".split(),
+    "vae_train": "--class_cond True --num_classes 10 --beta 0.5".split(),
+}
 TOTAL = 5  # steps of the uninterrupted runs
 
 
@@ -107,10 +116,15 @@ def run(name, args, log_dir, monkeypatch, signal_at=None, sig=signal.SIGTERM):
 
 
 def tensors_equal(a, b):
-    """Bitwise equality of nested checkpoint contents."""
+    """
+    Bitwise equality of nested checkpoint contents, except the training state's "settings" (the
+    runs' flags: they differ on purpose, e.g. --save_interval).
+    """
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
+        if a.get("format") == b.get("format") == "guided_diffusion.train_state/1":
+            a, b = ({k: v for k, v in x.items() if k != "settings"} for x in (a, b))
         return isinstance(b, dict) and a.keys() == b.keys() and all(
             tensors_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -122,8 +136,9 @@ def load(path):
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-# The files of the diffusion scripts' checkpoint of step N, the marker (model file) last.
-DIFFUSION_FILES = ["ema_0.9999_{:06d}.pt", "opt{:06d}.pt", "state{:06d}.pt", "model{:06d}.pt"]
+# The files of the diffusion scripts' checkpoint of step N (two EMA rates), the marker last.
+DIFFUSION_FILES = ["ema_0.9_{:06d}.pt", "ema_0.99_{:06d}.pt", "opt{:06d}.pt", "state{:06d}.pt",
+                   "model{:06d}.pt"]
 # name: flags, total-steps flag, checkpoint files of step N (the marker last), signal
 SCRIPTS = {
     "image_train": (DIFFUSION, "--lr_anneal_steps", DIFFUSION_FILES, signal.SIGTERM),
@@ -138,7 +153,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_preempted_then_resumed_run_equals_the_uninterrupted_one(name, data, tmp_path, monkeypatch):
     flags, total_flag, files, sig = SCRIPTS[name]
-    common = ["--data_dir", data, *flags, "--log_interval", 1]
+    common = ["--data_dir", data, *flags, *FEATURES[name], "--log_interval", 1]
     if name == "classifier_train":
         common += ["--val_data_dir", data]
     full, parts = tmp_path / "full", tmp_path / "parts"
@@ -154,13 +169,28 @@ def test_preempted_then_resumed_run_equals_the_uninterrupted_one(name, data, tmp
     assert names == sorted(f.format(4) for f in files)  # only the preemption checkpoint
     log = (parts / "log.txt").read_text()
     assert f"preempted by {sig.name}: stopped after step 4 with a complete checkpoint" in log
-    assert str(parts / files[-1].format(4)) in log and "--resume_checkpoint auto" in log
+    assert f"{parts / files[-1].format(4)}; continue with --resume_checkpoint auto --log_dir {parts}" in log
 
     assert run(name, [*common, total_flag, TOTAL, "--resume_checkpoint", "auto"], parts,
                monkeypatch) == 0
     for pattern in files:
         want, got = load(full / pattern.format(TOTAL)), load(parts / pattern.format(TOTAL))
         assert tensors_equal(want, got), f"{pattern.format(TOTAL)} differs after resuming"
+
+
+def test_the_validation_schedule_follows_the_global_step(data, tmp_path, monkeypatch):
+    # With --eval_interval 3, steps 0 and 3 (counting from 0) validate; a run resumed after
+    # step 4 validates at step 6 (the uninterrupted run's schedule), not at its own first step.
+    common = ["--data_dir", data, "--val_data_dir", data, *CLASSIFIER, "--eval_interval", 3,
+              "--log_interval", 1]
+    assert run("classifier_train", [*common, "--iterations", 4], tmp_path, monkeypatch) == 0
+    assert run("classifier_train", [*common, "--iterations", 7, "--resume_checkpoint", "auto"],
+               tmp_path, monkeypatch) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "progress.csv")))
+    validated = [int(row["step"]) for row in rows if row.get("val_loss")]
+    assert validated == [7]  # logged steps count the steps taken: step index 6 is the 7th
 
 
 def test_state_file_holds_rng_and_data_position(data, tmp_path, monkeypatch):
@@ -338,3 +368,117 @@ def test_fp16_loss_scale_and_loss_aware_sampler_history_resume(tmp_path):
     state = load(tmp_path / "state000003.pt")["shared"]
     assert state["lg_loss_scale"] == 20.75
     assert int(state["schedule_sampler"]["loss_counts"].sum()) == 12
+
+
+# ----------------------------------------------------------------------------- auto resume
+
+
+def test_auto_refuses_a_folder_whose_checkpoints_are_all_unreadable(data, tmp_path, monkeypatch,
+                                                                     capsys):
+    cut = tmp_path / "model000003.pt"
+    cut.write_bytes(b"PK\x03\x04 cut short by a crash")
+    status = run("image_train", ["--data_dir", data, *DIFFUSION, "--max_steps", 1,
+                                 "--resume_checkpoint", "auto"], tmp_path, monkeypatch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --resume_checkpoint auto: {tmp_path} holds model000003.pt, "
+                             "but none can be read")
+    assert cut.read_bytes() == b"PK\x03\x04 cut short by a crash"
+    assert checkpoints.checkpoint_candidates(tmp_path, "model") == [str(cut)]  # nothing trained
+
+
+def test_auto_skips_unreadable_newer_checkpoints_with_a_warning(data, tmp_path, monkeypatch):
+    args = ["--data_dir", data, *DIFFUSION]
+    assert run("image_train", [*args, "--max_steps", 1], tmp_path, monkeypatch) == 0
+    (tmp_path / "model000002.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert run("image_train", [*args, "--max_steps", 1, "--resume_checkpoint", "auto"], tmp_path,
+               monkeypatch) == 0
+    log = (tmp_path / "log.txt").read_text()
+    assert f"warning: --resume_checkpoint auto skipped model000002.pt in {tmp_path}" in log
+    assert f"resuming from {tmp_path / 'model000001.pt'}" in log
+
+
+def test_auto_without_a_fixed_log_folder_is_refused(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where a dated folder would go
+    module = load_script("image_train")
+    try:
+        status = run_main(module.main, ["--data_dir", data, *DIFFUSION, "--max_steps", "1",
+                                        "--resume_checkpoint", "auto"])
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "without --log_dir (or $OPENAI_LOGDIR) every run writes to a new dated folder" in err[0]
+    assert "pass --log_dir DIR, the same in every run" in err[0]
+    assert os.listdir(tmp_path) == []  # refused before any folder was made
+
+
+# ----------------------------------------------------------------------------- changed flags
+
+
+def last_lr(name, path):
+    state = load(path)
+    opt = {"cgan_train": lambda s: s["opt_g"], "vae_train": lambda s: s["opt"]}.get(
+        name, lambda s: s)(state)
+    return opt["param_groups"][0]["lr"]
+
+
+RESUME_LR = {
+    # name: (flags, total-steps flag, file holding the optimizer state of step N)
+    "image_train": (DIFFUSION, "--lr_anneal_steps", "opt{:06d}.pt"),
+    "classifier_train": (CLASSIFIER, "--iterations", "opt{:06d}.pt"),
+    "cgan_train": (CGAN, "--iterations", "cgan{:06d}.pt"),
+    "vae_train": (VAE, "--iterations", "vae{:06d}.pt"),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUME_LR))
+def test_lr_and_intervals_given_on_resume_take_effect_and_are_logged(name, data, tmp_path,
+                                                                      monkeypatch):
+    flags, total_flag, opt_file = RESUME_LR[name]
+    common = ["--data_dir", data, *flags]
+    if name != "image_train":  # image_train's --lr_anneal_steps would anneal the rate
+        common += [total_flag, 4]
+    assert run(name, [*common, "--lr", 1e-4, "--max_steps", 1], tmp_path, monkeypatch) == 0
+    assert last_lr(name, tmp_path / opt_file.format(1)) == 1e-4
+    assert run(name, [*common, "--lr", 5e-5, "--max_steps", 1, "--save_interval", 7,
+                      "--resume_checkpoint", "auto"], tmp_path, monkeypatch) == 0
+    assert last_lr(name, tmp_path / opt_file.format(2)) == 5e-5
+    log = (tmp_path / "log.txt").read_text()
+    changed = [line for line in log.splitlines() if line.startswith("resuming with changed")]
+    assert changed == [f"resuming with changed settings: --save_interval "
+                       f"{default_save_interval(name)} -> 7, --lr 0.0001 -> 5e-05"]
+
+
+def default_save_interval(name):
+    return load_script(name).create_argparser().get_default("save_interval")
+
+
+def test_a_batch_size_changed_on_resume_is_warned_in_one_line(data, tmp_path, monkeypatch):
+    args = ["--data_dir", data, *DIFFUSION, "--max_steps", 1]
+    assert run("image_train", args, tmp_path, monkeypatch) == 0
+    assert run("image_train", [*args, "--batch_size", 2, "--resume_checkpoint", "auto"],
+               tmp_path, monkeypatch) == 0
+    warnings = [line for line in (tmp_path / "log.txt").read_text().splitlines()
+                if line.startswith("warning") and "batch_size" in line]
+    assert warnings == ["warning: the saved data position is for batch_size=4 but this run has "
+                        "batch_size=2: the train data order restarts"]
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed_at_the_next_start(data, tmp_path,
+                                                                            monkeypatch):
+    # What a save killed mid-write leaves (runtime.files.atomic_write's temporary names).
+    strays = [".model000002.pt.k3j_x9a1.tmp", ".opt000002.pt.zq81mbb0.tmp"]
+    for name in strays:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert run("image_train", ["--data_dir", data, *DIFFUSION, "--max_steps", 1], tmp_path,
+               monkeypatch) == 0
+    names = os.listdir(tmp_path)
+    assert not set(strays) & set(names) and "notes.tmp" in names
+    assert (f"removed 2 temporary file(s) that an interrupted save left in {tmp_path}: "
+            f"{', '.join(sorted(strays))}") in (tmp_path / "log.txt").read_text()

@@ -411,7 +411,7 @@ def test_a_checkpoint_that_differs_in_several_flags_gets_one_complete_fix(tmp_pa
     line = error_line(capsys, run_inprocess("classifier_sample", [
         "--model_path", tmp_path / "uncond.pt", *model_args, *CLASSIFIER,
         "--classifier_path", tmp_path / "classifier4.pt", *base]))
-    assert "classifier4.pt does not fit the model flags: pass --num_classes 4 (" in line
+    assert "classifier4.pt does not fit the classifier flags: pass --num_classes 4 (" in line
     assert not refused.exists()  # refused on its flags before the log folder was made
 
     # Trained with --num_res_blocks 2 --resblock_updown True --attention_resolutions 16,8.

@@ -319,3 +319,26 @@ def test_ddp_two_ranks_keep_identical_parameters(tmp_path):
     # ... yet hold the same weights, EMA and averaged gradients after three steps.
     torch.testing.assert_close(stats[0], stats[1], rtol=0, atol=0)
     assert math.isfinite(float(stats[0, 1]))
+
+
+def test_annealed_learning_rate_after_resume_follows_the_new_lr(tmp_path):
+    first = make_loop(tmp_path, lr=1e-3, lr_anneal_steps=8, max_steps=3, save_interval=3)
+    first.run_loop()
+    resumed = make_loop(tmp_path, lr=5e-4, lr_anneal_steps=8, max_steps=2,
+                        resume_checkpoint="auto")
+    rates = []
+    real_step = resumed.opt.step
+
+    def step(*args, **kwargs):
+        rates.append(resumed.opt.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    resumed.opt.step = step
+    resumed.run_loop()
+    # The rates an uninterrupted run with lr 5e-4 takes its 4th and 5th steps with: the
+    # reference sets, after the step of index k, lr * (1 - k / lr_anneal_steps).
+    assert rates == [5e-4 * (1 - 2 / 8), 5e-4 * (1 - 3 / 8)]
+    logger.get_current().close()
+    log = (tmp_path / "log.txt").read_text()
+    assert ("resuming with changed settings: --save_interval 3 -> 100, --lr 0.001 -> 0.0005"
+            in log)

@@ -268,6 +268,18 @@ class CGANTrainLoop(TrainTask):
             return f"non-finite loss at {new} recent step(s) (loss_d or loss_g; try a lower --lr)"
         return None
 
+    def run_settings(self):
+        return {"--lr": self.base_lr}
+
+    def apply_settings(self, step):
+        # The optimizer states brought back the rate they were saved with: train with --lr.
+        if self.sgd_schedule is not None:
+            self._apply_schedule(step)
+            return
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr
+
     def _apply_schedule(self, step):
         if self.sgd_schedule is None:
             return

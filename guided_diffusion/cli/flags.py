@@ -550,7 +550,8 @@ FLAG_HELP = {
     "log_interval": ("training", "write the table of losses every this many steps"),
     "save_interval": ("training", "write checkpoints every this many steps (and at the end)"),
     "resume_checkpoint": ("training", 'continue from this checkpoint ("auto" = the newest '
-                                      'complete one in the log folder, "" = start afresh)'),
+                                      "readable one in the log folder, which --log_dir must "
+                                      'fix; "" = start afresh)'),
     "fp16_scale_growth": ("training", "with --use_fp16: how much log2 of the loss scale grows "
                                       "per step without overflow"),
     "max_steps": ("training", "stop after this many steps of this run (0 = no limit)"),

@@ -48,6 +48,23 @@ _FALLBACK = (
     "--resblock_updown, --use_scale_shift_norm and --num_heads/--num_head_channels against the "
     "flags the checkpoint was trained with"
 )
+_CLASSIFIER_FALLBACK = (
+    "check --classifier_depth, --classifier_channel_mult/--image_size, "
+    "--classifier_attention_resolutions, --classifier_resblock_updown, "
+    "--classifier_use_scale_shift_norm and --classifier_pool against the flags the classifier was "
+    "trained with"
+)
+# What other files of a run hold, by the "format" (or "kind") entry they carry.
+_OTHER_FILES = {
+    "guided_diffusion.train_state/1": (
+        "this is a training-state file (stateNNNNNN.pt: random-number streams and data "
+        "positions, no weights): pass the modelNNNNNN.pt or ema_<rate>_NNNNNN.pt file beside it"
+    ),
+    "guided_diffusion.cgan/1": (
+        "this is a cGAN checkpoint (cganNNNNNN.pt): sample it with scripts/cgan_sample.py"
+    ),
+    "vae": "this is a VAE checkpoint (vaeNNNNNN.pt): sample it with scripts/vae_sample.py",
+}
 
 
 def is_optimizer_state(obj):
@@ -70,6 +87,10 @@ def explain_state_dict_mismatch(model, state_dict, flags=None, build=None):
             "this is an optimizer checkpoint (optNNNNNN.pt): pass a modelNNNNNN.pt or "
             "ema_<rate>_NNNNNN.pt file instead"
         )
+    if isinstance(state_dict, dict):
+        kind = state_dict.get("format", state_dict.get("kind"))
+        if isinstance(kind, str) and kind in _OTHER_FILES:
+            return _OTHER_FILES[kind]
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
         return "the checkpoint is not a state dict of a network"
 
@@ -78,6 +99,9 @@ def explain_state_dict_mismatch(model, state_dict, flags=None, build=None):
     if expected == given and set(expected) == set(state_dict):
         return ""
     is_classifier = isinstance(model, EncoderUNetModel)
+    swapped = _swapped_network(given, is_classifier)
+    if swapped:
+        return swapped
     hints = _hints(expected, given, flags, build, is_classifier)
 
     missing = [k for k in expected if k not in given]
@@ -92,6 +116,27 @@ def explain_state_dict_mismatch(model, state_dict, flags=None, build=None):
         k = reshaped[0]
         detail.append(f"{len(reshaped)} shape mismatches, e.g. {k} {given[k]} vs {expected[k]}")
     return f"{hints} ({'; '.join(detail)})"
+
+
+def _swapped_network(given, is_classifier):
+    """
+    A classifier's weights where a diffusion model's are expected, or the reverse: the UNet has
+    a way up (output_blocks), the classifier (the UNet's encoder half) does not.
+    """
+    has_way_up = any(k.startswith("output_blocks.") for k in given)
+    has_way_down = any(k.startswith("input_blocks.") for k in given)
+    if is_classifier and has_way_up:
+        return (
+            "this file holds a diffusion model (a UNet), not a noisy-image classifier: give it "
+            "as --model_path, and a classifier trained by classifier_train.py as --classifier_path"
+        )
+    if not is_classifier and has_way_down and not has_way_up:
+        return (
+            "this file holds a noisy-image classifier (trained by classifier_train.py), not a "
+            "diffusion model: give it as --classifier_path (classifier_sample.py), and a "
+            "diffusion model's model or EMA file as --model_path"
+        )
+    return ""
 
 
 def _shapes(state_dict):
@@ -193,20 +238,32 @@ def _hints(expected, given, flags, build, is_classifier):
         )
     elif direct.get("class_dropout_prob", None) == 0:
         prefix = "checkpoint has no null-class label row (trained without --class_dropout_prob): "
+    fallback = _CLASSIFIER_FALLBACK if is_classifier else _FALLBACK
     if flags is not None and build is not None:
         base = {**flags, **direct}
         if direct and _fits(build, base, given):
             return f"{prefix}pass {_format(direct)}{_null_class_note(direct, flags)}"
         fitting = _search(build, base, given)
         if fitting:
-            # Several combinations can fit (another image size moves the attention levels just
-            # as other attention_resolutions do); the likeliest come first.
-            return prefix + "pass " + " or pass ".join(
-                _format({**direct, **changes}) for changes in fitting
-            )
+            # Several combinations can fit: another image size moves the attention levels just
+            # as other attention_resolutions do, and the weights cannot tell which size the
+            # model was trained at. Each alternative then says the size it means, so that the
+            # wrong one is not followed blindly (it would sample at the wrong size).
+            size_flag = next((f for f in _SIZE_FLAGS if f in flags), None)
+            sizes = {changes.get(size_flag, flags.get(size_flag)) for changes in fitting}
+            fitting = sorted(fitting, key=lambda changes: size_flag not in changes)
+
+            def alternative(changes):
+                text = _format({**direct, **changes})
+                if len(sizes) > 1:
+                    size = changes.get(size_flag, flags[size_flag])
+                    text += f" (for a model trained at {size}x{size})"
+                return text
+
+            return prefix + "pass " + " or pass ".join(alternative(c) for c in fitting)
     if direct:
-        return f"{prefix}pass {_format(direct)} (other flags may differ too: {_FALLBACK})"
-    return _FALLBACK
+        return f"{prefix}pass {_format(direct)} (other flags may differ too: {fallback})"
+    return fallback
 
 
 def _search(build, base, given, max_changes=_MAX_CHANGES, beam=_BEAM, seconds=None):

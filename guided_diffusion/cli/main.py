@@ -1,16 +1,21 @@
 """
 How every script starts and ends: `run_main(main)` runs a script's main(argv) and turns bad input
 into one line "error: ..." with exit status 2 (a full disk, an unwritable folder and a checkpoint
-that does not fit are bad input too); single-process tools refuse several ranks.
+that does not fit are bad input too); on several ranks a failure of one rank ends every rank at
+once with one line; single-process tools refuse several ranks.
 """
 
 import errno
 import os
+import re
 import sys
 import traceback
 
+import torch
+
 from .. import dist_util, logger
 from ..errors import NonFiniteLossError, ScriptError, StorageError
+from ..runtime import log_folder
 from ..runtime.perf import preserved_float32_precision, set_tf32
 
 
@@ -21,9 +26,15 @@ def run_main(main, argv=None):
 
     ValueError (ScriptError, unreadable images, a launcher/MPI mismatch, ...), FileNotFoundError
     and NotImplementedError (an unknown schedule sampler) count as bad input, and so do storage
-    failures: an unwritable log folder, a checkpoint that cannot be written, a full disk. Set
-    GD_TRACEBACK=1 to see the traceback. A training run stopped by SIGTERM/SIGUSR1 leaves through
+    failures (an unwritable log folder, a checkpoint that cannot be written, a full disk) and
+    running out of memory (the line names the flags that use less). Set GD_TRACEBACK=1 to see
+    the traceback. A training run stopped by SIGTERM/SIGUSR1 leaves through
     preemption.TrainingPreempted (exit status preemption.EXIT_PREEMPTED), untouched here.
+
+    On several ranks a failure of one rank ends the whole job at once (dist_util.abort_job),
+    with one line for it: its own "error (rank r): ..." line, or, on a rank whose collective
+    failed because another rank is gone, "error (rank r): lost contact with the other ranks";
+    a bug prints its traceback once, on the rank that hit it.
 
     :param main: a function taking argv (or None for sys.argv).
     :param argv: passed to main.
@@ -35,30 +46,112 @@ def run_main(main, argv=None):
             return main(argv)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError,
             NonFiniteLossError, OSError) as exc:
-        prefix = "error" if dist_util.get_rank() == 0 else f"error (rank {dist_util.get_rank()})"
-        exit_with_error(exc, prefix, 2)
+        if isinstance(exc, OSError) and storage_error_message(exc) is None:
+            _fail_distributed(exc)
+            raise
+        exit_with_error(exc, _prefix(), 2)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        _fail_distributed(exc)
+        raise
+    finally:
+        log_folder.release_folders()
 
 
-def exit_with_error(exc, prefix, status):
+def _prefix():
+    rank = dist_util.get_rank()
+    return "error" if rank == 0 else f"error (rank {rank})"
+
+
+def _fail_distributed(exc):
+    """
+    An exception that is not bad input, on one rank of several: print it (one line for a lost
+    peer or an out-of-memory error, else the traceback) and end the job; on one process, return
+    (the caller re-raises: out-of-memory errors get their line there too).
+    """
+    out_of_memory = _out_of_memory_message(exc)
+    if not dist_util.is_distributed():
+        if out_of_memory is not None:
+            exit_with_error(exc, _prefix(), 2, message=out_of_memory)
+        return
+    if out_of_memory is not None:
+        exit_with_error(exc, _prefix(), 2, message=out_of_memory)
+    if isinstance(exc, KeyboardInterrupt):
+        dist_util.abort_job(130)
+    if dist_util.is_collective_failure(exc):
+        line = (
+            f"{_prefix()}: lost contact with the other ranks ({_backend_reason(exc)}): another "
+            "rank failed, was killed or hangs (its own line says why)"
+        )
+        if os.environ.get("GD_TRACEBACK"):
+            traceback.print_exc()
+        print(line, file=sys.stderr, flush=True)
+        # Not the cause: no torchrun error file, so torchrun names the failing rank as the root.
+        dist_util.abort_job(1)
+    # A bug: its traceback, once, on the rank that hit it; then the job ends.
+    print(f"{_prefix()}: {type(exc).__name__} (traceback below)", file=sys.stderr, flush=True)
+    traceback.print_exc()
+    dist_util.abort_job(1, message=f"{_prefix()}: {type(exc).__name__}: {_shorten(str(exc))}")
+
+
+def _backend_reason(exc):
+    """
+    What a failed collective says, in a few words: gloo's message starts with its source
+    position ("[.../pair.cc:553] Connection closed by peer [127.0.0.1]:31450. This is ...").
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return _shorten(text.split(". ")[0], 120)
+
+
+def _shorten(text, limit=200):
+    # gloo's and NCCL's messages run on (source paths, advice); the first sentence says it.
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _out_of_memory_message(exc):
+    """One line for an out-of-memory error (naming the flags that use less), else None."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if not ((oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError)):
+        return None
+    first = (str(exc).strip().splitlines() or ["out of memory"])[0].split(". ")[0]
+    return (
+        f"out of memory ({_shorten(first, 120)}): lower --batch_size, or set --microbatch to a "
+        "part of it (training), or use --use_fp16/--use_bf16"
+    )
+
+
+def exit_with_error(exc, prefix, status, message=None):
     """
     Print an exception as the one line "<prefix>: <first line of its message>" on stderr and
     leave with `status`; an OSError that is not a storage problem (storage_error_message) is
     re-raised with its traceback instead. Call it from an except block.
+
+    On several ranks an error every rank raised alike (exc.same_on_every_rank, e.g. a log folder
+    in use, decided by rank 0) is printed by rank 0 alone and every rank leaves normally; any
+    other error ends the whole job at once (dist_util.abort_job).
+
+    :param message: the line to print instead of the exception's own.
     """
-    message = storage_error_message(exc) if isinstance(exc, OSError) else None
-    if isinstance(exc, OSError) and message is None:
-        raise exc
+    if message is None and isinstance(exc, OSError):
+        message = storage_error_message(exc)
+        if message is None:
+            raise exc
     if os.environ.get("GD_TRACEBACK"):
         traceback.print_exc()
     if message is None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    line = f"{prefix}: {message}"
+    agreed = getattr(exc, "same_on_every_rank", False)
+    if not (agreed and dist_util.get_rank() > 0):
+        print(line, file=sys.stderr, flush=True)
     sys.stdout.flush()
-    if dist_util.is_distributed():
-        # Other ranks may wait in a collective for this one; leaving without the normal
-        # shutdown (MPI_Finalize, process-group teardown) lets the launcher end them instead
-        # of everyone hanging.
-        os._exit(status)
+    if dist_util.is_distributed() and not agreed:
+        # Other ranks may wait in a collective for this one: leaving through the normal
+        # shutdown (process-group teardown, MPI_Finalize) would wait for them in turn.
+        dist_util.abort_job(status, message=line)
     sys.exit(status)
 
 

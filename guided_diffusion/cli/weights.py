@@ -6,6 +6,7 @@ sits below both.
 
 from .. import dist_util
 from ..errors import ScriptError
+from ..unet import EncoderUNetModel
 from .hints import explain_state_dict_mismatch
 
 
@@ -23,7 +24,8 @@ def check_model_weights(model, state_dict, path, flags=None, build=None):
     """
     problem = explain_state_dict_mismatch(model, state_dict, flags=flags, build=build)
     if problem:
-        raise ScriptError(f"checkpoint {path} does not fit the model flags: {problem}")
+        what = "classifier" if isinstance(model, EncoderUNetModel) else "model"
+        raise ScriptError(f"checkpoint {path} does not fit the {what} flags: {problem}")
 
 
 def load_model_weights(model, state_dict, path, flags=None, build=None):

@@ -121,6 +121,36 @@ def is_complete_checkpoint(path):
     return True
 
 
+def checkpoint_candidates(log_dir, prefix):
+    """
+    Every file named "<prefix>NNNNNN.pt" in log_dir, highest step first, readable or not.
+
+    :param log_dir: the folder to search (a missing folder, or None, gives []).
+    :param prefix: e.g. "model", "opt" or "ema_0.9999_".
+    :return: a list of paths.
+    """
+    if log_dir is None:
+        return []
+    log_dir = os.fspath(log_dir)
+    if _is_remote(log_dir):
+        if not blobfile().isdir(log_dir):
+            return []
+        names = blobfile().listdir(log_dir)
+        join = blobfile().join
+    else:
+        if not os.path.isdir(log_dir):
+            return []
+        names = os.listdir(log_dir)
+        join = os.path.join
+    pattern = _step_pattern(prefix)
+    candidates = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is not None:
+            candidates.append((int(match.group(1)), name))
+    return [join(log_dir, name) for _, name in sorted(candidates, reverse=True)]
+
+
 def find_latest_checkpoint(log_dir, prefix):
     """
     The complete checkpoint "<prefix>NNNNNN.pt" with the highest step in log_dir.
@@ -132,29 +162,10 @@ def find_latest_checkpoint(log_dir, prefix):
     :param prefix: e.g. "model", "opt" or "ema_0.9999_".
     :return: the path, or None when there is no complete checkpoint.
     """
-    if log_dir is None:
-        return None
-    log_dir = os.fspath(log_dir)
-    if _is_remote(log_dir):
-        if not blobfile().isdir(log_dir):
-            return None
-        names = blobfile().listdir(log_dir)
-    else:
-        if not os.path.isdir(log_dir):
-            return None
-        names = os.listdir(log_dir)
-    pattern = _step_pattern(prefix)
-    candidates = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match is not None:
-            candidates.append((int(match.group(1)), name))
-    for _, name in sorted(candidates, reverse=True):
-        path = blobfile().join(log_dir, name) if _is_remote(log_dir) else os.path.join(log_dir, name)
+    for path in checkpoint_candidates(log_dir, prefix):
         if _is_remote(path) or is_complete_checkpoint(path):
             return path
     return None
-
 
 
 def save_checkpoint_files(files, previous=None):
@@ -197,5 +208,5 @@ def save_checkpoint_files(files, previous=None):
         raise CheckpointWriteError(
             f"cannot write checkpoint file {failed}: {reason}; the files of this checkpoint were "
             f"removed and {kept}: free space (or fix the folder's permissions) and continue with "
-            "--resume_checkpoint auto"
+            f"--resume_checkpoint auto --log_dir {os.path.dirname(marker) or '.'}"
         ) from None

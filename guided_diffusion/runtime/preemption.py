@@ -17,6 +17,10 @@ The protocol, used by every training loop:
    later"), so a job script can tell "stopped for preemption, checkpoint saved" (75) from success
    (0), bad input (2) and crashes. `--resume_checkpoint auto` continues from that checkpoint.
 
+A signal that arrived before the loop started (the training scripts record it from their first
+line, see runtime.signals) is agreed on before the first step: the run then leaves with status 75
+without writing anything.
+
 The check interval is 1 step by default; GD_PREEMPT_CHECK_STEPS=K checks every K steps (at most
 K - 1 more steps run after the signal).
 """
@@ -27,24 +31,10 @@ import threading
 
 from .. import dist_util, logger
 from ..errors import EXIT_PREEMPTED, TrainingPreempted  # noqa: F401  (public here)
+from . import signals
+from .signals import SIGNALS, ignore_in_worker  # noqa: F401  (public here)
 
-# SIGUSR1 does not exist on Windows.
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 CHECK_STEPS_ENV = "GD_PREEMPT_CHECK_STEPS"
-
-
-
-def ignore_in_worker(worker_id=None):
-    """
-    Make a data-loader worker ignore SIGTERM and SIGUSR1 (a DataLoader worker_init_fn).
-
-    SLURM signals every process of a job step and torchrun its workers' whole process groups, so
-    loader workers receive the preemption signal too. Killed by it, they would take the training
-    process down with "DataLoader worker exited unexpectedly" before it could save; their parent
-    ends them anyway when it shuts the loader down or dies.
-    """
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def check_interval():
@@ -89,6 +79,11 @@ class PreemptionWatch:
                 self._previous[sig] = signal.signal(sig, self._handle)
         else:  # Python only delivers signals to the main thread
             logger.warn("training outside the main thread: SIGTERM/SIGUSR1 are not caught")
+        # A signal recorded since the script started (runtime.signals) belongs to this run; taken
+        # after our handler is in place, so none falls between the two.
+        early = signals.take_received()
+        if early and not self.received:
+            self.received = early
         return self
 
     def __exit__(self, *exc):
@@ -107,6 +102,15 @@ class PreemptionWatch:
         self._checks += 1
         if self._checks % self.check_every:
             return False
+        return self.agree()
+
+    def agree(self):
+        """
+        Whether any rank received a signal, now (a collective every rank calls at the same
+        point, whatever check_every is).
+
+        :return: the same bool on every rank.
+        """
         agreed = dist_util.max_over_ranks(self.received)
         if agreed and not self.received:
             self.received = agreed
@@ -127,8 +131,31 @@ class PreemptionWatch:
         """
         message = (
             f"preempted by {self.signal_name()}: stopped after step {step} with a complete "
-            f"checkpoint {checkpoint}; continue with --resume_checkpoint auto (exit status "
-            f"{EXIT_PREEMPTED})"
+            f"checkpoint {checkpoint}; {continue_hint(os.path.dirname(os.fspath(checkpoint)))} "
+            f"(exit status {EXIT_PREEMPTED})"
         )
         logger.log(message)
         raise TrainingPreempted(message, checkpoint)
+
+    def stop_before_first_step(self, folder, checkpoint=None):
+        """
+        Leave through TrainingPreempted before any step was taken: nothing is written.
+
+        :param folder: the run's log folder (where a rerun looks for checkpoints).
+        :param checkpoint: the checkpoint the run was to resume from, or None.
+        """
+        kept = (
+            f"the checkpoint {checkpoint} it resumed from is unchanged" if checkpoint
+            else "no checkpoint was written"
+        )
+        message = (
+            f"preempted by {self.signal_name()} before the first step: {kept}; run the same "
+            f"command again, or {continue_hint(folder)} (exit status {EXIT_PREEMPTED})"
+        )
+        logger.log(message)
+        raise TrainingPreempted(message, checkpoint)
+
+
+def continue_hint(folder):
+    """How to continue a run whose checkpoints are in `folder`: the flags naming that folder."""
+    return f"continue with --resume_checkpoint auto --log_dir {folder}"

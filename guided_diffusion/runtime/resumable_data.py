@@ -11,6 +11,7 @@ position is what the consumer has taken.
 """
 
 import atexit
+import contextlib
 import multiprocessing.util  # noqa: F401  (registers its exit hook before ours, see below)
 import os
 import random
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import dist_util
-from .preemption import ignore_in_worker
+from .signals import hold_preemption_signals, ignore_in_worker
 
 STATE_FORMAT = "guided_diffusion.batches/1"
 
@@ -151,7 +152,12 @@ class ResumableBatches:
             self.epoch += 1
             self.offset = 0
         if self._batches is None:
-            self._batches = iter(self._loader(self.epoch, self.offset))
+            loader = self._loader(self.epoch, self.offset)
+            # The workers start here (every epoch): with the preemption signals blocked until
+            # each has set them to be ignored (see runtime.signals), so a signal to the process
+            # group at this moment cannot kill one.
+            with hold_preemption_signals() if self.num_workers else contextlib.nullcontext():
+                self._batches = iter(loader)
             _running.add(self)
             _track_workers(self._batches)
         try:

@@ -12,6 +12,7 @@ Layout (tensors and plain containers only, so torch.load(weights_only=True) read
 
     {"format": "guided_diffusion.train_state/1", "step": N, "world_size": W,
      "shared": {...},                     # rank 0's values that are equal on every rank
+     "settings": {"--lr": 1e-4, ...},     # the flags a resumed run may change (newer files)
      "ranks": [{"rng": {"torch": uint8 tensor, "cuda": uint8 tensor or None,
                         "numpy": {...}, "random": {...}},
                 "data": {"train": {...position...} or None, ...}}, ...]}   # one per rank
@@ -86,7 +87,7 @@ def _stream_state(stream):
     return get() if callable(get) else None
 
 
-def gather(step, streams=None, shared=None):
+def gather(step, streams=None, shared=None, settings=None):
     """
     Collect the resume state of every rank on rank 0 (a collective: every rank calls it).
 
@@ -94,6 +95,8 @@ def gather(step, streams=None, shared=None):
     :param streams: {name: data stream or None}; streams with a state_dict() have their position
         saved.
     :param shared: values equal on every rank (e.g. the fp16 loss scale), taken from rank 0.
+    :param settings: the run's flags that a resumed run may change ({"--lr": 1e-4, ...}), so
+        that it can say what it changed; plain values.
     :return: the state dict on rank 0, None on the other ranks.
     """
     local = {
@@ -103,13 +106,16 @@ def gather(step, streams=None, shared=None):
     ranks = dist_util.gather_objects(local)
     if ranks is None:
         return None
-    return {
+    state = {
         "format": STATE_FORMAT,
         "step": int(step),
         "world_size": len(ranks),
         "shared": dict(shared or {}),
         "ranks": ranks,
     }
+    if settings:
+        state["settings"] = dict(settings)
+    return state
 
 
 def state_path(folder, step):

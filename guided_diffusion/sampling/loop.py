@@ -4,10 +4,12 @@ loaded network ready (device, fp16/bf16 torso, eval mode, channels-last, compile
 round after round on every rank and gathering them in rank order, and writing the result.
 """
 
+import errno
 import functools
 import math
 import os
 import re
+import tempfile
 
 import numpy as np
 import torch
@@ -21,6 +23,46 @@ from ..errors import ScriptError
 from ..runtime.perf import compile_model, to_channels_last
 from ..runtime.shapes import image_hw
 from . import files as sample_files
+
+
+def check_sampling_flags(args):
+    """
+    Refuse, before any work, what would only fail once samples were drawn: --num_samples or
+    --batch_size below 1, and an --out_dir that cannot be written.
+
+    :param args: the parsed flags (those it has of num_samples, batch_size, out_dir are checked).
+    :raises ScriptError: naming the flag.
+    """
+    # deviation from reference: the reference divides by --batch_size (ZeroDivisionError), fails
+    # to concatenate no batches, and finds an unwritable folder only when it saves.
+    for name in ("num_samples", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ScriptError(f"--{name} must be at least 1, got {value}")
+    out_dir = getattr(args, "out_dir", "")
+    if out_dir and "://" not in out_dir:
+        check_writable_folder(out_dir, "--out_dir")
+
+
+def check_writable_folder(folder, flag):
+    """
+    :raises ScriptError: unless `folder` is, or could be created as, a folder this process can
+        write to (tried with a temporary file in it or in its nearest existing parent, which is
+        removed again: nothing is left behind).
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ScriptError(
+            f"cannot write to {flag} {folder} ({exc.strerror or exc}: {existing}): pass a folder "
+            "you can write to"
+        ) from None
 
 
 def num_rounds(num_samples, batch_size):
@@ -43,6 +85,9 @@ def gather_samples(num_samples, batch_size, make_batch, progress=True, desc="sam
         the bar counts rounds.
     :return: (images array [num_samples, H, W, C], labels array or None), on every rank.
     """
+    if num_samples < 1 or batch_size < 1:
+        raise ScriptError(
+            f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
     images, labels = [], []
     show = progress and dist_util.is_main_process()
     rounds = num_rounds(num_samples, batch_size)
@@ -343,7 +388,10 @@ def load_guidance_classifier(args):
     except ScriptError as exc:
         # The model and the classifier share --image_size: changing it for the classifier alone
         # is no fix (the hint may list --image_size among other flags to change).
-        if re.search(r"--image_size \d", str(exc)) or "positional_embedding" in str(exc):
+        # (A missing or extra positional embedding is another --classifier_pool, not a size.)
+        text = str(exc)
+        if re.search(r"--image_size \d", text) or re.search(
+                r"shape mismatches, e\.g\. \S*positional_embedding", text):
             raise ScriptError(
                 f"the classifier {args.classifier_path} was trained at another image size than "
                 f"the model's --image_size {args.image_size}: use a classifier trained at that "

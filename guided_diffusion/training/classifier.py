@@ -114,10 +114,18 @@ class ClassifierTrainLoop(MixedPrecisionTask):
     def run_loop(self):
         self.trainer.run()
 
-    def train_step(self, batch, cond, step):
+    def lr_at(self, step):
         if self.anneal_lr:
             # As the reference: the rate of this step, set before it.
-            self.set_lr(self.lr * (1 - step / self.iterations))
+            return self.lr * (1 - step / self.iterations)
+        return self.lr
+
+    def run_settings(self):
+        return {**super().run_settings(), "--anneal_lr": self.anneal_lr}
+
+    def train_step(self, batch, cond, step):
+        if self.anneal_lr:
+            self.set_lr(self.lr_at(step))
         self.forward_backward_log(batch, cond)
         self.mp_trainer.optimize_no_sync(self.opt)
         # deviation from reference: validation follows the global step (the reference counted

@@ -1,9 +1,11 @@
 """
-The one training engine. It owns a run: where it starts (a fresh start, a checkpoint, or the
-newest complete checkpoint in the log folder), the exact training state (every rank's random
-streams and data positions, restored before the first step), when to log, save and stop, the
-progress line, preemption (SIGTERM/SIGUSR1 -> checkpoint -> exit status 75), and writing each
-checkpoint set atomically with its marker file last.
+The one training engine. It owns a run: its log folder (one live job per folder, leftovers of an
+interrupted save removed), where it starts (a fresh start, a checkpoint, or the newest readable
+checkpoint in the log folder), the exact training state (every rank's random streams and data
+positions, restored before the first step), the settings a resumed run may change (--lr, the
+intervals: applied and logged), when to log, save and stop, the progress line, preemption
+(SIGTERM/SIGUSR1 -> checkpoint -> exit status 75; before the first step: nothing written), and
+writing each checkpoint set atomically with its marker file last.
 
 A model family plugs in a TrainTask: one optimizer step, the files its checkpoint holds, and how
 to load them back. The diffusion model (train_util.TrainLoop), the noisy classifier
@@ -20,8 +22,8 @@ import re
 
 from .. import dist_util, logger
 from ..cli.flags import explicit_flags
-from ..errors import NonFiniteLossError, ScriptError
-from ..runtime import checkpoints, train_state
+from ..errors import LogFolderInUseError, NonFiniteLossError, ScriptError
+from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
@@ -42,12 +44,14 @@ LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
 
 
-def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=None):
+def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=None,
+              resume_checkpoint=None):
     """
     The first lines of every training script: join the process group (if launched on several
-    ranks), open the log folder, record the run in args.json there (when `args` is given), seed
-    torch/numpy/random with seed + rank (so that model initialisation, noise, timesteps and data
-    order repeat across runs and differ across ranks), and apply the TF32 choice.
+    ranks), claim and open the log folder, record the run in args.json there (when `args` is
+    given), seed torch/numpy/random with seed + rank (so that model initialisation, noise,
+    timesteps and data order repeat across runs and differ across ranks), and apply the TF32
+    choice.
 
     :param log_dir: the log folder ("" = $OPENAI_LOGDIR, else a dated folder).
     :param seed: the base seed.
@@ -57,13 +61,24 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
         --log_format (if any) chooses rank 0's log outputs.
     :param script: the training script (its __file__), named in args.json.
     :param argv: the script's arguments, as main(argv) received them (None: sys.argv[1:]).
+    :param resume_checkpoint: the --resume_checkpoint flag (None: args.resume_checkpoint):
+        "auto" needs a fixed log folder.
+    :raises ScriptError: for --resume_checkpoint auto without --log_dir or $OPENAI_LOGDIR.
+    :raises LogFolderInUseError: when another live job holds the log folder.
     """
     if args is not None:
         # Before the log folder exists: a run refused on its flags leaves nothing behind.
         check_run_flags(args)
     dist_util.setup_dist()
+    if resume_checkpoint is None:
+        resume_checkpoint = getattr(args, "resume_checkpoint", "") if args is not None else ""
+    folder = log_dir or os.environ.get("OPENAI_LOGDIR") or ""
+    check_auto_resume_folder(resume_checkpoint, folder)
+    notes = claim_log_folder(os.path.expanduser(folder)) if folder else []
     log_format = getattr(args, "log_format", "") if args is not None else ""
     _configure_logger(log_dir, log_format)
+    for note in notes:
+        logger.log(note)
     if args is not None and dist_util.is_main_process():
         record = describe_run(vars(args), script or "unknown", argv)
         path = write_run_record(logger.get_dir(), record)
@@ -146,28 +161,72 @@ def _configure_logger(log_dir, log_format):
             from None
 
 
+def check_auto_resume_folder(resume_checkpoint, folder):
+    """
+    --resume_checkpoint auto looks for checkpoints in the log folder, so the folder must be the
+    same in every run: without --log_dir or $OPENAI_LOGDIR each run gets a new dated folder and
+    auto would never find anything.
+
+    :raises ScriptError: naming the fix.
+    """
+    if resume_checkpoint == "auto" and not folder:
+        raise ScriptError(
+            "--resume_checkpoint auto looks for checkpoints in the log folder, but without "
+            "--log_dir (or $OPENAI_LOGDIR) every run writes to a new dated folder, so it would "
+            "never resume: pass --log_dir DIR, the same in every run"
+        )
+
+
+def claim_log_folder(folder):
+    """
+    Make this job the only one using `folder` (runtime.log_folder): rank 0 takes its lock and
+    removes the temporary files an interrupted save left there; every rank learns the outcome,
+    so all refuse together.
+
+    :return: lines to log once the logger is open (what was removed, a file system without
+        locks).
+    :raises LogFolderInUseError: on every rank, when another live job holds the folder.
+    """
+    problem, notes = None, []
+    if dist_util.is_main_process():
+        try:
+            warning = log_folder.lock_folder(folder)
+            notes += [warning] if warning else []
+            removed = log_folder.remove_stray_temporaries(folder)
+            if removed:
+                notes.append(
+                    f"removed {len(removed)} temporary file(s) that an interrupted save left in "
+                    f"{folder}: {', '.join(removed)}"
+                )
+        except LogFolderInUseError as exc:
+            problem = str(exc)
+        except OSError:
+            pass  # an unwritable folder: logger.configure says so in its own words
+    problem = dist_util.broadcast_from_main(problem)
+    if problem:
+        error = LogFolderInUseError(problem)
+        error.same_on_every_rank = True  # rank 0 prints it; the others leave quietly
+        raise error
+    return notes
+
+
 def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
     """
     The checkpoint a run resumes from.
 
     :param resume_checkpoint: "" (fresh start), "auto" (the newest complete
-        <prefix>NNNNNN.pt in log_dir; a fresh start when there is none) or a path.
+        <prefix>NNNNNN.pt in log_dir; a fresh start when there is no such file) or a path.
     :param log_dir: where "auto" looks (default: the logger's folder).
     :param prefix: the marker file's prefix ("model", "cgan", "vae").
     :return: the checkpoint path, or None for a fresh start.
     :raises FileNotFoundError: when an explicit path does not exist.
-    :raises ValueError: when the path is a companion file (optimizer, EMA, state) of a set.
+    :raises ValueError: when the path is a companion file (optimizer, EMA, state) of a set, or
+        when "auto" finds checkpoint files none of which can be read.
     """
     if not resume_checkpoint:
         return None
     if resume_checkpoint == "auto":
-        folder = log_dir or logger.get_dir()
-        found = checkpoints.find_latest_checkpoint(folder, prefix)
-        if found is None:
-            logger.log(f"--resume_checkpoint auto: no checkpoint in {folder}, starting fresh")
-        else:
-            logger.log(f"--resume_checkpoint auto: resuming from {found}")
-        return found
+        return _newest_readable_checkpoint(log_dir or logger.get_dir(), prefix)
     if not os.path.exists(resume_checkpoint):
         raise FileNotFoundError(
             f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file or "
@@ -180,6 +239,37 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
             "and state files next to it are found automatically"
         )
     return resume_checkpoint
+
+
+def _newest_readable_checkpoint(folder, prefix):
+    """
+    What --resume_checkpoint auto resumes from: the newest readable <prefix>NNNNNN.pt in folder
+    (newer unreadable ones are skipped with a warning), None when there is none at all. Files
+    that are all unreadable stop the run: starting over silently would train from scratch and
+    then overwrite them.
+    """
+    candidates = checkpoints.checkpoint_candidates(folder, prefix)
+    # Remote files are published whole (see checkpoints.save_atomic), so they count as readable.
+    found = next((path for path in candidates
+                  if "://" in path or checkpoints.is_complete_checkpoint(path)), None)
+    skipped = candidates if found is None else candidates[: candidates.index(found)]
+    unreadable = [os.path.basename(path) for path in skipped]
+    if found is None and unreadable:
+        raise ValueError(
+            f"--resume_checkpoint auto: {folder} holds {', '.join(unreadable)}, but none can be "
+            "read (cut short or corrupt), so the run would start over and overwrite them: move "
+            "them away to start afresh, or pass --resume_checkpoint with a good checkpoint"
+        )
+    if found is None:
+        logger.log(f"--resume_checkpoint auto: no checkpoint in {folder}, starting fresh")
+        return None
+    if unreadable:
+        logger.warn(
+            f"warning: --resume_checkpoint auto skipped {', '.join(unreadable)} in {folder}: "
+            "cannot be read (cut short or corrupt)"
+        )
+    logger.log(f"--resume_checkpoint auto: resuming from {found}")
+    return found
 
 
 def checkpoint_step(path, prefix="model"):
@@ -269,6 +359,20 @@ class TrainTask:
             "--resume_checkpoint to continue a run"
         )
 
+    def run_settings(self):
+        """
+        The task's flags that a resumed run may change, with this run's values, e.g.
+        {"--lr": 1e-4}: saved with every checkpoint, compared (and changes logged) on resume.
+        """
+        return {}
+
+    def apply_settings(self, step):
+        """
+        Put this run's settings into effect after a checkpoint was loaded, for the step `step`
+        the run continues with (e.g. the learning rate of --lr: the optimizer state in the
+        checkpoint brings back the rate it was saved with).
+        """
+
 
 class Trainer:
     """
@@ -346,6 +450,8 @@ class Trainer:
         self.last_checkpoint = self.resume_checkpoint
         self._saved_at = None
         self._pending_state = None
+        # A resumed run applies its own settings once, when it starts (_apply_resumed_settings).
+        self._settings_pending = bool(self.resume_checkpoint)
         if self.resume_checkpoint:
             self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
         self.keep_checkpoints = keep_checkpoints
@@ -385,6 +491,7 @@ class Trainer:
                 "is stopped; SIGTERM or SIGUSR1 saves a checkpoint first"
             )
         with PreemptionWatch() as preemption:
+            self._stop_if_preempted_before_start(preemption)
             self._restore_train_state()
             meter = None
             while not self.done():
@@ -423,6 +530,14 @@ class Trainer:
             if callable(close):
                 close()
 
+    def _stop_if_preempted_before_start(self, preemption):
+        """
+        A signal received while the run started up (model building, data listing, the process
+        group forming) stops it before its first step, on every rank, with nothing written.
+        """
+        if preemption.agree():
+            preemption.stop_before_first_step(self.log_dir, self.resume_checkpoint)
+
     def take_step(self, batch, cond):
         """One optimizer step of the task, counted and logged."""
         if self.global_batch is None:
@@ -440,10 +555,38 @@ class Trainer:
 
     def _restore_train_state(self):
         state, self._pending_state = self._pending_state, None
+        if self._settings_pending:
+            self._settings_pending = False
+            self._apply_resumed_settings(state)
         if state is None:
             return
         shared = train_state.restore(state, self.streams, source=self.resume_checkpoint)
         self.task.load_shared_state(shared)
+
+    def run_settings(self):
+        """The flags of this run that a resumed run may change (saved with each checkpoint)."""
+        settings = {"--save_interval": self.save_interval, "--log_interval": self.log_interval}
+        if len(self.limit_flags) == 2:  # (the flag of total_steps, that of max_steps)
+            settings[self.limit_flags[0]] = self.total_steps
+        return {**settings, **self.task.run_settings()}
+
+    def _apply_resumed_settings(self, state):
+        """
+        A resumed run trains with its own flags, not the checkpoint's (the optimizer state
+        brings back the learning rate it was saved with): the task applies them, and what
+        differs from the checkpoint's run is logged in one line.
+        """
+        # deviation from reference: the reference kept the optimizer file's learning rate, so
+        # --lr given on resume was ignored.
+        self.task.apply_settings(self.start_step)
+        saved = (state or {}).get("settings") or {}
+        changed = [
+            f"{flag} {saved[flag]!r} -> {value!r}"
+            for flag, value in self.run_settings().items()
+            if flag in saved and saved[flag] != value
+        ]
+        if changed:
+            logger.log(f"resuming with changed settings: {', '.join(changed)}")
 
     def check_health(self):
         """Stop with NonFiniteLossError when the task reports a broken state."""
@@ -481,7 +624,8 @@ class Trainer:
         step = self.global_step
         path = self.marker_path(step)
         # A collective: every rank's random streams and data positions go to rank 0.
-        state = train_state.gather(step, self.streams, self.task.shared_state())
+        state = train_state.gather(step, self.streams, self.task.shared_state(),
+                                   settings=self.run_settings())
         if dist_util.is_main_process():
             logger.log(f"saving checkpoint at step {step}: {path}")
             files = self.task.checkpoint_files(self.log_dir, step, state)

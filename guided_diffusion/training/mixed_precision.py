@@ -174,6 +174,20 @@ class MixedPrecisionTask(TrainTask):
         for param_group in self.opt.param_groups:
             param_group["lr"] = lr
 
+    def lr_at(self, step):
+        """The learning rate of step `step` (0 = the first step ever): --lr, unless annealed."""
+        return self.lr
+
+    def run_settings(self):
+        return {"--lr": self.lr, "--weight_decay": self.weight_decay}
+
+    def apply_settings(self, step):
+        # The optimizer file brought back the rate and decay it was saved with: a resumed run
+        # trains with its own --lr (at the point of its schedule) and --weight_decay.
+        self.set_lr(self.lr_at(step))
+        for param_group in self.opt.param_groups:
+            param_group["weight_decay"] = self.weight_decay
+
     def health_problem(self):
         """
         Steps skipped for non-finite values (float32/bfloat16: fatal), or an fp16 loss scale

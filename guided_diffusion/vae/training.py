@@ -84,6 +84,8 @@ class VAETrainLoop(TrainTask):
         self.device = dist_util.dev()
         # Adam instead of the paper's Adagrad: it needs no per-dataset step-size search.
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.lr = lr
+        self.weight_decay = weight_decay
         # Steps with a non-finite loss since the start, counted on the device.
         self._non_finite = torch.zeros((), device=self.device)
         self._non_finite_seen = 0
@@ -158,6 +160,15 @@ class VAETrainLoop(TrainTask):
         if new:
             return f"the VAE loss is not finite at {new} recent step(s) (try a lower --lr or check the data)"
         return None
+
+    def run_settings(self):
+        return {"--lr": self.lr, "--weight_decay": self.weight_decay}
+
+    def apply_settings(self, step):
+        # The optimizer state brought back the rate it was saved with: train with --lr.
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+            group["weight_decay"] = self.weight_decay
 
     def checkpoint_files(self, folder, step, state):
         checkpoint = vae_state(self.model, self.opt, step, self.flags)
