@@ -101,16 +101,20 @@ def check_size_fits_levels(size, channel_mult, size_flag="--image_size",
     # forward pass (a tensor size mismatch where the way up meets the way down).
     halvings = len(channel_mult) - 1
     step = 2 ** halvings
-    bad = [side for side in image_hw(size) if side < 1 or side % step]
+    sides = image_hw(size)
+    bad = [side for side in sides if side < 1 or side % step]
     if not bad:
         return
     side = bad[0]
-    fits = [n for n in (side - side % step, side - side % step + step) if n >= step]
+    fits = " or ".join(str(n) for n in (side - side % step, side - side % step + step) if n >= step)
     mult = ",".join(str(m) for m in channel_mult)
+    if sides[0] == sides[1]:
+        need = f"the size must be a multiple of {step}: pass {size_flag} {fits}"
+    else:
+        need = f"every side must be divisible by {step} ({side} is not): pass sides of {fits}"
     raise ValueError(
         f"{size_flag} {format_image_size(size)} does not fit {mult_flag} {mult}: its "
-        f"{len(channel_mult)} levels halve the image {halvings} time(s), so every side must be a "
-        f"multiple of {step} ({side} is not): pass sides of {' or '.join(str(n) for n in fits)}, "
+        f"{len(channel_mult)} levels halve the image {halvings} time(s), so {need}, "
         f"or a {mult_flag} with fewer levels"
     )
 

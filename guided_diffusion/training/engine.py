@@ -74,9 +74,9 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
         resume_checkpoint = getattr(args, "resume_checkpoint", "") if args is not None else ""
     folder = log_dir or os.environ.get("OPENAI_LOGDIR") or ""
     check_auto_resume_folder(resume_checkpoint, folder)
+    formats = _log_formats(getattr(args, "log_format", "") if args is not None else "")
     notes = claim_log_folder(os.path.expanduser(folder)) if folder else []
-    log_format = getattr(args, "log_format", "") if args is not None else ""
-    _configure_logger(log_dir, log_format)
+    _configure_logger(log_dir, formats)
     for note in notes:
         logger.log(note)
     if args is not None and dist_util.is_main_process():
@@ -137,22 +137,28 @@ def check_run_flags(args):
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
 
 
-def _configure_logger(log_dir, log_format):
+def _log_formats(log_format):
     """
-    logger.configure with --log_format (a comma-separated list of LOG_FORMATS) on rank 0; ""
-    keeps $OPENAI_LOG_FORMAT (default stdout,log,csv). Other ranks keep $OPENAI_LOG_FORMAT_MPI.
+    Rank 0's logger outputs from --log_format (a comma-separated list of LOG_FORMATS); None
+    keeps $OPENAI_LOG_FORMAT (default stdout,log,csv), as do the other ranks
+    ($OPENAI_LOG_FORMAT_MPI).
+
+    :raises ValueError: naming an unknown format (before any log folder exists).
     """
-    formats = None
-    if log_format:
-        formats = [f.strip() for f in log_format.split(",") if f.strip()]
-        unknown = [f for f in formats if f not in LOG_FORMATS]
-        if unknown:
-            raise ValueError(
-                f"--log_format {log_format}: unknown format {', '.join(unknown)}; use a "
-                f"comma-separated list of {', '.join(LOG_FORMATS)}"
-            )
-        if not dist_util.is_main_process():
-            formats = None
+    if not log_format:
+        return None
+    formats = [f.strip() for f in log_format.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in LOG_FORMATS]
+    if unknown:
+        raise ValueError(
+            f"--log_format {log_format}: unknown format {', '.join(unknown)}; use a "
+            f"comma-separated list of {', '.join(LOG_FORMATS)}"
+        )
+    return formats if dist_util.is_main_process() else None
+
+
+def _configure_logger(log_dir, formats):
+    """logger.configure with rank 0's formats (None: the environment's)."""
     try:
         logger.configure(dir=log_dir or None, format_strs=formats)
     except ImportError as exc:
