@@ -582,6 +582,23 @@ def create_gaussian_diffusion(
     )
 
 
+def script_parser(description, *families):
+    """
+    A script's ArgumentParser: one --flag per entry of the defaults dictionaries (a later
+    dictionary's entry wins over an earlier one's), described and grouped as
+    add_dict_to_argparser does.
+
+    :param description: the script's one-line --help description.
+    :param families: dictionaries of {flag name: default}, e.g. model_and_diffusion_defaults().
+    """
+    defaults = {}
+    for family in families:
+        defaults.update(family)
+    parser = argparse.ArgumentParser(description=description)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
 def add_dict_to_argparser(parser, default_dict):
     """
     Add one --flag per entry of a defaults dictionary; booleans parse with str2bool and a None
