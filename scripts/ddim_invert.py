@@ -12,26 +12,32 @@ Writes, in --out_dir (default: the log folder):
     reconstruction.json   {"steps": {S: {"mse": ..., "psnr": ...}}, "num_images": N}
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch
 
-from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
-from guided_diffusion.script_util import diffusion_for_steps
-from guided_diffusion.cli.flags import parse_step_counts
+from guided_diffusion.cli import run_config
+from guided_diffusion.cli.flags import (
+    ddim_tool_defaults,
+    ddim_tool_model_flags,
+    network_flags,
+    parse_step_counts,
+)
+from guided_diffusion.cli.main import run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
 from guided_diffusion.diffusion.sampling import check_invertible_eta
-from guided_diffusion.sampling.files import make_grid_png, to_uint8
-from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
-from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
-from guided_diffusion.sampling.files import read_images, save_latents, uint8_to_model_input
-from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.runtime.files import write_json
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.sampling.files import (
+    make_grid_png,
+    read_images,
+    save_latents,
+    to_uint8,
+    uint8_to_model_input,
+)
+from guided_diffusion.sampling.loop import check_sampling_flags, load_sampling_model, output_dir
+from guided_diffusion.script_util import diffusion_for_steps, script_parser
 
 
 def main(argv=None):
@@ -81,20 +87,20 @@ def format_table(results):
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        input="",
-        num_images=0,
-        steps="10,20,50,100",
-        batch_size=16,
-        clip_denoised=True,
-        eta=0.0,
-        grid_images=16,
+    return script_parser(
+        "Encode images into DDIM latents and reconstruct them.",
+        dict(
+            model_path="",
+            input="",
+            num_images=0,
+            steps="10,20,50,100",
+            batch_size=16,
+            clip_denoised=True,
+            eta=0.0,
+            grid_images=16,
+        ),
+        ddim_tool_defaults(seed=False),  # nothing random happens
     )
-    defaults.update(ddim_tool_defaults(seed=False))  # nothing random happens
-    parser = argparse.ArgumentParser(description="Encode images into DDIM latents and reconstruct them.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 if __name__ == "__main__":
