@@ -7,28 +7,11 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
 """
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_config
-from guided_diffusion.cli.flags import (
-    cfg_defaults,
-    label_choice_defaults,
-    sample_script_defaults,
-    sampling_extra_defaults,
-    sampling_guidance_defaults,
-)
+from guided_diffusion.cli.flags import diffusion_sampling_defaults, label_choice_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.diffusion.guidance import classifier_free_guidance, make_classifier_cond_fn
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.sampling.loop import (
-    check_sampling_flags,
-    class_labels,
-    load_diffusion_model,
-    load_guidance_classifier,
-    make_sample_fn,
-    open_run_log,
-    sample_and_write,
-    sample_steps,
-    sampler_from_flags,
-)
+from guided_diffusion.sampling import loop
 from guided_diffusion.script_util import (
     classifier_defaults,
     model_and_diffusion_defaults,
@@ -37,19 +20,20 @@ from guided_diffusion.script_util import (
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
-    sampler = sampler_from_flags(args)
+    args = loop.parse_sampling_flags(create_argparser(), argv)
+    sampler = loop.sampler_from_flags(args)
     dist_util.setup_dist()
 
     # Both networks are built and their checkpoints checked before the log folder is made, so
     # a run refused on its flags leaves no folder behind.
-    next_labels = class_labels(args)
-    model, diffusion, _ = load_diffusion_model(args)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid, eta=args.eta)
-    classifier = load_guidance_classifier(args)
-    open_run_log(args, model,
-                 f"loaded the model {args.model_path} and the classifier {args.classifier_path}")
+    next_labels = loop.class_labels(args)
+    model, diffusion, _ = loop.load_diffusion_model(args)
+    sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
+                                    eta=args.eta)
+    classifier = loop.load_guidance_classifier(args)
+    loop.open_run_log(
+        args, model, f"loaded the model {args.model_path} and the classifier {args.classifier_path}"
+    )
 
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
 
@@ -64,9 +48,9 @@ def main(argv=None):
 
     seed_sampling(args.seed)
     logger.log(f"sampling with {sampler}...")
-    sample_and_write(args, sample_fn, sample_steps(sampler, diffusion, args.evaluations),
-                     model_fn, lambda: {"y": next_labels()}, image_size=args.image_size,
-                     cond_fn=cond_fn)
+    steps = loop.sample_steps(sampler, diffusion, args.evaluations)
+    loop.sample_and_write(args, sample_fn, steps, model_fn, lambda: {"y": next_labels()},
+                          image_size=args.image_size, cond_fn=cond_fn)
 
 
 def create_argparser():
@@ -76,10 +60,7 @@ def create_argparser():
              classifier_path="", classifier_scale=1.0),
         model_and_diffusion_defaults(),
         classifier_defaults(),
-        sampling_extra_defaults(),
-        cfg_defaults(),
-        sampling_guidance_defaults(),
-        sample_script_defaults(),
+        diffusion_sampling_defaults(),
         label_choice_defaults(),
         # Needed for classifiers at sizes without a built-in channel table (e.g. 16).
         dict(classifier_channel_mult=""),

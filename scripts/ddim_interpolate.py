@@ -18,25 +18,18 @@ import os
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_config
-from guided_diffusion.cli.flags import (
-    ddim_tool_defaults,
-    ddim_tool_model_flags,
-    network_flags,
-    parse_step_counts,
-)
+from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
 from guided_diffusion.cli.main import run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import decode_in_batches, slerp_pairs
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling.files import load_latents, make_grid_png, save_images_npz, to_uint8
-from guided_diffusion.sampling.loop import check_sampling_flags, load_sampling_model, output_dir
-from guided_diffusion.script_util import diffusion_for_steps, script_parser
+from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.script_util import script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
+    args = parse_sampling_flags(create_argparser(), argv)
     steps = parse_step_counts(args.steps)
     if len(steps) != 1:
         raise ScriptError(f"--steps takes one step count here, got {args.steps!r}")
@@ -45,11 +38,10 @@ def main(argv=None):
 
     start_single_process_tool("ddim_interpolate.py", args)
 
-    flags = ddim_tool_model_flags(args)
     if args.latents:
         starts, ends, labels = pairs_from_file(args)
-    model = load_sampling_model(flags, args.model_path, **network_flags(args))
-    diffusion = diffusion_for_steps(flags, steps[0])
+    model, diffusions = load_ddim_tool_model(args, steps)
+    diffusion = diffusions[steps[0]]
     if not args.latents:
         seed_sampling(args.seed)
         starts, ends, labels = draw_pairs(args)

@@ -18,13 +18,7 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_config
-from guided_diffusion.cli.flags import (
-    ddim_tool_defaults,
-    ddim_tool_model_flags,
-    network_flags,
-    parse_step_counts,
-)
+from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
 from guided_diffusion.cli.main import run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
 from guided_diffusion.diffusion.sampling import check_invertible_eta
@@ -36,13 +30,12 @@ from guided_diffusion.sampling.files import (
     to_uint8,
     uint8_to_model_input,
 )
-from guided_diffusion.sampling.loop import check_sampling_flags, load_sampling_model, output_dir
-from guided_diffusion.script_util import diffusion_for_steps, script_parser
+from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.script_util import script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
+    args = parse_sampling_flags(create_argparser(), argv)
     check_invertible_eta(args.eta)
     step_counts = parse_step_counts(args.steps)
 
@@ -50,9 +43,7 @@ def main(argv=None):
 
     images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images)
     logger.log(f"read {len(images)} images from {args.input}")
-    flags = ddim_tool_model_flags(args)
-    model = load_sampling_model(flags, args.model_path, **network_flags(args))
-    diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
+    model, diffusions = load_ddim_tool_model(args, step_counts)
 
     x_start = uint8_to_model_input(images)
     y = None if labels is None else torch.from_numpy(labels)

@@ -11,29 +11,21 @@ import numpy as np
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_config
 from guided_diffusion.cli.flags import channel_defaults, sampling_extra_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.sampling.loop import (
-    check_sampling_flags,
-    load_diffusion_model,
-    open_run_log,
-    output_dir,
-)
+from guided_diffusion.sampling import loop
 from guided_diffusion.script_util import model_and_diffusion_defaults, script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
-
+    args = loop.parse_sampling_flags(create_argparser(), argv)
     dist_util.setup_dist()
 
     # The model is built, its checkpoint checked and the data found before the log folder is
     # made, so a run refused on its flags leaves no folder behind.
-    model, diffusion, _ = load_diffusion_model(args)
+    model, diffusion, _ = loop.load_diffusion_model(args)
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -42,11 +34,14 @@ def main(argv=None):
         deterministic=True,
         in_channels=args.in_channels,
     )
-    open_run_log(args, model, f"loaded the model {args.model_path} and the data {args.data_dir}")
+    loop.open_run_log(
+        args, model, f"loaded the model {args.model_path} and the data {args.data_dir}"
+    )
 
     seed_sampling(args.seed)
     logger.log("evaluating...")
-    run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised, output_dir(args), args.progress)
+    run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised,
+                       loop.output_dir(args), args.progress)
 
 
 def _mean_over_ranks(tensor):

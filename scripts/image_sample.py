@@ -6,42 +6,26 @@ Generate a large batch of image samples from a model and save them as a large nu
 """
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_config
-from guided_diffusion.cli.flags import (
-    cfg_defaults,
-    label_choice_defaults,
-    sample_script_defaults,
-    sampling_extra_defaults,
-    sampling_guidance_defaults,
-)
+from guided_diffusion.cli.flags import diffusion_sampling_defaults, label_choice_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.diffusion.guidance import classifier_free_guidance
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.sampling.loop import (
-    check_sampling_flags,
-    class_labels,
-    load_diffusion_model,
-    make_sample_fn,
-    open_run_log,
-    sample_and_write,
-    sample_steps,
-    sampler_from_flags,
-)
+from guided_diffusion.sampling import loop
 from guided_diffusion.script_util import model_and_diffusion_defaults, script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
-    sampler = sampler_from_flags(args)
+    args = loop.parse_sampling_flags(create_argparser(), argv)
+    sampler = loop.sampler_from_flags(args)
     dist_util.setup_dist()
 
     # The model is built and its checkpoint checked before the log folder is made, so a run
     # refused on its flags leaves no folder behind.
-    next_labels = class_labels(args, class_cond=args.class_cond)
-    model, diffusion, _ = load_diffusion_model(args)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid, eta=args.eta)
-    open_run_log(args, model, f"loaded the model {args.model_path}")
+    next_labels = loop.class_labels(args, class_cond=args.class_cond)
+    model, diffusion, _ = loop.load_diffusion_model(args)
+    sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
+                                    eta=args.eta)
+    loop.open_run_log(args, model, f"loaded the model {args.model_path}")
 
     seed_sampling(args.seed)
     logger.log(f"sampling with {sampler}...")
@@ -52,8 +36,9 @@ def main(argv=None):
         # Labels are drawn before the batch's noise, as in the reference.
         return {"y": next_labels()} if args.class_cond else {}
 
-    sample_and_write(args, sample_fn, sample_steps(sampler, diffusion, args.evaluations),
-                     model_fn, batch_kwargs, image_size=args.image_size)
+    steps = loop.sample_steps(sampler, diffusion, args.evaluations)
+    loop.sample_and_write(args, sample_fn, steps, model_fn, batch_kwargs,
+                          image_size=args.image_size)
 
 
 def create_argparser():
@@ -61,10 +46,7 @@ def create_argparser():
         "Sample images from a diffusion model.",
         dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path=""),
         model_and_diffusion_defaults(),
-        sampling_extra_defaults(),
-        cfg_defaults(),
-        sampling_guidance_defaults(),
-        sample_script_defaults(),
+        diffusion_sampling_defaults(),
         label_choice_defaults(),
     )
 

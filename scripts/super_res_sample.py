@@ -10,54 +10,45 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_config
-from guided_diffusion.cli.flags import (
-    cfg_defaults,
-    sample_script_defaults,
-    sampling_extra_defaults,
-    sampling_guidance_defaults,
-)
+from guided_diffusion.cli.flags import diffusion_sampling_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.diffusion.guidance import classifier_free_guidance
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling.files import read_low_res_images
-from guided_diffusion.sampling.loop import (
-    check_sampling_flags,
-    load_diffusion_model,
-    make_sample_fn,
-    open_run_log,
-    sample_and_write,
-    sample_steps,
-    sampler_from_flags,
-)
+from guided_diffusion.sampling import loop
 from guided_diffusion.script_util import script_parser, sr_model_and_diffusion_defaults
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
-    sampler = sampler_from_flags(args)
+    args = loop.parse_sampling_flags(create_argparser(), argv)
+    sampler = loop.sampler_from_flags(args)
     dist_util.setup_dist()
 
     # The model is built, its checkpoint checked and the base samples read before the log
     # folder is made, so a run refused on its flags leaves no folder behind.
-    model, diffusion, _ = load_diffusion_model(args, super_res=True)
-    sample_fn = make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid, eta=args.eta)
+    model, diffusion, _ = loop.load_diffusion_model(args, super_res=True)
+    sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
+                                    eta=args.eta)
     data = load_data_for_worker(args.base_samples, args.batch_size, args.small_size, args.class_cond,
                                 args.in_channels)
-    open_run_log(args, model,
-                 f"loaded the model {args.model_path} and the base samples {args.base_samples}")
+    loop.open_run_log(
+        args, model, f"loaded the model {args.model_path} and the base samples {args.base_samples}"
+    )
 
     seed_sampling(args.seed)
     logger.log(f"creating samples with {sampler}...")
     # deviation from reference: the reference always used p_sample_loop, ignoring --use_ddim.
     # The low-resolution input is repeated for the unconditional half of guidance.
     model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
-    # deviation from reference: the labels of class-conditional runs are kept as arr_1.
-    sample_and_write(args, sample_fn, sample_steps(sampler, diffusion, args.evaluations),
-                     model_fn, lambda: {k: v.to(dist_util.dev()) for k, v in next(data).items()},
-                     image_size=args.large_size)
+    steps = loop.sample_steps(sampler, diffusion, args.evaluations)
+
+    def batch_kwargs():
+        # deviation from reference: the labels of class-conditional runs are kept as arr_1.
+        return {k: v.to(dist_util.dev()) for k, v in next(data).items()}
+
+    loop.sample_and_write(args, sample_fn, steps, model_fn, batch_kwargs,
+                          image_size=args.large_size)
 
 
 def read_base_samples(base_samples, small_size, class_cond, in_channels=3):
@@ -104,10 +95,7 @@ def create_argparser():
         dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, base_samples="",
              model_path=""),
         sr_model_and_diffusion_defaults(),
-        sampling_extra_defaults(),
-        cfg_defaults(),
-        sampling_guidance_defaults(),
-        sample_script_defaults(),
+        diffusion_sampling_defaults(),
         dict(channel_mult=""),  # "" = by large_size; needed for sizes like 16
     )
 

@@ -226,6 +226,20 @@ def label_choice_defaults():
     return dict(class_label=-1, balanced_labels=False)
 
 
+def diffusion_sampling_defaults():
+    """
+    The flags the three diffusion sampling scripts (image_sample, classifier_sample,
+    super_res_sample) add to their networks' flags: sampling_extra_defaults(), cfg_defaults(),
+    sampling_guidance_defaults() and sample_script_defaults(), in that order.
+    """
+    return {
+        **sampling_extra_defaults(),
+        **cfg_defaults(),
+        **sampling_guidance_defaults(),
+        **sample_script_defaults(),
+    }
+
+
 def augmentation_defaults():
     """
     image_train.py's data augmentation: random_flip as the reference (on), random_crop off (the

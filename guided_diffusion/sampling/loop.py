@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import dist_util, logger
-from ..cli.flags import check_counts, network_flags
+from ..cli import run_config
+from ..cli.flags import check_counts, ddim_tool_model_flags, network_flags
 from ..cli.weights import load_checkpoint_into
 from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
@@ -29,6 +30,21 @@ from ..runtime.shapes import image_hw
 from . import editing
 from . import files as sample_files
 from .files import to_uint8
+
+
+def parse_sampling_flags(parser, argv=None):
+    """
+    A sampling script's flags: parsed, with the model and diffusion flags of a training run's
+    args.json where one applies (run_config.parse_args), and checked before any work
+    (check_sampling_flags).
+
+    :param parser: the script's create_argparser().
+    :param argv: the arguments (None: sys.argv[1:]).
+    :return: the parsed flags.
+    """
+    args = run_config.parse_args(parser, argv)
+    check_sampling_flags(args)
+    return args
 
 
 def check_sampling_flags(args):
@@ -333,6 +349,23 @@ def load_diffusion_model(args, super_res=False):
     model, diffusion = create(**flags)
     load_checkpoint_into(model, args.model_path, flags, build=lambda f: create(**f)[0])
     return model, diffusion, flags
+
+
+def load_ddim_tool_model(args, step_counts):
+    """
+    The networks of the DDIM tools (ddim_invert, ddim_consistency, ddim_interpolate): the model
+    of their flags with --model_path loaded and prepared, and one deterministic-DDIM diffusion
+    per step count ("ddim<steps>" respacing).
+
+    :param args: the parsed flags (cli.flags.ddim_tool_defaults() and model_path).
+    :param step_counts: the step counts, e.g. parse_step_counts(args.steps).
+    :return: (model, {steps: diffusion}).
+    """
+    from ..script_util import diffusion_for_steps
+
+    flags = ddim_tool_model_flags(args)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
+    return model, {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
 
 
 def load_guided_model(args):
