@@ -15,8 +15,8 @@ from guided_diffusion.cli.main import run_main
 from guided_diffusion.diffusion.guidance import classifier_free_guidance
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.sampling.files import read_low_res_images
 from guided_diffusion.sampling import loop
+from guided_diffusion.sampling.files import read_low_res_images
 from guided_diffusion.script_util import script_parser, sr_model_and_diffusion_defaults
 
 

@@ -346,9 +346,15 @@ def load_diffusion_model(args, super_res=False):
         create, defaults = create_model_and_diffusion, model_and_diffusion_defaults()
     flags = args_to_dict(args, defaults.keys())
     flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS if hasattr(args, name)})
-    model, diffusion = create(**flags)
-    load_checkpoint_into(model, args.model_path, flags, build=lambda f: create(**f)[0])
+    model, diffusion = _build_and_load(create, flags, args.model_path)
     return model, diffusion, flags
+
+
+def _build_and_load(create, flags, model_path):
+    """(model, diffusion) of create(**flags), the checkpoint model_path loaded into the model."""
+    model, diffusion = create(**flags)
+    load_checkpoint_into(model, model_path, flags, build=lambda f: create(**f)[0])
+    return model, diffusion
 
 
 def load_ddim_tool_model(args, step_counts):
@@ -535,8 +541,7 @@ def load_sampling_model(flags, model_path, **network):
     from ..script_util import create_model_and_diffusion
 
     network.setdefault("use_fp16", bool(flags.get("use_fp16")))
-    model, _ = create_model_and_diffusion(**flags)
-    load_checkpoint_into(model, model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0])
+    model, _ = _build_and_load(create_model_and_diffusion, flags, model_path)
     return prepare_network(model, **network)
 
 
