@@ -8,13 +8,13 @@ OUT_DIR/test/<class>_<index>.png (10000), classes airplane ... truck.
 
 import argparse
 
-from guided_diffusion.cli.flags import add_flag
+from guided_diffusion.cli.flags import add_flag, check_counts, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.data.cifar10 import write_cifar10
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.strip().split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     add_flag(parser, "archive", positional=True)
     add_flag(parser, "out_dir", required=True)
     add_flag(parser, "limit", type=int, default=None)
@@ -23,8 +23,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    check_counts(args, "limit")
     counts = write_cifar10(args.archive, args.out_dir, limit=args.limit)
     print(f"wrote {counts['train']} training and {counts['test']} test images to {args.out_dir}")
 

@@ -8,13 +8,13 @@ image folder that load_data reads, named "<label>_<index>.png" (see guided_diffu
 import argparse
 import os
 
-from guided_diffusion.cli.flags import add_flag
+from guided_diffusion.cli.flags import add_flag, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.data.digits import RESAMPLE_FILTERS, write_digits
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     add_flag(parser, "out_dir", required=True)
     add_flag(parser, "image_size", type=int, default=32)
     add_flag(parser, "limit", type=int, default=None)

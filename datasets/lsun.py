@@ -8,13 +8,13 @@ prepared its LSUN models' data. Needs lmdb: pip install 'guided-diffusion[lsun]'
 
 import argparse
 
-from guided_diffusion.cli.flags import add_flag
+from guided_diffusion.cli.flags import add_flag, check_counts, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.data.lsun import write_lsun
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.strip().split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     add_flag(parser, "lmdb_path", positional=True)
     add_flag(parser, "out_dir", required=True)
     add_flag(parser, "image_size", type=int, default=256)
@@ -25,8 +25,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    check_counts(args, "limit")
     count = write_lsun(args.lmdb_path, args.out_dir, image_size=args.image_size,
                        prefix=args.prefix, limit=args.limit)
     print(f"wrote {count} images to {args.out_dir}")

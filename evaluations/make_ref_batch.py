@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from guided_diffusion.cli.flags import add_flag
+from guided_diffusion.cli.flags import add_flag, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.evaluation.evaluator import Evaluator, default_inception_path
 from guided_diffusion.evaluation.inception import HOW_TO_GET_WEIGHTS, WEIGHTS_FILENAME, load_inception
@@ -22,7 +22,7 @@ from guided_diffusion.script_util import str2bool
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.strip().split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     add_flag(parser, "folder", positional=True)
     add_flag(parser, "out_npz", positional=True)
     add_flag(parser, "image_size", type=parse_image_size, required=True)

@@ -15,7 +15,6 @@ Figures are logged and written to cgan_eval.json in the log folder (--log_dir, e
 $OPENAI_LOGDIR).
 """
 
-import argparse
 import json
 import os
 
@@ -36,35 +35,35 @@ from guided_diffusion.cgan import (
     read_mnist,
     to_eval_space,
 )
-from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.flags import explicit_flags, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.sampling.files import to_uint8
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.script_util import script_parser
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        sample_path="",
-        data_dir="",
-        test_dir="",
-        num_samples=10000,
-        batch_size=100,
-        use_ema=True,
-        sample_dropout=False,
-        sigma_start=-1.0,
-        sigma_end=0.0,
-        sigma_steps=10,
-        valid_limit=1000,
-        classifier_steps=1000,
-        seed=0,
-        log_dir="",
+    return script_parser(
+        script_description(__doc__),
+        dict(
+            model_path="",
+            sample_path="",
+            data_dir="",
+            test_dir="",
+            num_samples=10000,
+            batch_size=100,
+            use_ema=True,
+            sample_dropout=False,
+            sigma_start=-1.0,
+            sigma_end=0.0,
+            sigma_steps=10,
+            valid_limit=1000,
+            classifier_steps=1000,
+            seed=0,
+            log_dir="",
+        ),
+        cgan_defaults(),
     )
-    defaults.update(cgan_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 def check_inputs(args, given):

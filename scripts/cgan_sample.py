@@ -9,37 +9,35 @@ per class. The network flags (--arch, --image_size, --num_classes, --z_dim, --co
 --dropout) are read from the checkpoint; passing other values is refused.
 """
 
-import argparse
-
 import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cgan import cgan_defaults, generate_samples, generator_flags, load_generator
-from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.flags import explicit_flags, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.sampling.files import save_samples, to_uint8
 from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.script_util import script_parser
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        num_samples=100,
-        batch_size=100,
-        class_label=-1,
-        use_ema=True,
-        grid_per_class=10,
-        sample_dropout=False,
-        seed=0,
-        log_dir="",
-        out_dir="",
+    return script_parser(
+        script_description(__doc__),
+        dict(
+            model_path="",
+            num_samples=100,
+            batch_size=100,
+            class_label=-1,
+            use_ema=True,
+            grid_per_class=10,
+            sample_dropout=False,
+            seed=0,
+            log_dir="",
+            out_dir="",
+        ),
+        cgan_defaults(),
     )
-    defaults.update(cgan_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 def main(argv=None):

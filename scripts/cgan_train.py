@@ -18,8 +18,6 @@ if __name__ == "__main__":
 
     catch_preemption_signals()
 
-import argparse
-
 import torch
 
 from guided_diffusion import dist_util, logger
@@ -31,8 +29,9 @@ from guided_diffusion.cgan import (
     count_classes,
     create_cgan,
 )
+from guided_diffusion.cli.flags import script_description
 from guided_diffusion.cli.main import run_main
-from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
+from guided_diffusion.script_util import args_to_dict, script_parser
 from guided_diffusion.training.engine import start_run
 
 # Flags handled here rather than by CGANTrainLoop.
@@ -40,11 +39,7 @@ _SCRIPT_FLAGS = ("data_dir", "random_flip", "preload", "seed", "log_dir", "log_f
 
 
 def create_argparser():
-    defaults = cgan_train_defaults()
-    defaults.update(cgan_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(script_description(__doc__), cgan_train_defaults(), cgan_defaults())
 
 
 def main(argv=None):

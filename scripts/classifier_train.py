@@ -16,8 +16,6 @@ if __name__ == "__main__":
 
     catch_preemption_signals()
 
-import argparse
-
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import classifier_train_defaults
 from guided_diffusion.cli.main import run_main
@@ -25,10 +23,10 @@ from guided_diffusion.image_datasets import check_dataset_classes, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.runtime.perf import compile_model, to_channels_last
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
+    script_parser,
 )
 from guided_diffusion.training.classifier import ClassifierTrainLoop
 from guided_diffusion.training.engine import start_run
@@ -93,11 +91,11 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = classifier_train_defaults()
-    defaults.update(classifier_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description="Train a noisy-image classifier.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(
+        "Train a noisy-image classifier.",
+        classifier_train_defaults(),
+        classifier_and_diffusion_defaults(),
+    )
 
 
 if __name__ == "__main__":

@@ -16,42 +16,33 @@ folder):
                        as a mean squared error with pixels in [0, 1]}}}
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch
 
-from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
+from guided_diffusion.cli.main import run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import consistency_distances, decode_in_batches
-from guided_diffusion.script_util import diffusion_for_steps
-from guided_diffusion.cli.flags import parse_step_counts
-from guided_diffusion.sampling.files import make_grid_png, save_images_npz, to_uint8
-from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
-from guided_diffusion.sampling.files import load_latents
-from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
-from guided_diffusion.cli.main import start_single_process_tool, run_main
-from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.runtime.files import write_json
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.runtime.seeding import seed_sampling
+from guided_diffusion.sampling.files import load_latents, make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.script_util import script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
+    args = parse_sampling_flags(create_argparser(), argv)
     step_counts = parse_step_counts(args.steps)
 
     start_single_process_tool("ddim_consistency.py", args)
 
-    flags = ddim_tool_model_flags(args)
     if args.latents:
         x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond)
         x_T = x_T[: args.num_samples]
         labels = None if labels is None else labels[: args.num_samples]
-    model = load_sampling_model(flags, args.model_path, **network_flags(args))
-    diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
+    model, diffusions = load_ddim_tool_model(args, step_counts)
     if not args.latents:
         seed_sampling(args.seed)
         labels = None
@@ -88,18 +79,18 @@ def format_table(distances, reference):
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        latents="",
-        num_samples=8,
-        steps="10,20,50,100",
-        batch_size=16,
-        clip_denoised=True,
+    return script_parser(
+        "Decode the same DDIM latents with several step counts.",
+        dict(
+            model_path="",
+            latents="",
+            num_samples=8,
+            steps="10,20,50,100",
+            batch_size=16,
+            clip_denoised=True,
+        ),
+        ddim_tool_defaults(),
     )
-    defaults.update(ddim_tool_defaults())
-    parser = argparse.ArgumentParser(description="Decode the same DDIM latents with several step counts.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 if __name__ == "__main__":

@@ -13,30 +13,23 @@ Writes, in --out_dir (default: the log folder):
     interpolation.png   one row per pair, from its first latent (left) to its second (right)
 """
 
-import argparse
 import os
 
 import torch
 
-from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
+from guided_diffusion.cli.main import run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import decode_in_batches, slerp_pairs
-from guided_diffusion.script_util import diffusion_for_steps
-from guided_diffusion.cli.flags import parse_step_counts
-from guided_diffusion.sampling.files import make_grid_png, save_images_npz, to_uint8
 from guided_diffusion.errors import ScriptError
-from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
-from guided_diffusion.sampling.files import load_latents
-from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
-from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.sampling.files import load_latents, make_grid_png, save_images_npz, to_uint8
+from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.script_util import script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
+    args = parse_sampling_flags(create_argparser(), argv)
     steps = parse_step_counts(args.steps)
     if len(steps) != 1:
         raise ScriptError(f"--steps takes one step count here, got {args.steps!r}")
@@ -45,11 +38,10 @@ def main(argv=None):
 
     start_single_process_tool("ddim_interpolate.py", args)
 
-    flags = ddim_tool_model_flags(args)
     if args.latents:
         starts, ends, labels = pairs_from_file(args)
-    model = load_sampling_model(flags, args.model_path, **network_flags(args))
-    diffusion = diffusion_for_steps(flags, steps[0])
+    model, diffusions = load_ddim_tool_model(args, steps)
+    diffusion = diffusions[steps[0]]
     if not args.latents:
         seed_sampling(args.seed)
         starts, ends, labels = draw_pairs(args)
@@ -91,19 +83,19 @@ def pairs_from_file(args):
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        latents="",
-        num_pairs=4,
-        num_points=8,
-        steps="50",
-        batch_size=16,
-        clip_denoised=True,
+    return script_parser(
+        "Decode slerp paths between DDIM latents.",
+        dict(
+            model_path="",
+            latents="",
+            num_pairs=4,
+            num_points=8,
+            steps="50",
+            batch_size=16,
+            clip_denoised=True,
+        ),
+        ddim_tool_defaults(),
     )
-    defaults.update(ddim_tool_defaults())
-    parser = argparse.ArgumentParser(description="Decode slerp paths between DDIM latents.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 if __name__ == "__main__":

@@ -12,31 +12,30 @@ Writes, in --out_dir (default: the log folder):
     reconstruction.json   {"steps": {S: {"mse": ..., "psnr": ...}}, "num_images": N}
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch
 
-from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
-from guided_diffusion.script_util import diffusion_for_steps
-from guided_diffusion.cli.flags import parse_step_counts
+from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
+from guided_diffusion.cli.main import run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
 from guided_diffusion.diffusion.sampling import check_invertible_eta
-from guided_diffusion.sampling.files import make_grid_png, to_uint8
-from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags, network_flags
-from guided_diffusion.sampling.loop import load_sampling_model
-from guided_diffusion.sampling.loop import check_sampling_flags, output_dir
-from guided_diffusion.sampling.files import read_images, save_latents, uint8_to_model_input
-from guided_diffusion.cli.main import start_single_process_tool, run_main
 from guided_diffusion.runtime.files import write_json
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.sampling.files import (
+    make_grid_png,
+    read_images,
+    save_latents,
+    to_uint8,
+    uint8_to_model_input,
+)
+from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.script_util import script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
+    args = parse_sampling_flags(create_argparser(), argv)
     check_invertible_eta(args.eta)
     step_counts = parse_step_counts(args.steps)
 
@@ -44,9 +43,7 @@ def main(argv=None):
 
     images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images)
     logger.log(f"read {len(images)} images from {args.input}")
-    flags = ddim_tool_model_flags(args)
-    model = load_sampling_model(flags, args.model_path, **network_flags(args))
-    diffusions = {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
+    model, diffusions = load_ddim_tool_model(args, step_counts)
 
     x_start = uint8_to_model_input(images)
     y = None if labels is None else torch.from_numpy(labels)
@@ -81,20 +78,20 @@ def format_table(results):
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        input="",
-        num_images=0,
-        steps="10,20,50,100",
-        batch_size=16,
-        clip_denoised=True,
-        eta=0.0,
-        grid_images=16,
+    return script_parser(
+        "Encode images into DDIM latents and reconstruct them.",
+        dict(
+            model_path="",
+            input="",
+            num_images=0,
+            steps="10,20,50,100",
+            batch_size=16,
+            clip_denoised=True,
+            eta=0.0,
+            grid_images=16,
+        ),
+        ddim_tool_defaults(seed=False),  # nothing random happens
     )
-    defaults.update(ddim_tool_defaults(seed=False))  # nothing random happens
-    parser = argparse.ArgumentParser(description="Encode images into DDIM latents and reconstruct them.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ once its length is verified. --list shows the names, sizes and the flags each ch
 
 import argparse
 
-from guided_diffusion.cli.flags import add_flag
+from guided_diffusion.cli.flags import add_flag, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.data.released import approx_size, checkpoints, fetch_checkpoints, format_bytes
 from guided_diffusion.script_util import str2bool
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.strip().split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     add_flag(parser, "names", positional=True, nargs="*")
     add_flag(parser, "out_dir", default="models")
     add_flag(parser, "base_url", default="")

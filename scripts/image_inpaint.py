@@ -8,44 +8,29 @@ samples_NxHxWx3.npz (arr_1: the labels, when class-conditional or classifier-gui
         --timestep_respacing 250 --resamplings 10 --jump_length 10 $MODEL_FLAGS
 """
 
-import argparse
-
 from guided_diffusion import logger
-from guided_diffusion.cli.flags import editing_defaults, network_flags
+from guided_diffusion.cli.flags import editing_defaults
 from guided_diffusion.cli.main import run_main, start_single_process_tool
-from guided_diffusion.cli.weights import load_checkpoint_into
-from guided_diffusion.diffusion.guidance import check_guidance_scale
 from guided_diffusion.diffusion.inpaint import INPAINT_SAMPLERS, inpaint_loop, repaint_schedule
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling import editing
-from guided_diffusion.sampling.loop import (
-    check_sampler_flags,
-    load_guidance_classifier,
-    output_dir,
-    prepare_network,
-    resolve_sampler,
-)
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from guided_diffusion.sampling.loop import load_guided_model, output_dir, sampler_from_flags
+from guided_diffusion.script_util import script_parser
 
 
-def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    sampler = resolve_sampler(args.sampler, args.use_ddim)
+def check_inpaint_sampler(sampler):
+    """:raises ScriptError: for a sampler RePaint cannot run (an ODE solver)."""
     if sampler not in INPAINT_SAMPLERS:
         raise ScriptError(
             f"inpainting runs RePaint on the diffusion's own steps: use --sampler ddpm or ddim "
             f"(with --timestep_respacing), not {sampler}"
         )
-    check_sampler_flags(sampler, timestep_respacing=args.timestep_respacing,
-                        evaluations=args.evaluations, sigma_grid=args.sigma_grid)
-    check_guidance_scale(args.guidance_scale, class_cond=args.class_cond,
-                         class_dropout_prob=args.class_dropout_prob)
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    sampler = sampler_from_flags(args, check=check_inpaint_sampler)
     editing.check_class_label(args.class_label, args.num_classes)
     images, masks, paths = editing.read_inpainting_inputs(
         args.input, args.mask, args.image_size, invert_mask=args.invert_mask)
@@ -53,17 +38,7 @@ def main(argv=None):
 
     start_single_process_tool("image_inpaint.py", args)
     logger.log(f"read {len(images)} images and masks from {args.input}, {args.mask}")
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    flags.update(num_classes=args.num_classes, class_dropout_prob=args.class_dropout_prob)
-    model, diffusion = create_model_and_diffusion(**flags)
-    load_checkpoint_into(model, args.model_path, flags,
-                         build=lambda f: create_model_and_diffusion(**f)[0])
-    prepare_network(model, **network_flags(args))
-    classifier = load_guidance_classifier(args) if args.classifier_path else None
-    model_fn, cond_fn = editing.guided_model(
-        model, class_cond=args.class_cond, guidance_scale=args.guidance_scale,
-        num_classes=args.num_classes, classifier=classifier,
-        classifier_scale=args.classifier_scale)
+    model_fn, cond_fn, diffusion, classifier = load_guided_model(args)
 
     def inpaint(x_start, model_kwargs, mask):
         return inpaint_loop(
@@ -84,11 +59,8 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = editing_defaults()
-    defaults.update(mask="", invert_mask=False, jump_length=1, resamplings=1, eta=0.0)
-    parser = argparse.ArgumentParser(description="Inpaint images with RePaint.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser("Inpaint images with RePaint.", editing_defaults(),
+                         dict(mask="", invert_mask=False, jump_length=1, resamplings=1, eta=0.0))
 
 
 if __name__ == "__main__":

@@ -5,44 +5,27 @@ bound, every step) and save the per-step terms: vb_terms.npz, mse_terms.npz, xst
     mpiexec -n N python scripts/image_nll.py --data_dir DIR --model_path model.pt $MODEL_FLAGS
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch.distributed as dist
 
-from guided_diffusion.cli import run_config
 from guided_diffusion import dist_util, logger
-from guided_diffusion.image_datasets import load_data
-from guided_diffusion.runtime.perf import set_tf32
-from guided_diffusion.cli.weights import load_checkpoint_into
-from guided_diffusion.cli.flags import channel_defaults, network_flags, sampling_extra_defaults
-from guided_diffusion.sampling.loop import check_sampling_flags, output_dir, prepare_network
+from guided_diffusion.cli.flags import channel_defaults, sampling_extra_defaults
 from guided_diffusion.cli.main import run_main
+from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from guided_diffusion.sampling import loop
+from guided_diffusion.script_util import model_and_diffusion_defaults, script_parser
 
 
 def main(argv=None):
-    args = run_config.parse_args(create_argparser(), argv)  # flags from a run's args.json too
-    check_sampling_flags(args)  # before any work: bad counts, an unwritable --out_dir
-
+    args = loop.parse_sampling_flags(create_argparser(), argv)
     dist_util.setup_dist()
 
     # The model is built, its checkpoint checked and the data found before the log folder is
     # made, so a run refused on its flags leaves no folder behind.
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    flags["num_classes"] = args.num_classes
-    flags["in_channels"] = args.in_channels
-    model, diffusion = create_model_and_diffusion(**flags)
-    load_checkpoint_into(
-        model, args.model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0]
-    )
+    model, diffusion, _ = loop.load_diffusion_model(args)
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -51,14 +34,14 @@ def main(argv=None):
         deterministic=True,
         in_channels=args.in_channels,
     )
-    logger.configure(dir=args.log_dir or None)
-    set_tf32(args.tf32)
-    logger.log(f"loaded the model {args.model_path} and the data {args.data_dir}")
-    prepare_network(model, **network_flags(args))
+    loop.open_run_log(
+        args, model, f"loaded the model {args.model_path} and the data {args.data_dir}"
+    )
 
     seed_sampling(args.seed)
     logger.log("evaluating...")
-    run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised, output_dir(args), args.progress)
+    run_bpd_evaluation(model, diffusion, data, args.num_samples, args.clip_denoised,
+                       loop.output_dir(args), args.progress)
 
 
 def _mean_over_ranks(tensor):
@@ -105,13 +88,13 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised, out_d
 
 
 def create_argparser():
-    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(sampling_extra_defaults())
-    defaults.update(channel_defaults())
-    parser = argparse.ArgumentParser(description="Bits per dimension of a dataset under a model.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(
+        "Bits per dimension of a dataset under a model.",
+        dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path=""),
+        model_and_diffusion_defaults(),
+        sampling_extra_defaults(),
+        channel_defaults(),
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ if __name__ == "__main__":
 
     catch_preemption_signals()
 
-import argparse
-
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import augmentation_defaults, diffusion_train_defaults
 from guided_diffusion.cli.main import run_main
@@ -24,10 +22,10 @@ from guided_diffusion.image_datasets import check_dataset_classes, load_data, wi
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.runtime.perf import compile_model, to_channels_last
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    script_parser,
 )
 from guided_diffusion.train_util import TRAIN_LOOP_FLAGS, TrainLoop
 from guided_diffusion.training.engine import parse_run_args, start_run
@@ -81,12 +79,12 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = diffusion_train_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(augmentation_defaults())
-    parser = argparse.ArgumentParser(description="Train a diffusion model on a folder of images.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(
+        "Train a diffusion model on a folder of images.",
+        diffusion_train_defaults(),
+        model_and_diffusion_defaults(),
+        augmentation_defaults(),
+    )
 
 
 if __name__ == "__main__":

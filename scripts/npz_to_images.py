@@ -8,13 +8,13 @@ else <index>.png, into a folder named like the npz (or --out_dir).
 
 import argparse
 
-from guided_diffusion.cli.flags import add_flag
+from guided_diffusion.cli.flags import add_flag, check_counts, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.sampling.files import npz_to_image_files
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.strip().split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
     add_flag(parser, "npz", positional=True)
     add_flag(parser, "out_dir", default="")
     add_flag(parser, "limit", type=int, default=None)
@@ -23,8 +23,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    check_counts(args, "limit")
     folder, count = npz_to_image_files(args.npz, folder=args.out_dir or None, limit=args.limit)
     print(f"wrote {count} images to {folder}")
 

@@ -15,8 +15,6 @@ if __name__ == "__main__":
 
     catch_preemption_signals()
 
-import argparse
-
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import diffusion_train_defaults
 from guided_diffusion.cli.main import run_main
@@ -28,8 +26,8 @@ from guided_diffusion.image_datasets import (
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.runtime.perf import compile_model, to_channels_last
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
+    script_parser,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
@@ -85,12 +83,12 @@ def main(argv=None):
 
 
 def create_argparser():
-    defaults = diffusion_train_defaults()
-    defaults.update(sr_model_and_diffusion_defaults())
-    defaults.update(channel_mult="")  # "" = by large_size; needed for sizes like 16
-    parser = argparse.ArgumentParser(description="Train a super-resolution diffusion model.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(
+        "Train a super-resolution diffusion model.",
+        diffusion_train_defaults(),
+        sr_model_and_diffusion_defaults(),
+        dict(channel_mult=""),  # "" = by large_size; needed for sizes like 16
+    )
 
 
 if __name__ == "__main__":

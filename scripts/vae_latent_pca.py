@@ -13,18 +13,17 @@ them. --features_npz runs the same analysis on any features (arrays "features"[,
 Runs in one process.
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.flags import explicit_flags, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.image_datasets import class_labels_from_paths, list_image_files_recursively
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.script_util import script_parser
 from guided_diffusion.vae import (
     embedding_report,
     encode_means,
@@ -36,20 +35,20 @@ from guided_diffusion.vae import (
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        data_dir="",
-        features_npz="",
-        batch_size=256,
-        max_images=0,
-        knn_k=5,
-        out_dir="",
-        log_dir="",
+    return script_parser(
+        script_description(__doc__),
+        dict(
+            model_path="",
+            data_dir="",
+            features_npz="",
+            batch_size=256,
+            max_images=0,
+            knn_k=5,
+            out_dir="",
+            log_dir="",
+        ),
+        vae_defaults(),
     )
-    defaults.update(vae_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 def _labels_or_none(paths):

@@ -11,15 +11,15 @@ interpolation.npz/.png, to --out_dir (default: the log folder, --log_dir or $OPE
 records them; passing other values is refused.
 """
 
-import argparse
 import os
 
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import explicit_flags
+from guided_diffusion.cli.flags import explicit_flags, script_description
 from guided_diffusion.cli.main import run_main
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.sampling.loop import check_sampling_flags
+from guided_diffusion.script_util import script_parser
 from guided_diffusion.vae import (
     sample_from_prior,
     save_interpolation,
@@ -27,25 +27,24 @@ from guided_diffusion.vae import (
     vae_defaults,
     vae_from_checkpoint,
 )
-from guided_diffusion.sampling.loop import check_sampling_flags
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        data_dir="",
-        num_samples=64,
-        batch_size=64,
-        num_recon=16,
-        interp_steps=10,
-        out_dir="",
-        log_dir="",
-        seed=0,
+    return script_parser(
+        script_description(__doc__),
+        dict(
+            model_path="",
+            data_dir="",
+            num_samples=64,
+            batch_size=64,
+            num_recon=16,
+            interp_steps=10,
+            out_dir="",
+            log_dir="",
+            seed=0,
+        ),
+        vae_defaults(),
     )
-    defaults.update(vae_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    add_dict_to_argparser(parser, defaults)
-    return parser
 
 
 def main(argv=None):

@@ -16,14 +16,13 @@ if __name__ == "__main__":
 
     catch_preemption_signals()
 
-import argparse
-
 import torch
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.cli.flags import script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import add_dict_to_argparser, args_to_dict
+from guided_diffusion.script_util import args_to_dict, script_parser
 from guided_diffusion.training.engine import start_run
 from guided_diffusion.vae import (
     ARCH_FLAGS,
@@ -38,11 +37,7 @@ _SCRIPT_FLAGS = ("data_dir", "random_flip", "seed", "log_dir", "log_format")
 
 
 def create_argparser():
-    defaults = vae_train_defaults()
-    defaults.update(vae_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(script_description(__doc__), vae_train_defaults(), vae_defaults())
 
 
 def main(argv=None):

@@ -226,6 +226,20 @@ def label_choice_defaults():
     return dict(class_label=-1, balanced_labels=False)
 
 
+def diffusion_sampling_defaults():
+    """
+    The flags the three diffusion sampling scripts (image_sample, classifier_sample,
+    super_res_sample) add to their networks' flags: sampling_extra_defaults(), cfg_defaults(),
+    sampling_guidance_defaults() and sample_script_defaults(), in that order.
+    """
+    return {
+        **sampling_extra_defaults(),
+        **cfg_defaults(),
+        **sampling_guidance_defaults(),
+        **sample_script_defaults(),
+    }
+
+
 def augmentation_defaults():
     """
     image_train.py's data augmentation: random_flip as the reference (on), random_crop off (the
@@ -309,6 +323,30 @@ def parse_step_counts(text):
     if not counts:
         raise ValueError(f"no step counts in {text!r}: pass e.g. --steps 10,20,50,100")
     return sorted(set(counts))
+
+
+def check_counts(args, *names):
+    """
+    Refuse a count flag below 1 before any work.
+
+    :param args: the parsed flags.
+    :param names: the count flags' names; one the args lack, or left at None (e.g. --limit
+        unset: no limit), is not checked.
+    :raises ScriptError: naming the flag and its value.
+    """
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ScriptError(f"--{name} must be at least 1, got {value}")
+
+
+def script_description(doc):
+    """
+    A script's --help description: the first paragraph of its module docstring, on one line.
+
+    :param doc: the script's __doc__.
+    """
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def classifier_train_defaults():
@@ -442,7 +480,8 @@ FLAG_GROUPS = {
 # go into NEW_FLAG_HELP at the end of this file; flag_table() merges both.
 FLAG_HELP = {
     # model
-    "image_size": ("model", "side of the square images in pixels"),
+    "image_size": ("model", "side of the square images in pixels, or height,width for "
+                            "rectangles (e.g. 32,48)"),
     "num_channels": ("model", "base width: channels of the first level (UNet; the VAE's "
                               "--arch conv network)"),
     "num_res_blocks": ("model", "residual blocks per resolution level of the UNet"),
@@ -479,6 +518,8 @@ FLAG_HELP = {
     "hidden_size": ("model", "VAE with --arch mlp: width of the hidden layers"),
     "likelihood": ("model", 'VAE decoder: "bernoulli" (grey levels as probabilities) or '
                             '"gaussian"'),
+    "in_channels": ("model", "image channels: 3 = RGB (released checkpoints), 1 = grey, any "
+                             "count for .npy data"),
     # diffusion
     "learn_sigma": ("diffusion", "the model also predicts the variances (6 output channels; "
                                  "Nichol & Dhariwal 2021)"),
@@ -538,6 +579,24 @@ FLAG_HELP = {
     "resample": ("data", "filter that resizes the 8x8 digits to --image_size"),
     "num_images": ("data", "use only the first N images (0 = all)"),
     "max_images": ("data", "use at most this many images, spread over the folder (0 = all)"),
+    "random_crop": ("data", "crop training images at a random place and scale (short side "
+                            "scaled to 1 to 1.25 times the size)"),
+    "npz": ("data", "a samples npz (arr_0 uint8 images, arr_1 labels when present)"),
+    "folder": ("data", "a folder of images, searched recursively"),
+    "out_npz": ("data", "the npz file to write"),
+    "names": ("data", "released checkpoint names (e.g. 64x64_diffusion), or all"),
+    "base_url": ("data", "where the checkpoints are downloaded from (a mirror; default: the "
+                         "reference's release)"),
+    "list": ("data", "print the released checkpoints with their sizes and flags, download "
+                     "nothing"),
+    "archive": ("data", "the dataset archive as its authors distribute it"),
+    "lmdb_path": ("data", "an LSUN lmdb database (e.g. bedroom_train_lmdb)"),
+    "prefix": ("data", "class name the files are named with (<prefix>_<index>.png)"),
+    "config": ("data", "a training run's args.json whose model and diffusion flags to use (\"\" = "
+                       "the args.json beside --model_path if there is one; none = never); flags "
+                       "given on the command line win"),
+    "val_num_images": ("data", "images of the fixed validation subset taken from --val_data_dir "
+                               "(shared among the ranks)"),
     # training
     "schedule_sampler": ("training", 'how training draws timesteps: "uniform" or '
                                      '"loss-second-moment" (by their recent losses)'),
@@ -568,6 +627,33 @@ FLAG_HELP = {
     "final_momentum": ("training", "cGAN sgd: momentum reached after --momentum_saturate_steps"),
     "momentum_saturate_steps": ("training", "cGAN sgd: steps of the linear momentum ramp"),
     "beta": ("training", "VAE: weight of the KL term (1 = the ELBO, > 1 a beta-VAE)"),
+    "log_format": ("training", "rank 0's log outputs, comma-separated from stdout, log, csv, "
+                               'json, tensorboard ("" = $OPENAI_LOG_FORMAT, else '
+                               "stdout,log,csv)"),
+    "keep_checkpoints": ("training", "keep only the newest K checkpoint sets, deleting older "
+                                     "ones once a new set is on disk (never the one resumed "
+                                     "from); -1 = keep all"),
+    "grad_clip": ("training", "clip the global gradient norm to this before each step (logged "
+                              "as grad_norm_clipped); 0 = never"),
+    "ema_warmup_power": ("training", "warm the EMA decay up as min(ema_rate, 1 - (1 + step / "
+                                     "ema_inv_gamma) ** -power), e.g. 0.6667 for short runs; 0 "
+                                     "= constant --ema_rate (the reference)"),
+    "ema_inv_gamma": ("training", "step scale of the EMA warm-up (see --ema_warmup_power)"),
+    "init_checkpoint": ("training", "fine-tune: start a fresh run (step 0, new optimizer, EMA = "
+                                    "weights) from this checkpoint's weights; ignored when the "
+                                    "run resumes"),
+    "init_num_classes": ("training", "with --init_checkpoint: re-initialise the label embedding "
+                                     "for K classes (the model gets --num_classes K); 0 = keep "
+                                     "the checkpoint's"),
+    "init_add_null_class": ("training", "with --init_checkpoint: add the null-class row of "
+                                        "classifier-free guidance to the checkpoint's label "
+                                        "embedding (with --class_dropout_prob > 0)"),
+    "sample_interval": ("training", "every N steps rank 0 writes samples_stepNNNNNN.png (EMA "
+                                    "weights, fixed noise and labels, DDIM) to the log folder "
+                                    "and TensorBoard; 0 = never"),
+    "sample_steps": ("training", "DDIM steps of the --sample_interval grids"),
+    "val_interval": ("training", "every N steps log the loss terms on the --val_data_dir subset "
+                                 "(val_loss, val_mse, val_vb and their quarters)"),
     # sampling
     "num_samples": ("sampling", "how many samples to make (image_nll: images to score; "
                                 "ddim_consistency: latents to decode)"),
@@ -578,7 +664,8 @@ FLAG_HELP = {
                             "model evaluations"),
     "guidance_scale": ("sampling", "classifier-free guidance weight: 1 = plain conditional "
                                    "sampling, 0 = unconditional, > 1 = stronger conditioning"),
-    "class_label": ("sampling", "draw every sample of this class (-1 = every class in turn)"),
+    "class_label": ("sampling", "draw every sample of this class (-1 = none fixed: diffusion "
+                                "samplers draw at random, cGAN takes every class in turn)"),
     "grid_per_class": ("sampling", "samples per class row of the PNG grid"),
     "use_ema": ("sampling", "cGAN: use the generator's moving average instead of its last "
                             "weights"),
@@ -592,15 +679,33 @@ FLAG_HELP = {
     "grid_images": ("sampling", "images per row of the reconstruction grid"),
     "scales": ("sampling", "classifier guidance scales to sweep, comma-separated"),
     "samplers": ("sampling", "samplers to compare, comma-separated"),
-    "evaluations": ("sampling", "budgets of model evaluations per sample to compare, "
-                                "comma-separated"),
+    "evaluations": ("sampling", "model evaluations per sample for the ODE solvers (--sampler "
+                                "euler|heun|dpmpp_*); required with them, 0 with ddpm/ddim "
+                                "(they use --timestep_respacing)"),
     "guidance_scales": ("sampling", "classifier-free guidance scales to compare, "
                                     "comma-separated"),
+    "sigma_grid": ("sampling", "noise levels of the ODE solvers: karras, logsnr (uniform in log "
+                               "sigma) or time (uniform in timestep); empty = the solver's "
+                               "measured default"),
+    "mask": ("sampling", "image_inpaint.py: a mask PNG for every image, or a folder of masks "
+                         "named like the images; white = keep"),
+    "invert_mask": ("sampling", "image_inpaint.py: black = keep instead of white"),
+    "jump_length": ("sampling", "image_inpaint.py: RePaint's jump, reverse steps run before "
+                                "noising back up (1 = every step)"),
+    "resamplings": ("sampling", "image_inpaint.py: RePaint's resampling, times each stretch of "
+                                "--jump_length steps is run (1 = none)"),
+    "edit_strength": ("sampling", "image_edit.py: SDEdit's t0 / T in (0, 1]: how far the input "
+                                  "is noised before denoising (1 = sample from noise)"),
+    "save_images": ("sampling", "also write one PNG per sample (<index>_<label>.png) into a "
+                                "folder named like the npz"),
+    "balanced_labels": ("sampling", "draw the classes in turn so every class gets the same "
+                                    "count (instead of at random)"),
     # evaluation
     "ref_batch": ("evaluation", "reference batch: an npz with uint8 NHWC images in 0..255 "
-                                "(arr_0), and optionally precomputed statistics"),
+                                "(arr_0, optionally with statistics), or a folder of images"),
     "sample_batch": ("evaluation", "sample batch: an npz with uint8 NHWC images in 0..255 "
-                                   "(arr_0), e.g. image_sample.py's output"),
+                                   "(arr_0), e.g. image_sample.py's output, or a folder of "
+                                   "images"),
     "samples": ("evaluation", "samples_*.npz files with class labels (arr_1)"),
     "inception_path": ("evaluation", "PyTorch weights of the 2015-12-05 Inception network "
                                      "(default: the torch hub cache, then the current folder)"),
@@ -614,6 +719,15 @@ FLAG_HELP = {
                                   "samples"),
     "upscale": ("evaluation", "nearest-neighbour magnification of the grids"),
     "knn_k": ("evaluation", "k of the leave-one-out k-nearest-neighbour accuracy"),
+    "classifier_scales": ("evaluation", "experiments/sdedit_digits.py: classifier-guidance "
+                                        "scales to edit with, comma-separated"),
+    "num_inputs": ("evaluation", "experiments/sdedit_digits.py: held-out digits to edit"),
+    "strengths": ("evaluation", "experiments/sdedit_digits.py: edit strengths (SDEdit's t0 / "
+                                "T), comma-separated"),
+    "budgets": ("evaluation", "experiments/solver_grids.py: model-evaluation budgets to "
+                              "compare, comma-separated"),
+    "stats": ("evaluation", "also store the Inception statistics (mu, sigma, mu_s, sigma_s), so "
+                            "the evaluator need not recompute them"),
     # performance
     "use_fp16": ("performance", "run the network's torso in float16 (training: with a dynamic "
                                 "loss scale)"),
@@ -919,119 +1033,11 @@ def editing_defaults():
     defaults.update(sampling_guidance_defaults())
     return defaults
 
-# Rows of flags added after the table was written: name -> (group, one-line description).
-# flag_table() merges them into FLAG_HELP, so they show in --help and docs/flags.md.
-NEW_FLAG_HELP = {
-    "evaluations": (
-        "sampling",
-        "model evaluations per sample for the ODE solvers (--sampler euler|heun|dpmpp_*); "
-        "required with them, 0 with ddpm/ddim (they use --timestep_respacing)",
-    ),
-    "sigma_grid": (
-        "sampling",
-        "noise levels of the ODE solvers: karras, logsnr (uniform in log sigma) or time "
-        "(uniform in timestep); empty = the solver's measured default",
-    ),
-    "mask": (
-        "sampling",
-        "image_inpaint.py: a mask PNG for every image, or a folder of masks named like the "
-        "images; white = keep",
-    ),
-    "invert_mask": ("sampling", "image_inpaint.py: black = keep instead of white"),
-    "jump_length": (
-        "sampling",
-        "image_inpaint.py: RePaint's jump, reverse steps run before noising back up (1 = "
-        "every step)",
-    ),
-    "resamplings": (
-        "sampling",
-        "image_inpaint.py: RePaint's resampling, times each stretch of --jump_length steps is "
-        "run (1 = none)",
-    ),
-    "edit_strength": (
-        "sampling",
-        "image_edit.py: SDEdit's t0 / T in (0, 1]: how far the input is noised before "
-        "denoising (1 = sample from noise)",
-    ),
-    "classifier_scales": (
-        "evaluation",
-        "experiments/sdedit_digits.py: classifier-guidance scales to edit with, comma-separated",
-    ),
-    "num_inputs": ("evaluation", "experiments/sdedit_digits.py: held-out digits to edit"),
-    "strengths": (
-        "evaluation",
-        "experiments/sdedit_digits.py: edit strengths (SDEdit's t0 / T), comma-separated",
-    ),
-    "budgets": (
-        "evaluation",
-        "experiments/solver_grids.py: model-evaluation budgets to compare, comma-separated",
-    ),
-
-    "image_size": ("model", "side of the square images in pixels, or height,width for "
-                            "rectangles (e.g. 32,48)"),
-    "in_channels": ("model", "image channels: 3 = RGB (released checkpoints), 1 = grey, any "
-                             "count for .npy data"),
-    "save_images": ("sampling", "also write one PNG per sample (<index>_<label>.png) into a "
-                                "folder named like the npz"),
-    "class_label": ("sampling", "draw every sample of this class (-1 = none fixed: diffusion "
-                                "samplers draw at random, cGAN takes every class in turn)"),
-    "balanced_labels": ("sampling", "draw the classes in turn so every class gets the same "
-                                    "count (instead of at random)"),
-    "random_crop": ("data", "crop training images at a random place and scale (short side "
-                            "scaled to 1 to 1.25 times the size)"),
-    "ref_batch": ("evaluation", "reference batch: an npz with uint8 NHWC images in 0..255 "
-                                "(arr_0, optionally with statistics), or a folder of images"),
-    "sample_batch": ("evaluation", "sample batch: an npz with uint8 NHWC images in 0..255 "
-                                   "(arr_0), e.g. image_sample.py's output, or a folder of "
-                                   "images"),
-    "npz": ("data", "a samples npz (arr_0 uint8 images, arr_1 labels when present)"),
-    "folder": ("data", "a folder of images, searched recursively"),
-    "out_npz": ("data", "the npz file to write"),
-    "stats": ("evaluation", "also store the Inception statistics (mu, sigma, mu_s, sigma_s), so "
-                            "the evaluator need not recompute them"),
-    "names": ("data", "released checkpoint names (e.g. 64x64_diffusion), or all"),
-    "base_url": ("data", "where the checkpoints are downloaded from (a mirror; default: the "
-                         "reference's release)"),
-    "list": ("data", "print the released checkpoints with their sizes and flags, download "
-                     "nothing"),
-    "archive": ("data", "the dataset archive as its authors distribute it"),
-    "lmdb_path": ("data", "an LSUN lmdb database (e.g. bedroom_train_lmdb)"),
-    "prefix": ("data", "class name the files are named with (<prefix>_<index>.png)"),
-
-    # issue 22: runs a researcher can live in (docs/runs.md)
-    "config": ("data", "a training run's args.json whose model and diffusion flags to use (\"\" = "
-                       "the args.json beside --model_path if there is one; none = never); flags "
-                       "given on the command line win"),
-    "log_format": ("training", "rank 0's log outputs, comma-separated from stdout, log, csv, "
-                               "json, tensorboard (\"\" = $OPENAI_LOG_FORMAT, else "
-                               "stdout,log,csv)"),
-    "keep_checkpoints": ("training", "keep only the newest K checkpoint sets, deleting older "
-                                     "ones once a new set is on disk (never the one resumed "
-                                     "from); -1 = keep all"),
-    "grad_clip": ("training", "clip the global gradient norm to this before each step (logged "
-                              "as grad_norm_clipped); 0 = never"),
-    "ema_warmup_power": ("training", "warm the EMA decay up as min(ema_rate, 1 - (1 + step / "
-                                     "ema_inv_gamma) ** -power), e.g. 0.6667 for short runs; 0 = "
-                                     "constant --ema_rate (the reference)"),
-    "ema_inv_gamma": ("training", "step scale of the EMA warm-up (see --ema_warmup_power)"),
-    "init_checkpoint": ("training", "fine-tune: start a fresh run (step 0, new optimizer, EMA = "
-                                    "weights) from this checkpoint's weights; ignored when the "
-                                    "run resumes"),
-    "init_num_classes": ("training", "with --init_checkpoint: re-initialise the label embedding "
-                                     "for K classes (the model gets --num_classes K); 0 = keep "
-                                     "the checkpoint's"),
-    "init_add_null_class": ("training", "with --init_checkpoint: add the null-class row of "
-                                        "classifier-free guidance to the checkpoint's label "
-                                        "embedding (with --class_dropout_prob > 0)"),
-    "sample_interval": ("training", "every N steps rank 0 writes samples_stepNNNNNN.png (EMA "
-                                    "weights, fixed noise and labels, DDIM) to the log folder "
-                                    "and TensorBoard; 0 = never"),
-    "sample_steps": ("training", "DDIM steps of the --sample_interval grids"),
-    "val_interval": ("training", "every N steps log the loss terms on the --val_data_dir subset "
-                                 "(val_loss, val_mse, val_vb and their quarters)"),
-    "val_num_images": ("data", "images of the fixed validation subset taken from --val_data_dir "
-                               "(shared among the ranks)"),
-}
+# Rows of flags a concurrent change adds, kept out of FLAG_HELP until they are folded into it
+# (so that two changes adding flags do not edit the same lines): name -> (group, one-line
+# description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
+# docs/flags.md at once.
+NEW_FLAG_HELP = {}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """
-What the sampling scripts share: building the sampling function a --sampler names, getting a
-loaded network ready (device, fp16/bf16 torso, eval mode, channels-last, compile), drawing batches
-round after round on every rank and gathering them in rank order, and writing the result.
+What the sampling scripts share: checking their flags before any work, building a model from the
+flags and loading its checkpoint, building the sampling function a --sampler names, getting a
+loaded network ready (device, fp16/bf16 torso, eval mode, channels-last, compile), opening the
+log folder, drawing batches round after round on every rank and gathering them in rank order,
+and writing the result.
 """
 
 import errno
@@ -16,13 +18,33 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import dist_util, logger
+from ..cli import run_config
+from ..cli.flags import check_counts, ddim_tool_model_flags, network_flags
 from ..cli.weights import load_checkpoint_into
 from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
+from ..diffusion.guidance import check_guidance_scale
 from ..errors import ScriptError
-from ..runtime.perf import compile_model, to_channels_last
+from ..runtime.perf import compile_model, set_tf32, to_channels_last
 from ..runtime.shapes import image_hw
+from . import editing
 from . import files as sample_files
+from .files import to_uint8
+
+
+def parse_sampling_flags(parser, argv=None):
+    """
+    A sampling script's flags: parsed, with the model and diffusion flags of a training run's
+    args.json where one applies (run_config.parse_args), and checked before any work
+    (check_sampling_flags).
+
+    :param parser: the script's create_argparser().
+    :param argv: the arguments (None: sys.argv[1:]).
+    :return: the parsed flags.
+    """
+    args = run_config.parse_args(parser, argv)
+    check_sampling_flags(args)
+    return args
 
 
 def check_sampling_flags(args):
@@ -35,13 +57,37 @@ def check_sampling_flags(args):
     """
     # deviation from reference: the reference divides by --batch_size (ZeroDivisionError), fails
     # to concatenate no batches, and finds an unwritable folder only when it saves.
-    for name in ("num_samples", "batch_size"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ScriptError(f"--{name} must be at least 1, got {value}")
+    check_counts(args, "num_samples", "batch_size")
     out_dir = getattr(args, "out_dir", "")
     if out_dir and "://" not in out_dir:
         check_writable_folder(out_dir, "--out_dir")
+
+
+def sampler_from_flags(args, check=None):
+    """
+    The sampler a sampling script runs (resolve_sampler), its flags checked before any work:
+    --timestep_respacing, --evaluations and --sigma_grid must fit it (check_sampler_flags) and
+    --guidance_scale the model (check_guidance_scale).
+
+    :param args: the parsed flags (sampler, use_ddim, timestep_respacing, evaluations,
+        sigma_grid, guidance_scale, class_cond, class_dropout_prob).
+    :param check: a script's own test of the sampler's name (a script that runs only some
+        samplers raises there), called first, so that a sampler it refuses is named as such
+        rather than asked for flags.
+    :return: the sampler's name.
+    :raises ValueError: one line naming the flag to change.
+    """
+    sampler = resolve_sampler(args.sampler, args.use_ddim)
+    if check is not None:
+        check(sampler)
+    check_sampler_flags(
+        sampler, timestep_respacing=args.timestep_respacing, evaluations=args.evaluations,
+        sigma_grid=args.sigma_grid,
+    )
+    check_guidance_scale(
+        args.guidance_scale, class_cond=args.class_cond, class_dropout_prob=args.class_dropout_prob
+    )
+    return sampler
 
 
 def check_writable_folder(folder, flag):
@@ -63,6 +109,47 @@ def check_writable_folder(folder, flag):
             f"cannot write to {flag} {folder} ({exc.strerror or exc}: {existing}): pass a folder "
             "you can write to"
         ) from None
+
+
+def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *, image_size,
+                     cond_fn=None):
+    """
+    The sampling scripts' run: draw --num_samples images, --batch_size per rank and round, gather
+    them on every rank and write samples_NxHxWxC.npz (+ PNG grid, + one PNG per sample with
+    --save_images) to output_dir(args).
+
+    :param args: the parsed flags (num_samples, batch_size, in_channels, clip_denoised,
+        progress, save_images, out_dir).
+    :param sample_fn: the sampling loop, make_sample_fn(...).
+    :param steps_per_batch: its denoising steps per batch, sample_steps(...), for the progress bar.
+    :param model_fn: the model the loop calls (e.g. with classifier-free guidance).
+    :param batch_kwargs: a function giving the model_kwargs of the next batch; it is called
+        before the batch's noise is drawn (labels first, as the reference draws them), and the
+        "y" it gives, if any, are the labels saved as arr_1.
+    :param image_size: the side (or height, width) of the samples.
+    :param cond_fn: the classifier guidance gradient, or None.
+    :return: the npz path.
+    """
+    shape = sample_shape(args.batch_size, image_size, args.in_channels)
+
+    def make_batch(bar):
+        model_kwargs = batch_kwargs()
+        sample = sample_fn(
+            model_fn,
+            shape,
+            clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs,
+            cond_fn=cond_fn,
+            device=dist_util.dev(),  # model_fn may be a plain function (guidance)
+            progress=bar,
+        )
+        return to_uint8(sample.float()), model_kwargs.get("y")
+
+    arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
+                                 progress=args.progress, steps_per_batch=steps_per_batch)
+    path = write_samples(arr, labels, output_dir(args), save_images=args.save_images)
+    logger.log("sampling complete")
+    return path
 
 
 def num_rounds(num_samples, batch_size):
@@ -227,6 +314,101 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, cha
     return compile_model(model, compile)
 
 
+# Flags besides a model family's own defaults that change the network a script builds; each
+# script passes those of them it has.
+_ADDED_MODEL_FLAGS = ("num_classes", "channel_mult", "class_dropout_prob", "in_channels")
+
+
+def load_diffusion_model(args, super_res=False):
+    """
+    Build a diffusion model and its diffusion from a script's parsed flags and load --model_path
+    into the model, before anything is written: a checkpoint that does not fit the flags is
+    refused naming the flags to change.
+
+    :param args: the parsed flags: model_and_diffusion_defaults() (sr_model_and_diffusion_defaults()
+        with super_res) plus those of num_classes, channel_mult, class_dropout_prob and
+        in_channels the script has, and model_path.
+    :param super_res: build the super-resolution model (sr_create_model_and_diffusion).
+    :return: (model, diffusion, flags): the model on the CPU, not yet prepared (prepare_network),
+        and the keywords it was built with.
+    """
+    from ..script_util import (
+        args_to_dict,
+        create_model_and_diffusion,
+        model_and_diffusion_defaults,
+        sr_create_model_and_diffusion,
+        sr_model_and_diffusion_defaults,
+    )
+
+    if super_res:
+        create, defaults = sr_create_model_and_diffusion, sr_model_and_diffusion_defaults()
+    else:
+        create, defaults = create_model_and_diffusion, model_and_diffusion_defaults()
+    flags = args_to_dict(args, defaults.keys())
+    flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS if hasattr(args, name)})
+    model, diffusion = _build_and_load(create, flags, args.model_path)
+    return model, diffusion, flags
+
+
+def _build_and_load(create, flags, model_path):
+    """(model, diffusion) of create(**flags), the checkpoint model_path loaded into the model."""
+    model, diffusion = create(**flags)
+    load_checkpoint_into(model, model_path, flags, build=lambda f: create(**f)[0])
+    return model, diffusion
+
+
+def load_ddim_tool_model(args, step_counts):
+    """
+    The networks of the DDIM tools (ddim_invert, ddim_consistency, ddim_interpolate): the model
+    of their flags with --model_path loaded and prepared, and one deterministic-DDIM diffusion
+    per step count ("ddim<steps>" respacing).
+
+    :param args: the parsed flags (cli.flags.ddim_tool_defaults() and model_path).
+    :param step_counts: the step counts, e.g. parse_step_counts(args.steps).
+    :return: (model, {steps: diffusion}).
+    """
+    from ..script_util import diffusion_for_steps
+
+    flags = ddim_tool_model_flags(args)
+    model = load_sampling_model(flags, args.model_path, **network_flags(args))
+    return model, {steps: diffusion_for_steps(flags, steps) for steps in step_counts}
+
+
+def load_guided_model(args):
+    """
+    The networks of the editing scripts (image_edit.py, image_inpaint.py), after their log folder
+    is open: the model of the flags with --model_path loaded and prepared, the noisy classifier
+    of --classifier_path when one is given, and the guidance they make (editing.guided_model:
+    class labels, --guidance_scale, --classifier_scale).
+
+    :param args: the parsed flags (cli.flags.editing_defaults()).
+    :return: (model_fn, cond_fn, diffusion, classifier or None).
+    """
+    model, diffusion, _ = load_diffusion_model(args)
+    prepare_network(model, **network_flags(args))
+    classifier = load_guidance_classifier(args) if args.classifier_path else None
+    model_fn, cond_fn = editing.guided_model(
+        model, class_cond=args.class_cond, guidance_scale=args.guidance_scale,
+        num_classes=args.num_classes, classifier=classifier,
+        classifier_scale=args.classifier_scale)
+    return model_fn, cond_fn, diffusion, classifier
+
+
+def open_run_log(args, model, loaded):
+    """
+    Open the log folder (--log_dir), apply --tf32, log what was loaded and get the model ready
+    (prepare_network with --use_fp16, --use_bf16, --compile, --channels_last). Call it once the
+    flags and inputs passed their checks, so that a refused run leaves no folder behind.
+
+    :param loaded: the line to log, e.g. "loaded the model model.pt".
+    :return: the prepared model.
+    """
+    logger.configure(dir=args.log_dir or None)
+    set_tf32(args.tf32)
+    logger.log(loaded)
+    return prepare_network(model, **network_flags(args))
+
+
 def output_dir(args):
     """The folder outputs go to: --out_dir, else the logger's folder."""
     folder = getattr(args, "out_dir", "") or logger.get_dir()
@@ -359,8 +541,7 @@ def load_sampling_model(flags, model_path, **network):
     from ..script_util import create_model_and_diffusion
 
     network.setdefault("use_fp16", bool(flags.get("use_fp16")))
-    model, _ = create_model_and_diffusion(**flags)
-    load_checkpoint_into(model, model_path, flags, build=lambda f: create_model_and_diffusion(**f)[0])
+    model, _ = _build_and_load(create_model_and_diffusion, flags, model_path)
     return prepare_network(model, **network)
 
 
