@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_cli import bench_device, print_runs, run_cli, timed  # noqa: E402
-from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
+from bench_configs import CONFIGS, config_flags, run_record  # noqa: E402
 
-from guided_diffusion.runtime.perf import compile_model, is_compiled, set_tf32, to_channels_last  # noqa: E402
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 
 
@@ -50,16 +50,12 @@ def run(args):
     for _ in range(warmup):  # e.g. the compilation, outside the timing
         loop(model, shape, model_kwargs=kwargs, device=device)
     wall, cpu = timed(device, lambda: loop(model, shape, model_kwargs=kwargs, device=device))
-    return {
-        "bench": "sample", "config": args.config, "device": str(device),
-        "batch_size": args.batch_size, "respacing": args.timestep_respacing or "all",
-        "use_ddim": args.use_ddim, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
-        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
-        "steps": diffusion.num_timesteps, "seconds": wall, "cpu_s": cpu,
-        "images_per_s": args.batch_size / wall,
-        "model_evals_per_s": args.batch_size * diffusion.num_timesteps / wall,
-        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(),
-    }
+    return run_record(
+        "sample", args, model, device, respacing=args.timestep_respacing or "all",
+        use_ddim=args.use_ddim, steps=diffusion.num_timesteps, seconds=wall, cpu_s=cpu,
+        images_per_s=args.batch_size / wall,
+        model_evals_per_s=args.batch_size * diffusion.num_timesteps / wall,
+    )
 
 
 def create_argparser():

@@ -16,10 +16,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_cli import bench_device, print_runs, run_cli, timed  # noqa: E402
-from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
+from bench_configs import CONFIGS, config_flags, run_record  # noqa: E402
 
 from guided_diffusion import logger  # noqa: E402
-from guided_diffusion.runtime.perf import compile_model, is_compiled, set_tf32, to_channels_last  # noqa: E402
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
 
@@ -61,15 +61,11 @@ def run(args):
 
     run_steps(args.warmup)
     wall, cpu = timed(device, lambda: run_steps(args.steps))
-    return {
-        "bench": "train", "config": args.config, "device": str(device),
-        "batch_size": args.batch_size, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
-        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
-        "steps": args.steps, "s_per_step": wall / args.steps,
-        "samples_per_s": args.batch_size * args.steps / wall, "cpu_s": cpu,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(),
-    }
+    return run_record(
+        "train", args, model, device, steps=args.steps, s_per_step=wall / args.steps,
+        samples_per_s=args.batch_size * args.steps / wall, cpu_s=cpu,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+    )
 
 
 def create_argparser():
