@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from bench_cli import run_cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKLOADS = ("train", "ddim", "guided")
@@ -557,8 +559,4 @@ def sampling_workload(args, api, model, diffusion, classifier, size, device, por
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

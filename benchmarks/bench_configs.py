@@ -1,6 +1,7 @@
 """
 Named model configurations for the benchmarks: "tiny" (CPU, seconds) and the paper's models with
-the flags of the reference README (run them on a GPU with --device cuda).
+the flags of the reference README (run them on a GPU with --device cuda), and the fields that
+open every record of bench_sample.py and bench_train.py.
 """
 
 from guided_diffusion.script_util import model_and_diffusion_defaults
@@ -132,6 +133,23 @@ def peak_memory_tracker(device):
 
         read.kind = "rss_peak_of_process"
         return read
+
+
+def run_record(bench, args, model, device, **measured):
+    """
+    One JSON record of a bench_sample/bench_train run: what ran and how (their shared flags,
+    whether torch.compile took, the threads, the peak memory so far), then the measurements.
+    """
+    import torch
+
+    from guided_diffusion.runtime.perf import is_compiled
+
+    return {
+        "bench": bench, "config": args.config, "device": str(device),
+        "batch_size": args.batch_size, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
+        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
+        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(), **measured,
+    }
 
 
 def peak_memory_mb(device):

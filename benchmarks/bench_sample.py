@@ -9,25 +9,22 @@ Weights are random (speed does not depend on them).
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
+from bench_cli import bench_device, print_runs, run_cli, timed  # noqa: E402
+from bench_configs import CONFIGS, config_flags, run_record  # noqa: E402
 
-from guided_diffusion.runtime.perf import compile_model, is_compiled, set_tf32, to_channels_last  # noqa: E402
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 
 
 def run(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no GPU is visible")
+    device = bench_device(args.device)
     torch.manual_seed(0)
     flags = config_flags(args.config)
     flags.update(use_fp16=args.use_fp16, timestep_respacing=args.timestep_respacing)
@@ -52,24 +49,13 @@ def run(args):
     warmup = args.warmup if args.warmup >= 0 else int(args.compile)
     for _ in range(warmup):  # e.g. the compilation, outside the timing
         loop(model, shape, model_kwargs=kwargs, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    loop(model, shape, model_kwargs=kwargs, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {
-        "bench": "sample", "config": args.config, "device": str(device),
-        "batch_size": args.batch_size, "respacing": args.timestep_respacing or "all",
-        "use_ddim": args.use_ddim, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
-        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
-        "steps": diffusion.num_timesteps, "seconds": wall, "cpu_s": cpu,
-        "images_per_s": args.batch_size / wall,
-        "model_evals_per_s": args.batch_size * diffusion.num_timesteps / wall,
-        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(),
-    }
+    wall, cpu = timed(device, lambda: loop(model, shape, model_kwargs=kwargs, device=device))
+    return run_record(
+        "sample", args, model, device, respacing=args.timestep_respacing or "all",
+        use_ddim=args.use_ddim, steps=diffusion.num_timesteps, seconds=wall, cpu_s=cpu,
+        images_per_s=args.batch_size / wall,
+        model_evals_per_s=args.batch_size * diffusion.num_timesteps / wall,
+    )
 
 
 def create_argparser():
@@ -91,14 +77,8 @@ def create_argparser():
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    for _ in range(args.repeat):
-        print(json.dumps(run(args)), flush=True)
+    print_runs(run, create_argparser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

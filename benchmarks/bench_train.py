@@ -8,19 +8,18 @@ Time training steps of a named model config and print one JSON line per run:
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_configs import CONFIGS, config_flags, peak_memory_mb  # noqa: E402
+from bench_cli import bench_device, print_runs, run_cli, timed  # noqa: E402
+from bench_configs import CONFIGS, config_flags, run_record  # noqa: E402
 
 from guided_diffusion import logger  # noqa: E402
-from guided_diffusion.runtime.perf import compile_model, is_compiled, set_tf32, to_channels_last  # noqa: E402
+from guided_diffusion.runtime.perf import compile_model, set_tf32, to_channels_last  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion, str2bool  # noqa: E402
 from guided_diffusion.train_util import TrainLoop  # noqa: E402
 
@@ -34,9 +33,7 @@ def synthetic_data(batch_size, image_size, num_classes, class_cond, device):
 
 
 def run(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no GPU is visible")
+    device = bench_device(args.device)
     torch.manual_seed(0)
     flags = config_flags(args.config)
     flags["use_fp16"] = args.use_fp16
@@ -56,31 +53,19 @@ def run(args):
         use_bf16=args.use_bf16,
     )
 
-    def step():
-        batch, cond = next(loop.data)
-        loop.run_step(batch, cond)
-        logger.getkvs().clear()
+    def run_steps(count):
+        for _ in range(count):
+            batch, cond = next(loop.data)
+            loop.run_step(batch, cond)
+            logger.getkvs().clear()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {
-        "bench": "train", "config": args.config, "device": str(device),
-        "batch_size": args.batch_size, "use_fp16": args.use_fp16, "use_bf16": args.use_bf16,
-        "compile": args.compile, "compiled": is_compiled(model), "channels_last": args.channels_last,
-        "steps": args.steps, "s_per_step": wall / args.steps,
-        "samples_per_s": args.batch_size * args.steps / wall, "cpu_s": cpu,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads(),
-    }
+    run_steps(args.warmup)
+    wall, cpu = timed(device, lambda: run_steps(args.steps))
+    return run_record(
+        "train", args, model, device, steps=args.steps, s_per_step=wall / args.steps,
+        samples_per_s=args.batch_size * args.steps / wall, cpu_s=cpu,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+    )
 
 
 def create_argparser():
@@ -102,14 +87,8 @@ def create_argparser():
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    for _ in range(args.repeat):
-        print(json.dumps(run(args)), flush=True)
+    print_runs(run, create_argparser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -13,7 +13,6 @@ Writes to --out_dir: sweep.json (the table), sweep.png (each metric against the 
 per model) and grids/<model>_scale<s>.png (one row per requested class).
 """
 
-import argparse
 import json
 import os
 import time
@@ -28,12 +27,12 @@ from guided_diffusion.cli.weights import load_checkpoint_into
 from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     args_to_dict,
     classifier_defaults,
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    script_parser,
 )
 
 METRICS = ("accuracy", "precision", "recall", "spread", "fid")
@@ -187,12 +186,8 @@ def create_argparser():
     flags = model_and_diffusion_defaults()
     flags.pop("class_cond")  # given by which model path is passed
     flags.update(timestep_respacing="ddim25")
-    defaults.update(flags)
-    defaults.update(classifier_defaults())
-    defaults.update(classifier_channel_mult="")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser(__doc__.split("\n\n")[0], defaults, flags, classifier_defaults(),
+                         dict(classifier_channel_mult=""))
 
 
 if __name__ == "__main__":

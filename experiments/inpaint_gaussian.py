@@ -11,7 +11,6 @@ length and number of resamplings: the Wasserstein-2 distance between the Gaussia
 inpaint_gaussian.json and inpaint_gaussian.md.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,12 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from experiment_files import write_results  # noqa: E402
 from oracles import GaussianData, gaussian_w2  # noqa: E402
 
 from guided_diffusion.diffusion.inpaint import inpaint_loop  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 from guided_diffusion.cli.main import run_main  # noqa: E402
-from guided_diffusion.script_util import add_dict_to_argparser  # noqa: E402
+from guided_diffusion.script_util import script_parser  # noqa: E402
 
 DIM = 4
 KEEP = torch.tensor([True, True, False, False])
@@ -108,23 +108,15 @@ def report(result):
 
 
 def create_argparser():
-    defaults = dict(out_dir="runs/inpaint_gaussian")
-    parser = argparse.ArgumentParser(description="RePaint against an exact Gaussian conditional.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser("RePaint against an exact Gaussian conditional.",
+                         dict(out_dir="runs/inpaint_gaussian"))
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     torch.set_num_threads(1)
     result = measure()
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "inpaint_gaussian.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = report(result)
-    with open(os.path.join(args.out_dir, "inpaint_gaussian.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out_dir, "inpaint_gaussian", result, report(result))
 
 
 if __name__ == "__main__":

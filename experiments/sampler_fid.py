@@ -15,7 +15,6 @@ steps); the ODE solvers get --evaluations N, their budget of model evaluations. 
 grids/w<scale>_<sampler>_<N>.png (the first 100 samples of each configuration).
 """
 
-import argparse
 import os
 
 from guided_diffusion.cli import run_config
@@ -29,7 +28,7 @@ from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags
 from guided_diffusion.sampling.loop import load_sampling_model
 from guided_diffusion.sampling.loop import output_dir
 from guided_diffusion.cli.main import start_single_process_tool, run_main
-from guided_diffusion.script_util import add_dict_to_argparser
+from guided_diffusion.script_util import script_parser
 from guided_diffusion.sampling.loop import SAMPLER_NAMES, resolve_sampler
 from guided_diffusion.script_util import diffusion_from_flags
 
@@ -86,10 +85,8 @@ def create_argparser():
         batch_size=500,
         classifier_steps=2000,
     )
-    defaults.update(ddim_tool_defaults())
-    parser = argparse.ArgumentParser(description="FID against model evaluations per sampler.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser("FID against model evaluations per sampler.", defaults,
+                         ddim_tool_defaults())
 
 
 if __name__ == "__main__":

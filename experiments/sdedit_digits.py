@@ -22,7 +22,6 @@ Writes sdedit_digits.json, sdedit_digits.md (the table) and sdedit_digits.png (r
 then one row per strength, guided).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from experiment_files import write_results  # noqa: E402
 from guidance_eval import RealDigitsJudge  # noqa: E402
 
 from guided_diffusion.diffusion.sdedit import sdedit_loop  # noqa: E402
@@ -40,7 +40,7 @@ from guided_diffusion.sampling.editing import guided_model  # noqa: E402
 from guided_diffusion.sampling.files import make_grid_png, to_uint8, uint8_to_model_input  # noqa: E402
 from guided_diffusion.script_util import create_classifier, create_model_and_diffusion  # noqa: E402
 from guided_diffusion.cli.main import run_main  # noqa: E402
-from guided_diffusion.script_util import add_dict_to_argparser  # noqa: E402
+from guided_diffusion.script_util import script_parser  # noqa: E402
 
 # The quick start's flags (scripts/quickstart.sh).
 MODEL_FLAGS = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
@@ -125,11 +125,10 @@ def report(result):
 
 
 def create_argparser():
-    defaults = dict(model_path="", classifier_path="", out_dir="runs/sdedit", strengths="0.2,0.4,0.6,0.8,1.0",
-        classifier_scales="0,30", num_inputs=200, timestep_respacing="ddim50", judge_steps=1000, seed=0)
-    parser = argparse.ArgumentParser(description="SDEdit class shift on the digits.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser("SDEdit class shift on the digits.", dict(
+        model_path="", classifier_path="", out_dir="runs/sdedit", strengths="0.2,0.4,0.6,0.8,1.0",
+        classifier_scales="0,30", num_inputs=200, timestep_respacing="ddim50", judge_steps=1000,
+        seed=0))
 
 
 def main(argv=None):
@@ -140,16 +139,10 @@ def main(argv=None):
         scales=[float(s) for s in args.classifier_scales.split(",")],
         num_inputs=args.num_inputs, respacing=args.timestep_respacing, seed=args.seed,
         judge_steps=args.judge_steps)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "sdedit_digits.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = report(result)
-    with open(os.path.join(args.out_dir, "sdedit_digits.md"), "w") as f:
-        f.write(text)
+    write_results(args.out_dir, "sdedit_digits", result, report(result))
     grid = np.concatenate([inputs] + guided)
     big = grid.repeat(4, axis=1).repeat(4, axis=2)
     make_grid_png(big, os.path.join(args.out_dir, "sdedit_digits.png"), nrow=len(inputs))
-    print(text)
 
 
 if __name__ == "__main__":

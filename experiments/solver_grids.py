@@ -13,8 +13,6 @@ smallest worst-case ratio of its W1 to the best grid's, over both schedules and 
 rule that chose DEFAULT_SIGMA_GRID in diffusion/denoiser.py).
 """
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -23,13 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from experiment_files import write_results  # noqa: E402
 from oracles import mixture_model, monte_carlo_level, wasserstein1  # noqa: E402
 
 from guided_diffusion.diffusion import solvers  # noqa: E402
 from guided_diffusion.diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 from guided_diffusion.cli.main import run_main  # noqa: E402
-from guided_diffusion.script_util import add_dict_to_argparser  # noqa: E402
+from guided_diffusion.script_util import script_parser  # noqa: E402
 
 SCHEDULES = ("linear", "cosine")
 
@@ -118,10 +117,8 @@ def report(result):
 
 
 def create_argparser():
-    defaults = dict(out_dir="runs/solver_grids", budgets="5,10,20,50", num_samples=20000)
-    parser = argparse.ArgumentParser(description="Solver x sigma grid sweep on a Gaussian mixture.")
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return script_parser("Solver x sigma grid sweep on a Gaussian mixture.",
+                         dict(out_dir="runs/solver_grids", budgets="5,10,20,50", num_samples=20000))
 
 
 def main(argv=None):
@@ -129,13 +126,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     budgets = [int(b) for b in args.budgets.split(",")]
     result = measure(budgets, num_samples=args.num_samples)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "solver_grids.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = report(result)
-    with open(os.path.join(args.out_dir, "solver_grids.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out_dir, "solver_grids", result, report(result))
 
 
 if __name__ == "__main__":

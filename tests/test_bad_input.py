@@ -16,7 +16,7 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-from test_scripts import run_inprocess
+from test_scripts import error_line, run_inprocess
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
 
@@ -25,12 +25,6 @@ TOY_FLAGS = ["--num_channels", 32, "--num_res_blocks", 1, "--channel_mult", "1,2
              "--num_head_channels", 16]
 CLASSIFIER = dict(classifier_width=32, classifier_depth=1, classifier_channel_mult="1,2",
                   classifier_attention_resolutions="8")
-
-
-def one_error_line(capsys, status):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(err) == 1 and err[0].startswith("error: "), (status, err)
-    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +36,13 @@ def digits(tmp_path_factory):
 def test_an_image_size_the_levels_cannot_halve_is_one_line(digits, tmp_path, capsys):
     # Two levels halve the image once: 7 cannot be halved (the first forward pass would fail
     # deep inside torch when the way up meets the way down).
-    line = one_error_line(capsys, run_inprocess("image_train", [
+    line = error_line(capsys, run_inprocess("image_train", [
         "--data_dir", tmp_path / "unused", "--image_size", 7, *TOY_FLAGS,
         "--attention_resolutions", 7, "--log_dir", tmp_path / "log"]))
     assert line == ("error: --image_size 7 does not fit --channel_mult 1,2: its 2 levels halve "
                     "the image 1 time(s), so the size must be a multiple of 2: pass --image_size "
                     "6 or 8, or a --channel_mult with fewer levels")
-    line = one_error_line(capsys, run_inprocess("classifier_train", [
+    line = error_line(capsys, run_inprocess("classifier_train", [
         "--data_dir", digits, "--num_classes", 10, "--image_size", 12,
         "--classifier_channel_mult", "1,2,2,2", "--log_dir", tmp_path / "log"]))
     assert "--image_size 12 does not fit --classifier_channel_mult 1,2,2,2" in line
@@ -64,7 +58,7 @@ def test_sample_counts_below_one_are_refused_before_the_model_is_read(flags, mes
                                                                       capsys):
     # The model file does not exist: the counts are refused before it is even looked for.
     log = tmp_path / "log"
-    line = one_error_line(capsys, run_inprocess("image_sample", [
+    line = error_line(capsys, run_inprocess("image_sample", [
         "--model_path", tmp_path / "missing.pt", "--image_size", 16, *TOY_FLAGS, *flags,
         "--log_dir", log]))
     assert line == f"error: {message}"
@@ -76,7 +70,7 @@ def test_an_unwritable_out_dir_is_refused_before_sampling(tmp_path, capsys):
     blocker.write_text("not a folder")
     log = tmp_path / "log"
     for script in ("image_sample", "classifier_sample", "super_res_sample"):
-        line = one_error_line(capsys, run_inprocess(script, [
+        line = error_line(capsys, run_inprocess(script, [
             "--model_path", tmp_path / "missing.pt", "--out_dir", blocker / "samples",
             "--log_dir", log]))
         assert line.startswith(f"error: cannot write to --out_dir {blocker / 'samples'} (")
@@ -94,12 +88,12 @@ def test_files_that_hold_something_else_are_named(tmp_path, capsys):
                   "--num_samples", 1, "--batch_size", 1, "--timestep_respacing", 2,
                   "--log_dir", tmp_path / "log"]
 
-    line = one_error_line(capsys, run_inprocess("image_sample", [
+    line = error_line(capsys, run_inprocess("image_sample", [
         "--model_path", tmp_path / "state000003.pt", *model_args]))
     assert "this is a training-state file (stateNNNNNN.pt" in line
     assert "pass the modelNNNNNN.pt or ema_<rate>_NNNNNN.pt file beside it" in line
 
-    line = one_error_line(capsys, run_inprocess("image_sample", [
+    line = error_line(capsys, run_inprocess("image_sample", [
         "--model_path", tmp_path / "classifier.pt", *model_args]))
     assert "holds a noisy-image classifier (trained by classifier_train.py), not a diffusion " \
            "model: give it as --classifier_path" in line
@@ -107,7 +101,7 @@ def test_files_that_hold_something_else_are_named(tmp_path, capsys):
     classifier_args = ["--classifier_width", 32, "--classifier_depth", 1,
                        "--classifier_channel_mult", "1,2", "--classifier_attention_resolutions",
                        8, "--num_classes", 10]
-    line = one_error_line(capsys, run_inprocess("classifier_sample", [
+    line = error_line(capsys, run_inprocess("classifier_sample", [
         "--model_path", tmp_path / "model.pt", "--classifier_path", tmp_path / "model.pt",
         *model_args, *classifier_args]))
     assert "does not fit the classifier flags: this file holds a diffusion model (a UNet), not " \
@@ -122,7 +116,7 @@ def test_a_wrong_image_size_names_the_size_each_fix_means(tmp_path, capsys):
     # fit: only the first samples at the size the model learnt.
     flags = dict(model_and_diffusion_defaults(), image_size=8, attention_resolutions="4", **TOY)
     torch.save(create_model_and_diffusion(**flags)[0].state_dict(), tmp_path / "model8.pt")
-    line = one_error_line(capsys, run_inprocess("image_sample", [
+    line = error_line(capsys, run_inprocess("image_sample", [
         "--model_path", tmp_path / "model8.pt", "--image_size", 16, *TOY_FLAGS,
         "--attention_resolutions", 4, "--num_samples", 1, "--batch_size", 1,
         "--log_dir", tmp_path / "log"]))
@@ -142,7 +136,7 @@ def test_a_classifier_mismatch_is_told_in_classifier_flags(tmp_path):
 
 
 def test_a_missing_val_data_dir_is_named_before_the_model_is_built(digits, tmp_path, capsys):
-    line = one_error_line(capsys, run_inprocess("classifier_train", [
+    line = error_line(capsys, run_inprocess("classifier_train", [
         "--data_dir", digits, "--val_data_dir", tmp_path / "no_such_folder", "--image_size", 16,
         "--classifier_width", 32, "--classifier_depth", 1, "--classifier_channel_mult", "1,2",
         "--classifier_attention_resolutions", 8, "--num_classes", 10, "--log_dir",

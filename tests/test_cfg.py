@@ -25,7 +25,7 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.diffusion.denoiser import solver_sample_loop
 
-from test_scripts import load_script, run_inprocess
+from test_scripts import error_line, load_script, run_inprocess
 
 pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
@@ -272,50 +272,44 @@ def test_super_res_sampling_with_guidance_and_a_solver(tmp_path):
         assert npz["arr_0"].shape == (2, 8, 8, 3) and npz["arr_1"].tolist() == [0, 3]
 
 
-def error_line(capsys, status):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+# The checks after the sampler ones are about flags missing on the command line, as for a
+# released checkpoint: --config none keeps the run's args.json (which has them) out of it.
+RELEASED = ("--config", "none")
 
 
-def test_bad_input_one_liners(trained, tmp_path, capsys):
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "plms"))
-    assert ("unknown --sampler 'plms'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m, "
-            "dpmpp_3m, euler_ancestral, dpmpp_2m_sde") in line
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
-                                     "--use_ddim", "True"))
-    assert "pass only one of them" in line
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "dpmpp_2m",
-                                     "--evaluations", "2"))
-    assert "dpmpp_2m needs at least 3 model evaluations" in line
+@pytest.mark.parametrize("flags,says,not_says", [
+    ((*CFG, "--sampler", "plms"),
+     ["unknown --sampler 'plms'; known samplers: ddpm, ddim, euler, heun, dpmpp_2m, "
+      "dpmpp_3m, euler_ancestral, dpmpp_2m_sde"], []),
+    ((*CFG, "--sampler", "heun", "--use_ddim", "True"), ["pass only one of them"], []),
+    ((*CFG, "--sampler", "dpmpp_2m", "--evaluations", "2"),
+     ["dpmpp_2m needs at least 3 model evaluations"], []),
     # One meaning per flag: steps for ddpm/ddim, model evaluations for the solvers.
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "dpmpp_2m",
-                                     "--timestep_respacing", "10", "--evaluations", "10"))
-    assert "drop --timestep_respacing" in line and "--evaluations N" in line
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun"))
-    assert "--sampler heun needs --evaluations N" in line
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "ddim",
-                                     "--evaluations", "10"))
-    assert "--sampler ddim takes its steps from --timestep_respacing" in line
-    line = error_line(capsys, sample(trained, tmp_path, *CFG, "--sampler", "heun",
-                                     "--evaluations", "10", "--sigma_grid", "edm"))
-    assert "unknown --sigma_grid 'edm'; known grids: karras, logsnr, time" in line
-    # The checks below are about flags missing on the command line, as for a released
-    # checkpoint: --config none keeps the run's args.json (which has them) out of it.
-    released = ("--config", "none")
+    ((*CFG, "--sampler", "dpmpp_2m", "--timestep_respacing", "10", "--evaluations", "10"),
+     ["drop --timestep_respacing", "--evaluations N"], []),
+    ((*CFG, "--sampler", "heun"), ["--sampler heun needs --evaluations N"], []),
+    ((*CFG, "--sampler", "ddim", "--evaluations", "10"),
+     ["--sampler ddim takes its steps from --timestep_respacing"], []),
+    ((*CFG, "--sampler", "heun", "--evaluations", "10", "--sigma_grid", "edm"),
+     ["unknown --sigma_grid 'edm'; known grids: karras, logsnr, time"], []),
     # A model trained without a null class cannot be guided without a classifier.
-    line = error_line(capsys, sample(trained, tmp_path, *released, "--guidance_scale", 3.0))
-    assert "image_train.py --class_dropout_prob" in line
-    line = error_line(capsys, sample(trained, tmp_path, *released, "--class_cond", "False",
-                                     "--guidance_scale", 3.0))
-    assert "--class_cond True --class_dropout_prob" in line
+    ((*RELEASED, "--guidance_scale", 3.0), ["image_train.py --class_dropout_prob"], []),
+    ((*RELEASED, "--class_cond", "False", "--guidance_scale", 3.0),
+     ["--class_cond True --class_dropout_prob"], []),
     # The checkpoint has a null-class row: the explainer names the flag, not a wrong class count.
-    line = error_line(capsys, sample(trained, tmp_path, *released))
-    assert "pass --class_dropout_prob 0.1" in line and "--num_classes 5" not in line
-    line = error_line(capsys, sample(trained, tmp_path, *released, "--num_classes", "1000"))
-    assert "--num_classes 4 --class_dropout_prob 0.1" in line
-    # With the run's args.json beside the checkpoint, guidance needs no model flags at all.
+    (RELEASED, ["pass --class_dropout_prob 0.1"], ["--num_classes 5"]),
+    ((*RELEASED, "--num_classes", "1000"), ["--num_classes 4 --class_dropout_prob 0.1"], []),
+])
+def test_bad_input_one_liners(trained, tmp_path, capsys, flags, says, not_says):
+    line = error_line(capsys, sample(trained, tmp_path, *flags))
+    for fragment in says:
+        assert fragment in line
+    for fragment in not_says:
+        assert fragment not in line
+
+
+def test_guidance_needs_no_model_flags_beside_the_runs_args_json(trained, tmp_path):
+    """With the run's args.json beside the checkpoint, guidance needs no model flags at all."""
     assert sample(trained, tmp_path, "--guidance_scale", 3.0) != 2
 
 

@@ -3,7 +3,6 @@ Issue 23, grey and N-channel data and rectangles: --in_channels through the netw
 loader and the scripts (a grey digits model trains and samples end to end), .npy data, rectangular
 --image_size H,W, image_train's augmentation flags, and the one-line refusals."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -11,36 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion.cli.main import run_main
 from guided_diffusion.data.digits import digits_arrays
 from guided_diffusion.errors import ImageChannelsError
 from guided_diffusion.image_datasets import ImageDataset, center_crop_arr, load_data
 from guided_diffusion.script_util import create_classifier, create_model, sr_create_model
 from guided_diffusion.unet import AttentionBlock
 
+from test_scripts import error_line, run_inprocess
+
 pytestmark = pytest.mark.usefixtures("cpu_only")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ("--num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
          "--num_head_channels 16 --diffusion_steps 50 --learn_sigma True --class_cond True "
          "--num_classes 10").split()
-
-
-def run_script(name, args):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(REPO, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        run_main(module.main, [str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
-def one_error_line(capsys, status):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), (status, lines)
-    return lines[0]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -74,17 +56,17 @@ def test_networks_take_the_channel_count():
 
 def test_grey_digits_train_and_sample_end_to_end(grey_digits, tmp_path, capsys):
     train = tmp_path / "train"
-    assert run_script("image_train", ["--data_dir", grey_digits, "--image_size", 8, *MODEL,
-                                      "--in_channels", 1, "--batch_size", 4, "--max_steps", 2,
-                                      "--log_dir", train]) == 0
+    assert run_inprocess("image_train", ["--data_dir", grey_digits, "--image_size", 8, *MODEL,
+                                         "--in_channels", 1, "--batch_size", 4, "--max_steps", 2,
+                                         "--log_dir", train]) == 0
     state = torch.load(train / "model000002.pt", weights_only=True)
     assert state["input_blocks.0.0.weight"].shape[1] == 1 and state["out.2.weight"].shape[0] == 2
     out = tmp_path / "samples"
     sample = ["--model_path", train / "model000002.pt", "--image_size", 8, *MODEL,
               "--timestep_respacing", 3, "--num_samples", 3, "--batch_size", 3, "--seed", 1,
               "--progress", False, "--log_dir", out]
-    assert run_script("image_sample", [*sample, "--in_channels", 1, "--save_images", True,
-                                       "--class_label", 2]) == 0
+    assert run_inprocess("image_sample", [*sample, "--in_channels", 1, "--save_images", True,
+                                          "--class_label", 2]) == 0
     with np.load(out / "samples_3x8x8x1.npz") as npz:
         images, labels = npz["arr_0"], npz["arr_1"]
     assert images.dtype == np.uint8 and labels.tolist() == [2, 2, 2]
@@ -95,26 +77,26 @@ def test_grey_digits_train_and_sample_end_to_end(grey_digits, tmp_path, capsys):
         np.testing.assert_array_equal(np.array(png), images[1, :, :, 0])
     # The grey checkpoint sampled with the default 3 channels (as a checkpoint without its run's
     # args.json, which would supply --in_channels): one line naming the fix.
-    line = one_error_line(capsys, run_script("image_sample", [*sample, "--config", "none",
-                                                              "--log_dir", tmp_path / "no"]))
+    line = error_line(capsys, run_inprocess("image_sample", [*sample, "--config", "none",
+                                                             "--log_dir", tmp_path / "no"]))
     assert "--in_channels 1" in line and not (tmp_path / "no").exists()
-    line = one_error_line(capsys, run_script("image_sample", [*sample, "--in_channels", 1,
-                                                               "--class_label", 10]))
+    line = error_line(capsys, run_inprocess("image_sample", [*sample, "--in_channels", 1,
+                                                              "--class_label", 10]))
     assert "--class_label 10 is out of range" in line
 
 
 def test_rectangles_train_and_sample(grey_digits, tmp_path, capsys):
     train = tmp_path / "train"
-    assert run_script("image_train", ["--data_dir", grey_digits, "--image_size", "8,16", *MODEL,
-                                      "--in_channels", 1, "--batch_size", 4, "--max_steps", 1,
-                                      "--log_dir", train]) == 0
-    assert run_script("image_sample", ["--model_path", train / "model000001.pt", "--image_size",
-                                       "8,16", *MODEL, "--in_channels", 1, "--timestep_respacing",
-                                       2, "--num_samples", 2, "--batch_size", 2, "--progress",
-                                       False, "--balanced_labels", True, "--log_dir", tmp_path]) == 0
+    assert run_inprocess("image_train", [
+        "--data_dir", grey_digits, "--image_size", "8,16", *MODEL, "--in_channels", 1,
+        "--batch_size", 4, "--max_steps", 1, "--log_dir", train]) == 0
+    assert run_inprocess("image_sample", [
+        "--model_path", train / "model000001.pt", "--image_size", "8,16", *MODEL,
+        "--in_channels", 1, "--timestep_respacing", 2, "--num_samples", 2, "--batch_size", 2,
+        "--progress", False, "--balanced_labels", True, "--log_dir", tmp_path]) == 0
     with np.load(tmp_path / "samples_2x8x16x1.npz") as npz:
         assert npz["arr_0"].shape == (2, 8, 16, 1) and npz["arr_1"].tolist() == [0, 1]
-    line = one_error_line(capsys, run_script("image_train", [
+    line = error_line(capsys, run_inprocess("image_train", [
         "--data_dir", grey_digits, "--image_size", "10,16", *MODEL, "--channel_mult", "1,2,2,2",
         "--in_channels", 1, "--max_steps", 1, "--log_dir", tmp_path / "bad"]))
     assert "divisible by 8" in line and "10" in line
@@ -175,7 +157,7 @@ def test_a_folder_of_mixed_channels_stops_training_in_one_line(grey_digits, tmp_
     Image.fromarray(np.random.RandomState(3).randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(
         mixed / "1_colour.png")
     log = tmp_path / "log"
-    line = one_error_line(capsys, run_script("image_train", [
+    line = error_line(capsys, run_inprocess("image_train", [
         "--data_dir", mixed, "--image_size", 8, *MODEL, "--in_channels", 1, "--batch_size", 7,
         "--max_steps", 1, "--log_dir", log]))
     assert "1_colour.png is a colour image" in line
@@ -195,10 +177,10 @@ def test_image_train_passes_its_augmentation_flags(grey_digits, tmp_path, monkey
     monkeypatch.setattr(image_datasets, "load_data", spy)
     base = ["--data_dir", grey_digits, "--image_size", 8, *MODEL, "--in_channels", 1,
             "--batch_size", 4, "--max_steps", 1, "--save_interval", 100]
-    assert run_script("image_train", [*base, "--log_dir", tmp_path / "a"]) == 0
+    assert run_inprocess("image_train", [*base, "--log_dir", tmp_path / "a"]) == 0
     assert seen["random_flip"] is True and seen["random_crop"] is False  # the reference's
-    assert run_script("image_train", [*base, "--random_flip", False, "--random_crop", True,
-                                      "--log_dir", tmp_path / "b"]) == 0
+    assert run_inprocess("image_train", [*base, "--random_flip", False, "--random_crop", True,
+                                         "--log_dir", tmp_path / "b"]) == 0
     assert seen["random_flip"] is False and seen["random_crop"] is True
     # Without flips and crops a deterministic stream gives the centre-cropped files themselves.
     data = load_data(data_dir=str(grey_digits), batch_size=2, image_size=8, deterministic=True,

@@ -276,6 +276,25 @@ def test_two_torchrun_launches_on_localhost_train_as_one_job(data, reference, tm
 # ----------------------------------------------------------------------------- MPI mismatch
 
 
+def setup_dist_in_child(env):
+    """dist_util.setup_dist() run as a script runs it, in a CPU child with these launcher variables."""
+    code = (
+        "from guided_diffusion import dist_util\n"
+        "from guided_diffusion.cli.main import run_main\n"
+        "run_main(lambda argv: dist_util.setup_dist())\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def refusal_line(proc):
+    """The one stderr line of a child refused with exit status 2."""
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def test_an_mpiexec_of_another_mpi_is_refused_in_one_line():
     family, library = _mpi4py_library()
     if family is None:
@@ -285,17 +304,7 @@ def test_an_mpiexec_of_another_mpi_is_refused_in_one_line():
         env, launcher = {"OMPI_COMM_WORLD_SIZE": 4, "OMPI_COMM_WORLD_RANK": 2}, "Open MPI"
     else:
         env, launcher = {"PMI_SIZE": 4, "PMI_RANK": 2}, "MPICH"
-    code = (
-        "from guided_diffusion import dist_util\n"
-        "from guided_diffusion.cli.main import run_main\n"
-        "run_main(lambda argv: dist_util.setup_dist())\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    line = lines[0]
+    line = refusal_line(setup_dist_in_child(env))
     assert line.startswith("error: launcher/MPI mismatch: this process was started as rank 2 of 4")
     assert f"launcher of {launcher}" in line
     assert f"mpi4py loads {library.split()[0]}" in line and "sees 1 process" in line
@@ -305,24 +314,14 @@ def test_an_mpiexec_of_another_mpi_is_refused_in_one_line():
 def test_srun_without_mpi_is_refused_in_one_line():
     # What srun without --mpi gives task 1 of a 2-task step: SLURM's variables, no rank from MPI.
     env = {"SLURM_STEP_NUM_TASKS": 2, "SLURM_PROCID": 1, "SLURM_NTASKS": 2}
-    code = (
-        "from guided_diffusion import dist_util\n"
-        "from guided_diffusion.cli.main import run_main\n"
-        "run_main(lambda argv: dist_util.setup_dist())\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(
+    line = refusal_line(setup_dist_in_child(env))
+    assert line.startswith(
         "error: launcher/MPI mismatch: SLURM started this job step with 2 tasks "
         "(SLURM_STEP_NUM_TASKS=2; this is task 1)")
-    assert "srun --mpi=pmi2" in lines[0] and "torchrun" in lines[0]
+    assert "srun --mpi=pmi2" in line and "torchrun" in line
     # A step of one task is fine; two tasks that each run a one-process torchrun are not.
     for env, status in (({"SLURM_STEP_NUM_TASKS": 1, "SLURM_PROCID": 0}, 0),
                         ({"SLURM_STEP_NUM_TASKS": 2, "SLURM_PROCID": 0, "RANK": 0,
                           "WORLD_SIZE": 1}, 2)):
-        proc = subprocess.run([sys.executable, "-c", code], env=child_env(cpu=True, **env),
-                              capture_output=True, text=True, timeout=120)
+        proc = setup_dist_in_child(env)
         assert proc.returncode == status, proc.stderr

@@ -402,15 +402,10 @@ def test_classifier_guidance_reaches_the_edit(tiny, tmp_path):
     assert not np.array_equal(*outputs)
 
 
-def error_line(capsys, status):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_bad_input_is_one_line(tiny, tmp_path, capsys):
     from PIL import Image
+
+    from test_scripts import error_line
 
     images = tiny["root"] / "images"
     image = images / "a.png"

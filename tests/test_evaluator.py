@@ -12,7 +12,6 @@ import torch.nn as nn
 
 import guided_diffusion.evaluation.metrics as metrics
 from guided_diffusion.evaluation.evaluator import Evaluator, evaluate, image_dtype_warning, main
-from guided_diffusion.evaluation.inception import InceptionV3
 from guided_diffusion.evaluation.metrics import (
     FIDStatistics,
     ManifoldEstimator,
@@ -24,6 +23,7 @@ from guided_diffusion.evaluation.npz import NpzArrayStream
 from guided_diffusion.cli.main import run_main
 
 from _launch import child_env
+from test_inception import he_initialised_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -304,20 +304,9 @@ def test_fid_and_sfid_share_the_frechet_code(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- CLI end to end
 
 
-def save_random_inception(path):
-    torch.manual_seed(0)
-    model = InceptionV3()
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.normal_(module.bias, 0.0, 0.1)
-    torch.save(model.state_dict(), path)
-
-
 def test_cli_self_comparison(tmp_path):
     weights = tmp_path / "inception.pth"
-    save_random_inception(weights)
+    torch.save(he_initialised_model().state_dict(), weights)
     batch = tmp_path / "batch.npz"
     images = np.random.default_rng(10).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     np.savez(batch, arr_0=images)

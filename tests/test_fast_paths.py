@@ -2,7 +2,6 @@
 step or a sampling step, cached diffusion tables, torch.compile, and bf16 with float32 masters."""
 
 import contextlib
-import os
 
 import numpy as np
 import pytest
@@ -366,10 +365,8 @@ class _FixedNoise:
 
 
 def test_compile_and_bf16_flags_reach_the_networks(tmp_path, monkeypatch):
-    import importlib.util
-
     from guided_diffusion.data.digits import write_digits
-    from guided_diffusion.cli.main import run_main
+    from test_scripts import run_inprocess as run
 
     compiled = []
 
@@ -378,18 +375,6 @@ def test_compile_and_bf16_flags_reach_the_networks(tmp_path, monkeypatch):
         return fn  # eager: this test is about the wiring, test_compiled_forward_* about compiling
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-
-    def run(name, args):
-        spec = importlib.util.spec_from_file_location(f"script_{name}", f"{scripts}/{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        try:
-            run_main(module.main, [str(a) for a in args])
-        except SystemExit as exc:
-            return exc.code
-        return 0
-
     data = write_digits(str(tmp_path / "digits"), image_size=16, limit=8)
     model_flags = ["--image_size", 16, "--num_channels", 32, "--num_res_blocks", 1,
                    "--channel_mult", "1,2", "--attention_resolutions", 8, "--num_head_channels", 16,

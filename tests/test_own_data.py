@@ -39,6 +39,14 @@ class StubFeatures(nn.Module):
         return pool[:, :4]
 
 
+def save_pngs(folder, images, name):
+    """Save each uint8 HWC image as folder/name (name formatted with its index i); return folder."""
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / name.format(i=i))
+    return folder
+
+
 def write_pictures(folder, sizes, seed=0, labels=None):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(seed)
@@ -73,10 +81,7 @@ def test_reference_batch_uses_the_training_crop_and_keeps_statistics_of_all(tmp_
 def test_the_evaluator_reads_folders_and_grey_batches(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"{i}.png")
+    folder = save_pngs(tmp_path / "folder", images, "{i}.png")
     np.savez(tmp_path / "same.npz", images)
     evaluator = Evaluator(model=StubFeatures(), batch_size=4, progress=False)
     quiet = lambda *a: None
@@ -120,10 +125,7 @@ def test_make_ref_batch_cli(tmp_path):
 def test_low_res_inputs_from_an_npz_an_image_or_a_folder(tmp_path):
     rng = np.random.RandomState(2)
     images = rng.randint(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
-    folder = tmp_path / "low"
-    folder.mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"{i}_{i}.png")
+    folder = save_pngs(tmp_path / "low", images, "{i}_{i}.png")
     np.savez(tmp_path / "low.npz", images, np.arange(3))
     from_npz, labels = read_low_res_images(str(tmp_path / "low.npz"), 8, class_cond=True)
     from_folder, folder_labels = read_low_res_images(str(folder), 8, class_cond=True)

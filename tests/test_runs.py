@@ -36,19 +36,13 @@ from guided_diffusion.training.engine import KEEP_ALL
 
 from _launch import child_env
 from conftest import conformance_dir
-from test_resume import CGAN, DIFFUSION, SUPER_RES, VAE, load, run, tensors_equal
+from test_resume import CGAN, CLASSIFIER, DIFFUSION, SUPER_RES, VAE, load, run, tensors_equal
 from test_scripts import load_script
 from test_train_util import make_loop, tiny_model
 
 pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSIFIER = (
-    "--image_size 16 --classifier_width 32 --classifier_depth 1 --classifier_channel_mult 1,2 "
-    "--classifier_attention_resolutions 8 --num_classes 10 --diffusion_steps 50 --batch_size 4"
-).split()
-
-
 
 
 @pytest.fixture(scope="module")
