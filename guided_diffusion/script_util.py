@@ -43,6 +43,9 @@ _SR_CHANNEL_MULT_BY_SIZE = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
 }
+# deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back to
+# the image-model table instead of being rejected.
+_SR_CHANNEL_MULT_WITH_FALLBACK = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
 
 
 def sr_model_and_diffusion_defaults():
@@ -393,11 +396,9 @@ def sr_create_model(
     :return: a SuperResModel.
     """
     del small_size  # the low-resolution input is upsampled to large_size before the network
-    # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
-    # to the image-model table instead of being rejected.
-    table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
     return _diffusion_unet(
-        SuperResModel, locals(), size=large_size, size_flag="--large_size", table=table
+        SuperResModel, locals(), size=large_size, size_flag="--large_size",
+        table=_SR_CHANNEL_MULT_WITH_FALLBACK,
     )
 
 
