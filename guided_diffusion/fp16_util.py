@@ -24,10 +24,7 @@ def convert_module_to_f16(module):
 
     :param module: a module visited by `apply`.
     """
-    if isinstance(module, _CONV_TYPES):
-        module.weight.data = module.weight.data.half()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.half()
+    _cast_conv(module, torch.float16)
 
 
 def convert_module_to_bf16(module):
@@ -37,10 +34,7 @@ def convert_module_to_bf16(module):
 
     :param module: a module visited by `apply`.
     """
-    if isinstance(module, _CONV_TYPES):
-        module.weight.data = module.weight.data.bfloat16()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.bfloat16()
+    _cast_conv(module, torch.bfloat16)
 
 
 def convert_module_to_f32(module):
@@ -49,10 +43,14 @@ def convert_module_to_f32(module):
 
     :param module: a module visited by `apply`.
     """
+    _cast_conv(module, torch.float32)
+
+
+def _cast_conv(module, dtype):
     if isinstance(module, _CONV_TYPES):
-        module.weight.data = module.weight.data.float()
+        module.weight.data = module.weight.data.to(dtype)
         if module.bias is not None:
-            module.bias.data = module.bias.data.float()
+            module.bias.data = module.bias.data.to(dtype)
 
 
 def _flatten(tensors):
@@ -433,12 +431,6 @@ class MixedPrecisionTrainer:
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = _global_norm(grads) if grads else torch.zeros_like(param_norm)
         return grad_norm, param_norm
-
-    @torch.no_grad()
-    def _compute_norms(self, grad_scale=1.0):
-        """The reference's (grad_norm / grad_scale, param_norm) as floats (waits for the device)."""
-        grad_norm, param_norm = self._norm_tensors()
-        return float(grad_norm) / grad_scale, float(param_norm)
 
     def master_params_to_state_dict(self, master_params):
         """

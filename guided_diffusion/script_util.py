@@ -43,6 +43,9 @@ _SR_CHANNEL_MULT_BY_SIZE = {
     256: (1, 1, 2, 2, 4, 4),
     64: (1, 2, 3, 4),
 }
+# deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back to
+# the image-model table instead of being rejected.
+_SR_CHANNEL_MULT_WITH_FALLBACK = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
 
 
 def sr_model_and_diffusion_defaults():
@@ -197,38 +200,7 @@ def create_model_and_diffusion(
     :param in_channels: see create_model (extra to the reference).
     :return: (UNetModel, SpacedDiffusion).
     """
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        channel_mult=channel_mult,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-        num_classes=num_classes,
-        class_dropout_prob=class_dropout_prob,
-        in_channels=in_channels,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    return _network_and_diffusion(create_model, locals())
 
 
 def create_model(
@@ -268,29 +240,8 @@ def create_model(
         RGB, any count for .npy data (extra to the reference).
     :return: a UNetModel.
     """
-    _check_num_classes(num_classes)
-    _check_in_channels(in_channels)
-    check_class_dropout_prob(class_dropout_prob, class_cond)
-    channel_mult = _parse_channel_mult(channel_mult, image_size, _CHANNEL_MULT_BY_SIZE, "image size")
-    check_size_fits_levels(image_size, channel_mult)
-    return UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=2 * in_channels if learn_sigma else in_channels,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, image_size),
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
+    return _diffusion_unet(
+        UNetModel, locals(), size=image_size, size_flag="--image_size", table=_CHANNEL_MULT_BY_SIZE
     )
 
 
@@ -324,30 +275,7 @@ def create_classifier_and_diffusion(
     :param in_channels: see create_classifier (extra to the reference).
     :return: (EncoderUNetModel, SpacedDiffusion).
     """
-    classifier = create_classifier(
-        image_size,
-        classifier_use_fp16,
-        classifier_width,
-        classifier_depth,
-        classifier_attention_resolutions,
-        classifier_use_scale_shift_norm,
-        classifier_resblock_updown,
-        classifier_pool,
-        num_classes=num_classes,
-        classifier_channel_mult=classifier_channel_mult,
-        in_channels=in_channels,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return classifier, diffusion
+    return _network_and_diffusion(create_classifier, locals())
 
 
 def create_classifier(
@@ -433,38 +361,7 @@ def sr_create_model_and_diffusion(
     :param in_channels: see sr_create_model (extra to the reference).
     :return: (SuperResModel, SpacedDiffusion).
     """
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        num_classes=num_classes,
-        class_dropout_prob=class_dropout_prob,
-        channel_mult=channel_mult,
-        in_channels=in_channels,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    return _network_and_diffusion(sr_create_model, locals())
 
 
 def sr_create_model(
@@ -499,32 +396,72 @@ def sr_create_model(
     :return: a SuperResModel.
     """
     del small_size  # the low-resolution input is upsampled to large_size before the network
+    return _diffusion_unet(
+        SuperResModel, locals(), size=large_size, size_flag="--large_size",
+        table=_SR_CHANNEL_MULT_WITH_FALLBACK,
+    )
+
+
+# The factories' flags that the UNet constructors take under the same name, unchanged.
+_UNET_FLAGS_AS_IS = (
+    "num_res_blocks",
+    "dropout",
+    "use_checkpoint",
+    "use_fp16",
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+)
+
+
+def _diffusion_unet(model_class, flags, *, size, size_flag, table):
+    """
+    Check the flags of create_model or sr_create_model and build their UNet: the two differ
+    only in the class, the size the network works at and the channel table.
+
+    :param model_class: UNetModel or SuperResModel.
+    :param flags: the factory's arguments by name; a flag it lacks (the super-resolution
+        factory has no use_new_attention_order) keeps the constructor's default.
+    :param size: the side (or (height, width)) the network works at.
+    :param size_flag: that size's flag, e.g. "--large_size", for error messages.
+    :param table: channel multipliers by size, for an empty channel_mult.
+    """
+    in_channels = flags["in_channels"]
+    num_classes = flags["num_classes"]
+    class_dropout_prob = flags["class_dropout_prob"]
     _check_num_classes(num_classes)
     _check_in_channels(in_channels)
-    check_class_dropout_prob(class_dropout_prob, class_cond)
-    # deviation from reference: sizes outside the super-resolution table (e.g. 128, 32) fall back
-    # to the image-model table instead of being rejected.
-    table = {**_CHANNEL_MULT_BY_SIZE, **_SR_CHANNEL_MULT_BY_SIZE}
-    mult = _parse_channel_mult(channel_mult, large_size, table, "large size")
-    check_size_fits_levels(large_size, mult, size_flag="--large_size")
-    return SuperResModel(
-        image_size=large_size,
+    check_class_dropout_prob(class_dropout_prob, flags["class_cond"])
+    size_name = size_flag.lstrip("-").replace("_", " ")
+    channel_mult = _parse_channel_mult(flags["channel_mult"], size, table, size_name)
+    check_size_fits_levels(size, channel_mult, size_flag=size_flag)
+    return model_class(
+        image_size=size,
         in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=2 * in_channels if learn_sigma else in_channels,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, large_size),
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=label_rows(num_classes, class_dropout_prob) if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
+        model_channels=flags["num_channels"],
+        out_channels=2 * in_channels if flags["learn_sigma"] else in_channels,
+        attention_resolutions=_attention_ds(flags["attention_resolutions"], size),
+        channel_mult=channel_mult,
+        num_classes=label_rows(num_classes, class_dropout_prob) if flags["class_cond"] else None,
+        **{name: flags[name] for name in _UNET_FLAGS_AS_IS if name in flags},
     )
+
+
+def _network_and_diffusion(build, flags):
+    """
+    The pair a *_and_diffusion factory returns: `build` called with the factory's arguments it
+    takes (by name), and the diffusion of the factory's diffusion flags.
+
+    :param build: create_model, create_classifier or sr_create_model.
+    :param flags: the factory's arguments by name (its locals() on entry).
+    :return: (network, SpacedDiffusion).
+    """
+    accepted = inspect.signature(build).parameters
+    network = build(**{name: value for name, value in flags.items() if name in accepted})
+    return network, diffusion_from_flags(flags, flags["timestep_respacing"])
 
 
 def create_gaussian_diffusion(

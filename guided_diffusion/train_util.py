@@ -173,7 +173,8 @@ class TrainLoop(MixedPrecisionTask):
     max_steps = property(lambda self: self.trainer.max_steps,
                          lambda self, v: setattr(self.trainer, "max_steps", v))
 
-    # The reference's step attributes: steps of this run, and the step the run resumed from.
+    # The reference's step attributes: steps of this run (TrainTask.step counts the resumed ones
+    # too), and the step the run resumed from.
     @property
     def step(self):
         return self.trainer.steps_this_run
@@ -186,20 +187,12 @@ class TrainLoop(MixedPrecisionTask):
     def resume_step(self):
         return self.trainer.start_step
 
-    @property
-    def last_checkpoint(self):
-        return self.trainer.last_checkpoint
-
     def run_loop(self):
         """
         Train until lr_anneal_steps (or max_steps) is reached, or forever when both are 0 (see
         training.engine.Trainer.run: exact resume, preemption, health checks).
         """
         self.trainer.run()
-
-    def save(self):
-        """Write the checkpoint set of the current step (see Trainer.save)."""
-        return self.trainer.save()
 
     # ----------------------------------------------------------------------------- a step
 

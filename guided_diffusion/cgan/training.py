@@ -18,7 +18,7 @@ from .. import dist_util, logger
 from ..nn import update_ema
 from ..runtime.checkpoints import load_checkpoint
 from ..runtime import train_state
-from ..training.engine import KEEP_ALL, TrainTask, Trainer
+from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
 from .networks import (
     MODEL_FLAG_KEYS,
     OPTIMIZERS,
@@ -164,9 +164,7 @@ class CGANTrainLoop(TrainTask):
 
         # The EMA is a full copy so buffers (batch-norm statistics) travel with it.
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False)
-        # Steps with a non-finite loss since the start, counted on the device.
-        self._non_finite = torch.zeros((), device=self.device)
-        self._non_finite_seen = 0
+        self._non_finite = NonFiniteSteps(self.device)
 
         # Every rank must start from rank 0's weights: DDP only averages gradients (a resumed
         # run loads the same file on every rank).
@@ -187,15 +185,6 @@ class CGANTrainLoop(TrainTask):
         self.ddp_generator = dist_util.wrap_ddp(self.generator)
         self.ddp_discriminator = dist_util.wrap_ddp(self.discriminator)
 
-    @property
-    def step(self):
-        """Steps taken, resumed ones included."""
-        return self.trainer.global_step
-
-    @property
-    def last_checkpoint(self):
-        return self.trainer.last_checkpoint
-
     def run_loop(self):
         """
         Train until the step limits (forever without one), logging and saving at their
@@ -204,9 +193,6 @@ class CGANTrainLoop(TrainTask):
         # deviation from reference: the paper stopped at the best validation log-likelihood; we
         # stop at the step limit and leave model selection to cgan_eval.py.
         self.trainer.run()
-
-    def save(self):
-        return self.trainer.save()
 
     def run_step(self, images, labels):
         """One discriminator and one generator update, outside the engine's loop (tests)."""
@@ -254,7 +240,7 @@ class CGANTrainLoop(TrainTask):
         # deviation from the previous cGAN loop: the losses stay on the device (no wait per
         # step); a non-finite one is counted here and stops the run at the next health check.
         finite = torch.isfinite(loss_d.detach()) & torch.isfinite(loss_g.detach())
-        self._non_finite.add_((~finite).float())
+        self._non_finite.add(finite)
         logger.logkv_mean("loss_d", loss_d.detach())
         logger.logkv_mean("loss_g", loss_g.detach())
         logger.logkv_mean("d_real", torch.sigmoid(real_logits.detach()).mean())
@@ -262,8 +248,7 @@ class CGANTrainLoop(TrainTask):
         logger.logkv("lr", self.opt_g.param_groups[0]["lr"])
 
     def health_problem(self):
-        count = int(self._non_finite)
-        new, self._non_finite_seen = count - self._non_finite_seen, count
+        new = self._non_finite.new()
         if new:
             return f"non-finite loss at {new} recent step(s) (loss_d or loss_g; try a lower --lr)"
         return None

@@ -16,7 +16,7 @@ import torch
 
 from . import outputs
 from . import solvers as samplers
-from .sampling import loop_start
+from .sampling import last_sample, loop_start
 from .types import ModelMeanType
 
 __all__ = [
@@ -162,16 +162,14 @@ def solver_sigmas(denoiser, num_steps, *, grid="karras", sigma_min=None, sigma_m
     if grid == "logsnr":
         return samplers.logsnr_sigmas(num_steps, lo, hi)
     if grid == "time":
-        if num_steps < 1:
-            raise ValueError(f"need at least one step, got {num_steps}")
-        if not 0 < lo <= hi:
-            raise ValueError(f"need 0 < sigma_min <= sigma_max, got {lo}, {hi}")
-        if num_steps == 1:
-            return [float(hi), 0.0]
-        times = np.linspace(denoiser.sigma_to_t(hi), denoiser.sigma_to_t(lo), num_steps)
-        levels = [denoiser.t_to_sigma(t) for t in times]
-        # The ends exactly as asked (the table round trip can move them by a rounding).
-        return [float(hi)] + levels[1:-1] + [float(lo), 0.0]
+
+        def spread(n):
+            times = np.linspace(denoiser.sigma_to_t(hi), denoiser.sigma_to_t(lo), n)
+            levels = [denoiser.t_to_sigma(t) for t in times]
+            # The ends exactly as asked (the table round trip can move them by a rounding).
+            return [hi] + levels[1:-1] + [lo]
+
+        return samplers.grid_levels(num_steps, lo, hi, spread)
     raise ValueError(f"unknown sigma grid {grid!r}; known grids: {', '.join(SIGMA_GRIDS)}")
 
 
@@ -252,11 +250,9 @@ def solver_sample_loop(diffusion, model, shape, *, sampler, evaluations=None, **
     :param sigma_min, sigma_max, rho: override the noise range and Karras's warp.
     :return: the final batch of samples.
     """
-    final = None
-    for final in solver_sample_loop_progressive(
+    progressive = solver_sample_loop_progressive(
         diffusion, model, shape, sampler=sampler, evaluations=evaluations, **kwargs
-    ):
-        pass
-    return final["sample"]
+    )
+    return last_sample(progressive)
 
 

@@ -21,7 +21,7 @@ import math
 
 import torch as th
 
-from .sampling import loop_start, run_steps
+from .sampling import last_sample, loop_start, run_steps
 
 __all__ = ["inpaint_loop", "inpaint_loop_progressive", "repaint_schedule"]
 
@@ -60,10 +60,7 @@ def inpaint_loop(diffusion, model, shape, **kwargs):
 
     :return: the final batch of samples; where the mask is True it equals `known` exactly.
     """
-    final = None
-    for final in inpaint_loop_progressive(diffusion, model, shape, **kwargs):
-        pass
-    return final["sample"]
+    return last_sample(inpaint_loop_progressive(diffusion, model, shape, **kwargs))
 
 
 def inpaint_loop_progressive(

@@ -66,6 +66,11 @@ def split_output(model_output, x, var_type):
     return prediction, var_values
 
 
+def _table_entry(name):
+    # Looked up when read, as a formula needs it: most readings use a few of the coefficients.
+    return property(lambda level: level.table(name))
+
+
 class TimestepLevel:
     """
     The coefficients at integer timesteps of a diffusion.
@@ -74,29 +79,18 @@ class TimestepLevel:
         cast to float32 and broadcast to the images' shape.
     """
 
+    sqrt_recip_abar = _table_entry("sqrt_recip_alphas_cumprod")
+    sqrt_recipm1_abar = _table_entry("sqrt_recipm1_alphas_cumprod")
+    recip_coef1 = _table_entry("recip_posterior_mean_coef1")
+    coef2_over_coef1 = _table_entry("posterior_mean_coef2_over_coef1")
+
     def __init__(self, lookup):
         self.table = lookup
-
-    @property
-    def sqrt_recip_abar(self):
-        return self.table("sqrt_recip_alphas_cumprod")
-
-    @property
-    def sqrt_recipm1_abar(self):
-        return self.table("sqrt_recipm1_alphas_cumprod")
 
     @property
     def sqrt_one_minus_abar(self):
         # In float32 from the float32 alpha_bar, as the reference's condition_score computes it.
         return (1 - self.table("alphas_cumprod")).sqrt()
-
-    @property
-    def recip_coef1(self):
-        return self.table("recip_posterior_mean_coef1")
-
-    @property
-    def coef2_over_coef1(self):
-        return self.table("posterior_mean_coef2_over_coef1")
 
 
 class SigmaLevel:

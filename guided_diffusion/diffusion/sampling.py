@@ -56,7 +56,7 @@ class SamplingMixin:
             step (anything with update(n), e.g. a tqdm over a whole sampling run).
         :return: the final batch of samples.
         """
-        return _last_sample(
+        return last_sample(
             self.p_sample_loop_progressive(
                 model,
                 shape,
@@ -163,7 +163,7 @@ class SamplingMixin:
         eta=0.0,
     ):
         """Generate samples with DDIM; the arguments are those of p_sample_loop plus eta."""
-        return _last_sample(
+        return last_sample(
             self.ddim_sample_loop_progressive(
                 model,
                 shape,
@@ -276,7 +276,7 @@ class SamplingMixin:
             not a deterministic map and has no inverse.
         :return: x_T, a tensor of x_start's shape.
         """
-        return _last_sample(
+        return last_sample(
             self.ddim_reverse_sample_loop_progressive(
                 model,
                 x_start,
@@ -391,7 +391,14 @@ def check_invertible_eta(eta):
         )
 
 
-def _last_sample(progressive):
+def last_sample(progressive):
+    """
+    Drain a progressive loop: how every plain loop is made from its progressive twin, so that
+    each sampler has one loop.
+
+    :param progressive: an iterator of step outputs (dicts with "sample").
+    :return: the last output's "sample".
+    """
     final = None
     for final in progressive:
         pass

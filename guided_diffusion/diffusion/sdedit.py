@@ -23,7 +23,7 @@ import torch as th
 
 from . import solvers
 from .denoiser import DEFAULT_SIGMA_MIN, solver_sample_loop_progressive
-from .sampling import loop_start, run_steps
+from .sampling import last_sample, loop_start, run_steps
 
 __all__ = ["check_edit_strength", "edit_steps", "sdedit_loop", "sdedit_loop_progressive"]
 
@@ -55,10 +55,7 @@ def sdedit_loop(diffusion, model, x_start, **kwargs):
 
     :return: the edited images, of x_start's shape.
     """
-    final = None
-    for final in sdedit_loop_progressive(diffusion, model, x_start, **kwargs):
-        pass
-    return final["sample"]
+    return last_sample(sdedit_loop_progressive(diffusion, model, x_start, **kwargs))
 
 
 def sdedit_loop_progressive(

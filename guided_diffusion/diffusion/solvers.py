@@ -44,6 +44,7 @@ __all__ = [
     "dpmpp_2m_sde",
     "karras_sigmas",
     "logsnr_sigmas",
+    "grid_levels",
     "sample",
     "steps_for_evaluations",
     "evaluations_for_steps",
@@ -61,16 +62,13 @@ def karras_sigmas(num_steps, sigma_min, sigma_max, rho=7.0):
     :param rho: the warp; 7 spends more steps at low noise (the paper's choice).
     :return: a list of num_steps + 1 Python floats, the last 0.
     """
-    if num_steps < 1:
-        raise ValueError(f"need at least one step, got {num_steps}")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
-    if num_steps == 1:
-        return [float(sigma_max), 0.0]
-    ramp = np.linspace(0.0, 1.0, num_steps)
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    levels = (hi + ramp * (lo - hi)) ** rho
-    return [float(s) for s in levels] + [0.0]
+
+    def spread(n):
+        ramp = np.linspace(0.0, 1.0, n)
+        lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+        return (hi + ramp * (lo - hi)) ** rho
+
+    return grid_levels(num_steps, sigma_min, sigma_max, spread)
 
 
 def logsnr_sigmas(num_steps, sigma_min, sigma_max):
@@ -81,14 +79,32 @@ def logsnr_sigmas(num_steps, sigma_min, sigma_max):
 
     :return: a list of num_steps + 1 Python floats, the last 0.
     """
+    return grid_levels(
+        num_steps,
+        sigma_min,
+        sigma_max,
+        lambda n: np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)),
+    )
+
+
+def grid_levels(num_steps, sigma_min, sigma_max, spread):
+    """
+    What every noise-level grid shares: the checks of its arguments, the single step (sigma_max
+    alone) and the final level 0.
+
+    :param num_steps: how many non-zero levels; at least 1.
+    :param sigma_min: the last non-zero level.
+    :param sigma_max: the first level.
+    :param spread: spread(n) gives the grid's n >= 2 levels from sigma_max down to sigma_min.
+    :return: a list of num_steps + 1 Python floats, the last 0.
+    """
     if num_steps < 1:
         raise ValueError(f"need at least one step, got {num_steps}")
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
     if num_steps == 1:
         return [float(sigma_max), 0.0]
-    levels = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
-    return [float(s) for s in levels] + [0.0]
+    return [float(s) for s in spread(num_steps)] + [0.0]
 
 
 def _steps(sigmas, progress, desc):

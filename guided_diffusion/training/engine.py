@@ -20,6 +20,8 @@ so the three always agree.
 import os
 import re
 
+import torch
+
 from .. import dist_util, logger
 from ..cli.flags import explicit_flags
 from ..errors import LogFolderInUseError, NonFiniteLossError, ScriptError
@@ -32,8 +34,8 @@ from ..runtime.seeding import seed_training
 from .ema import check_ema_warmup
 from .finetune import check_init_flags
 
-__all__ = ["TrainTask", "Trainer", "resolve_resume_checkpoint", "start_run", "parse_run_args",
-           "check_run_flags", "KEEP_ALL"]
+__all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint", "start_run",
+           "parse_run_args", "check_run_flags", "KEEP_ALL"]
 
 # --keep_checkpoints: keep every checkpoint set (the reference's behaviour).
 KEEP_ALL = -1
@@ -298,10 +300,27 @@ class TrainTask:
 
     checkpoint_prefix: the marker file of a checkpoint is <prefix>NNNNNN.pt in the log folder.
     loss_key: the logged value the progress line shows.
+
+    A task keeps the Trainer that runs it in self.trainer; the properties and methods below
+    that read it are the tasks' common public face.
     """
 
     checkpoint_prefix = "model"
     loss_key = "loss"
+
+    @property
+    def step(self):
+        """Steps taken, resumed ones included."""
+        return self.trainer.global_step
+
+    @property
+    def last_checkpoint(self):
+        """The marker file of the newest checkpoint written (or resumed from), or None."""
+        return self.trainer.last_checkpoint
+
+    def save(self):
+        """Write the checkpoint set of the current step (see Trainer.save)."""
+        return self.trainer.save()
 
     def train_step(self, batch, cond, step):
         """
@@ -378,6 +397,29 @@ class TrainTask:
         the run continues with (e.g. the learning rate of --lr: the optimizer state in the
         checkpoint brings back the rate it was saved with).
         """
+
+
+class NonFiniteSteps:
+    """
+    Steps whose loss was not finite, counted on the device so that no step waits for the
+    check; read at the health checks (TrainTask.health_problem).
+
+    :param device: the device of the losses.
+    """
+
+    def __init__(self, device):
+        self._count = torch.zeros((), device=device)
+        self._seen = 0
+
+    def add(self, finite):
+        """:param finite: a bool device tensor, False when this step's loss is not finite."""
+        self._count.add_((~finite).float())
+
+    def new(self):
+        """:return: the steps counted since the previous call (waits for the device)."""
+        count = int(self._count)
+        new, self._seen = count - self._seen, count
+        return new
 
 
 class Trainer:

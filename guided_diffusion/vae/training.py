@@ -14,7 +14,7 @@ import torch
 from .. import dist_util, logger
 from ..runtime import train_state
 from ..runtime.checkpoints import load_checkpoint
-from ..training.engine import KEEP_ALL, TrainTask, Trainer
+from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
 from .networks import check_vae_checkpoint, vae_losses, vae_state
 
 __all__ = ["CHECKPOINT_PREFIX", "VAETrainLoop", "vae_train_defaults"]
@@ -86,9 +86,7 @@ class VAETrainLoop(TrainTask):
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.lr = lr
         self.weight_decay = weight_decay
-        # Steps with a non-finite loss since the start, counted on the device.
-        self._non_finite = torch.zeros((), device=self.device)
-        self._non_finite_seen = 0
+        self._non_finite = NonFiniteSteps(self.device)
         self.model.to(self.device)
         dist_util.sync_params(self.model.parameters())
         self.trainer = Trainer(
@@ -105,15 +103,6 @@ class VAETrainLoop(TrainTask):
             keep_checkpoints=keep_checkpoints,
         )
         self.ddp_model = dist_util.wrap_ddp(self.model)
-
-    @property
-    def step(self):
-        """Steps taken, resumed ones included."""
-        return self.trainer.global_step
-
-    @property
-    def last_checkpoint(self):
-        return self.trainer.last_checkpoint
 
     def run_loop(self):
         """
@@ -149,14 +138,13 @@ class VAETrainLoop(TrainTask):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.opt.step()
-        self._non_finite.add_((~torch.isfinite(loss.detach())).float())
+        self._non_finite.add(torch.isfinite(loss.detach()))
         for key, value in terms.items():
             logger.logkv_mean(key, value.detach().mean())
         logger.logkv_mean("grad_norm", grad_norm)
 
     def health_problem(self):
-        count = int(self._non_finite)
-        new, self._non_finite_seen = count - self._non_finite_seen, count
+        new = self._non_finite.new()
         if new:
             return f"the VAE loss is not finite at {new} recent step(s) (try a lower --lr or check the data)"
         return None
