@@ -224,7 +224,9 @@ def test_torchrun_sigterm_stops_and_resumes_exactly(data, reference, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_sigkill_of_one_rank_ends_the_job(launcher, data, tmp_path):
-    proc = start(launcher, ["--data_dir", data, *MODEL, "--save_interval", 2,
+    # The step cap only bounds the job should this test be interrupted before its kill (a
+    # checkpoint every 2 steps would otherwise fill the disk); the kill comes at step 3.
+    proc = start(launcher, ["--data_dir", data, *MODEL, "--save_interval", 2, "--max_steps", 200,
                             "--log_dir", tmp_path], tmp_path / "output")
     wait_for_steps(tmp_path, 3, proc)
     ranks = rank_pids(proc.pid)
