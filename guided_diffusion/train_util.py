@@ -17,13 +17,15 @@ import torch
 
 from . import dist_util, logger
 from .errors import NonFiniteLossError  # noqa: F401  (public here, where it lived)
-from .resample import LossAwareSampler, UniformSampler
+from .image_datasets import check_dataset_classes, with_label_dropout
+from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .runtime import checkpoints
 from .training.engine import KEEP_ALL, Trainer, checkpoint_step, resolve_resume_checkpoint  # noqa: F401
 from .training.finetune import adapt_label_embedding
 from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
 from .training.mixed_precision import MIN_LG_LOSS_SCALE, MixedPrecisionTask, parse_ema_rates  # noqa: F401
-from .training.watch import SampleGrid, Validation
+from .runtime.perf import compile_model, to_channels_last
+from .training.watch import SampleGrid, Validation, watch_keywords
 
 # The TrainLoop keywords that come straight from the training scripts' flags of the same names.
 TRAIN_LOOP_FLAGS = (
@@ -306,6 +308,45 @@ class TrainLoop(MixedPrecisionTask):
     def checkpoint_step(self):
         """The number written into checkpoint names: optimizer steps taken, resume included."""
         return self.trainer.global_step
+
+
+def train_from_flags(args, model, diffusion, flags, load):
+    """
+    The diffusion training scripts' run once the model is built (image_train.py and
+    super_res_train.py): the model goes to this rank's device (channels-last and compiled as the
+    flags say), the training stream comes from `load` with the classifier-free guidance label
+    dropout, and a TrainLoop built from the flags (with --sample_interval grids and
+    --val_data_dir losses) runs to the end.
+
+    :param args: the parsed flags of the script.
+    :param model: the network, as create_model_and_diffusion (or the super-res factory) built it.
+    :param diffusion: its diffusion.
+    :param flags: the model and diffusion flags both were built from (the sample grids' DDIM
+        diffusion is respaced from them).
+    :param load: (folder, deterministic) -> this rank's batch stream of the folder: shuffled
+        and augmented as the flags say for training, in a fixed order and unaugmented for the
+        validation subset (deterministic=True).
+    """
+    model.to(dist_util.dev())
+    to_channels_last(model, args.channels_last)
+    compile_model(model, args.compile)
+
+    logger.log("creating data loader...")
+    if args.class_cond:
+        check_dataset_classes(args.data_dir, args.num_classes)
+    # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
+    data = with_label_dropout(load(args.data_dir, False), prob=args.class_dropout_prob,
+                              null_label=args.num_classes)
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        **{name: getattr(args, name) for name in TRAIN_LOOP_FLAGS},
+        **watch_keywords(args, flags, lambda folder: load(folder, True)),
+    ).run_loop()
 
 
 def parse_resume_step_from_filename(filename):

@@ -15,25 +15,20 @@ if __name__ == "__main__":
 
     catch_preemption_signals()
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import logger
 from guided_diffusion.cli.flags import diffusion_train_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import (
-    check_dataset_classes,
     load_superres_data,
-    with_label_dropout,
 )
-from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.runtime.perf import compile_model, to_channels_last
 from guided_diffusion.script_util import (
     args_to_dict,
     script_parser,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TRAIN_LOOP_FLAGS, TrainLoop
+from guided_diffusion.train_util import train_from_flags
 from guided_diffusion.training.engine import parse_run_args, start_run
-from guided_diffusion.training.watch import watch_keywords
 
 
 def main(argv=None):
@@ -50,36 +45,12 @@ def main(argv=None):
         in_channels=args.in_channels,
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
-    model.to(dist_util.dev())
-    to_channels_last(model, args.channels_last)
-    compile_model(model, args.compile)
-
-    logger.log("creating data loader...")
-    if args.class_cond:
-        check_dataset_classes(args.data_dir, args.num_classes)
-    data = load_superres_data(
-        args.data_dir,
-        args.batch_size,
-        large_size=args.large_size,
-        small_size=args.small_size,
-        class_cond=args.class_cond,
-        in_channels=args.in_channels,
-    )
-    # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
-    data = with_label_dropout(data, prob=args.class_dropout_prob, null_label=args.num_classes)
-
-    logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
-        **args_to_dict(args, TRAIN_LOOP_FLAGS),
-        # --sample_interval grids and --val_data_dir losses (docs/runs.md)
-        **watch_keywords(args, flags, lambda folder: load_superres_data(
-            folder, args.batch_size, large_size=args.large_size, small_size=args.small_size,
-            class_cond=args.class_cond, deterministic=True, random_flip=False)),
-    ).run_loop()
+    # Validation (deterministic) batches are unflipped and in a fixed order.
+    fixed = dict(deterministic=True, random_flip=False)
+    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_superres_data(
+        folder, args.batch_size, large_size=args.large_size, small_size=args.small_size,
+        class_cond=args.class_cond, in_channels=args.in_channels, **(fixed if deterministic else {}),
+    ))
 
 
 def create_argparser():

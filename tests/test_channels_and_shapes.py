@@ -54,6 +54,16 @@ def test_networks_take_the_channel_count():
     assert sr.input_blocks[0][0].weight.shape[1] == 2 and out.shape == (1, 1, 16, 16)
 
 
+def test_grey_validation_data_is_read_with_the_models_channels(grey_digits, tmp_path):
+    # The validation subset goes through the training loader's channel handling: read as RGB,
+    # it would not fit a 1-channel model.
+    assert run_inprocess("image_train", ["--data_dir", grey_digits, "--image_size", 8, *MODEL,
+                                         "--in_channels", 1, "--batch_size", 4, "--max_steps", 1,
+                                         "--val_data_dir", grey_digits, "--val_interval", 1,
+                                         "--val_num_images", 4, "--log_dir", tmp_path]) == 0
+    assert "val_loss" in (tmp_path / "progress.csv").read_text().splitlines()[0]
+
+
 def test_grey_digits_train_and_sample_end_to_end(grey_digits, tmp_path, capsys):
     train = tmp_path / "train"
     assert run_inprocess("image_train", ["--data_dir", grey_digits, "--image_size", 8, *MODEL,
