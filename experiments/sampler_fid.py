@@ -66,7 +66,7 @@ def main(argv=None):
         model, lambda respacing: diffusion_from_flags(flags, respacing), reference,
         samplers=names, evaluations=budgets, guidance_scales=scales,
         num_samples=args.num_samples, batch_size=args.batch_size, num_classes=args.num_classes,
-        image_size=args.image_size, seed=args.seed,
+        image_size=args.image_size, seed=args.seed, clip_denoised=args.clip_denoised,
         grid_dir=os.path.join(out, "grids"), log=logger.log, progress=args.progress,
     )
     text = write_report(rows, reference, out, title=os.path.basename(args.model_path))
@@ -85,8 +85,8 @@ def create_argparser():
         batch_size=500,
         classifier_steps=2000,
     )
-    return script_parser("FID against model evaluations per sampler.", defaults,
-                         ddim_tool_defaults())
+    return script_parser("FID against model evaluations per sampler.", ddim_tool_defaults(),
+                         defaults)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def check_budgets(samplers, evaluations):
 
 
 def generate(model, diffusion, *, sampler, guidance_scale, num_samples, batch_size,
-             num_classes, seed, image_size, evaluations=None, progress=False):
+             num_classes, seed, image_size, evaluations=None, clip_denoised=True, progress=False):
     """
     Sample class-conditional images with one sampler and guidance scale.
 
@@ -111,6 +111,7 @@ def generate(model, diffusion, *, sampler, guidance_scale, num_samples, batch_si
     :param diffusion: for ddpm and ddim, the diffusion respaced to the evaluation budget; for
         the ODE solvers, the model's diffusion (its respacing is not used).
     :param evaluations: the ODE solvers' budget of model evaluations (unused by ddpm and ddim).
+    :param clip_denoised: clip each x_0 prediction to [-1, 1] (--clip_denoised).
     :return: (uint8 images [N, H, W, 3], int64 labels [N], model evaluations per image; with
         guidance_scale != 1 one evaluation is one forward pass over twice the batch).
     """
@@ -133,7 +134,7 @@ def generate(model, diffusion, *, sampler, guidance_scale, num_samples, batch_si
         shape = (len(y), 3, image_size, image_size)
         noise = torch.randn(*shape, generator=noise_gen).to(device)
         sample = sample_fn(model_fn, shape, noise=noise, model_kwargs={"y": y.to(device)},
-                           clip_denoised=True, progress=progress)
+                           clip_denoised=clip_denoised, progress=progress)
         images.append(to_uint8(sample).cpu().numpy())
     evaluations = len(calls) / len(batches)
     return np.concatenate(images), labels.numpy(), evaluations
@@ -141,7 +142,7 @@ def generate(model, diffusion, *, sampler, guidance_scale, num_samples, batch_si
 
 def sweep(model, build_diffusion, reference, *, samplers, evaluations, guidance_scales,
           num_samples, batch_size, num_classes, image_size, seed=0, grid_dir=None, log=print,
-          progress=False):
+          clip_denoised=True, progress=False):
     """
     FID and class accuracy for every (guidance scale, sampler, evaluation budget).
 
@@ -150,6 +151,7 @@ def sweep(model, build_diffusion, reference, *, samplers, evaluations, guidance_
         budget as their evaluations.
     :param reference: the dict of real_reference.
     :param grid_dir: if given, a PNG grid of the first 100 samples of each configuration.
+    :param clip_denoised: as for generate.
     :param progress: a progress bar over the configurations.
     :return: a list of dicts (guidance_scale, sampler, budget, evaluations, fid, accuracy,
         seconds).
@@ -165,7 +167,7 @@ def sweep(model, build_diffusion, reference, *, samplers, evaluations, guidance_
             model, build_diffusion("" if solver else str(budget)), sampler=name,
             guidance_scale=scale, num_samples=num_samples, batch_size=batch_size,
             num_classes=num_classes, seed=seed, image_size=image_size,
-            evaluations=budget if solver else None,
+            evaluations=budget if solver else None, clip_denoised=clip_denoised,
         )
         samples = to_eval_space(images, grayscale=True)
         stats = FIDStatistics.from_features(

@@ -23,7 +23,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
-from guided_diffusion.cli.main import run_main, start_single_process_tool
+from guided_diffusion.cli.main import run_main, start_single_process_tool, step_table
 from guided_diffusion.diffusion.inversion import consistency_distances, decode_in_batches
 from guided_diffusion.runtime.files import write_json
 from guided_diffusion.runtime.seeding import seed_sampling
@@ -67,29 +67,22 @@ def main(argv=None):
     make_grid_png(grid, os.path.join(out, "consistency.png"), nrow=len(x_T))
     write_json(os.path.join(out, "consistency.json"),
                {"reference_steps": max(step_counts), "num_samples": len(x_T), "steps": distances})
-    logger.log(format_table(distances, max(step_counts)))
+    logger.log(step_table(distances, [
+        (f"mean |pixel difference| to {max(step_counts)} steps (0..255)", "mean_abs_pixel_distance", 3),
+        ("mse (pixels in [0, 1])", "mse", 6),
+    ]))
     logger.log(f"wrote consistency.npz, consistency.png and consistency.json to {out}")
-
-
-def format_table(distances, reference):
-    lines = [f"steps  mean |pixel difference| to {reference} steps (0..255)  mse (pixels in [0, 1])"]
-    for steps, row in distances.items():
-        lines.append(f"{steps:>5}  {row['mean_abs_pixel_distance']:>45.3f}  {row['mse']:>22.6f}")
-    return "\n".join(lines)
 
 
 def create_argparser():
     return script_parser(
         "Decode the same DDIM latents with several step counts.",
+        ddim_tool_defaults(),
         dict(
-            model_path="",
             latents="",
             num_samples=8,
             steps="10,20,50,100",
-            batch_size=16,
-            clip_denoised=True,
         ),
-        ddim_tool_defaults(),
     )
 
 

@@ -85,16 +85,13 @@ def pairs_from_file(args):
 def create_argparser():
     return script_parser(
         "Decode slerp paths between DDIM latents.",
+        ddim_tool_defaults(),
         dict(
-            model_path="",
             latents="",
             num_pairs=4,
             num_points=8,
             steps="50",
-            batch_size=16,
-            clip_denoised=True,
         ),
-        ddim_tool_defaults(),
     )
 
 

@@ -19,7 +19,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
-from guided_diffusion.cli.main import run_main, start_single_process_tool
+from guided_diffusion.cli.main import run_main, step_table, start_single_process_tool
 from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
 from guided_diffusion.diffusion.sampling import check_invertible_eta
 from guided_diffusion.runtime.files import write_json
@@ -65,32 +65,22 @@ def main(argv=None):
     make_grid_png(grid, os.path.join(out, "reconstructions.png"), nrow=min(len(images), args.grid_images))
     report = {"num_images": len(images), "clip_denoised": args.clip_denoised, "steps": results}
     write_json(os.path.join(out, "reconstruction.json"), report)
-    logger.log(format_table(results))
+    logger.log(step_table(results, [("mse (pixels in [0, 1])", "mse", 6), ("psnr (dB)", "psnr", 2)]))
     logger.log(f"wrote latents.npz (x_T from {max(step_counts)} steps), reconstructions.png and "
                f"reconstruction.json to {out}")
-
-
-def format_table(results):
-    lines = ["steps  mse (pixels in [0, 1])  psnr (dB)"]
-    for steps, row in results.items():
-        lines.append(f"{steps:>5}  {row['mse']:>22.6f}  {row['psnr']:>9.2f}")
-    return "\n".join(lines)
 
 
 def create_argparser():
     return script_parser(
         "Encode images into DDIM latents and reconstruct them.",
+        ddim_tool_defaults(seed=False),  # nothing random happens
         dict(
-            model_path="",
             input="",
             num_images=0,
             steps="10,20,50,100",
-            batch_size=16,
-            clip_denoised=True,
             eta=0.0,
             grid_images=16,
         ),
-        ddim_tool_defaults(seed=False),  # nothing random happens
     )
 
 

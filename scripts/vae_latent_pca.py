@@ -29,25 +29,20 @@ from guided_diffusion.vae import (
     encode_means,
     folder_batches,
     spread_indices,
-    vae_defaults,
     vae_from_checkpoint,
+    vae_tool_defaults,
 )
 
 
 def create_argparser():
     return script_parser(
         script_description(__doc__),
-        dict(
-            model_path="",
-            data_dir="",
+        vae_tool_defaults(
             features_npz="",
             batch_size=256,
             max_images=0,
             knn_k=5,
-            out_dir="",
-            log_dir="",
         ),
-        vae_defaults(),
     )
 
 

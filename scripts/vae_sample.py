@@ -24,26 +24,21 @@ from guided_diffusion.vae import (
     sample_from_prior,
     save_interpolation,
     save_reconstructions,
-    vae_defaults,
     vae_from_checkpoint,
+    vae_tool_defaults,
 )
 
 
 def create_argparser():
     return script_parser(
         script_description(__doc__),
-        dict(
-            model_path="",
-            data_dir="",
+        vae_tool_defaults(
             num_samples=64,
             batch_size=64,
             num_recon=16,
             interp_steps=10,
-            out_dir="",
-            log_dir="",
             seed=0,
         ),
-        vae_defaults(),
     )
 
 

@@ -117,10 +117,12 @@ def ddim_tool_defaults(seed=True):
     The flags of the DDIM tools (ddim_invert, ddim_interpolate, ddim_consistency): the model
     flags without --timestep_respacing (their --steps choose the respacing, "ddim<steps>"), plus
     sampling_extra_defaults() (without --seed when nothing is random) and --class_dropout_prob
-    (so that checkpoints trained for classifier-free guidance load).
+    (so that checkpoints trained for classifier-free guidance load), and the flags every tool
+    has: --model_path, --batch_size and --clip_denoised.
     """
 
-    defaults = model_and_diffusion_defaults()
+    defaults = dict(model_path="", batch_size=16, clip_denoised=True)
+    defaults.update(model_and_diffusion_defaults())
     del defaults["timestep_respacing"]
     defaults.update(cfg_defaults())
     extras = sampling_extra_defaults()

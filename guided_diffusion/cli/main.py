@@ -195,3 +195,19 @@ def start_single_process_tool(script, args):
     require_single_process(script)
     logger.configure(dir=args.log_dir or None)
     set_tf32(args.tf32)
+
+
+def step_table(results, columns):
+    """
+    The text table the DDIM tools print: one line per step count, each value right-aligned
+    under its column's title.
+
+    :param results: {steps: {key: number}}.
+    :param columns: [(title, key, decimals)], in print order.
+    :return: the table as one string.
+    """
+    lines = ["  ".join(["steps", *(title for title, _, _ in columns)])]
+    for steps, row in results.items():
+        cells = [f"{row[key]:>{len(title)}.{decimals}f}" for title, key, decimals in columns]
+        lines.append("  ".join([f"{steps:>5}", *cells]))
+    return "\n".join(lines)

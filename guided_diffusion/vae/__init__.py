@@ -11,7 +11,7 @@ from .networks import vae_state
 from .pca import PCAResult, class_colors, embedding_report, fit_pca, knn_accuracy, knn_predict
 from .pca import majority_rate, plot_embedding, transform
 from .sampling import sample_from_prior, save_interpolation, save_reconstructions, unit_to_uint8
-from .sampling import vae_from_checkpoint
+from .sampling import vae_from_checkpoint, vae_tool_defaults
 from .training import CHECKPOINT_PREFIX, VAETrainLoop, vae_train_defaults
 
 _SUBMODULES = ("networks", "pca", "sampling", "training")

@@ -16,7 +16,20 @@ from ..image_datasets import class_labels_from_paths, list_image_files_recursive
 from ..runtime.checkpoints import load_checkpoint
 from ..sampling.files import make_grid_png, save_samples, to_uint8
 from .networks import ARCH_FLAGS, check_vae_checkpoint, folder_batches, interpolate, load_vae
-from .networks import spread_indices
+from .networks import spread_indices, vae_defaults
+
+
+def vae_tool_defaults(**own):
+    """
+    The flags of the VAE tools that read a trained model (vae_sample.py, vae_latent_pca.py):
+    --model_path, --data_dir, --out_dir and --log_dir, the tool's own flags, then the
+    architecture flags (vae_defaults), which the checkpoint's stored flags override.
+
+    :param own: the tool's own flags with their defaults.
+    """
+    defaults = dict(model_path="", data_dir="", **own, out_dir="", log_dir="")
+    defaults.update(vae_defaults())
+    return defaults
 
 
 def vae_from_checkpoint(path, args, given):
