@@ -18,14 +18,11 @@ from guided_diffusion.unet import AttentionBlock
 
 from test_scripts import error_line, run_inprocess
 
-pytestmark = pytest.mark.usefixtures("cpu_only")
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
 
 MODEL = ("--num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
          "--num_head_channels 16 --diffusion_steps 50 --learn_sigma True --class_cond True "
          "--num_classes 10").split()
-
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
