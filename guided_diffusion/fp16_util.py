@@ -245,6 +245,24 @@ def _all_ranks_any(flag):
     return flag > 0
 
 
+@torch.no_grad()
+def clip_to_global_norm(grads, grad_norm, max_norm):
+    """
+    Scale gradients in place by min(1, max_norm / (grad_norm + 1e-6)), on the device (no host
+    synchronisation). A non-finite norm (a step the loss scaler skips, or a run about to stop
+    on a non-finite loss) leaves them as they are.
+
+    :param grads: the gradient tensors (one dtype).
+    :param grad_norm: their global L2 norm, a 0-d tensor.
+    :param max_norm: the largest norm allowed (> 0).
+    :return: the norm after clipping, a 0-d tensor.
+    """
+    coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+    coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return grad_norm * coef
+
+
 class MixedPrecisionTrainer:
     """
     Wraps backward and optimizer steps for a model trained in float32, or with a float16 or
@@ -415,13 +433,9 @@ class MixedPrecisionTrainer:
         threshold applies to the true gradient. Logs grad_norm_clipped (the norm after it).
         """
         grads = [p.grad for p in self.master_params if p.grad is not None]
-        if not grads:
-            return
-        coef = torch.clamp(self.grad_clip / (grad_norm + 1e-6), max=1.0)
-        # A non-finite norm means a skipped step: leave those gradients as they are.
-        coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        logger.logkv_mean("grad_norm_clipped", grad_norm * coef, count=took)
+        if grads:
+            clipped = clip_to_global_norm(grads, grad_norm, self.grad_clip)
+            logger.logkv_mean("grad_norm_clipped", clipped, count=took)
 
     @torch.no_grad()
     def _norm_tensors(self):

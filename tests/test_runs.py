@@ -500,15 +500,49 @@ def test_grad_clip_scales_the_true_gradient_norm(use_fp16, tmp_path):
         assert torch.allclose(b.double(), a.double() * ratio, rtol=1e-5, atol=1e-12 * scale)
 
 
-def test_grad_clip_in_a_training_run_is_logged(data, tmp_path, monkeypatch):
-    assert run("image_train", ["--data_dir", data, *DIFFUSION, "--max_steps", 2, "--grad_clip",
-                               0.05, "--log_interval", 1], tmp_path, monkeypatch) == 0
+# script: its flags, and the (norm, clipped norm) columns of each network it clips
+CLIPPED = {
+    "image_train": (DIFFUSION, [("grad_norm", "grad_norm_clipped")]),
+    "vae_train": (VAE, [("grad_norm", "grad_norm_clipped")]),
+    "cgan_train": (CGAN, [("grad_norm_d", "grad_norm_d_clipped"),
+                          ("grad_norm_g", "grad_norm_g_clipped")]),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIPPED))
+def test_grad_clip_in_a_training_run_is_logged(name, data, tmp_path, monkeypatch):
+    flags, pairs = CLIPPED[name]
+    assert run(name, ["--data_dir", data, *flags, "--max_steps", 2, "--grad_clip", 0.05,
+                      "--log_interval", 1], tmp_path, monkeypatch) == 0
     columns, *rows = (tmp_path / "progress.csv").read_text().splitlines()
     columns = columns.split(",")
+    assert len(rows) == 2
     for row in rows:
         values = dict(zip(columns, row.split(",")))
-        norm, clipped = float(values["grad_norm"]), float(values["grad_norm_clipped"])
-        assert clipped == pytest.approx(min(norm, 0.05), rel=1e-4)
+        for norm_key, clipped_key in pairs:
+            norm, clipped = float(values[norm_key]), float(values[clipped_key])
+            assert clipped == pytest.approx(min(norm, 0.05), rel=1e-4)
+
+
+def test_cgan_ema_warmup_starts_from_the_generator(tmp_path, monkeypatch):
+    # With the warm-up the first update's decay is 1 - (1 + 0)^-power = 0: the EMA becomes the
+    # generator itself; without it, the EMA keeps 0.99 of the initial weights.
+    from guided_diffusion.cgan import CGANTrainLoop, cgan_defaults, create_cgan
+
+    monkeypatch.chdir(tmp_path)
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    labels = torch.arange(4) % 10
+    results = []
+    for power in (0.0, 1.0):
+        torch.manual_seed(0)
+        generator, discriminator = create_cgan(**{**cgan_defaults(), "image_size": 8})
+        loop = CGANTrainLoop(generator=generator, discriminator=discriminator, data=iter(()),
+                             arch="mlp", batch_size=4, ema_rate=0.99, ema_warmup_power=power)
+        loop.run_step(images, labels)
+        results.append(all(torch.equal(e, g) for e, g in
+                           zip(loop.ema.parameters(), loop.generator.parameters())))
+    assert results == [False, True]
 
 
 # ----------------------------------------------------------------------------- fine-tuning

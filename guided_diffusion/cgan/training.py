@@ -15,9 +15,11 @@ import os
 import torch
 
 from .. import dist_util, logger
+from ..fp16_util import clip_to_global_norm
 from ..nn import update_ema
 from ..runtime.checkpoints import load_checkpoint
 from ..runtime import train_state
+from ..training.ema import check_ema_warmup, ema_decay
 from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
 from .networks import (
     MODEL_FLAG_KEYS,
@@ -84,6 +86,10 @@ class CGANTrainLoop(TrainTask):
     :param final_momentum: sgd: momentum reached after momentum_saturate_steps.
     :param momentum_saturate_steps: sgd: length of the linear momentum ramp in steps.
     :param ema_rate: decay of the generator's exponential moving average.
+    :param ema_warmup_power, ema_inv_gamma: the EMA decay's warm-up (training.ema.ema_decay; a
+        power of 0 keeps ema_rate from the first step).
+    :param grad_clip: > 0 clips the discriminator's and the generator's global gradient norms,
+        each to it, before their steps (0: never); logged as grad_norm_d/_g(_clipped).
     :param iterations: the run ends when this many steps have been taken in total, resumed
         ones included (0: no end).
     :param max_steps: the run also ends after this many steps of this process (0: no limit).
@@ -117,6 +123,9 @@ class CGANTrainLoop(TrainTask):
         final_momentum=PAPER_SGD["final_momentum"],
         momentum_saturate_steps=PAPER_MOMENTUM_SATURATE_STEPS,
         ema_rate=0.999,
+        ema_warmup_power=0.0,
+        ema_inv_gamma=1.0,
+        grad_clip=0.0,
         iterations=0,
         max_steps=0,
         log_interval=100,
@@ -131,6 +140,12 @@ class CGANTrainLoop(TrainTask):
             )
         if not 0.0 <= ema_rate < 1.0:
             raise ValueError(f"--ema_rate must be in [0, 1), got {ema_rate}")
+        check_ema_warmup(ema_warmup_power, ema_inv_gamma)
+        if not grad_clip >= 0:
+            raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
+        self.ema_warmup_power = ema_warmup_power
+        self.ema_inv_gamma = ema_inv_gamma
+        self.grad_clip = float(grad_clip)
         self.generator = generator
         self.discriminator = discriminator
         self.data = data
@@ -223,17 +238,20 @@ class CGANTrainLoop(TrainTask):
         loss_d = discriminator_loss(real_logits, fake_logits)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        self._clip(self.discriminator, "d")
         self.opt_d.step()
 
         loss_g = generator_loss(self.ddp_discriminator(fake, labels))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        self._clip(self.generator, "g")
         self.opt_g.step()
         # The generator step also filled the discriminator's gradients; drop them now so they
         # cannot leak into anything that inspects .grad before the next zero_grad.
         self.opt_d.zero_grad(set_to_none=True)
 
-        update_ema(self.ema.parameters(), self.generator.parameters(), rate=self.ema_rate)
+        rate = ema_decay(self.ema_rate, step, self.ema_warmup_power, self.ema_inv_gamma)
+        update_ema(self.ema.parameters(), self.generator.parameters(), rate=rate)
         for ema_buf, buf in zip(self.ema.buffers(), self.generator.buffers()):
             ema_buf.copy_(buf)
 
@@ -246,6 +264,15 @@ class CGANTrainLoop(TrainTask):
         logger.logkv_mean("d_real", torch.sigmoid(real_logits.detach()).mean())
         logger.logkv_mean("d_fake", torch.sigmoid(fake_logits.detach()).mean())
         logger.logkv("lr", self.opt_g.param_groups[0]["lr"])
+
+    def _clip(self, network, name):
+        """--grad_clip: clip the network's global gradient norm before its optimizer step."""
+        if self.grad_clip <= 0:
+            return
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        logger.logkv_mean(f"grad_norm_{name}", norm)
+        logger.logkv_mean(f"grad_norm_{name}_clipped", clip_to_global_norm(grads, norm, self.grad_clip))
 
     def health_problem(self):
         new = self._non_finite.new()

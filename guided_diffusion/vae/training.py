@@ -12,6 +12,7 @@ import os
 import torch
 
 from .. import dist_util, logger
+from ..fp16_util import clip_to_global_norm
 from ..runtime import train_state
 from ..runtime.checkpoints import load_checkpoint
 from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
@@ -51,6 +52,8 @@ class VAETrainLoop(TrainTask):
     :param save_interval: steps between checkpoints (a final one is always written).
     :param resume_checkpoint: "", "auto" or a path (see training.engine.resolve_resume_checkpoint).
     :param weight_decay: Adam weight decay.
+    :param grad_clip: > 0 clips the global gradient norm to it before each step (0: never); the
+        norm after clipping is logged as grad_norm_clipped.
     :param log_dir: where checkpoints go (default: the logger's folder).
     :param keep_checkpoints: keep the newest K checkpoints (-1: all; Trainer).
     """
@@ -72,11 +75,15 @@ class VAETrainLoop(TrainTask):
         save_interval=1000,
         resume_checkpoint="",
         weight_decay=0.0,
+        grad_clip=0.0,
         log_dir=None,
         keep_checkpoints=KEEP_ALL,
     ):
         if beta < 0:
             raise ValueError(f"--beta must be >= 0, got {beta}")
+        if not grad_clip >= 0:
+            raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
+        self.grad_clip = float(grad_clip)
         self.model = model
         self.data = data
         self.flags = dict(flags)
@@ -137,6 +144,8 @@ class VAETrainLoop(TrainTask):
         # health check, before anything is saved.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.grad_clip > 0:
+            logger.logkv_mean("grad_norm_clipped", clip_to_global_norm(grads, grad_norm, self.grad_clip))
         self.opt.step()
         self._non_finite.add(torch.isfinite(loss.detach()))
         for key, value in terms.items():
