@@ -245,6 +245,16 @@ def _all_ranks_any(flag):
     return flag > 0
 
 
+def checked_grad_clip(grad_clip):
+    """
+    :return: --grad_clip as a float (0 = no clipping).
+    :raises ValueError: for a negative (or NaN) value.
+    """
+    if not grad_clip >= 0:
+        raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
+    return float(grad_clip)
+
+
 @torch.no_grad()
 def clip_to_global_norm(grads, grad_norm, max_norm):
     """
@@ -301,9 +311,7 @@ class MixedPrecisionTrainer:
     ):
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
-        if not grad_clip >= 0:
-            raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
-        self.grad_clip = float(grad_clip)
+        self.grad_clip = checked_grad_clip(grad_clip)
         self.model = model
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16

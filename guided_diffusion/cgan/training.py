@@ -15,7 +15,7 @@ import os
 import torch
 
 from .. import dist_util, logger
-from ..fp16_util import clip_to_global_norm
+from ..fp16_util import checked_grad_clip, clip_to_global_norm
 from ..nn import update_ema
 from ..runtime.checkpoints import load_checkpoint
 from ..runtime import train_state
@@ -141,11 +141,8 @@ class CGANTrainLoop(TrainTask):
         if not 0.0 <= ema_rate < 1.0:
             raise ValueError(f"--ema_rate must be in [0, 1), got {ema_rate}")
         check_ema_warmup(ema_warmup_power, ema_inv_gamma)
-        if not grad_clip >= 0:
-            raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
-        self.ema_warmup_power = ema_warmup_power
-        self.ema_inv_gamma = ema_inv_gamma
-        self.grad_clip = float(grad_clip)
+        self.ema_warmup = (ema_warmup_power, ema_inv_gamma)
+        self.grad_clip = checked_grad_clip(grad_clip)
         self.generator = generator
         self.discriminator = discriminator
         self.data = data
@@ -250,7 +247,7 @@ class CGANTrainLoop(TrainTask):
         # cannot leak into anything that inspects .grad before the next zero_grad.
         self.opt_d.zero_grad(set_to_none=True)
 
-        rate = ema_decay(self.ema_rate, step, self.ema_warmup_power, self.ema_inv_gamma)
+        rate = ema_decay(self.ema_rate, step, *self.ema_warmup)
         update_ema(self.ema.parameters(), self.generator.parameters(), rate=rate)
         for ema_buf, buf in zip(self.ema.buffers(), self.generator.buffers()):
             ema_buf.copy_(buf)

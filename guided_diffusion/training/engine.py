@@ -25,6 +25,7 @@ import torch
 from .. import dist_util, logger
 from ..cli.flags import explicit_flags
 from ..errors import LogFolderInUseError, NonFiniteLossError, ScriptError
+from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
@@ -117,8 +118,7 @@ def check_run_flags(args):
     """
     get = lambda name, default: getattr(args, name, default)  # noqa: E731
     check_keep_checkpoints(get("keep_checkpoints", KEEP_ALL))
-    if not get("grad_clip", 0.0) >= 0:
-        raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {args.grad_clip}")
+    checked_grad_clip(get("grad_clip", 0.0))
     check_ema_warmup(get("ema_warmup_power", 0.0), get("ema_inv_gamma", 1.0))
     if hasattr(args, "init_checkpoint"):
         check_init_flags(

@@ -12,7 +12,7 @@ import os
 import torch
 
 from .. import dist_util, logger
-from ..fp16_util import clip_to_global_norm
+from ..fp16_util import checked_grad_clip, clip_to_global_norm
 from ..runtime import train_state
 from ..runtime.checkpoints import load_checkpoint
 from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
@@ -81,9 +81,7 @@ class VAETrainLoop(TrainTask):
     ):
         if beta < 0:
             raise ValueError(f"--beta must be >= 0, got {beta}")
-        if not grad_clip >= 0:
-            raise ValueError(f"--grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
-        self.grad_clip = float(grad_clip)
+        self.grad_clip = checked_grad_clip(grad_clip)
         self.model = model
         self.data = data
         self.flags = dict(flags)
