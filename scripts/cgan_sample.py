@@ -31,6 +31,7 @@ def create_argparser():
             class_label=-1,
             use_ema=True,
             grid_per_class=10,
+            save_images=False,
             sample_dropout=False,
             seed=0,
             log_dir="",
@@ -67,6 +68,7 @@ def main(argv=None):
             to_uint8(images), labels, output_dir(args),
             grid_max_images=args.grid_per_class * args.num_classes,
             grid_per_class=args.grid_per_class,
+            save_images=args.save_images,
         )
         logger.log(f"saved {path} and its grid (one row per class)")
     dist_util.barrier()

@@ -37,6 +37,7 @@ def create_argparser():
             batch_size=64,
             num_recon=16,
             interp_steps=10,
+            save_images=False,
             seed=0,
         ),
     )
@@ -57,7 +58,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed + dist_util.get_rank())
     path = sample_from_prior(
-        model, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=out_dir
+        model, num_samples=args.num_samples, batch_size=args.batch_size, out_dir=out_dir,
+        save_images=args.save_images,
     )
     if path:
         logger.log(f"wrote {path}")

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from guided_diffusion.errors import NonFiniteLossError
 from scipy.special import logsumexp
@@ -413,14 +414,20 @@ def test_sample_script_writes_npz_and_one_grid_row_per_class(logdir, tmp_path):
     out = tmp_path / "samples"
     res = _run(
         "cgan_sample.py", "--model_path", ckpt, "--image_size", "8", "--num_samples", "30",
-        "--batch_size", "16", "--grid_per_class", "2", env_dir=out,
+        "--batch_size", "16", "--grid_per_class", "2", "--save_images", "True", env_dir=out,
     )
     assert res.returncode == 0, res.stderr
     with np.load(out / "samples_30x8x8x3.npz") as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (30, 8, 8, 3)
         assert data["arr_1"].tolist() == [i % 10 for i in range(30)]
-    from PIL import Image
-
+        # --save_images: one PNG per sample named <index>_<label>.png, the npz's pixels.
+        names = sorted(os.listdir(out / "samples_30x8x8x3"))
+        assert len(names) == 30
+        for name in names:
+            index, label = (int(part) for part in name[:-len(".png")].split("_"))
+            assert label == data["arr_1"][index]
+            with Image.open(out / "samples_30x8x8x3" / name) as png:
+                assert np.array_equal(np.asarray(png.convert("RGB")), data["arr_0"][index])
     from guided_diffusion.sampling.files import grid_scale
 
     with Image.open(out / "samples_30x8x8x3.png") as grid:

@@ -179,9 +179,19 @@ def test_bad_input_gives_one_line_errors(trained, tmp_path):
 def test_sampling_reads_the_flags_from_the_checkpoint(trained, tmp_path):
     ckpt = os.path.join(trained["log_dir"], "vae000040.pt")
     _run("vae_sample", ["--model_path", ckpt, "--num_samples", "2", "--batch_size", "2",
-                        "--log_dir", str(tmp_path / "log"), "--out_dir", str(tmp_path / "out")])
+                        "--log_dir", str(tmp_path / "log"), "--out_dir", str(tmp_path / "out"),
+                        "--save_images", "True"])
     # 8x8 images from a checkpoint trained at --image_size 8 although the default is 28.
-    assert sorted(os.listdir(tmp_path / "out")) == ["samples_2x8x8x3.npz", "samples_2x8x8x3.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["samples_2x8x8x3", "samples_2x8x8x3.npz",
+                                                    "samples_2x8x8x3.png"]
+    # --save_images: one PNG per sample, the same pixels as the npz.
+    folder = tmp_path / "out" / "samples_2x8x8x3"
+    names = sorted(os.listdir(folder))
+    assert len(names) == 2 and all(n.endswith(".png") for n in names)
+    with np.load(tmp_path / "out" / "samples_2x8x8x3.npz") as npz:
+        for name, image in zip(names, npz["arr_0"]):
+            with Image.open(folder / name) as png:
+                assert np.array_equal(np.asarray(png.convert("RGB")), image)
     assert (tmp_path / "log" / "log.txt").exists()
     with pytest.raises(ValueError, match="not a VAE checkpoint"):
         torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")

@@ -61,12 +61,13 @@ def unit_to_uint8(x):
 
 
 @torch.no_grad()
-def sample_from_prior(model, *, num_samples, batch_size, out_dir):
+def sample_from_prior(model, *, num_samples, batch_size, out_dir, save_images=False):
     """
     Decode draws z ~ N(0, I) on every rank, gather them in rank order and save them on rank 0.
 
     For a class-conditional model the labels of each batch are drawn uniformly before its z.
 
+    :param save_images: also write one PNG per sample (--save_images; sampling.files.save_samples).
     :return: the npz path on rank 0, else None.
     """
     if num_samples < 1 or batch_size < 1:
@@ -87,7 +88,7 @@ def sample_from_prior(model, *, num_samples, batch_size, out_dir):
         return None
     arr = np.concatenate(images)[:num_samples]
     lab = np.concatenate(labels)[:num_samples] if labels else None
-    return save_samples(arr, lab, out_dir)
+    return save_samples(arr, lab, out_dir, save_images=save_images)
 
 
 def _load_images(model, data_dir, indices=None):
