@@ -43,6 +43,9 @@ def main(argv=None):
     scales = [float(s) for s in args.guidance_scales.split(",") if s.strip()]
     if not args.class_cond:
         raise ScriptError("sampler_fid.py measures class-conditional models: pass --class_cond True")
+    if args.in_channels != 3:
+        raise ScriptError("sampler_fid.py measures RGB models (its judge reads 3 channels): "
+                          "drop --in_channels")
     for scale in scales:
         check_guidance_scale(scale, class_cond=True, class_dropout_prob=args.class_dropout_prob)
     if not args.data_dir:

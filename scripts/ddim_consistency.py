@@ -39,7 +39,8 @@ def main(argv=None):
     start_single_process_tool("ddim_consistency.py", args)
 
     if args.latents:
-        x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond)
+        x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond,
+                                      channels=args.in_channels)
         x_T = x_T[: args.num_samples]
         labels = None if labels is None else labels[: args.num_samples]
     model, diffusions = load_ddim_tool_model(args, step_counts)
@@ -48,7 +49,8 @@ def main(argv=None):
         labels = None
         if args.class_cond:
             labels = torch.randint(0, args.num_classes, (args.num_samples,), device=dist_util.dev()).cpu()
-        x_T = torch.randn(args.num_samples, 3, args.image_size, args.image_size, device=dist_util.dev()).cpu()
+        shape = (args.num_samples, args.in_channels, args.image_size, args.image_size)
+        x_T = torch.randn(*shape, device=dist_util.dev()).cpu()
 
     decoded = {}
     for steps, diffusion in diffusions.items():

@@ -63,7 +63,7 @@ def main(argv=None):
 
 def draw_pairs(args):
     """Labels first (class_cond), then both ends of every pair: (starts, ends, labels)."""
-    shape = (args.num_pairs, 3, args.image_size, args.image_size)
+    shape = (args.num_pairs, args.in_channels, args.image_size, args.image_size)
     labels = None
     if args.class_cond:
         labels = torch.randint(0, args.num_classes, (args.num_pairs,), device=dist_util.dev()).cpu()
@@ -74,7 +74,8 @@ def draw_pairs(args):
 
 def pairs_from_file(args):
     """Entries 0-1, 2-3, ... of --latents (at most --num_pairs): (starts, ends, labels)."""
-    x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond)
+    x_T, labels, _ = load_latents(args.latents, args.image_size, class_cond=args.class_cond,
+                                  channels=args.in_channels)
     count = min(args.num_pairs, len(x_T) // 2)
     if count < 1:
         raise ScriptError(f"{args.latents} holds {len(x_T)} latents; a pair needs 2")

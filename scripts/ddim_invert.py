@@ -6,7 +6,7 @@ reconstructs the images.
     python scripts/ddim_invert.py --model_path model.pt --input images/ --steps 10,20,50,100 $MODEL_FLAGS
 
 Writes, in --out_dir (default: the log folder):
-    latents.npz           x_T [N, 3, H, W] float32 from the most steps, labels (class_cond),
+    latents.npz           x_T [N, C, H, W] float32 from the most steps, labels (class_cond),
                           steps, images (the uint8 originals)
     reconstructions.png   the originals in the first row, then one row per step count
     reconstruction.json   {"steps": {S: {"mse": ..., "psnr": ...}}, "num_images": N}
@@ -41,7 +41,8 @@ def main(argv=None):
 
     start_single_process_tool("ddim_invert.py", args)
 
-    images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images)
+    images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images,
+                                 channels=args.in_channels)
     logger.log(f"read {len(images)} images from {args.input}")
     model, diffusions = load_ddim_tool_model(args, step_counts)
 

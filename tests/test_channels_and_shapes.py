@@ -61,6 +61,28 @@ def test_grey_validation_data_is_read_with_the_models_channels(grey_digits, tmp_
     assert "val_loss" in (tmp_path / "progress.csv").read_text().splitlines()[0]
 
 
+def test_the_ddim_tools_take_grey_models(grey_digits, tmp_path):
+    train = tmp_path / "train"
+    assert run_inprocess("image_train", ["--data_dir", grey_digits, "--image_size", 8, *MODEL,
+                                         "--in_channels", 1, "--batch_size", 4, "--max_steps", 1,
+                                         "--log_dir", train]) == 0
+    tool = ["--model_path", train / "model000001.pt", "--image_size", 8, *MODEL,
+            "--in_channels", 1, "--progress", False]
+    assert run_inprocess("ddim_invert", [*tool, "--input", grey_digits, "--num_images", 4,
+                                         "--steps", "2,3", "--log_dir", tmp_path / "inv"]) == 0
+    with np.load(tmp_path / "inv" / "latents.npz") as npz:
+        assert npz["x_T"].shape == (4, 1, 8, 8)
+    latents = ["--latents", tmp_path / "inv" / "latents.npz"]
+    assert run_inprocess("ddim_consistency", [*tool, *latents, "--steps", "2,3",
+                                              "--log_dir", tmp_path / "cons"]) == 0
+    with np.load(tmp_path / "cons" / "consistency.npz") as npz:
+        assert npz["arr_0"].shape == (8, 8, 8, 1)
+    assert run_inprocess("ddim_interpolate", [*tool, "--num_pairs", 1, "--num_points", 3,
+                                              "--steps", 2, "--log_dir", tmp_path / "interp"]) == 0
+    with np.load(tmp_path / "interp" / "interpolation.npz") as npz:
+        assert npz["arr_0"].shape == (3, 8, 8, 1)
+
+
 def test_grey_digits_train_and_sample_end_to_end(grey_digits, tmp_path, capsys):
     train = tmp_path / "train"
     assert run_inprocess("image_train", ["--data_dir", grey_digits, "--image_size", 8, *MODEL,

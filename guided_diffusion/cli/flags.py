@@ -117,12 +117,13 @@ def ddim_tool_defaults(seed=True):
     The flags of the DDIM tools (ddim_invert, ddim_interpolate, ddim_consistency): the model
     flags without --timestep_respacing (their --steps choose the respacing, "ddim<steps>"), plus
     sampling_extra_defaults() (without --seed when nothing is random) and --class_dropout_prob
-    (so that checkpoints trained for classifier-free guidance load), and the flags every tool
-    has: --model_path, --batch_size and --clip_denoised.
+    (so that checkpoints trained for classifier-free guidance load), --in_channels, and the flags
+    every tool has: --model_path, --batch_size and --clip_denoised.
     """
 
     defaults = dict(model_path="", batch_size=16, clip_denoised=True)
     defaults.update(model_and_diffusion_defaults())
+    defaults.update(channel_defaults())
     del defaults["timestep_respacing"]
     defaults.update(cfg_defaults())
     extras = sampling_extra_defaults()
@@ -134,8 +135,8 @@ def ddim_tool_defaults(seed=True):
 
 def ddim_tool_model_flags(args):
     """
-    The create_model_and_diffusion flags (plus num_classes and class_dropout_prob) of a DDIM
-    tool's parsed args.
+    The create_model_and_diffusion flags (plus num_classes, class_dropout_prob and in_channels)
+    of a DDIM tool's parsed args.
     """
 
     keys = [k for k in model_and_diffusion_defaults() if k != "timestep_respacing"]
@@ -144,6 +145,7 @@ def ddim_tool_model_flags(args):
         timestep_respacing="",
         num_classes=args.num_classes,
         class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
+        in_channels=getattr(args, "in_channels", 3),
     )
     return flags
 
