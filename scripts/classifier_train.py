@@ -29,11 +29,11 @@ from guided_diffusion.script_util import (
     script_parser,
 )
 from guided_diffusion.training.classifier import ClassifierTrainLoop
-from guided_diffusion.training.engine import start_run
+from guided_diffusion.training.engine import parse_run_args, start_run
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = parse_run_args(create_argparser(), argv)  # --init_num_classes K sets --num_classes
     start_run(log_dir=args.log_dir, seed=args.seed, tf32=args.tf32, args=args, script=__file__,
               argv=argv)
 
@@ -85,7 +85,7 @@ def main(argv=None):
         **args_to_dict(args, [
             "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval",
             "resume_checkpoint", "weight_decay", "anneal_lr", "eval_interval", "max_steps",
-            "keep_checkpoints", "grad_clip",
+            "keep_checkpoints", "grad_clip", "init_checkpoint", "init_num_classes",
         ]),
     ).run_loop()
 

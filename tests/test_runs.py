@@ -626,6 +626,47 @@ def test_init_checkpoint_loads_everything_else_bit_for_bit(how, released, tmp_pa
     assert out.count("re-initialised") == 1
 
 
+def test_classifier_fine_tuning_starts_only_the_head_afresh(data, tmp_path, monkeypatch, capsys):
+    from guided_diffusion.errors import ScriptError
+    from guided_diffusion.script_util import (
+        args_to_dict, classifier_and_diffusion_defaults, create_classifier_and_diffusion)
+    from guided_diffusion.training.classifier import ClassifierTrainLoop
+
+    # A 10-class classifier checkpoint, then a run of the script that starts from it.
+    assert run("classifier_train", ["--data_dir", data, *CLASSIFIER, "--max_steps", 1],
+               tmp_path / "a", monkeypatch) == 0
+    ckpt = tmp_path / "a" / "model000001.pt"
+    assert run("classifier_train", ["--data_dir", data, *CLASSIFIER, "--max_steps", 1,
+                                    "--init_checkpoint", ckpt], tmp_path / "b", monkeypatch) == 0
+    assert "re-initialised nothing" in (tmp_path / "b" / "log.txt").read_text()
+
+    def loop_for(classes, log):
+        args = load_script("classifier_train").create_argparser().parse_args(
+            ["--data_dir", data, *CLASSIFIER, "--num_classes", str(classes)])
+        flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
+        flags.update(num_classes=classes, classifier_channel_mult=args.classifier_channel_mult)
+        model, diffusion = create_classifier_and_diffusion(**flags)
+        logger.configure(dir=str(log), format_strs=["stdout"])
+        loop = ClassifierTrainLoop(
+            model=model, diffusion=diffusion, data=iter(()), batch_size=4, microbatch=-1,
+            lr=1e-4, iterations=0, log_interval=1, save_interval=10, init_checkpoint=str(ckpt),
+            init_num_classes=classes)
+        return model, loop
+
+    state = load(ckpt)
+    capsys.readouterr()
+    model, loop = loop_for(4, tmp_path / "c")
+    loaded = model.state_dict()
+    head = sorted(k for k in state if loaded[k].shape != state[k].shape)
+    assert head and all(k.startswith("out.") for k in head)
+    assert all(torch.equal(loaded[k], state[k]) for k in state if k not in head)
+    assert all(loaded[k].shape[0] == 4 for k in head)
+    assert loop.trainer.global_step == 0 and not loop.opt.state
+    assert capsys.readouterr().out.count("re-initialised out.") == len(head)
+    with pytest.raises(ScriptError, match="already has 10 classes: drop --init_num_classes"):
+        loop_for(10, tmp_path / "d")
+
+
 def test_fine_tune_then_sample_with_guidance(released, data, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "finetune"
     assert run("image_train", ["--data_dir", data, *RELEASED_64, "--batch_size", 2,

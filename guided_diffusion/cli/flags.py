@@ -377,7 +377,8 @@ def classifier_train_defaults():
     extras = training_extra_defaults()
     del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
     defaults.update(extras)
-    defaults.update(classifier_channel_mult="", grad_clip=0.0)
+    defaults.update(classifier_channel_mult="", grad_clip=0.0, init_checkpoint="",
+                    init_num_classes=0)
     defaults.update(channel_defaults())
     return defaults
 
@@ -647,8 +648,8 @@ FLAG_HELP = {
                                     "weights) from this checkpoint's weights; ignored when the "
                                     "run resumes"),
     "init_num_classes": ("training", "with --init_checkpoint: re-initialise the label embedding "
-                                     "for K classes (the model gets --num_classes K); 0 = keep "
-                                     "the checkpoint's"),
+                                     "(classifier: the output head) for K classes (the model gets "
+                                     "--num_classes K); 0 = keep the checkpoint's"),
     "init_add_null_class": ("training", "with --init_checkpoint: add the null-class row of "
                                         "classifier-free guidance to the checkpoint's label "
                                         "embedding (with --class_dropout_prob > 0)"),

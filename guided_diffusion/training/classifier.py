@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist_util
+from ..errors import ScriptError
 from .loss_logging import log_loss_dict
 from .engine import KEEP_ALL, Trainer
 from .mixed_precision import MixedPrecisionTask
@@ -46,6 +47,10 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         fit names the flags to change.
     :param keep_checkpoints: keep the newest K checkpoint sets (-1: all; Trainer).
     :param grad_clip: > 0 clips the global gradient norm to it (0: never).
+    :param init_checkpoint: fine-tune: start (step 0, fresh optimizer) from the weights of this
+        classifier checkpoint (MixedPrecisionTask.init_from_checkpoint); ignored on resume.
+    :param init_num_classes: with init_checkpoint, the model has this many classes and the output
+        head's tensors sized by the class count start fresh (0: the checkpoint's classes).
     """
 
     loss_key = "train_loss"
@@ -73,6 +78,8 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         weight_hints=None,
         keep_checkpoints=KEEP_ALL,
         grad_clip=0.0,
+        init_checkpoint="",
+        init_num_classes=0,
     ):
         if eval_interval < 1:
             raise ValueError(f"--eval_interval must be at least 1, got {eval_interval}")
@@ -86,6 +93,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         self.anneal_lr = anneal_lr
         self.eval_interval = eval_interval
         self._weight_hints = dict(weight_hints or {})
+        self.init_num_classes = init_num_classes
         self.setup(
             model=model,
             lr=lr,
@@ -106,10 +114,34 @@ class ClassifierTrainLoop(MixedPrecisionTask):
             streams={"val": val_data},
             limit_flags=("--iterations", "--max_steps"),
             keep_checkpoints=keep_checkpoints,
+            init_checkpoint=init_checkpoint,
         )
 
     def weight_hints(self):
         return self._weight_hints
+
+    def adapt_init_state(self, state, path):
+        """
+        --init_num_classes: the output head's tensors whose size follows the class count (the
+        last projection of every --classifier_pool) keep this model's fresh initialisation.
+        """
+        if not self.init_num_classes:
+            return state, []
+        fresh = self.model.state_dict()
+        state = dict(state)
+        notes = []
+        for key, value in fresh.items():
+            theirs = state.get(key)
+            if key.startswith("out.") and theirs is not None and theirs.shape != value.shape:
+                notes.append(f"{key}: {tuple(value.shape)} for {self.init_num_classes} classes "
+                             f"(the checkpoint's {tuple(theirs.shape)} dropped)")
+                state[key] = value
+        if not notes:
+            raise ScriptError(
+                f"--init_num_classes {self.init_num_classes}: {path} already has "
+                f"{self.init_num_classes} classes: drop --init_num_classes"
+            )
+        return state, notes
 
     def run_loop(self):
         self.trainer.run()

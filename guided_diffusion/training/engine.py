@@ -125,7 +125,8 @@ def check_run_flags(args):
             init_checkpoint=args.init_checkpoint,
             init_num_classes=get("init_num_classes", 0),
             init_add_null_class=get("init_add_null_class", False),
-            class_cond=get("class_cond", False),
+            # A classifier (no --class_cond flag) always has classes: its output head.
+            class_cond=get("class_cond", True),
             class_dropout_prob=get("class_dropout_prob", 0.0),
         )
         if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
