@@ -28,9 +28,11 @@ def check_init_flags(*, init_checkpoint, init_num_classes, init_add_null_class, 
 
     :raises ValueError: naming the flag to pass or drop.
     """
-    if (init_num_classes or init_add_null_class) and not init_checkpoint:
+    given = [f for f, on in (("--init_num_classes", init_num_classes),
+                             ("--init_add_null_class", init_add_null_class)) if on]
+    if given and not init_checkpoint:
         raise ValueError(
-            "--init_num_classes and --init_add_null_class adapt the checkpoint of "
+            f"{' and '.join(given)} adapt{'s' if len(given) == 1 else ''} the checkpoint of "
             "--init_checkpoint: pass --init_checkpoint FILE"
         )
     if init_num_classes < 0:
