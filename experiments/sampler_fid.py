@@ -27,7 +27,7 @@ from guided_diffusion.errors import ScriptError
 from guided_diffusion.cli.flags import ddim_tool_defaults, ddim_tool_model_flags
 from guided_diffusion.sampling.loop import load_sampling_model
 from guided_diffusion.sampling.loop import output_dir
-from guided_diffusion.cli.main import start_single_process_tool, run_main
+from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.script_util import script_parser
 from guided_diffusion.sampling.loop import SAMPLER_NAMES, resolve_sampler
 from guided_diffusion.script_util import diffusion_from_flags
@@ -52,6 +52,7 @@ def main(argv=None):
         raise ScriptError("pass --data_dir, the folder of real images the model was trained on")
 
     start_single_process_tool("sampler_fid.py", args)
+    open_tool_log(args)
 
     flags = ddim_tool_model_flags(args)
     model = load_sampling_model(flags, args.model_path)

@@ -23,7 +23,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
-from guided_diffusion.cli.main import run_main, start_single_process_tool, step_table
+from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool, step_table
 from guided_diffusion.diffusion.inversion import consistency_distances, decode_in_batches
 from guided_diffusion.runtime.files import write_json
 from guided_diffusion.runtime.seeding import seed_sampling
@@ -44,6 +44,7 @@ def main(argv=None):
         x_T = x_T[: args.num_samples]
         labels = None if labels is None else labels[: args.num_samples]
     model, diffusions = load_ddim_tool_model(args, step_counts)
+    open_tool_log(args)
     if not args.latents:
         seed_sampling(args.seed)
         labels = None

@@ -19,7 +19,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
-from guided_diffusion.cli.main import run_main, start_single_process_tool
+from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import decode_in_batches, slerp_pairs
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
@@ -41,6 +41,7 @@ def main(argv=None):
     if args.latents:
         starts, ends, labels = pairs_from_file(args)
     model, diffusions = load_ddim_tool_model(args, steps)
+    open_tool_log(args)
     diffusion = diffusions[steps[0]]
     if not args.latents:
         seed_sampling(args.seed)

@@ -19,7 +19,7 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
-from guided_diffusion.cli.main import run_main, step_table, start_single_process_tool
+from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool, step_table
 from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
 from guided_diffusion.diffusion.sampling import check_invertible_eta
 from guided_diffusion.runtime.files import write_json
@@ -43,8 +43,9 @@ def main(argv=None):
 
     images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images,
                                  channels=args.in_channels)
-    logger.log(f"read {len(images)} images from {args.input}")
     model, diffusions = load_ddim_tool_model(args, step_counts)
+    open_tool_log(args)
+    logger.log(f"read {len(images)} images from {args.input}")
 
     x_start = uint8_to_model_input(images)
     y = None if labels is None else torch.from_numpy(labels)

@@ -12,7 +12,7 @@ edited/<name>.png per input and samples_NxHxWx3.npz (arr_1: the labels) plus a g
 
 from guided_diffusion import logger
 from guided_diffusion.cli.flags import editing_defaults
-from guided_diffusion.cli.main import run_main, start_single_process_tool
+from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.sdedit import check_edit_strength, sdedit_loop
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling import editing
@@ -28,6 +28,7 @@ def main(argv=None):
     images, paths = editing.read_edit_images(args.input, args.image_size)
 
     start_single_process_tool("image_edit.py", args)
+    open_tool_log(args)
     logger.log(f"read {len(images)} images from {args.input}")
     model_fn, cond_fn, diffusion, classifier = load_guided_model(args)
 

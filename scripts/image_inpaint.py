@@ -10,7 +10,7 @@ samples_NxHxWx3.npz (arr_1: the labels, when class-conditional or classifier-gui
 
 from guided_diffusion import logger
 from guided_diffusion.cli.flags import editing_defaults
-from guided_diffusion.cli.main import run_main, start_single_process_tool
+from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.inpaint import INPAINT_SAMPLERS, inpaint_loop, repaint_schedule
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
@@ -37,6 +37,7 @@ def main(argv=None):
     repaint_schedule(1, args.jump_length, args.resamplings)  # refuses values below 1, now
 
     start_single_process_tool("image_inpaint.py", args)
+    open_tool_log(args)
     logger.log(f"read {len(images)} images and masks from {args.input}, {args.mask}")
     model_fn, cond_fn, diffusion, classifier = load_guided_model(args)
 

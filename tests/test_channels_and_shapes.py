@@ -81,6 +81,11 @@ def test_the_ddim_tools_take_grey_models(grey_digits, tmp_path):
                                               "--steps", 2, "--log_dir", tmp_path / "interp"]) == 0
     with np.load(tmp_path / "interp" / "interpolation.npz") as npz:
         assert npz["arr_0"].shape == (3, 8, 8, 1)
+    # An explicit --in_channels 3 contradicts the checkpoint: one line, and no log folder.
+    refused = [*tool, "--in_channels", 3, "--input", grey_digits, "--steps", 2,
+               "--log_dir", tmp_path / "refused"]
+    assert run_inprocess("ddim_invert", refused) == 2
+    assert not (tmp_path / "refused").exists()
 
 
 def test_grey_digits_train_and_sample_end_to_end(grey_digits, tmp_path, capsys):

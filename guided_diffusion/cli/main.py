@@ -186,15 +186,20 @@ def require_single_process(script):
 def start_single_process_tool(script, args):
     """
     The start of the one-process tools (the DDIM tools, sampler_fid): set up the process group,
-    refuse several ranks, open the log folder and apply --tf32.
+    refuse several ranks and apply --tf32. The log folder comes later (open_tool_log), once the
+    model and the inputs are checked, so that a run refused on them leaves no folder behind.
 
     :param script: the script's file name, for the refusal message.
-    :param args: the parsed flags (log_dir, tf32).
+    :param args: the parsed flags (tf32).
     """
     dist_util.setup_dist()
     require_single_process(script)
-    logger.configure(dir=args.log_dir or None)
     set_tf32(args.tf32)
+
+
+def open_tool_log(args):
+    """Open a one-process tool's log folder (--log_dir, else $OPENAI_LOGDIR or a dated one)."""
+    logger.configure(dir=args.log_dir or None)
 
 
 def step_table(results, columns):
