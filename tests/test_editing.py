@@ -148,6 +148,42 @@ def test_inpainting_refuses_what_it_cannot_do():
         inpaint_loop(diffusion, model, (2, 3, 8, 8), known=known, mask=good)
 
 
+def test_the_loops_share_p_sample_loops_options_and_refuse_a_misspelt_one():
+    from guided_diffusion.diffusion.denoiser import solver_sample_loop
+
+    diffusion = create_gaussian_diffusion(steps=30)
+    seen = []
+
+    def model(x, t, **kwargs):
+        seen.append(kwargs)
+        return torch.zeros_like(x)
+
+    x = torch.zeros(2, 1, 1, 3)
+    mask = torch.zeros(1, 1, 1, 3, dtype=torch.bool)
+    label = {"y": torch.tensor([1, 2])}
+    calls = {
+        "inpaint_loop": lambda **kw: inpaint_loop(diffusion, model, x.shape, known=x, mask=mask,
+                                                  **kw),
+        "sdedit_loop": lambda **kw: sdedit_loop(diffusion, model, x, strength=0.5, **kw),
+        "solver_sample_loop": lambda **kw: solver_sample_loop(diffusion, model, x.shape,
+                                                              sampler="euler", evaluations=3, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name}\(\) got unexpected keyword\(s\) clip_denoise;"):
+            call(clip_denoise=False)
+        # The given options reach the model (model_kwargs, the same dict) and the start (noise).
+        seen.clear()
+        start = torch.full(x.shape, 3.0)
+        out = call(model_kwargs=label, noise=start, clip_denoised=False)
+        assert seen and all(kwargs["y"] is label["y"] for kwargs in seen), name
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    # noise= is the start: at strength 1 the edit is DDIM sampling from it.
+    ddim = sdedit_loop(diffusion, model, x, strength=1.0, sampler="ddim", noise=start,
+                       clip_denoised=False)
+    assert torch.equal(ddim, diffusion.ddim_sample_loop(model, x.shape, noise=start,
+                                                        clip_denoised=False))
+
+
 # ----------------------------------------------------------------------------- SDEdit
 
 

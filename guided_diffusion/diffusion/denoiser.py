@@ -16,7 +16,7 @@ import torch
 
 from . import outputs
 from . import solvers as samplers
-from .sampling import last_sample, loop_start
+from .sampling import LoopOptions, last_sample, loop_start
 from .types import ModelMeanType
 
 __all__ = [
@@ -181,27 +181,26 @@ def solver_sample_loop_progressive(
     sampler,
     evaluations=None,
     sigmas=None,
-    noise=None,
-    clip_denoised=True,
-    denoised_fn=None,
-    cond_fn=None,
-    model_kwargs=None,
-    device=None,
-    progress=False,
     sigma_grid=None,
     sigma_min=None,
     sigma_max=None,
     rho=7.0,
+    **loop_options,
 ):
     """
     Like solver_sample_loop, but yield a dict per solver step: "sample" (the state as the
     model's x_t at the step's end; the image after the last step), "pred_xstart" (the x_0
     prediction the step used), "sigma" and "sigma_next".
     """
+    options = LoopOptions.read("solver_sample_loop", loop_options)
     if sampler not in samplers.SOLVERS:
         raise ValueError(f"unknown solver {sampler!r}; known solvers: {', '.join(samplers.SOLVERS)}")
     denoiser = DiscreteDenoiser(
-        diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn
+        diffusion,
+        model,
+        clip_denoised=options.clip_denoised,
+        denoised_fn=options.denoised_fn,
+        cond_fn=options.cond_fn,
     )
     if sigmas is None:
         if evaluations is None:
@@ -213,11 +212,12 @@ def solver_sample_loop_progressive(
         )
     # The seed contract of the DDIM loop: one randn(*shape) when no noise is given; then the
     # ODE solvers draw nothing, the SDE solvers one randn_like per step (solvers.py).
-    x_t, _ = loop_start(model, shape, noise=noise, device=device)
+    x_t, _ = loop_start(model, shape, noise=options.noise, device=options.device)
     # The start is x_t itself, read at the first level: x = x_t / sqrt(abar).
     x = x_t * math.sqrt(1.0 + sigmas[0] ** 2)
     solver = samplers.SOLVERS[sampler]
-    for out in solver(denoiser, x, sigmas, extra_args=model_kwargs or {}, progress=progress):
+    extra_args = options.model_kwargs or {}
+    for out in solver(denoiser, x, sigmas, extra_args=extra_args, progress=options.progress):
         yield {
             "sample": out["x"] / math.sqrt(1.0 + out["sigma_next"] ** 2),
             "pred_xstart": out["denoised"],

@@ -21,7 +21,7 @@ import math
 
 import torch as th
 
-from .sampling import last_sample, loop_start, run_steps
+from .sampling import LoopOptions, last_sample, loop_start, run_steps
 
 __all__ = ["inpaint_loop", "inpaint_loop_progressive", "repaint_schedule"]
 
@@ -73,14 +73,8 @@ def inpaint_loop_progressive(
     sampler="ddpm",
     jump_length=1,
     resamplings=1,
-    noise=None,
-    clip_denoised=True,
-    denoised_fn=None,
-    cond_fn=None,
-    model_kwargs=None,
-    device=None,
-    progress=False,
     eta=0.0,
+    **loop_options,
 ):
     """
     Like inpaint_loop, but yield each reverse step's output ("sample" with the known region put
@@ -95,11 +89,11 @@ def inpaint_loop_progressive(
     :param sampler: "ddpm" (p_sample steps) or "ddim" (ddim_sample steps with `eta`).
     :param jump_length, resamplings: RePaint's resampling (repaint_schedule); 1 and 1 is plain
         replacement.
-    :param noise: the starting x_T; else drawn with one randn(*shape).
-    :param clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress: as for
-        p_sample_loop.
     :param eta: DDIM's eta (sampler "ddim" only).
+    :param loop_options: noise (the starting x_T), clip_denoised, denoised_fn, cond_fn,
+        model_kwargs, device and progress, as for p_sample_loop (sampling.LoopOptions).
     """
+    options = LoopOptions.read("inpaint_loop", loop_options)
     if sampler not in INPAINT_SAMPLERS:
         raise ValueError(
             f"inpainting runs the diffusion's own steps: sampler {sampler!r} is not one of "
@@ -117,7 +111,7 @@ def inpaint_loop_progressive(
             f"a mask of shape {tuple(mask.shape)} does not fit images of shape {shape}"
         ) from None
     schedule = repaint_schedule(diffusion.num_timesteps, jump_length, resamplings)
-    x, device = loop_start(model, shape, noise=noise, device=device)
+    x, device = loop_start(model, shape, noise=options.noise, device=options.device)
     known = known.to(device)
     mask = mask.to(device)
     if sampler == "ddpm":
@@ -131,12 +125,9 @@ def inpaint_loop_progressive(
         x,
         schedule,
         device=device,
-        progress=progress,
+        progress=options.progress,
         desc="inpainting",
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        cond_fn=cond_fn,
-        model_kwargs=model_kwargs,
+        **options.step_kwargs(),
         **step_kwargs,
     )
 

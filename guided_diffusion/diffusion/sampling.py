@@ -9,6 +9,8 @@ step draws exactly one randn_like(x) after the model call, even when the noise i
 inversion loop draws nothing.
 """
 
+from dataclasses import dataclass, fields, replace
+
 import torch as th
 
 from .progress import steps_with_progress
@@ -340,6 +342,59 @@ class SamplingMixin:
         yield from run_steps(
             step, model, img, order, device=device, progress=progress, desc=desc, **step_kwargs
         )
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """
+    The options every sampling loop takes, named and defaulted as p_sample_loop's: the loops
+    built on top of the diffusion's steps (inpainting, SDEdit, the ODE/SDE solvers) take them as
+    plain keywords and read them through this one definition.
+
+    :param noise: the starting tensor; else drawn with one randn(*shape).
+    :param clip_denoised, denoised_fn, cond_fn, model_kwargs: passed to every step, as for
+        p_sample.
+    :param device: where to sample (loop_start).
+    :param progress: True for a progress bar, or a bar to advance by one per step.
+    """
+
+    noise: object = None
+    clip_denoised: bool = True
+    denoised_fn: object = None
+    cond_fn: object = None
+    model_kwargs: object = None
+    device: object = None
+    progress: object = False
+
+    @classmethod
+    def read(cls, loop_name, keywords):
+        """
+        :param loop_name: the loop the keywords were given to, for the error.
+        :param keywords: the caller's keywords beyond the loop's own.
+        :raises TypeError: naming any keyword that is not a loop option.
+        """
+        known = [field.name for field in fields(cls)]
+        unknown = sorted(set(keywords) - set(known))
+        if unknown:
+            raise TypeError(
+                f"{loop_name}() got unexpected keyword(s) {', '.join(unknown)}; besides its own "
+                f"it takes the sampling-loop options {', '.join(known)}"
+            )
+        return cls(**keywords)
+
+    def step_kwargs(self):
+        """The keywords of each step call (p_sample, ddim_sample, DiscreteDenoiser)."""
+        return {
+            "clip_denoised": self.clip_denoised,
+            "denoised_fn": self.denoised_fn,
+            "cond_fn": self.cond_fn,
+            "model_kwargs": self.model_kwargs,
+        }
+
+    def keywords(self, **changes):
+        """All options as keywords for another loop, with `changes` applied."""
+        changed = replace(self, **changes)
+        return {field.name: getattr(changed, field.name) for field in fields(changed)}
 
 
 def loop_start(model, shape, *, noise=None, device=None):

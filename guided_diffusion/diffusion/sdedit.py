@@ -23,7 +23,7 @@ import torch as th
 
 from . import solvers
 from .denoiser import DEFAULT_SIGMA_MIN, solver_sample_loop_progressive
-from .sampling import last_sample, loop_start, run_steps
+from .sampling import LoopOptions, last_sample, loop_start, run_steps
 
 __all__ = ["check_edit_strength", "edit_steps", "sdedit_loop", "sdedit_loop_progressive"]
 
@@ -67,14 +67,8 @@ def sdedit_loop_progressive(
     sampler="ddim",
     evaluations=None,
     sigma_grid=None,
-    noise=None,
-    clip_denoised=True,
-    denoised_fn=None,
-    cond_fn=None,
-    model_kwargs=None,
-    device=None,
-    progress=False,
     eta=0.0,
+    **loop_options,
 ):
     """
     Like sdedit_loop, but yield each step's output (as the sampler's progressive loop does).
@@ -88,11 +82,12 @@ def sdedit_loop_progressive(
     :param evaluations: the solvers' model evaluations for the partial run (required with
         them); ddpm and ddim run k of their steps.
     :param sigma_grid: the solvers' grid (None: the solver's default).
-    :param noise: the standard normal noise to diffuse with; else one randn(*shape).
-    :param clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress: as for
-        p_sample_loop.
     :param eta: DDIM's eta (sampler "ddim" only).
+    :param loop_options: noise (the standard normal noise to diffuse with; else one
+        randn(*shape)), clip_denoised, denoised_fn, cond_fn, model_kwargs, device and progress,
+        as for p_sample_loop (sampling.LoopOptions).
     """
+    options = LoopOptions.read("sdedit_loop", loop_options)
     check_edit_strength(strength)
     if sampler not in DIFFUSION_SAMPLERS and sampler not in solvers.SOLVERS:
         known = ", ".join(DIFFUSION_SAMPLERS + tuple(solvers.SOLVERS))
@@ -100,10 +95,10 @@ def sdedit_loop_progressive(
     if not isinstance(x_start, th.Tensor):
         raise TypeError(f"x_start must be a tensor of images, got {type(x_start).__name__}")
     shape = tuple(x_start.shape)
-    noise, device = loop_start(model, shape, noise=noise, device=device or x_start.device)
+    noise, device = loop_start(
+        model, shape, noise=options.noise, device=options.device or x_start.device
+    )
     x_start = x_start.to(device)
-    common = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                  model_kwargs=model_kwargs)
 
     if sampler in DIFFUSION_SAMPLERS:
         total = diffusion.num_timesteps
@@ -118,18 +113,19 @@ def sdedit_loop_progressive(
         else:
             step, extra = diffusion.ddim_sample, {"eta": eta}
         yield from run_steps(step, model, x, range(k - 1, -1, -1), device=device,
-                             progress=progress, desc="editing", **common, **extra)
+                             progress=options.progress, desc="editing",
+                             **options.step_kwargs(), **extra)
         return
 
     if evaluations is None:
         raise ValueError(f"sampler {sampler} needs its number of model evaluations (evaluations=)")
     base = np.asarray(diffusion.base_alphas_cumprod, dtype=np.float64)
     k = edit_steps(strength, len(base))
-    options = dict(sampler=sampler, sigma_grid=sigma_grid, device=device, progress=progress,
-                   **common)
+    grid = dict(sampler=sampler, sigma_grid=sigma_grid)
     if k == len(base):
         yield from solver_sample_loop_progressive(
-            diffusion, model, shape, noise=noise, evaluations=evaluations, **options)
+            diffusion, model, shape, evaluations=evaluations, **grid,
+            **options.keywords(noise=noise, device=device))
         return
     abar = float(base[k - 1])
     sigma_start = math.sqrt((1.0 - abar) / abar)
@@ -138,8 +134,9 @@ def sdedit_loop_progressive(
     if sigma_start <= lowest:
         # Already at the solvers' smallest level: one step to sigma 0 (x = D(x)).
         yield from solver_sample_loop_progressive(
-            diffusion, model, shape, noise=x, sigmas=[sigma_start, 0.0], **options)
+            diffusion, model, shape, sigmas=[sigma_start, 0.0], **grid,
+            **options.keywords(noise=x, device=device))
         return
     yield from solver_sample_loop_progressive(
-        diffusion, model, shape, noise=x, evaluations=evaluations, sigma_max=sigma_start,
-        **options)
+        diffusion, model, shape, evaluations=evaluations, sigma_max=sigma_start, **grid,
+        **options.keywords(noise=x, device=device))
