@@ -146,13 +146,13 @@ class TrainLoop(MixedPrecisionTask):
         self.trainer = Trainer(
             self,
             data=data,
-            global_batch=self.global_batch,
+            batch_size=batch_size,
             log_interval=log_interval,
             save_interval=save_interval,
             resume_checkpoint=resume_checkpoint,
             total_steps=lr_anneal_steps,
             max_steps=max_steps,
-            limit_flags=("--lr_anneal_steps", "--max_steps"),
+            total_steps_flag="--lr_anneal_steps",
             keep_checkpoints=keep_checkpoints,
             init_checkpoint=init_checkpoint,
         )

@@ -185,13 +185,12 @@ class CGANTrainLoop(TrainTask):
         self.trainer = Trainer(
             self,
             data=data,
-            global_batch=batch_size * dist_util.get_world_size(),
+            batch_size=batch_size,
             log_interval=log_interval,
             save_interval=save_interval,
             resume_checkpoint=resume_checkpoint,
             total_steps=iterations,
             max_steps=max_steps,
-            limit_flags=("--iterations", "--max_steps"),
             keep_checkpoints=keep_checkpoints,
         )
         self.ddp_generator = dist_util.wrap_ddp(self.generator)

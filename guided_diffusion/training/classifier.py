@@ -10,7 +10,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .. import dist_util
 from ..errors import ScriptError
 from .loss_logging import log_loss_dict
 from .engine import KEEP_ALL, Trainer
@@ -105,14 +104,13 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         self.trainer = Trainer(
             self,
             data=data,
-            global_batch=batch_size * dist_util.get_world_size(),
+            batch_size=batch_size,
             log_interval=log_interval,
             save_interval=save_interval,
             resume_checkpoint=resume_checkpoint,
             total_steps=iterations,
             max_steps=max_steps,
             streams={"val": val_data},
-            limit_flags=("--iterations", "--max_steps"),
             keep_checkpoints=keep_checkpoints,
             init_checkpoint=init_checkpoint,
         )

@@ -430,8 +430,8 @@ class Trainer:
     :param task: the TrainTask.
     :param data: the training batches, an iterator of (batch, cond) pairs; its position is saved
         when it has state_dict/load_state_dict.
-    :param global_batch: examples per step over all ranks (for the progress line and "samples");
-        None: the first batch's size times the number of ranks.
+    :param batch_size: examples per step on each rank; times the number of ranks, the global
+        batch of the progress line and of "samples" (None: the first batch's size).
     :param log_interval: dump the logged values every this many steps (after the first step of
         each interval, as the reference).
     :param save_interval: write a checkpoint whenever global_step is a multiple of it, and at the
@@ -443,8 +443,8 @@ class Trainer:
     :param streams: further data streams whose positions travel with the checkpoint, {name:
         stream or None} (e.g. {"val": validation batches}).
     :param log_dir: where checkpoints go (default: the logger's folder).
-    :param limit_flags: the flags that set total_steps and max_steps, for the notice a run
-        without an end prints at its start.
+    :param total_steps_flag: the flag that sets total_steps (with --max_steps, named by the
+        notice a run without an end prints at its start, and saved among the run's settings).
     :param keep_checkpoints: keep the newest this many checkpoint sets in the log folder, deleting
         older ones after each new set is on disk (never the set the run resumed or started
         from); KEEP_ALL (-1) keeps every set.
@@ -457,7 +457,7 @@ class Trainer:
         task,
         *,
         data,
-        global_batch,
+        batch_size,
         log_interval,
         save_interval,
         resume_checkpoint="",
@@ -465,7 +465,7 @@ class Trainer:
         max_steps=0,
         streams=None,
         log_dir=None,
-        limit_flags=("--max_steps",),
+        total_steps_flag="--iterations",
         keep_checkpoints=KEEP_ALL,
         init_checkpoint="",
     ):
@@ -481,14 +481,14 @@ class Trainer:
             )
         self.task = task
         self.data = data
-        self.global_batch = global_batch
+        self.global_batch = None if batch_size is None else batch_size * dist_util.get_world_size()
         self.log_interval = log_interval
         self.save_interval = save_interval
         self.total_steps = total_steps
         self.max_steps = max_steps
         self.streams = {"train": data, **(streams or {})}
         self.log_dir = log_dir or logger.get_dir()
-        self.limit_flags = limit_flags
+        self.limit_flags = (total_steps_flag, "--max_steps")
         prefix = task.checkpoint_prefix
         self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint, self.log_dir, prefix)
         # The step the run starts from, and the steps taken so far (resumed ones included).
@@ -547,8 +547,7 @@ class Trainer:
                 batch, cond = next(self.data)
                 if meter is None:
                     # Made once the first batch is here (it may tell the batch size).
-                    if self.global_batch is None:
-                        self.global_batch = len(batch) * dist_util.get_world_size()
+                    self._note_batch_size(batch)
                     meter = StepMeter(
                         global_batch=self.global_batch,
                         total_steps=self.end_step(),
@@ -589,11 +588,14 @@ class Trainer:
 
     def take_step(self, batch, cond):
         """One optimizer step of the task, counted and logged."""
-        if self.global_batch is None:
-            self.global_batch = len(batch) * dist_util.get_world_size()
+        self._note_batch_size(batch)
         self.task.train_step(batch, cond, self.global_step)
         self.global_step += 1
         self.log_step(self.global_step)
+
+    def _note_batch_size(self, batch):
+        if self.global_batch is None:
+            self.global_batch = len(batch) * dist_util.get_world_size()
 
     def log_step(self, steps_taken):
         # deviation from reference: "step" counts the steps taken (the reference logged the
@@ -615,8 +617,7 @@ class Trainer:
     def run_settings(self):
         """The flags of this run that a resumed run may change (saved with each checkpoint)."""
         settings = {"--save_interval": self.save_interval, "--log_interval": self.log_interval}
-        if len(self.limit_flags) == 2:  # (the flag of total_steps, that of max_steps)
-            settings[self.limit_flags[0]] = self.total_steps
+        settings[self.limit_flags[0]] = self.total_steps
         return {**settings, **self.task.run_settings()}
 
     def _apply_resumed_settings(self, state):

@@ -97,14 +97,13 @@ class VAETrainLoop(TrainTask):
         self.trainer = Trainer(
             self,
             data=data,
-            global_batch=None if batch_size is None else batch_size * dist_util.get_world_size(),
+            batch_size=batch_size,
             log_interval=log_interval,
             save_interval=save_interval,
             resume_checkpoint=resume_checkpoint,
             total_steps=iterations,
             max_steps=max_steps,
             log_dir=log_dir,
-            limit_flags=("--iterations", "--max_steps"),
             keep_checkpoints=keep_checkpoints,
         )
         self.ddp_model = dist_util.wrap_ddp(self.model)
