@@ -128,7 +128,6 @@ class TrainLoop(MixedPrecisionTask):
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         if isinstance(self.schedule_sampler, LossAwareSampler):
             self.schedule_sampler.set_all_gather(dist_util.all_gather_tensors)
-        self.global_batch = batch_size * dist_util.get_world_size()
         self.setup(
             model=model,
             lr=lr,
@@ -157,6 +156,7 @@ class TrainLoop(MixedPrecisionTask):
             init_checkpoint=init_checkpoint,
         )
         self.resume_checkpoint = self.trainer.resume_checkpoint or ""
+        self.global_batch = self.trainer.global_batch  # the reference's attribute
         self.sample_grid = None
         if sample_interval:
             self.sample_grid = SampleGrid(self, sample_diffusion, num_classes, self.trainer.log_dir)

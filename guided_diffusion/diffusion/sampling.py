@@ -383,7 +383,7 @@ class LoopOptions:
         return cls(**keywords)
 
     def step_kwargs(self):
-        """The keywords of each step call (p_sample, ddim_sample, DiscreteDenoiser)."""
+        """The keywords of each step call (p_sample, ddim_sample)."""
         return {
             "clip_denoised": self.clip_denoised,
             "denoised_fn": self.denoised_fn,

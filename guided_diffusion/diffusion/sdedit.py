@@ -121,10 +121,10 @@ def sdedit_loop_progressive(
         raise ValueError(f"sampler {sampler} needs its number of model evaluations (evaluations=)")
     base = np.asarray(diffusion.base_alphas_cumprod, dtype=np.float64)
     k = edit_steps(strength, len(base))
-    grid = dict(sampler=sampler, sigma_grid=sigma_grid)
+    solver_args = dict(sampler=sampler, sigma_grid=sigma_grid)
     if k == len(base):
         yield from solver_sample_loop_progressive(
-            diffusion, model, shape, evaluations=evaluations, **grid,
+            diffusion, model, shape, evaluations=evaluations, **solver_args,
             **options.keywords(noise=noise, device=device))
         return
     abar = float(base[k - 1])
@@ -134,9 +134,9 @@ def sdedit_loop_progressive(
     if sigma_start <= lowest:
         # Already at the solvers' smallest level: one step to sigma 0 (x = D(x)).
         yield from solver_sample_loop_progressive(
-            diffusion, model, shape, sigmas=[sigma_start, 0.0], **grid,
+            diffusion, model, shape, sigmas=[sigma_start, 0.0], **solver_args,
             **options.keywords(noise=x, device=device))
         return
     yield from solver_sample_loop_progressive(
-        diffusion, model, shape, evaluations=evaluations, sigma_max=sigma_start, **grid,
+        diffusion, model, shape, evaluations=evaluations, sigma_max=sigma_start, **solver_args,
         **options.keywords(noise=x, device=device))
