@@ -670,21 +670,8 @@ class UNetModel(nn.Module):
 
     def _embed(self, timesteps, y, batch):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError(
-                    "labels y were given but the model is unconditional: build it with "
-                    "--class_cond True (or do not pass y)"
-                )
+        if not check_y(y, self.num_classes, batch):
             return emb
-        if y is None:
-            raise ValueError(
-                "the model is class-conditional (--class_cond True): pass y, an [N] tensor "
-                "of labels"
-            )
-        if y.shape != (batch,):
-            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
-        _check_labels(y, self.num_classes)
         return emb + self.label_emb(y)
 
     def forward(self, x, timesteps, y=None):
@@ -704,6 +691,34 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
+
+
+def check_y(y, num_classes, batch):
+    """
+    Check a network's labels argument against its conditioning.
+
+    :param y: the labels given to forward (None or an [N] tensor).
+    :param num_classes: the rows of the network's label table, or None when unconditional.
+    :param batch: N.
+    :return: True when the network is class-conditional (y then passed every check).
+    :raises ValueError: y given to an unconditional network, missing for a conditional one, of
+        the wrong shape, or outside [0, num_classes).
+    """
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(
+                "labels y were given but the model is unconditional: build it with "
+                "--class_cond True (or do not pass y)"
+            )
+        return False
+    if y is None:
+        raise ValueError(
+            "the model is class-conditional (--class_cond True): pass y, an [N] tensor of labels"
+        )
+    if y.shape != (batch,):
+        raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+    _check_labels(y, num_classes)
+    return True
 
 
 def _check_labels(y, num_classes):
