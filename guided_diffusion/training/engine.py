@@ -24,7 +24,7 @@ import torch
 
 from .. import dist_util, logger
 from ..cli.flags import explicit_flags
-from ..errors import LogFolderInUseError, NonFiniteLossError, ScriptError
+from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.run_record import describe_run, write_run_record
@@ -188,35 +188,15 @@ def check_auto_resume_folder(resume_checkpoint, folder):
 
 def claim_log_folder(folder):
     """
-    Make this job the only one using `folder` (runtime.log_folder): rank 0 takes its lock and
-    removes the temporary files an interrupted save left there; every rank learns the outcome,
-    so all refuse together.
+    Make this job the only one using `folder` (runtime.log_folder.claim_folder): rank 0 takes
+    its lock and removes the temporary files an interrupted save left there; every rank learns
+    the outcome, so all refuse together.
 
     :return: lines to log once the logger is open (what was removed, a file system without
         locks).
     :raises LogFolderInUseError: on every rank, when another live job holds the folder.
     """
-    problem, notes = None, []
-    if dist_util.is_main_process():
-        try:
-            warning = log_folder.lock_folder(folder)
-            notes += [warning] if warning else []
-            removed = log_folder.remove_stray_temporaries(folder)
-            if removed:
-                notes.append(
-                    f"removed {len(removed)} temporary file(s) that an interrupted save left in "
-                    f"{folder}: {', '.join(removed)}"
-                )
-        except LogFolderInUseError as exc:
-            problem = str(exc)
-        except OSError:
-            pass  # an unwritable folder: logger.configure says so in its own words
-    problem = dist_util.broadcast_from_main(problem)
-    if problem:
-        error = LogFolderInUseError(problem)
-        error.same_on_every_rank = True  # rank 0 prints it; the others leave quietly
-        raise error
-    return notes
+    return log_folder.claim_folder(folder, log_folder.TRAINING)
 
 
 def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
