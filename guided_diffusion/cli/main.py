@@ -16,6 +16,7 @@ import torch
 from .. import dist_util, logger
 from ..errors import EXIT_INTERRUPTED, NonFiniteLossError, ScriptError, StorageError
 from ..runtime import log_folder
+from ..runtime.files import os_error_text
 from ..runtime.perf import preserved_float32_precision, set_tf32
 
 
@@ -190,9 +191,7 @@ def storage_error_message(exc):
     if isinstance(exc, StorageError):
         return str(exc).strip().splitlines()[0]
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno in _STORAGE_ERRNOS:
-        if exc.strerror is None:  # raised by our code with a message of its own
-            return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        return os_error_text(exc)
     return None
 
 

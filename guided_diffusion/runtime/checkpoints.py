@@ -187,20 +187,25 @@ def save_checkpoint_files(files, previous=None):
     paths = [os.fspath(path) for _, path in files]
     marker = paths[-1]
     written = []
+    current = None
     try:
         if not _is_remote(marker) and os.path.exists(marker):
             os.remove(marker)
         for (obj, _), path in zip(files, paths):
+            current = path
             save_atomic(obj() if callable(obj) else obj, path)
             written.append(path)
     except (OSError, KeyboardInterrupt) as exc:
-        # Also on a second Ctrl-C (stop at once): no incomplete set is left behind.
-        for path in written:
+        # Also on a second Ctrl-C (stop at once): no incomplete set is left behind, not even
+        # the file it came right after.
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        unfinished = [current] if interrupted and current not in (None, *written) else []
+        for path in written + unfinished:
             try:
                 blobfile().remove(path) if _is_remote(path) else os.remove(path)
             except Exception:  # best effort: the error below is what matters
                 pass
-        if isinstance(exc, KeyboardInterrupt):
+        if interrupted:
             raise
         reason = exc.strerror or str(exc) or type(exc).__name__
         failed = paths[len(written)]

@@ -38,7 +38,7 @@ import torch
 from .. import dist_util, logger
 from ..errors import EXIT_PREEMPTED, SamplingPreempted, ScriptError, StorageError
 from . import checkpoints, log_folder
-from .files import write_json
+from .files import os_error_text, write_json
 from .preemption import PreemptionWatch
 from .train_state import capture_rng, restore_rng
 
@@ -137,17 +137,16 @@ def command_differences(saved, current):
             f"drawn on {saved.get('world_size')} rank(s), this run has {current.get('world_size')}"
         )
     old, new = saved.get("flags", {}), current.get("flags", {})
+    old_inputs, new_inputs = saved.get("inputs", {}), current.get("inputs", {})
     for name in sorted(set(old) | set(new)):
-        if old.get(name, "(none)") != new.get(name, "(none)"):
+        if old_inputs.get(name) is not None and new_inputs.get(name) is not None:
+            # An input is what it holds: the same file moved or named another way is the same.
+            if old_inputs[name] != new_inputs[name]:
+                found.append(f"--{name} {new.get(name)} is not the file they were drawn with "
+                             f"({old_inputs[name]} then, {new_inputs[name]} now)")
+        elif old.get(name, "(none)") != new.get(name, "(none)"):
             found.append(f"--{name} {_shown(old.get(name, '(none)'))} there, "
                          f"{_shown(new.get(name, '(none)'))} here")
-    old_inputs, new_inputs = saved.get("inputs", {}), current.get("inputs", {})
-    for name in sorted(set(old_inputs) | set(new_inputs)):
-        if name in old and old.get(name) != new.get(name):
-            continue  # another path: named above already
-        if old_inputs.get(name) != new_inputs.get(name):
-            found.append(f"--{name} {new.get(name)} is not the file they were drawn with "
-                         f"({old_inputs.get(name)} then, {new_inputs.get(name)} now)")
     return found
 
 
@@ -272,14 +271,17 @@ class KeptRounds:
         if not folder:
             return
         partial = os.path.join(folder, PARTIAL)
-        if not self.overwrite and self.finished is not None:
+        differences = self._other_command(partial)
+        # Result files beside this command's kept rounds are its own result being written when
+        # it stopped: the rerun writes them again.
+        ours = not differences and os.path.exists(os.path.join(partial, COMMAND_FILE))
+        if not self.overwrite and self.finished is not None and not ours:
             path = self.finished(folder)
             if path:
                 raise ScriptError(
                     f"{folder} already holds a finished result ({path}): pass {OVERWRITE_FLAG} "
                     f"to replace it, or another {self.folder_flag}"
                 )
-        differences = self._other_command(partial)
         if differences and not self.overwrite:
             rounds = len(self._round_files(partial))
             raise ScriptError(
@@ -345,7 +347,10 @@ class KeptRounds:
         self.folder = os.fspath(folder)
         self.partial = os.path.join(self.folder, PARTIAL)
         self._keep_to_disk = True
-        notes = log_folder.claim_folder(self.folder, SAMPLING)
+        # A training job may be writing into the same folder (samples drawn into its log
+        # folder): its temporaries are left alone unless no training job ever used the folder.
+        clean = not os.path.exists(os.path.join(self.folder, log_folder.LOCK_NAME))
+        notes = log_folder.claim_folder(self.folder, SAMPLING, clean=clean)
         problem, found = None, None
         if dist_util.is_main_process():
             try:
@@ -476,7 +481,7 @@ class KeptRounds:
                                      "per_round": self.per_round, "total": self.total})
             checkpoints.save_atomic(record, os.path.join(self.partial, _ROUND_FILE.format(index)))
         except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+            reason = os_error_text(exc)
             raise StorageError(
                 f"cannot keep batch {index + 1} of {self.rounds} in {self.partial} ({reason}): "
                 f"{self.kept_count(index)} of {self.total} {self.what} are kept there; "
@@ -533,7 +538,7 @@ class KeptRounds:
             try:
                 result = write()
             except OSError as exc:
-                reason = storage_reason(exc)
+                reason = os_error_text(exc)
                 kept = (f"all {self.total} {self.what} are kept in {self.partial}; "
                         f"{self.continue_hint(fix='free space (or fix the permissions)')}"
                         if self._keep_to_disk else "nothing was kept")
@@ -584,10 +589,3 @@ def run_passes(kept, passes, count, batch_size, run_batch):
     arrays = kept.arrays()
     return {key: {name: array[i * count:(i + 1) * count] for name, array in arrays.items()}
             for i, key in enumerate(passes)}
-
-
-def storage_reason(exc):
-    """What went wrong with a write, in a few words: the file and the system's reason."""
-    if exc.strerror is None:  # raised with a message of its own
-        return str(exc) or type(exc).__name__
-    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror

@@ -102,13 +102,15 @@ def lock_folder(folder, use=TRAINING):
     return None
 
 
-def claim_folder(folder, use=TRAINING):
+def claim_folder(folder, use=TRAINING, clean=True):
     """
     Make this job the only one using `folder`: rank 0 takes its lock and removes the temporary
     files an interrupted save left there; every rank learns the outcome, so all refuse together
     (every rank must call it at the same point).
 
     :param use: what the folder is for (see lock_folder).
+    :param clean: remove the stray temporaries (only safe where no other kind of job, holding
+        another lock, may be writing into the folder).
     :return: lines to log once the logger is open (what was removed, a file system without
         locks).
     :raises LogFolderInUseError: on every rank, when another live job holds the folder.
@@ -118,7 +120,7 @@ def claim_folder(folder, use=TRAINING):
         try:
             warning = lock_folder(folder, use)
             notes += [warning] if warning else []
-            removed = remove_stray_temporaries(folder)
+            removed = remove_stray_temporaries(folder) if clean else []
             if removed:
                 notes.append(
                     f"removed {len(removed)} temporary file(s) that an interrupted save left in "

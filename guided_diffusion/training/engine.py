@@ -507,9 +507,9 @@ class Trainer:
     def run(self):
         """
         Train until the step limits (forever without one). A resumed run first restores the
-        checkpoint's random streams and data positions. On SIGTERM or SIGUSR1 (to any rank) the
-        step in progress finishes, a checkpoint is saved and every rank leaves through
-        errors.TrainingPreempted (exit status 75).
+        checkpoint's random streams and data positions. On SIGTERM, SIGUSR1 or SIGINT (to any
+        rank) the step in progress finishes, a checkpoint is saved and every rank leaves through
+        errors.TrainingPreempted (exit status 75; 130 after Ctrl-C).
 
         :raises NonFiniteLossError: when the task reports a broken state (checked at log
             intervals and before saving), naming the last good checkpoint.
@@ -517,7 +517,7 @@ class Trainer:
         if not self.end_step():
             logger.log(
                 "no step limit (" + " / ".join(self.limit_flags) + "): this run trains until it "
-                "is stopped; SIGTERM or SIGUSR1 saves a checkpoint first"
+                "is stopped; SIGTERM, SIGUSR1 or Ctrl-C saves a checkpoint first"
             )
         with PreemptionWatch() as preemption:
             self._stop_if_preempted_before_start(preemption)
@@ -545,6 +545,7 @@ class Trainer:
                 if not self.done() and preemption.requested():
                     if self._saved_at != self.global_step:
                         self.save()
+                    self.close_streams()  # now, not when the collector finds the loader
                     preemption.stop(self.global_step, self.last_checkpoint)
             if self.steps_this_run and self._saved_at != self.global_step:
                 self.save()
@@ -564,6 +565,7 @@ class Trainer:
         group forming) stops it before its first step, on every rank, with nothing written.
         """
         if preemption.agree():
+            self.close_streams()
             preemption.stop_before_first_step(self.log_dir, self.resume_checkpoint)
 
     def take_step(self, batch, cond):
