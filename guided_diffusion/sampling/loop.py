@@ -248,16 +248,33 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
                                  progress=args.progress, steps_per_batch=steps_per_batch,
                                  kept=kept, streams=streams)
 
-    def write():
-        path = os.path.join(folder, sample_files.samples_npz_name(arr.shape))
-        logger.log(f"saving to {path}")
-        sample_files.save_samples(arr, labels, folder, save_images=args.save_images)
-        if args.save_images:
-            logger.log(f"saved {len(arr)} images to {os.path.splitext(path)[0]}")
-        return path
-
-    path = kept.finish(write)
+    path = kept.finish(lambda: _save_samples(arr, labels, folder, args.save_images))
     logger.log("sampling complete")
+    return path
+
+
+def write_samples(arr, label_arr, out_dir, save_images=False):
+    """
+    Save samples_NxHxWxC.npz (+ PNG grid) on rank 0, then wait for every rank.
+
+    :param save_images: also write one PNG per sample (--save_images) into samples_NxHxWxC/
+        beside the npz, named <index>_<label>.png (or <index>.png without labels).
+    :return: the npz path (on every rank).
+    """
+    path = os.path.join(out_dir, sample_files.samples_npz_name(arr.shape))
+    if dist_util.is_main_process():
+        _save_samples(arr, label_arr, out_dir, save_images)
+    dist_util.barrier()
+    return path
+
+
+def _save_samples(arr, label_arr, out_dir, save_images):
+    """Rank 0's part of write_samples: save and log; returns the npz path."""
+    path = os.path.join(out_dir, sample_files.samples_npz_name(arr.shape))
+    logger.log(f"saving to {path}")
+    sample_files.save_samples(arr, label_arr, out_dir, save_images=save_images)
+    if save_images:
+        logger.log(f"saved {len(arr)} images to {os.path.splitext(path)[0]}")
     return path
 
 
