@@ -31,12 +31,12 @@ def main(argv=None):
     args = loop.parse_sampling_flags(create_argparser(), argv)
     sampler = loop.sampler_from_flags(args)
     dist_util.setup_dist()
-    # The output folder is checked now: a finished result, another command's kept batches.
-    kept = loop.keep_sample_rounds(args, __file__, args.image_size)
 
     # Both networks are built and their checkpoints checked before the log folder is made, so
     # a run refused on its flags leaves no folder behind.
     next_labels = loop.class_labels(args)
+    # The output folder is checked now: a finished result, another command's kept batches.
+    kept = loop.keep_sample_rounds(args, __file__, args.image_size)
     model, diffusion, _ = loop.load_diffusion_model(args)
     sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
                                     eta=args.eta)

@@ -295,6 +295,14 @@ def test_image_edit_stopped_and_continued_gives_the_same_files(trained, tmp_path
     for name in [*edited, "samples_9x8x8x3.npz"]:
         path = os.path.join("edited", name) if name in edited else name
         assert (tmp_path / "b" / path).read_bytes() == (tmp_path / "a" / path).read_bytes(), name
+    # Replacing the result with one of fewer inputs removes the earlier images, not the user's.
+    (tmp_path / "b" / "edited" / "mine.txt").write_text("mine")
+    for name in os.listdir(inputs / "c"):
+        os.remove(inputs / "c" / name)
+    assert run_inprocess("image_edit", args(tmp_path / "b") + ["--overwrite", True]) == 0
+    left = sorted(os.listdir(tmp_path / "b" / "edited"))
+    assert "mine.txt" in left and len([n for n in left if n.endswith(".png")]) == 6
+    assert "x_1.png" in left and "x_2.png" not in left  # b/x.png is x_1 now
 
 
 def test_ddim_consistency_stopped_and_continued_gives_the_same_bytes(trained, tmp_path,

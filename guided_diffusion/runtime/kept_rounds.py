@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import torch
@@ -546,9 +545,24 @@ class KeptRounds:
                     f"cannot write the {self.what} to {self.folder} ({reason}): {kept}"
                 ) from None
             if self._keep_to_disk:
-                shutil.rmtree(self.partial, ignore_errors=True)
+                self._remove_partial()
         dist_util.barrier()
         return result
+
+    def _remove_partial(self):
+        """Remove partial/ once the result is written: the files of ours (whatever else is
+        there, someone else's, stays, and so does the folder then)."""
+        self._discard()
+        log_folder.remove_stray_temporaries(self.partial)
+        for name in (log_folder.LOCK_NAME,):
+            try:
+                os.remove(os.path.join(self.partial, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.partial)
+        except OSError:
+            pass
 
 
 def _raise_on_every_rank(problem):

@@ -149,8 +149,14 @@ def keep_rounds(args, script, rounds, *, per_round, total, what="samples", finis
     """
     check_counts(args, "batch_size")
     folder = planned_output_dir(args)
-    if folder and "://" not in folder:
-        check_writable_folder(folder, "--out_dir" if getattr(args, "out_dir", "") else "--log_dir")
+    flag = "--out_dir" if getattr(args, "out_dir", "") else "--log_dir"
+    if folder and "://" in folder:
+        raise ScriptError(
+            f"{flag} {folder}: the sampling scripts write to a local (or mounted) folder; pass "
+            "one and copy the result to the bucket afterwards"
+        )
+    if folder:
+        check_writable_folder(folder, flag)
     command = describe_command(script, vars(args), ignore=NOT_IN_COMMAND, inputs=INPUT_FLAGS)
     kept = KeptRounds(command, rounds, per_round=per_round, total=total, what=what,
                       overwrite=getattr(args, "overwrite", False), finished=finished,
