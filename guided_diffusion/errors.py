@@ -5,11 +5,14 @@ traceback), and so that any module, however low, can raise them: this module imp
 
 - Bad input (the message says what to change): ScriptError and the other ValueError subclasses.
 - Storage the user must fix (disk full, permissions): StorageError and its subclasses.
-- A run that must stop: NonFiniteLossError; TrainingPreempted (exit status EXIT_PREEMPTED).
+- A run that must stop: NonFiniteLossError; TrainingPreempted and SamplingPreempted (exit status
+  EXIT_PREEMPTED, or EXIT_INTERRUPTED for a training run stopped by Ctrl-C).
 """
 
 # os.EX_TEMPFAIL, "try again later": a job script requeues on it.
 EXIT_PREEMPTED = 75
+# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 class ScriptError(ValueError):
@@ -52,21 +55,49 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss (or, in fp16, the loss scale) stopped being finite."""
 
 
-class TrainingPreempted(SystemExit):
+class RunStopped(SystemExit):
     """
-    Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; exits with EXIT_PREEMPTED.
+    A run that stopped on a signal after keeping its work; leaves with `status`.
 
-    :param message: where the checkpoint is (also in the log).
-    :param checkpoint: its path (the model file; None on ranks other than 0 is fine).
+    :param message: what was kept and how to continue (also in the log).
+    :param status: the exit status.
     """
 
-    def __init__(self, message, checkpoint=None):
-        super().__init__(EXIT_PREEMPTED)
+    def __init__(self, message, status=EXIT_PREEMPTED):
+        super().__init__(status)
         self.message = message
-        self.checkpoint = checkpoint
 
     def __str__(self):
         return self.message
+
+
+class TrainingPreempted(RunStopped):
+    """
+    Training stopped on SIGTERM/SIGUSR1 (exit status EXIT_PREEMPTED) or Ctrl-C (EXIT_INTERRUPTED)
+    after saving a checkpoint.
+
+    :param message: where the checkpoint is (also in the log).
+    :param checkpoint: its path (the model file; None on ranks other than 0 is fine).
+    :param status: the exit status.
+    """
+
+    def __init__(self, message, checkpoint=None, status=EXIT_PREEMPTED):
+        super().__init__(message, status)
+        self.checkpoint = checkpoint
+
+
+class SamplingPreempted(RunStopped):
+    """
+    A sampling or editing run stopped on SIGTERM, SIGUSR1 or SIGINT after its current batch,
+    with its finished batches kept; exits with EXIT_PREEMPTED.
+
+    :param message: how many results are kept and how to continue (also in the log).
+    :param kept: that count.
+    """
+
+    def __init__(self, message, kept=0):
+        super().__init__(message, EXIT_PREEMPTED)
+        self.kept = kept
 
 
 class ImageChannelsError(ValueError):

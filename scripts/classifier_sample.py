@@ -6,6 +6,14 @@ Algorithms 1 and 2) and save samples_NxHxWx3.npz (arr_1: the target labels) plus
         --classifier_path classifier.pt --classifier_scale 1.0 $MODEL_FLAGS $CLASSIFIER_FLAGS
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import diffusion_sampling_defaults, label_choice_defaults
 from guided_diffusion.cli.main import run_main
@@ -27,6 +35,8 @@ def main(argv=None):
     # Both networks are built and their checkpoints checked before the log folder is made, so
     # a run refused on its flags leaves no folder behind.
     next_labels = loop.class_labels(args)
+    # The output folder is checked now: a finished result, another command's kept batches.
+    kept = loop.keep_sample_rounds(args, __file__, args.image_size)
     model, diffusion, _ = loop.load_diffusion_model(args)
     sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
                                     eta=args.eta)
@@ -50,7 +60,8 @@ def main(argv=None):
     logger.log(f"sampling with {sampler}...")
     steps = loop.sample_steps(sampler, diffusion, args.evaluations)
     loop.sample_and_write(args, sample_fn, steps, model_fn, lambda: {"y": next_labels()},
-                          image_size=args.image_size, cond_fn=cond_fn)
+                          image_size=args.image_size, cond_fn=cond_fn, kept=kept,
+                          streams={"labels": next_labels})
 
 
 def create_argparser():

@@ -13,18 +13,33 @@ Writes, in --out_dir (default: the log folder):
     interpolation.png   one row per pair, from its first latent (left) to its second (right)
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 import os
 
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
+from guided_diffusion.cli.flags import ddim_tool_defaults, output_defaults, parse_step_counts
 from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.inversion import decode_in_batches, slerp_pairs
 from guided_diffusion.errors import ScriptError
+from guided_diffusion.runtime.kept_rounds import run_passes
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling.files import load_latents, make_grid_png, save_images_npz, to_uint8
-from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.sampling.loop import (
+    finished_files,
+    kept_pass_rounds,
+    load_ddim_tool_model,
+    output_dir,
+    parse_sampling_flags,
+)
 from guided_diffusion.script_util import script_parser
 
 
@@ -40,8 +55,15 @@ def main(argv=None):
 
     if args.latents:
         starts, ends, labels = pairs_from_file(args)
+    count = (len(starts) if args.latents else args.num_pairs) * args.num_points
+    kept = kept_pass_rounds(
+        args, __file__, steps, count, what="decoded points",
+        item_bytes=args.in_channels * args.image_size ** 2,
+        finished=finished_files("interpolation.npz", "interpolation.png"))
     model, diffusions = load_ddim_tool_model(args, steps)
     open_tool_log(args)
+    out = output_dir(args)
+    kept.open(out)
     diffusion = diffusions[steps[0]]
     if not args.latents:
         seed_sampling(args.seed)
@@ -50,15 +72,23 @@ def main(argv=None):
     path = slerp_pairs(starts, ends, args.num_points)
     path_labels = None if labels is None else labels.repeat_interleave(args.num_points)
     logger.log(f"decoding {len(starts)} pairs x {args.num_points} points with {steps[0]} DDIM steps...")
-    images = decode_in_batches(
-        diffusion, model, path, labels=path_labels, batch_size=args.batch_size,
-        clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
-    )
-    images = to_uint8(images).numpy()
 
-    out = output_dir(args)
-    save_images_npz(os.path.join(out, "interpolation.npz"), images, path_labels)
-    make_grid_png(images, os.path.join(out, "interpolation.png"), nrow=args.num_points)
+    def decode(_steps, items):
+        images = decode_in_batches(
+            diffusion, model, path[items],
+            labels=None if path_labels is None else path_labels[items],
+            batch_size=args.batch_size, clip_denoised=args.clip_denoised, progress=args.progress,
+            device=dist_util.dev(),
+        )
+        return {"images": to_uint8(images)}
+
+    images = run_passes(kept, steps, len(path), args.batch_size, decode)[steps[0]]["images"]
+
+    def write():
+        save_images_npz(os.path.join(out, "interpolation.npz"), images, path_labels)
+        make_grid_png(images, os.path.join(out, "interpolation.png"), nrow=args.num_points)
+
+    kept.finish(write)
     logger.log(f"wrote interpolation.npz and interpolation.png to {out}")
 
 
@@ -94,6 +124,7 @@ def create_argparser():
             num_points=8,
             steps="50",
         ),
+        output_defaults(),
     )
 
 

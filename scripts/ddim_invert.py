@@ -12,17 +12,26 @@ Writes, in --out_dir (default: the log folder):
     reconstruction.json   {"steps": {S: {"mse": ..., "psnr": ...}}, "num_images": N}
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 import os
 
 import numpy as np
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import ddim_tool_defaults, parse_step_counts
+from guided_diffusion.cli.flags import ddim_tool_defaults, output_defaults, parse_step_counts
 from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool, step_table
 from guided_diffusion.diffusion.inversion import psnr, reconstruction_mse, round_trip_in_batches
 from guided_diffusion.diffusion.sampling import check_invertible_eta
 from guided_diffusion.runtime.files import write_json
+from guided_diffusion.runtime.kept_rounds import run_passes
 from guided_diffusion.sampling.files import (
     make_grid_png,
     read_images,
@@ -30,7 +39,13 @@ from guided_diffusion.sampling.files import (
     to_uint8,
     uint8_to_model_input,
 )
-from guided_diffusion.sampling.loop import load_ddim_tool_model, output_dir, parse_sampling_flags
+from guided_diffusion.sampling.loop import (
+    finished_files,
+    kept_pass_rounds,
+    load_ddim_tool_model,
+    output_dir,
+    parse_sampling_flags,
+)
 from guided_diffusion.script_util import script_parser
 
 
@@ -43,30 +58,47 @@ def main(argv=None):
 
     images, labels = read_images(args.input, args.image_size, args.class_cond, limit=args.num_images,
                                  channels=args.in_channels)
+    outputs = ("latents.npz", "reconstructions.png", "reconstruction.json")
+    kept = kept_pass_rounds(args, __file__, step_counts, len(images), what="round trips",
+                            item_bytes=8 * images[0].size, finished=finished_files(*outputs))
     model, diffusions = load_ddim_tool_model(args, step_counts)
     open_tool_log(args)
     logger.log(f"read {len(images)} images from {args.input}")
+    out = output_dir(args)
+    kept.open(out)
 
     x_start = uint8_to_model_input(images)
     y = None if labels is None else torch.from_numpy(labels)
-    results, rows, latents = {}, [], None
-    for steps, diffusion in diffusions.items():
-        logger.log(f"inverting and reconstructing with {steps} DDIM steps...")
+
+    def round_trip(steps, items):
+        if items.start == 0:
+            logger.log(f"inverting and reconstructing with {steps} DDIM steps...")
         x_T, recon = round_trip_in_batches(
-            diffusion, model, x_start, labels=y, batch_size=args.batch_size,
-            clip_denoised=args.clip_denoised, progress=args.progress, device=dist_util.dev(),
+            diffusions[steps], model, x_start[items], labels=None if y is None else y[items],
+            batch_size=args.batch_size, clip_denoised=args.clip_denoised, progress=args.progress,
+            device=dist_util.dev(),
         )
+        return {"x_T": x_T, "recon": recon}
+
+    done = run_passes(kept, step_counts, len(images), args.batch_size, round_trip)
+    results, rows = {}, []
+    for steps in step_counts:
+        recon = torch.from_numpy(done[steps]["recon"])
         mse = reconstruction_mse(x_start, recon)
         results[steps] = {"mse": float(mse.mean()), "psnr": psnr(mse.mean())}
         rows.append(to_uint8(recon[: args.grid_images]).numpy())
-        latents = x_T
+    latents = done[max(step_counts)]["x_T"]
 
-    out = output_dir(args)
-    save_latents(os.path.join(out, "latents.npz"), latents, labels=y, steps=max(step_counts), images=images)
-    grid = np.concatenate([images[: args.grid_images]] + rows)
-    make_grid_png(grid, os.path.join(out, "reconstructions.png"), nrow=min(len(images), args.grid_images))
-    report = {"num_images": len(images), "clip_denoised": args.clip_denoised, "steps": results}
-    write_json(os.path.join(out, "reconstruction.json"), report)
+    def write():
+        save_latents(os.path.join(out, "latents.npz"), latents, labels=y, steps=max(step_counts),
+                     images=images)
+        grid = np.concatenate([images[: args.grid_images]] + rows)
+        make_grid_png(grid, os.path.join(out, "reconstructions.png"),
+                      nrow=min(len(images), args.grid_images))
+        report = {"num_images": len(images), "clip_denoised": args.clip_denoised, "steps": results}
+        write_json(os.path.join(out, "reconstruction.json"), report)
+
+    kept.finish(write)
     logger.log(step_table(results, [("mse (pixels in [0, 1])", "mse", 6), ("psnr (dB)", "psnr", 2)]))
     logger.log(f"wrote latents.npz (x_T from {max(step_counts)} steps), reconstructions.png and "
                f"reconstruction.json to {out}")
@@ -83,6 +115,7 @@ def create_argparser():
             eta=0.0,
             grid_images=16,
         ),
+        output_defaults(),
     )
 
 

@@ -10,13 +10,26 @@ edited/<name>.png per input and samples_NxHxWx3.npz (arr_1: the labels) plus a g
         --use_ddim True --timestep_respacing ddim50 $MODEL_FLAGS
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 from guided_diffusion import logger
 from guided_diffusion.cli.flags import editing_defaults
 from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.sdedit import check_edit_strength, sdedit_loop
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling import editing
-from guided_diffusion.sampling.loop import load_guided_model, output_dir, sampler_from_flags
+from guided_diffusion.sampling.loop import (
+    kept_pass_rounds,
+    load_guided_model,
+    output_dir,
+    sampler_from_flags,
+)
 from guided_diffusion.script_util import script_parser
 
 
@@ -26,6 +39,9 @@ def main(argv=None):
     sampler = sampler_from_flags(args)
     editing.check_class_label(args.class_label, args.num_classes)
     images, paths = editing.read_edit_images(args.input, args.image_size)
+    kept = kept_pass_rounds(
+        args, __file__, [None], len(images), what="edited images", item_bytes=images[0].size,
+        finished=lambda folder: editing.finished_edits(folder, "edited", paths, images.shape))
 
     start_single_process_tool("image_edit.py", args)
     open_tool_log(args)
@@ -40,11 +56,14 @@ def main(argv=None):
             device=x_start.device, eta=args.eta)
 
     seed_sampling(args.seed)
+    out = output_dir(args)
+    kept.open(out)
     logger.log(f"editing with {sampler} at strength {args.edit_strength}...")
     edited, labels = editing.run_in_batches(
         images, args.batch_size, edit, labels_needed=args.class_cond or classifier is not None,
-        class_label=args.class_label, num_classes=args.num_classes, progress=args.progress)
-    path = editing.write_edits(edited, labels, paths, output_dir(args), "edited")
+        class_label=args.class_label, num_classes=args.num_classes, progress=args.progress,
+        kept=kept)
+    path = kept.finish(lambda: editing.write_edits(edited, labels, paths, out, "edited"))
     logger.log(f"wrote {path} and edited/*.png")
 
 

@@ -8,6 +8,14 @@ samples_NxHxWx3.npz (arr_1: the labels, when class-conditional or classifier-gui
         --timestep_respacing 250 --resamplings 10 --jump_length 10 $MODEL_FLAGS
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 from guided_diffusion import logger
 from guided_diffusion.cli.flags import editing_defaults
 from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
@@ -15,7 +23,12 @@ from guided_diffusion.diffusion.inpaint import INPAINT_SAMPLERS, inpaint_loop, r
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling import editing
-from guided_diffusion.sampling.loop import load_guided_model, output_dir, sampler_from_flags
+from guided_diffusion.sampling.loop import (
+    kept_pass_rounds,
+    load_guided_model,
+    output_dir,
+    sampler_from_flags,
+)
 from guided_diffusion.script_util import script_parser
 
 
@@ -35,6 +48,9 @@ def main(argv=None):
     images, masks, paths = editing.read_inpainting_inputs(
         args.input, args.mask, args.image_size, invert_mask=args.invert_mask)
     repaint_schedule(1, args.jump_length, args.resamplings)  # refuses values below 1, now
+    kept = kept_pass_rounds(
+        args, __file__, [None], len(images), what="inpainted images", item_bytes=images[0].size,
+        finished=lambda folder: editing.finished_edits(folder, "inpainted", paths, images.shape))
 
     start_single_process_tool("image_inpaint.py", args)
     open_tool_log(args)
@@ -49,13 +65,15 @@ def main(argv=None):
             device=x_start.device, eta=args.eta)
 
     seed_sampling(args.seed)
+    out = output_dir(args)
+    kept.open(out)
     logger.log(f"inpainting with {sampler}, {args.resamplings} resamplings, jump length "
                f"{args.jump_length}...")
     edited, labels = editing.run_in_batches(
         images, args.batch_size, inpaint, labels_needed=args.class_cond or classifier is not None,
         class_label=args.class_label, num_classes=args.num_classes, masks=masks,
-        progress=args.progress)
-    path = editing.write_edits(edited, labels, paths, output_dir(args), "inpainted")
+        progress=args.progress, kept=kept)
+    path = kept.finish(lambda: editing.write_edits(edited, labels, paths, out, "inpainted"))
     logger.log(f"wrote {path} and inpainted/*.png")
 
 

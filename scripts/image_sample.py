@@ -5,6 +5,14 @@ Generate a large batch of image samples from a model and save them as a large nu
     mpiexec -n N python scripts/image_sample.py --model_path model.pt $MODEL_FLAGS $SAMPLE_FLAGS
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import diffusion_sampling_defaults, label_choice_defaults
 from guided_diffusion.cli.main import run_main
@@ -22,6 +30,8 @@ def main(argv=None):
     # The model is built and its checkpoint checked before the log folder is made, so a run
     # refused on its flags leaves no folder behind.
     next_labels = loop.class_labels(args, class_cond=args.class_cond)
+    # The output folder is checked now: a finished result, another command's kept batches.
+    kept = loop.keep_sample_rounds(args, __file__, args.image_size)
     model, diffusion, _ = loop.load_diffusion_model(args)
     sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
                                     eta=args.eta)
@@ -38,7 +48,7 @@ def main(argv=None):
 
     steps = loop.sample_steps(sampler, diffusion, args.evaluations)
     loop.sample_and_write(args, sample_fn, steps, model_fn, batch_kwargs,
-                          image_size=args.image_size)
+                          image_size=args.image_size, kept=kept, streams={"labels": next_labels})
 
 
 def create_argparser():

@@ -61,7 +61,7 @@ for step in unguided guided; do
   echo "== $n/6 DDIM-100 samples, classifier scale $scale ($step)"
   mpiexec -n "$NPROC" python scripts/classifier_sample.py --model_path "$MODEL" $MODEL_FLAGS \
     $DIFFUSION_FLAGS $CLASSIFIER_FLAGS $SAMPLE_FLAGS --classifier_path "$CLASSIFIER" \
-    --classifier_scale "$scale" --log_dir "$OUT/$step"
+    --classifier_scale "$scale" --log_dir "$OUT/$step" --overwrite True  # a rerun retrains
 done
 
 echo "== 6/6 class accuracy under a classifier trained on the real digits"

@@ -6,6 +6,15 @@ save samples_NxHxWx3.npz plus a PNG grid.
         --base_samples samples_Nx64x64x3.npz --large_size 256 --small_size 64 $MODEL_FLAGS
 """
 
+if __name__ == "__main__":
+    # First, before the slow imports: a stop signal (SIGTERM, SIGUSR1, SIGINT) is recorded from
+    # here on instead of killing the process; the run then stops after its current batch with
+    # that batch kept (guided_diffusion/runtime/kept_rounds.py).
+    from guided_diffusion.runtime.signals import catch_preemption_signals
+
+    catch_preemption_signals()
+
+
 import numpy as np
 import torch
 
@@ -24,6 +33,8 @@ def main(argv=None):
     args = loop.parse_sampling_flags(create_argparser(), argv)
     sampler = loop.sampler_from_flags(args)
     dist_util.setup_dist()
+    # The output folder is checked now: a finished result, another command's kept batches.
+    kept = loop.keep_sample_rounds(args, __file__, args.large_size)
 
     # The model is built, its checkpoint checked and the base samples read before the log
     # folder is made, so a run refused on its flags leaves no folder behind.
@@ -48,7 +59,7 @@ def main(argv=None):
         return {k: v.to(dist_util.dev()) for k, v in next(data).items()}
 
     loop.sample_and_write(args, sample_fn, steps, model_fn, batch_kwargs,
-                          image_size=args.large_size)
+                          image_size=args.large_size, kept=kept, streams={"base_samples": data})
 
 
 def read_base_samples(base_samples, small_size, class_cond, in_channels=3):
@@ -70,23 +81,41 @@ def load_data_for_worker(base_samples, batch_size, small_size, class_cond, in_ch
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     if len(range(rank, len(image_arr), world)) == 0:
         raise ScriptError(f"{base_samples} holds {len(image_arr)} images, fewer than {world} ranks")
-    return _cycle_batches(image_arr, label_arr, batch_size, rank, world)
+    return CycledBatches(image_arr, label_arr, batch_size, rank, world)
 
 
-def _cycle_batches(image_arr, label_arr, batch_size, rank, world):
-    buffer, label_buffer = [], []
-    while True:
-        for i in range(rank, len(image_arr), world):
-            buffer.append(image_arr[i])
-            if label_arr is not None:
-                label_buffer.append(label_arr[i])
-            if len(buffer) == batch_size:
-                batch = torch.from_numpy(np.stack(buffer)).float() / 127.5 - 1.0
-                res = {"low_res": batch.permute(0, 3, 1, 2)}
-                if label_arr is not None:
-                    res["y"] = torch.from_numpy(np.stack(label_buffer)).long()
-                yield res
-                buffer, label_buffer = [], []
+class CycledBatches:
+    """
+    The endless {"low_res", "y"} batches of one rank: its share of the base samples (entries
+    rank, rank + W, ...), batch_size at a time, starting over at the end. Its position is saved
+    with every kept round (state_dict), so a resumed run upsamples the same images.
+    """
+
+    def __init__(self, image_arr, label_arr, batch_size, rank, world):
+        self.image_arr, self.label_arr = image_arr, label_arr
+        self.indices = np.arange(rank, len(image_arr), world)
+        self.batch_size = batch_size
+        self.batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        # Batch k holds entries k * batch_size ... of this rank's share, cycled.
+        positions = (self.batches * self.batch_size + np.arange(self.batch_size)) % len(self.indices)
+        chosen = self.indices[positions]
+        self.batches += 1
+        batch = torch.from_numpy(self.image_arr[chosen]).float() / 127.5 - 1.0
+        res = {"low_res": batch.permute(0, 3, 1, 2)}
+        if self.label_arr is not None:
+            res["y"] = torch.from_numpy(np.asarray(self.label_arr[chosen])).long()
+        return res
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state):
+        self.batches = int(state["batches"])
 
 
 def create_argparser():

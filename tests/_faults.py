@@ -1,20 +1,23 @@
 """
-Run a training script exactly as from the command line, with one fault injected at a precise
-moment (the tests of cluster faults use it as the program they launch):
+Run a training (or sampling) script exactly as from the command line, with one fault injected at
+a precise moment (the tests of cluster faults use it as the program they launch):
 
     GD_TEST_FAULT='{"signal": "worker", "n": 2}' python tests/_faults.py scripts/image_train.py ...
 
 The fault is a JSON object in $GD_TEST_FAULT:
 
-- {"signal": WHEN, "n": N, "times": 1 or 2, "to": "group" or "job", "rank": R}: send SIGTERM to
-  this process's whole process group (its loader workers included), or with "to": "job" to the
-  launcher's process group as well (mpiexec then forwards it to every rank's group). WHEN:
+- {"signal": WHEN, "n": N, "times": 1 or 2, "to": "group", "job" or "self", "rank": R,
+  "name": "SIGTERM" or e.g. "SIGINT"}: send the signal to this process's whole process group
+  (its loader workers included), or with "to": "job" to the launcher's process group as well
+  (mpiexec then forwards it to every rank's group). WHEN:
   "import" (before the script's imports, once its first lines caught the signals), "start" (as
   the script opens its data), "worker" (while the N-th loader worker process starts: after torch
   installed its own SIGTERM handler in it, before worker_init_fn runs; every worker is held 0.6 s
   there), "save" (after the first file of the N-th
   checkpoint is written, the rest still to come). With "times": 2 a second signal follows 0.2 s
-  later (during a save: after the second file).
+  later (during a save: after the second file). WHEN "round": after the N-th batch of a sampling
+  run is gathered (runtime.kept_rounds), in any script. With "to": "self" the signal goes to this
+  process alone.
 - {"enospc": "dump", "n": N, "rank": R}: the N-th logger dump of rank R fails with "No space
   left on device" on its log file.
 - {"raise": "oom" or "bug", "n": N, "rank": R}: rank R raises an out-of-memory error (or a
@@ -44,11 +47,15 @@ def send_signal(times=1):
     targets = {os.getpgrp()}
     if FAULT.get("to") == "job":
         targets.add(os.getpgid(os.getppid()))  # the launcher (mpiexec's proxy and mpiexec)
+    sig = getattr(signal, FAULT.get("name", "SIGTERM"))
     for i in range(times):
         if i:
             time.sleep(0.2)
+        if FAULT.get("to") == "self":
+            os.kill(os.getpid(), sig)
+            continue
         for group in targets:
-            os.killpg(group, signal.SIGTERM)
+            os.killpg(group, sig)
 
 
 def signal_as_asked():
@@ -111,6 +118,18 @@ def install():
                 tick()
 
             multiprocessing.process.BaseProcess.start = start
+        elif when == "round":
+            from guided_diffusion.runtime import kept_rounds
+
+            real_collect = kept_rounds.KeptRounds._collect
+            tick = counted(FAULT.get("n", 1), signal_as_asked)
+
+            def collect(self, *args, **kwargs):
+                result = real_collect(self, *args, **kwargs)
+                tick()
+                return result
+
+            kept_rounds.KeptRounds._collect = collect
         elif when == "save":
             from guided_diffusion.runtime import checkpoints
 

@@ -242,7 +242,7 @@ def test_classifier_and_classifier_free_guidance_together(trained, tmp_path):
             "--classifier_attention_resolutions", 4, "--classifier_path", tmp_path / "classifier.pt",
             "--num_samples", 2, "--batch_size", 2, "--seed", 0, "--progress", "False",
             "--log_dir", tmp_path, "--evaluations", 5, "--sampler", "dpmpp_2m",
-            "--guidance_scale", 2.0]
+            "--guidance_scale", 2.0, "--overwrite", True]
     outputs = []
     for scale in (0.0, 20.0):
         assert run_inprocess("classifier_sample", [*base, "--classifier_scale", scale]) == 0

@@ -3,6 +3,7 @@ Issue 23, images out: one PNG per sample (--save_images, npz_to_images.py), the 
 sampling scripts (--class_label, --balanced_labels; the default draw unchanged), --eta on DDIM, and
 a PNG passed where an npz is expected."""
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -33,8 +34,8 @@ def random_images(n, h=6, w=5, c=3, seed=0):
     return np.random.RandomState(seed).randint(0, 256, size=(n, h, w, c), dtype=np.uint8)
 
 
-def read_folder(folder):
-    names = sorted(os.listdir(folder))
+def read_folder(folder, pattern="*"):
+    names = sorted(n for n in os.listdir(folder) if fnmatch.fnmatch(n, pattern))
     return names, [np.array(Image.open(os.path.join(folder, n))) for n in names]
 
 
@@ -62,15 +63,20 @@ def test_save_images_writes_one_png_per_sample_named_by_index_and_label(tmp_path
     assert sorted(os.listdir(tmp_path / "plain")) == ["samples_3x6x5x3.npz", "samples_3x6x5x3.png"]
 
 
-def test_npz_to_images_matches_save_images_and_replaces_the_folder_whole(tmp_path):
+def test_npz_to_images_matches_save_images_and_replaces_only_its_own_files(tmp_path):
     images, labels = random_images(5, seed=3), np.array([1, 2, 3, 4, 5])
     np.savez(tmp_path / "s.npz", images, labels)
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "stale.png").write_bytes(b"old")
+    # An earlier, longer result's sample file, and the user's own files.
+    (tmp_path / "s" / "000007_2.png").write_bytes(b"old")
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    (tmp_path / "s" / "best.png").write_bytes(b"mine too")
     folder, count = npz_to_image_files(str(tmp_path / "s.npz"), batch_size=2, limit=4)
     assert count == 4 and folder == str(tmp_path / "s")
-    names, pixels = read_folder(folder)
-    assert names == [f"{i:06d}_{i + 1}.png" for i in range(4)]  # the stale file is gone
+    assert sorted(os.listdir(folder)) == sorted(
+        [f"{i:06d}_{i + 1}.png" for i in range(4)] + ["notes.txt", "best.png"])
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    names, pixels = read_folder(folder, pattern="0*.png")
     for got, want in zip(pixels, images):
         np.testing.assert_array_equal(got, want)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary left

@@ -283,7 +283,7 @@ def test_classifier_sample_writes_labels(work, classifier_dir, tmp_path):
         assert npz["arr_1"].max() < NUM_CLASSES
         guided = npz["arr_0"]
     # Without guidance (scale 0) the same seed gives other images: the gradient was used.
-    assert run_inprocess("classifier_sample", args[:-1] + [0.0]) == 0
+    assert run_inprocess("classifier_sample", args[:-1] + [0.0, "--overwrite", True]) == 0
     with np.load(tmp_path / "samples_2x16x16x3.npz") as npz:
         assert not np.array_equal(npz["arr_0"], guided)
 

@@ -10,6 +10,7 @@ import torch
 from .. import dist_util
 from ..cli.flags import checkpoint_flags
 from ..errors import ScriptError
+from ..runtime.kept_rounds import KeptRounds
 from .networks import cgan_defaults, create_cgan, sample_noise
 from .training import check_checkpoint_flags, load_cgan_checkpoint
 
@@ -41,6 +42,7 @@ def generate_samples(
     batch_size=100,
     progress=False,
     keep_dropout=False,
+    kept=None,
 ):
     """
     Draw class-conditional samples on every rank and gather them in a fixed order.
@@ -58,7 +60,12 @@ def generate_samples(
     :param keep_dropout: leave the generator's dropout active while sampling. A generator trained
         with dropout can learn to draw its variety from the dropout masks rather than from z
         (we saw this with the paper's MLP on digits); this samples it as it was trained.
-    :return: (float NCHW RGB in [-1, 1] on the CPU, int64 labels), both of length num_samples.
+    :param kept: an opened runtime.kept_rounds.KeptRounds of the run's rounds
+        (ceil(num_samples / (batch_size * ranks)), see sampling.loop.keep_sample_rounds): each
+        round is kept as it finishes, and those an earlier run of the same command kept are not
+        drawn again; None: nothing is kept.
+    :return: (float NCHW RGB in [-1, 1] on the CPU, int64 labels), both of length num_samples;
+        with kept rounds the images are on rank 0 only (None on the other ranks).
     """
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
@@ -67,28 +74,40 @@ def generate_samples(
     labels = balanced_labels(num_samples, num_classes, class_label)
     per_round = batch_size * world
     rounds = math.ceil(num_samples / per_round)
+    if kept is None:
+        kept = KeptRounds(None, rounds, per_round=per_round, total=num_samples)
     # Pad so every rank runs the same number of full batches (collectives need that).
     padded = balanced_labels(rounds * per_round, num_classes, class_label)
     dropouts = [m for m in generator.modules() if isinstance(m, torch.nn.Dropout)]
     modes = [m.training for m in dropouts]
     for m in dropouts:
         m.train(keep_dropout)
-    chunks = []
-    bar = range(rounds)
+    bar = None
     if progress and dist_util.is_main_process():
         from tqdm.auto import tqdm
 
-        bar = tqdm(bar, desc="sampling", unit="batch")
-    for r in bar:
+        bar = tqdm(total=rounds, initial=kept.kept, desc="sampling", unit="batch")
+
+    def make_round(r):
         start = r * per_round + rank * batch_size
         y = padded[start : start + batch_size].to(device)
         z = sample_noise(batch_size, generator.z_dim, device=device)
         images = generator.to_images(generator(z, y)).float()
-        chunks.extend(t.cpu() for t in dist_util.all_gather_tensors(images.contiguous()))
-    for m, mode in zip(dropouts, modes):
-        m.train(mode)
-    return torch.cat(chunks)[:num_samples], labels
+        if bar is not None:
+            bar.update(1)
+        return {"images": images}
 
+    try:
+        kept.run(make_round)
+    finally:
+        for m, mode in zip(dropouts, modes):
+            m.train(mode)
+        if bar is not None:
+            bar.close()
+    arrays = kept.arrays()
+    if arrays is None:
+        return None, labels
+    return torch.from_numpy(arrays["images"][:num_samples]), labels
 
 
 def load_generator(path, model_flags, *, use_ema=True):

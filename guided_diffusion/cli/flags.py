@@ -215,8 +215,19 @@ def sample_script_defaults():
     save_images: also write one PNG per sample beside the npz.
     eta: DDIM's eta (0 = deterministic); the ddim sampler only.
     in_channels: see channel_defaults().
+    overwrite: see output_defaults().
     """
-    return dict(save_images=False, eta=0.0, **channel_defaults())
+    return dict(save_images=False, eta=0.0, **channel_defaults(), **output_defaults())
+
+
+def output_defaults():
+    """
+    Flags of the scripts that keep their batches while they run (runtime.kept_rounds).
+
+    overwrite: replace a finished result in the output folder, and discard the kept batches of
+        another command there; False (the default) refuses both, naming this flag.
+    """
+    return dict(overwrite=False)
 
 
 def label_choice_defaults():
@@ -1036,13 +1047,18 @@ def editing_defaults():
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
     defaults.update(sampling_guidance_defaults())
+    defaults.update(output_defaults())
     return defaults
 
 # Rows of flags a concurrent change adds, kept out of FLAG_HELP until they are folded into it
 # (so that two changes adding flags do not edit the same lines): name -> (group, one-line
 # description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
 # docs/flags.md at once.
-NEW_FLAG_HELP = {}
+NEW_FLAG_HELP = {
+    "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
+                             "per-image files; other files are kept) and discard the kept "
+                             "batches of another command; False: refuse both"),
+}
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import traceback
 import torch
 
 from .. import dist_util, logger
-from ..errors import NonFiniteLossError, ScriptError, StorageError
+from ..errors import EXIT_INTERRUPTED, NonFiniteLossError, ScriptError, StorageError
 from ..runtime import log_folder
+from ..runtime.files import os_error_text
 from ..runtime.perf import preserved_float32_precision, set_tf32
 
 
@@ -28,8 +29,9 @@ def run_main(main, argv=None):
     and NotImplementedError (an unknown schedule sampler) count as bad input, and so do storage
     failures (an unwritable log folder, a checkpoint that cannot be written, a full disk) and
     running out of memory (the line names the flags that use less). Set GD_TRACEBACK=1 to see
-    the traceback. A training run stopped by SIGTERM/SIGUSR1 leaves through
-    preemption.TrainingPreempted (exit status preemption.EXIT_PREEMPTED), untouched here.
+    the traceback. A training or sampling run stopped by SIGTERM/SIGUSR1/SIGINT leaves through
+    errors.RunStopped (exit status 75, or 130 for training after Ctrl-C), untouched here; a
+    Ctrl-C that stops at once gives one line and exit status 130 (stop_at_once).
 
     On several ranks a failure of one rank ends the whole job at once (dist_util.abort_job),
     with one line for it: its own "error (rank r): ..." line, or, on a rank whose collective
@@ -52,11 +54,35 @@ def run_main(main, argv=None):
         exit_with_error(exc, _prefix(), 2)
     except SystemExit:
         raise
+    except KeyboardInterrupt:
+        stop_at_once()
     except BaseException as exc:
         _fail_distributed(exc)
         raise
     finally:
         log_folder.release_folders()
+
+
+def stop_at_once():
+    """
+    Leave after a Ctrl-C that no loop turned into a clean stop (one before the loop started in a
+    process that does not record signals, or a second one): one line instead of a traceback,
+    exit status EXIT_INTERRUPTED (130). Every file is written atomically, so the one being
+    written when it came was discarded whole.
+    """
+    if os.environ.get("GD_TRACEBACK"):
+        traceback.print_exc()
+    rank = dist_util.get_rank()
+    if rank == 0:  # on several ranks every rank got it: one line is enough
+        print(
+            f"interrupted: stopped at once by Ctrl-C; a file being written was discarded, the "
+            f"files finished before are intact (exit status {EXIT_INTERRUPTED})",
+            file=sys.stderr, flush=True,
+        )
+    sys.stdout.flush()
+    if dist_util.is_distributed():
+        dist_util.abort_job(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _prefix():
@@ -77,8 +103,6 @@ def _fail_distributed(exc):
         return
     if out_of_memory is not None:
         exit_with_error(exc, _prefix(), 2, message=out_of_memory)
-    if isinstance(exc, KeyboardInterrupt):
-        dist_util.abort_job(130)
     if dist_util.is_collective_failure(exc):
         line = (
             f"{_prefix()}: lost contact with the other ranks ({_backend_reason(exc)}): another "
@@ -167,9 +191,7 @@ def storage_error_message(exc):
     if isinstance(exc, StorageError):
         return str(exc).strip().splitlines()[0]
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno in _STORAGE_ERRNOS:
-        if exc.strerror is None:  # raised by our code with a message of its own
-            return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        return os_error_text(exc)
     return None
 
 

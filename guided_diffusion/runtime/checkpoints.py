@@ -176,7 +176,7 @@ def save_checkpoint_files(files, previous=None):
     file of that name is removed first: a save that fails half-way must not leave it paired with
     files of another run. When a write fails (disk full, permissions), the files of this
     checkpoint written so far are removed again, which frees their space and leaves the previous
-    checkpoint the newest complete one.
+    checkpoint the newest complete one; so they are when a Ctrl-C stops the save at once.
 
     :param files: a list of (object, path) pairs; the last path is the marker (the model file).
         An object may be a function without arguments that builds it, so that only one of
@@ -187,18 +187,26 @@ def save_checkpoint_files(files, previous=None):
     paths = [os.fspath(path) for _, path in files]
     marker = paths[-1]
     written = []
+    current = None
     try:
         if not _is_remote(marker) and os.path.exists(marker):
             os.remove(marker)
         for (obj, _), path in zip(files, paths):
+            current = path
             save_atomic(obj() if callable(obj) else obj, path)
             written.append(path)
-    except OSError as exc:
-        for path in written:
+    except (OSError, KeyboardInterrupt) as exc:
+        # Also on a second Ctrl-C (stop at once): no incomplete set is left behind, not even
+        # the file it came right after.
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        unfinished = [current] if interrupted and current not in (None, *written) else []
+        for path in written + unfinished:
             try:
                 blobfile().remove(path) if _is_remote(path) else os.remove(path)
             except Exception:  # best effort: the error below is what matters
                 pass
+        if interrupted:
+            raise
         reason = exc.strerror or str(exc) or type(exc).__name__
         failed = paths[len(written)]
         kept = (

@@ -108,6 +108,16 @@ def write_json(path, obj):
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def os_error_text(exc):
+    """
+    What an OSError says, in a few words: "<file>: <the system's reason>" ("No space left on
+    device"), or its own message when it was raised with one.
+    """
+    if exc.strerror is None:  # raised by our code with a message of its own
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+
+
 def blobfile():
     """
     The blobfile module, needed for remote paths (gs://, az://, https://) only.

@@ -1,5 +1,6 @@
 """
-One training job per log folder, and no leftovers of an interrupted save in it.
+One training job per log folder (one sampling job per output folder), and no leftovers of an
+interrupted save in it.
 
 Two jobs writing one folder interleave progress.csv, truncate each other's log.txt and replace
 each other's checkpoints. A job therefore holds an exclusive lock on the file `job.lock` in its
@@ -23,6 +24,7 @@ import os
 import re
 import socket
 
+from .. import dist_util
 from ..errors import LogFolderInUseError
 
 try:
@@ -39,11 +41,30 @@ _TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp")
 _held = {}
 
 
-def lock_folder(folder):
+class Use:
+    """
+    What a job uses a folder for, as its refusal of a second job says it: "the <what> <folder> is
+    in use by another <job> (...): <why>: wait for that job to end (or stop it), or pass another
+    <flag>"; and where in the folder its lock file is (lock_name, a relative path).
+    """
+
+    def __init__(self, what, job, why, flag, lock_name=LOCK_NAME):
+        self.what, self.job, self.why, self.flag = what, job, why, flag
+        self.lock_name = lock_name
+
+
+TRAINING = Use("log folder", "training job",
+               "two jobs in one folder would overwrite each other's checkpoints and logs",
+               "--log_dir")
+
+
+def lock_folder(folder, use=TRAINING):
     """
     Take the exclusive lock of a log folder for this process (again: nothing happens).
 
     :param folder: the log folder; created when missing.
+    :param use: what the folder is for, in the refusal's words, and its lock file (a Use:
+        TRAINING, or runtime.kept_rounds.SAMPLING).
     :return: None when locked (or locks are unsupported: then a warning text is returned
         instead, for the caller to log).
     :raises LogFolderInUseError: when another live process holds it, with a one-line message.
@@ -52,8 +73,8 @@ def lock_folder(folder):
     real = os.path.realpath(folder)
     if real in _held or fcntl is None:
         return None
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_NAME)
+    path = os.path.join(folder, use.lock_name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     handle = open(path, "a+")
     try:
         fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,14 +84,14 @@ def lock_folder(folder):
             holder = " ".join(handle.read().split()) or "a process that did not say who it is"
             handle.close()
             raise LogFolderInUseError(
-                f"the log folder {folder} is in use by another training job ({holder}; lock "
-                f"file {path}): two jobs in one folder would overwrite each other's checkpoints "
-                "and logs: wait for that job to end (or stop it), or pass another --log_dir"
+                f"the {use.what} {folder} is in use by another {use.job} ({holder}; lock "
+                f"file {path}): {use.why}: wait for that job to end (or stop it), or pass "
+                f"another {use.flag}"
             ) from None
         handle.close()
         return (
             f"warning: {folder} does not support file locks ({exc.strerror or exc}): nothing "
-            "stops a second job from using this log folder at the same time"
+            f"stops a second job from using this {use.what} at the same time"
         )
     started = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
     handle.seek(0)
@@ -79,6 +100,42 @@ def lock_folder(folder):
     handle.flush()
     _held[real] = handle
     return None
+
+
+def claim_folder(folder, use=TRAINING, clean=True):
+    """
+    Make this job the only one using `folder`: rank 0 takes its lock and removes the temporary
+    files an interrupted save left there; every rank learns the outcome, so all refuse together
+    (every rank must call it at the same point).
+
+    :param use: what the folder is for (see lock_folder).
+    :param clean: remove the stray temporaries (only safe where no other kind of job, holding
+        another lock, may be writing into the folder).
+    :return: lines to log once the logger is open (what was removed, a file system without
+        locks).
+    :raises LogFolderInUseError: on every rank, when another live job holds the folder.
+    """
+    problem, notes = None, []
+    if dist_util.is_main_process():
+        try:
+            warning = lock_folder(folder, use)
+            notes += [warning] if warning else []
+            removed = remove_stray_temporaries(folder) if clean else []
+            if removed:
+                notes.append(
+                    f"removed {len(removed)} temporary file(s) that an interrupted save left in "
+                    f"{folder}: {', '.join(removed)}"
+                )
+        except LogFolderInUseError as exc:
+            problem = str(exc)
+        except OSError:
+            pass  # an unwritable folder: the first write there says so in its own words
+    problem = dist_util.broadcast_from_main(problem)
+    if problem:
+        error = LogFolderInUseError(problem)
+        error.same_on_every_rank = True  # rank 0 prints it; the others leave quietly
+        raise error
+    return notes
 
 
 def release_folders():

@@ -1,12 +1,14 @@
 """
-Stopping a training run cleanly when the scheduler asks: SIGTERM (sent by SLURM, Kubernetes and
-cloud schedulers before they kill a job, and forwarded to every rank by mpiexec and torchrun) or
-SIGUSR1 (SLURM's `#SBATCH --signal=USR1@120`).
+Stopping a run cleanly when the scheduler or the user asks: SIGTERM (sent by SLURM, Kubernetes
+and cloud schedulers before they kill a job, and forwarded to every rank by mpiexec and
+torchrun), SIGUSR1 (SLURM's `#SBATCH --signal=USR1@120`) or SIGINT (Ctrl-C).
 
-The protocol, used by every training loop:
+The protocol, used by every training loop and by the sampling and editing loops
+(runtime.kept_rounds):
 
 1. While the loop runs, a handler for those signals only records that one arrived (nothing is
-   done inside a signal handler; the step in progress finishes untouched).
+   done inside a signal handler; the step or batch in progress finishes untouched). A second
+   Ctrl-C is the exception: it stops at once (runtime.signals.second_interrupt).
 2. At the end of every `check_every`-th step of the run, all ranks take the maximum of their
    flags in one small collective (on the CPU, over gloo, so it never waits for the GPU). They
    call it at the same steps, so they agree on the same step, and a signal that reached any rank,
@@ -15,10 +17,12 @@ The protocol, used by every training loop:
    rank 0 writes, the model file last), rank 0 logs where it is, and each process leaves through
    TrainingPreempted, a SystemExit with status EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again
    later"), so a job script can tell "stopped for preemption, checkpoint saved" (75) from success
-   (0), bad input (2) and crashes. `--resume_checkpoint auto` continues from that checkpoint.
+   (0), bad input (2) and crashes; after a Ctrl-C the status is EXIT_INTERRUPTED (130, what a
+   shell reports for an interrupted command), the checkpoint saved all the same.
+   `--resume_checkpoint auto` continues from that checkpoint.
 
-A signal that arrived before the loop started (the training scripts record it from their first
-line, see runtime.signals) is agreed on before the first step: the run then leaves with status 75
+A signal that arrived before the loop started (the scripts record it from their first line, see
+runtime.signals) is agreed on before the first step: the run then leaves with status 75 (130)
 without writing anything.
 
 The check interval is 1 step by default; GD_PREEMPT_CHECK_STEPS=K checks every K steps (at most
@@ -30,7 +34,7 @@ import signal
 import threading
 
 from .. import dist_util, logger
-from ..errors import EXIT_PREEMPTED, TrainingPreempted  # noqa: F401  (public here)
+from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingPreempted  # noqa: F401
 from . import signals
 from .signals import SIGNALS, ignore_in_worker  # noqa: F401  (public here)
 
@@ -49,8 +53,8 @@ def check_interval():
 
 class PreemptionWatch:
     """
-    Catch SIGTERM and SIGUSR1 while a training loop runs (a context manager; the previous
-    handlers come back on exit).
+    Catch SIGTERM, SIGUSR1 and SIGINT while a training or sampling loop runs (a context manager;
+    the previous handlers come back on exit).
 
         with PreemptionWatch() as watch:
             while training:
@@ -70,6 +74,7 @@ class PreemptionWatch:
 
     def _handle(self, signum, frame):
         # Only record: the step being computed must finish, and collectives cannot run here.
+        signals.second_interrupt(signum, self.received)
         if not self.received:
             self.received = signum
 
@@ -78,7 +83,7 @@ class PreemptionWatch:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         else:  # Python only delivers signals to the main thread
-            logger.warn("training outside the main thread: SIGTERM/SIGUSR1 are not caught")
+            logger.warn("running outside the main thread: SIGTERM/SIGUSR1/SIGINT are not caught")
         # A signal recorded since the script started (runtime.signals) belongs to this run; taken
         # after our handler is in place, so none falls between the two.
         early = signals.take_received()
@@ -112,7 +117,8 @@ class PreemptionWatch:
         :return: the same bool on every rank.
         """
         agreed = dist_util.max_over_ranks(self.received)
-        if agreed and not self.received:
+        if agreed:
+            # Every rank names (and exits with the status of) the same signal, whichever it got.
             self.received = agreed
         return bool(agreed)
 
@@ -122,20 +128,36 @@ class PreemptionWatch:
         except ValueError:
             return f"signal {self.received}"
 
+    def interrupted(self):
+        """Whether the agreed signal is Ctrl-C (SIGINT) rather than a scheduler's."""
+        return self.received == getattr(signal, "SIGINT", None)
+
+    def stopped_by(self):
+        """How the stop is described: "preempted by SIGTERM", "interrupted by SIGINT (Ctrl-C)"."""
+        if self.interrupted():
+            return f"interrupted by {self.signal_name()} (Ctrl-C)"
+        return f"preempted by {self.signal_name()}"
+
+    def training_status(self):
+        """A stopped training run's exit status: 130 after Ctrl-C, else 75."""
+        return EXIT_INTERRUPTED if self.interrupted() else EXIT_PREEMPTED
+
     def stop(self, step, checkpoint):
         """
-        Log where the checkpoint is and leave through TrainingPreempted (exit status 75).
+        Log where the checkpoint is and leave through TrainingPreempted (exit status 75, or 130
+        after Ctrl-C).
 
         :param step: the step the checkpoint holds.
         :param checkpoint: the path of its model file.
         """
+        status = self.training_status()
         message = (
-            f"preempted by {self.signal_name()}: stopped after step {step} with a complete "
+            f"{self.stopped_by()}: stopped after step {step} with a complete "
             f"checkpoint {checkpoint}; {continue_hint(os.path.dirname(os.fspath(checkpoint)))} "
-            f"(exit status {EXIT_PREEMPTED})"
+            f"(exit status {status})"
         )
         logger.log(message)
-        raise TrainingPreempted(message, checkpoint)
+        raise TrainingPreempted(message, checkpoint, status)
 
     def stop_before_first_step(self, folder, checkpoint=None):
         """
@@ -148,12 +170,13 @@ class PreemptionWatch:
             f"the checkpoint {checkpoint} it resumed from is unchanged" if checkpoint
             else "no checkpoint was written"
         )
+        status = self.training_status()
         message = (
-            f"preempted by {self.signal_name()} before the first step: {kept}; run the same "
-            f"command again, or {continue_hint(folder)} (exit status {EXIT_PREEMPTED})"
+            f"{self.stopped_by()} before the first step: {kept}; run the same "
+            f"command again, or {continue_hint(folder)} (exit status {status})"
         )
         logger.log(message)
-        raise TrainingPreempted(message, checkpoint)
+        raise TrainingPreempted(message, checkpoint, status)
 
 
 def continue_hint(folder):

@@ -1,13 +1,20 @@
 """
-The preemption signals (SIGTERM, SIGUSR1) from a training process's first moment to its last.
+The stop signals (SIGTERM, SIGUSR1, SIGINT) from a training or sampling process's first moment
+to its last.
 
 A scheduler's signal may arrive at any time: while Python imports torch, while the process group
 forms, while a data-loader worker starts, while a checkpoint is written, or twice. Python's
-default action for both signals kills the process (exit status 143 or 138), which a requeue
-recipe reads as a crash. So a training script's entry point calls catch_preemption_signals()
-before anything else, and from then on a signal is only recorded here; the training loop
-(runtime.preemption.PreemptionWatch) takes the record over when it starts and acts on it between
-steps.
+default action for SIGTERM and SIGUSR1 kills the process (exit status 143 or 138), which a
+requeue recipe reads as a crash, and SIGINT (Ctrl-C) raises KeyboardInterrupt wherever the
+process is, which loses the work since the last save. So a training or sampling script's entry
+point calls catch_preemption_signals() before anything else, and from then on a signal is only
+recorded here; the loop (runtime.preemption.PreemptionWatch) takes the record over when it
+starts and acts on it between steps or batches.
+
+One exception: a Ctrl-C that comes after a signal was already recorded means "stop now" (the
+user does not want to wait for the step or batch in progress): it raises KeyboardInterrupt at
+once (second_interrupt). Files being written are atomic (runtime.files), so nothing partial is
+left behind, and cli.main.run_main turns it into one line and exit status 130.
 
 Loader workers must not die of the signal either (SLURM, torchrun and mpiexec's proxies signal
 the whole process group, workers included, and a dead worker crashes its parent before it can
@@ -26,23 +33,34 @@ import signal
 import threading
 
 # SIGUSR1 does not exist on Windows.
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT")
+                if hasattr(signal, name))
 
 _received = 0  # the first signal recorded and not yet taken over, 0 for none
 _installed = False
 
 
+def second_interrupt(signum, already):
+    """
+    Raise KeyboardInterrupt for a Ctrl-C (SIGINT) that comes when a signal was already recorded
+    (`already`, 0 for none): the second Ctrl-C stops at once. Any other signal only counts once.
+    """
+    if signum == signal.SIGINT and already:
+        raise KeyboardInterrupt
+
+
 def _record(signum, frame):
     # Only record: whatever the process is doing (importing, writing a file) must go on intact.
     global _received
+    second_interrupt(signum, _received)
     if not _received:
         _received = signum
 
 
 def catch_preemption_signals():
     """
-    Record SIGTERM and SIGUSR1 instead of dying of them, for the rest of the process's life
-    (the training scripts call it first thing). Does nothing outside the main thread, where
+    Record SIGTERM, SIGUSR1 and SIGINT instead of dying of them, for the rest of the process's
+    life (the training and sampling scripts call it first thing). Does nothing outside the main thread, where
     Python cannot set handlers, and nothing the second time.
     """
     global _installed
@@ -71,7 +89,7 @@ def received():
 @contextlib.contextmanager
 def hold_preemption_signals():
     """
-    Block SIGTERM and SIGUSR1 in this thread for the duration (e.g. while starting loader
+    Block the stop signals in this thread for the duration (e.g. while starting loader
     workers); a signal arriving meanwhile is delivered when the block ends. A no-op where
     pthread_sigmask does not exist.
     """
@@ -87,7 +105,7 @@ def hold_preemption_signals():
 
 def ignore_in_worker(worker_id=None):
     """
-    Make a data-loader worker ignore SIGTERM and SIGUSR1 (a DataLoader worker_init_fn), then
+    Make a data-loader worker ignore the stop signals (a DataLoader worker_init_fn), then
     unblock them (see hold_preemption_signals; a signal pending until now is discarded).
 
     Killed by the signal, a worker would take the training process down with "DataLoader worker

@@ -11,7 +11,9 @@ another size than --image_size is resized and centre-cropped as the training dat
 have its image's size and is resized and cropped with it.
 """
 
+import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -21,10 +23,14 @@ from .. import dist_util, logger
 from ..diffusion.guidance import classifier_free_guidance, make_classifier_cond_fn
 from ..errors import ScriptError, UnreadableImageError
 from ..image_datasets import center_crop_arr, list_image_files_recursively
+from ..runtime.files import write_json
+from ..runtime.kept_rounds import run_passes
 from . import files as sample_files
 
 __all__ = [
     "check_class_label",
+    "edit_names",
+    "finished_edits",
     "guided_model",
     "input_paths",
     "make_labels",
@@ -202,61 +208,129 @@ def guided_model(model, *, class_cond, guidance_scale, num_classes, classifier=N
 
 
 def run_in_batches(images_uint8, batch_size, edit_batch, *, labels_needed, class_label,
-                   num_classes, masks=None, progress=True):
+                   num_classes, masks=None, progress=True, kept=None):
     """
     Edit the images batch after batch on the compute device.
 
     :param edit_batch: edit_batch(x_start, model_kwargs, mask or None) -> float NCHW in [-1, 1].
+    :param kept: an opened KeptRounds of one pass over the images in batches of batch_size
+        (sampling.loop.kept_pass_rounds): each finished batch is kept, and the batches an
+        earlier run of the same command kept are not edited again; None: nothing is kept.
     :return: (uint8 edited images [N, S, S, 3], int64 labels or None).
     """
     from tqdm.auto import tqdm
 
     device = dist_util.dev()
-    outputs, labels = [], []
-    for start in tqdm(range(0, len(images_uint8), batch_size), disable=not progress,
-                      desc="editing"):
-        chunk = images_uint8[start : start + batch_size]
+    total = len(images_uint8)
+    bar = tqdm(total=total, disable=not progress, desc="editing", unit="image",
+               initial=0 if kept is None else min(kept.kept * batch_size, total))
+
+    def edit(_pass, items):
+        chunk = images_uint8[items]
         model_kwargs = {}
         if labels_needed:
-            y = make_labels(len(chunk), class_label=class_label, num_classes=num_classes,
-                            device=device)
-            model_kwargs["y"] = y
-            labels.append(y.cpu().numpy())
+            model_kwargs["y"] = make_labels(len(chunk), class_label=class_label,
+                                            num_classes=num_classes, device=device)
         x_start = sample_files.uint8_to_model_input(chunk).to(device)
         mask = None
         if masks is not None:
-            mask = torch.from_numpy(masks[start : start + batch_size]).unsqueeze(1).to(device)
+            mask = torch.from_numpy(masks[items]).unsqueeze(1).to(device)
         edited = sample_files.to_uint8(edit_batch(x_start, model_kwargs, mask).float()).cpu().numpy()
         if mask is not None:
             # The kept pixels are the input's bytes: the library keeps them exactly in float, but
             # the reference's float-to-uint8 truncation lowers some values (1 to 63) by one.
-            keep = masks[start : start + batch_size]
+            keep = masks[items]
             edited[keep] = chunk[keep]
-        outputs.append(edited)
-        logger.log(f"edited {sum(len(o) for o in outputs)} of {len(images_uint8)} images")
-    return np.concatenate(outputs), (np.concatenate(labels) if labels else None)
+        bar.update(len(chunk))
+        logger.log(f"edited {items.stop} of {total} images")
+        return {"images": torch.from_numpy(edited), "labels": model_kwargs.get("y")}
+
+    try:
+        arrays = run_passes(kept, [None], total, batch_size, edit)[None]
+    finally:
+        bar.close()
+    return arrays["images"], arrays.get("labels")
+
+
+# Beside the edited images: which input each one was made from (names may carry a suffix).
+SOURCES = "sources.json"
+
+
+def edit_names(paths):
+    """
+    The output file name of each input: its own name (stem + ".png"), or stem_k.png, k the
+    smallest number that makes it differ from every other input's stem and every name given
+    before (compared without case, as on macOS and Windows file systems): inputs a/x.png,
+    b/x.png and c/x_1.png give x.png, x_2.png and x_1.png.
+    """
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    own = {stem.casefold() for stem in stems}
+    taken, names = set(), []
+    for stem in stems:
+        name = stem
+        if name.casefold() in taken:
+            k = 1
+            while f"{stem}_{k}".casefold() in taken or f"{stem}_{k}".casefold() in own:
+                k += 1
+            name = f"{stem}_{k}"
+        taken.add(name.casefold())
+        names.append(name + ".png")
+    return names
+
+
+def _sources(folder):
+    """The {output name: input path} an earlier run wrote in folder, or {}."""
+    try:
+        with open(os.path.join(folder, SOURCES)) as f:
+            sources = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return sources if isinstance(sources, dict) else {}
+
+
+def finished_edits(out_dir, subfolder, paths, shape):
+    """
+    The first file of a finished editing result that a run on `paths` would replace (the npz,
+    its grid, one of its images, the sources file), or None.
+
+    :param shape: the npz's images' shape (N, S, S, 3).
+    """
+    found = sample_files.finished_samples(out_dir, shape)
+    if found:
+        return found
+    folder = os.path.join(out_dir, subfolder)
+    for name in (*edit_names(paths), SOURCES):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
 
 
 def write_edits(images_uint8, labels, paths, out_dir, subfolder):
     """
-    Write each edited image as out_dir/subfolder/<its input name>.png and all of them as
-    out_dir/samples_NxHxWx3.npz (arr_1: the labels when there are any) plus a PNG grid.
+    Write each edited image as out_dir/subfolder/<its input name>.png (edit_names), which input
+    each came from as subfolder/sources.json, and all of them as out_dir/samples_NxHxWx3.npz
+    (arr_1: the labels when there are any) plus a PNG grid; the npz last, as the mark of a
+    complete result.
+
+    The images go to a temporary folder first and are moved in together; an earlier result's
+    images there (those its sources.json names) that this run did not write again are removed,
+    and no other file is touched.
 
     :return: the npz path.
     """
     folder = os.path.join(out_dir, subfolder)
-    os.makedirs(folder, exist_ok=True)
-    names = _unique_names(paths)
-    for image, name in zip(images_uint8, names):
-        Image.fromarray(image).save(os.path.join(folder, name + ".png"))
+    names = edit_names(paths)
+    earlier = _sources(folder)
+    tmp = sample_files.make_temporary_folder(folder)
+    try:
+        for image, name in zip(images_uint8, names):
+            sample_files.write_image_file(os.path.join(tmp, name), image)
+        write_json(os.path.join(tmp, SOURCES), dict(zip(names, map(os.fspath, paths))))
+        sample_files.move_files_in(tmp, folder, [*names, SOURCES])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name in set(earlier) - set(names):
+        stale = os.path.join(folder, os.path.basename(name))
+        if os.path.isfile(stale):
+            os.remove(stale)
     return sample_files.save_samples(images_uint8, labels, out_dir)
-
-
-def _unique_names(paths):
-    names, seen = [], {}
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        names.append(stem if count == 0 else f"{stem}_{count}")
-    return names

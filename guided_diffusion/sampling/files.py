@@ -6,6 +6,7 @@ files and folders back, and the DDIM tools' latents files.
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -104,7 +105,8 @@ def make_grid_png(images_uint8_nhwc, path, nrow=None, padding=2, pad_value=0,
         grid[top : top + height, left : left + width] = image
     if channels == 1:
         grid = grid[..., 0]
-    Image.fromarray(grid).save(path, format="PNG")
+    picture = Image.fromarray(grid)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
     return path
 
 
@@ -164,6 +166,8 @@ def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
     """
     Save images as an npz in the samples format (arr_0: uint8 NHWC images, arr_1: int64 labels
     when given), written to a temporary file and renamed, so readers never see a partial file.
+    The same arrays give the same bytes (np.savez stamps its members with a fixed date), so a
+    resumed run's file is the uninterrupted run's.
 
     :return: path.
     """
@@ -184,6 +188,11 @@ def save_images_npz(path, images_uint8_nhwc, labels_or_None=None):
     return path
 
 
+def samples_npz_name(shape):
+    """The file name of samples of `shape` (N, H, W, C): samples_NxHxWxC.npz."""
+    return "samples_" + "x".join(str(s) for s in shape) + ".npz"
+
+
 def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEFAULT_GRID_MAX_IMAGES,
                  grid_per_class=None, save_images=False):
     """
@@ -192,7 +201,10 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
     class (class_grid), else the first grid_max_images in a near-square grid; magnified to at
     least GRID_MIN_SIDE pixels a side either way.
 
-    The npz is written to a temporary file and renamed, so readers never see a partial file.
+    Every file is written to a temporary file and renamed, so readers never see a partial file;
+    the npz comes last, so that it marks the whole result complete. A result of the same shape
+    already there is replaced: its npz and grid, and the sample files of its PNG folder (those
+    named as sample_file_name names them; other files in that folder are never touched).
 
     :param images_uint8_nhwc: uint8 array or tensor (N, H, W, C).
     :param labels_or_None: N class labels, or None for unconditional samples.
@@ -201,31 +213,57 @@ def save_samples(images_uint8_nhwc, labels_or_None, out_dir, grid_max_images=DEF
     :param grid_per_class: samples per class row (labelled samples), instead of a share of
         grid_max_images.
     :param save_images: also write one image file per sample into the folder named like the
-        npz without .npz (samples_NxHxWxC/, see save_image_files).
+        npz without .npz (samples_NxHxWxC/, see save_image_files); without it the sample files
+        of an earlier result there are removed (they would not match the new npz).
     :return: the npz path.
     """
     images = _as_uint8_nhwc(images_uint8_nhwc)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    shape_str = "x".join(str(s) for s in images.shape)
-    npz_path = save_images_npz(os.path.join(out_dir, f"samples_{shape_str}.npz"), images, labels_or_None)
+    npz_path = os.path.join(out_dir, samples_npz_name(images.shape))
+    folder = os.path.splitext(npz_path)[0]
+    if save_images:
+        save_image_files(images, labels_or_None, folder)
+    else:
+        remove_sample_files(folder)
     if images.shape[0] > 0 and grid_max_images > 0:
-        png_path = os.path.splitext(npz_path)[0] + ".png"
+        png_path = folder + ".png"
         if labels_or_None is None:
             make_grid_png(images[:grid_max_images], png_path)
         else:
             tiles, per_row = class_grid(images, labels_or_None, max_images=grid_max_images,
                                         per_class=grid_per_class)
             make_grid_png(tiles, png_path, nrow=per_row)
-    if save_images:
-        save_image_files(images, labels_or_None, os.path.splitext(npz_path)[0])
+    save_images_npz(npz_path, images, labels_or_None)
     return npz_path
+
+
+def finished_samples(out_dir, shape):
+    """
+    The first file of a finished samples result of `shape` in out_dir that exists (its npz,
+    its grid, a sample file in its PNG folder), or None: what save_samples would replace.
+    """
+    npz_path = os.path.join(out_dir, samples_npz_name(shape))
+    folder = os.path.splitext(npz_path)[0]
+    for path in (npz_path, folder + ".png"):
+        if os.path.exists(path):
+            return path
+    found = sample_files_in(folder)
+    return os.path.join(folder, found[0]) if found else None
 
 
 # ------------------------------------------------------------------ one file per sample
 
 # Channels a PNG holds, and the PIL mode of each; other counts are written as .npy arrays.
 PNG_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def png_bytes(height, width, channels=3):
+    """
+    About the most disk one sample's PNG takes: its pixels (deflate cannot shrink noise and adds
+    a little), a filter byte per row, the PNG chunks, and at least one 4 KiB block.
+    """
+    return max(4096, int(height * (width * channels + 1) * 1.01) + 1024)
 
 
 def sample_file_name(index, label=None, digits=6, channels=3):
@@ -239,11 +277,40 @@ def sample_file_name(index, label=None, digits=6, channels=3):
     return f"{stem}.{ext}"
 
 
+# The names sample_file_name gives: what a result's PNG folder holds of ours.
+SAMPLE_FILE = re.compile(r"\d{6,}(_-?\d+)?\.(png|npy)")
+
+
+def sample_files_in(folder):
+    """The sample files (named as sample_file_name names them) in folder, sorted."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(name for name in names if SAMPLE_FILE.fullmatch(name)
+                  and os.path.isfile(os.path.join(folder, name)))
+
+
+def remove_sample_files(folder, keep=()):
+    """
+    Delete the sample files in folder except those named in `keep` (an earlier result's files
+    that a new one did not write again); any other file is left alone, and so is the folder.
+    """
+    keep = set(keep)
+    for name in sample_files_in(folder):
+        if name not in keep:
+            os.remove(os.path.join(folder, name))
+
+
 class ImageFileWriter:
     """
-    Write samples one file each into a folder that appears complete or not at all: files go to
-    a hidden temporary folder beside it, which replaces the folder when close() succeeds (an
-    older folder of that name is removed then); on an error nothing is left behind.
+    Write samples one file each into a folder: files go to a hidden temporary folder beside it
+    and are moved in when close() succeeds, replacing files of the same names; the sample files
+    of an earlier result that were not written again are then removed, and nothing else in the
+    folder is touched. On an error (or a Ctrl-C) the folder is left as it was.
+
+    # deviation from reference (of this port's earlier versions: the reference has no such
+    # folder): the folder used to be replaced whole, deleting whatever else it held.
 
     Use as a context manager; call write(images, labels) for each batch, in sample order.
 
@@ -255,12 +322,13 @@ class ImageFileWriter:
         self.folder = os.path.abspath(os.fspath(folder))
         self.digits = max(6, len(str(max(total - 1, 0))))
         self.count = 0
+        self.names = []
         self._tmp = None
 
     def __enter__(self):
         parent = os.path.dirname(self.folder)
         os.makedirs(parent, exist_ok=True)
-        self._tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(self.folder) + ".")
+        self._tmp = make_temporary_folder(self.folder)
         return self
 
     def write(self, images_uint8_nhwc, labels_or_None=None):
@@ -269,34 +337,50 @@ class ImageFileWriter:
         for i, image in enumerate(images):
             label = None if labels is None else labels[i]
             name = sample_file_name(self.count, label, self.digits, image.shape[-1])
-            path = os.path.join(self._tmp, name)
-            if name.endswith(".npy"):
-                np.save(path, image)
-            else:
-                channels = image.shape[-1]
-                pixels = image[..., 0] if channels == 1 else image
-                Image.fromarray(pixels).save(path, format="PNG")  # L, LA, RGB or RGBA
+            write_image_file(os.path.join(self._tmp, name), image)
+            self.names.append(name)
             self.count += 1
 
     def __exit__(self, kind, exc, tb):
-        if kind is not None:
+        try:
+            if kind is None:
+                move_files_in(self._tmp, self.folder, self.names)
+                remove_sample_files(self.folder, keep=self.names)
+        finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
-            return False
-        old = None
-        if os.path.exists(self.folder):
-            old = self._tmp + ".old"
-            os.replace(self.folder, old)
-        os.replace(self._tmp, self.folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def make_temporary_folder(folder):
+    """A new hidden folder beside `folder` for files to be moved into it."""
+    return tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)),
+                            prefix="." + os.path.basename(folder) + ".", suffix=".tmp")
+
+
+def move_files_in(source, folder, names):
+    """Move the named files of `source` into `folder` (created when missing), replacing files
+    of the same names there."""
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        os.replace(os.path.join(source, name), os.path.join(folder, name))
+
+
+def write_image_file(path, image):
+    """One uint8 HWC image as a PNG (grey, grey+alpha, RGB or RGBA by its channel count), or as
+    a .npy array when the path says so."""
+    if path.endswith(".npy"):
+        np.save(path, image)
+        return
+    pixels = image[..., 0] if image.shape[-1] == 1 else image
+    Image.fromarray(pixels).save(path, format="PNG")
 
 
 def save_image_files(images_uint8_nhwc, labels_or_None, folder):
     """
-    Write each image as its own file in `folder` (replaced whole, see ImageFileWriter):
-    "<index>_<label>.png" when labels are given, else "<index>.png" (grey, grey+alpha, RGB or
-    RGBA by the channel count; .npy for other counts).
+    Write each image as its own file in `folder` (see ImageFileWriter: an earlier result's
+    sample files are replaced, other files kept): "<index>_<label>.png" when labels are given,
+    else "<index>.png" (grey, grey+alpha, RGB or RGBA by the channel count; .npy for other
+    counts).
 
     :return: the folder.
     """

@@ -3,7 +3,8 @@ What the sampling scripts share: checking their flags before any work, building 
 flags and loading its checkpoint, building the sampling function a --sampler names, getting a
 loaded network ready (device, fp16/bf16 torso, eval mode, channels-last, compile), opening the
 log folder, drawing batches round after round on every rank and gathering them in rank order,
-and writing the result.
+keeping each finished round so that a stopped run continues (runtime.kept_rounds), and writing
+the result.
 """
 
 import errno
@@ -25,6 +26,7 @@ from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..diffusion.guidance import check_guidance_scale
 from ..errors import ScriptError
+from ..runtime.kept_rounds import KeptRounds, describe_command
 from ..runtime.perf import compile_model, set_tf32, to_channels_last
 from ..runtime.shapes import image_hw
 from . import editing
@@ -111,12 +113,107 @@ def check_writable_folder(folder, flag):
         ) from None
 
 
+# Flags that change where the outputs go or how a run shows its progress, not what it draws: a
+# stopped run continues with other values of them (--out_dir then names the folder it is in).
+NOT_IN_COMMAND = ("log_dir", "out_dir", "progress", "save_images", "overwrite", "config",
+                  "grid_images", "grid_per_class")
+# Flags that name input files or folders: kept rounds record what those held.
+INPUT_FLAGS = ("model_path", "classifier_path", "base_samples", "input", "mask", "latents",
+               "data_dir", "config")
+
+
+def planned_output_dir(args):
+    """
+    The folder a script's outputs will go to, when flags or the environment fix it before the
+    log folder is open: --out_dir, else --log_dir, else $OPENAI_LOGDIR; None when the logger
+    will make a new dated folder.
+    """
+    folder = getattr(args, "out_dir", "") or getattr(args, "log_dir", "") \
+        or os.environ.get("OPENAI_LOGDIR", "")
+    return os.path.expanduser(folder) if folder else None
+
+
+def keep_rounds(args, script, rounds, *, per_round, total, what="samples", finished=None,
+                needed_bytes=0, count_of=None):
+    """
+    The KeptRounds of a script's run, its output folder checked now, before any work: writable,
+    not holding a finished result (unless --overwrite True), nor another command's kept
+    batches, with room for the run.
+
+    :param args: the parsed flags (vars(args) is the command, less NOT_IN_COMMAND, with the
+        identity of the INPUT_FLAGS files).
+    :param script: the script's file (__file__).
+    :param rounds: its rounds; per_round, total, what, finished, needed_bytes, count_of: see
+        KeptRounds.
+    :raises ScriptError, StorageError: one line naming the flag to change.
+    """
+    check_counts(args, "batch_size")
+    folder = planned_output_dir(args)
+    flag = "--out_dir" if getattr(args, "out_dir", "") else "--log_dir"
+    if folder and "://" in folder:
+        raise ScriptError(
+            f"{flag} {folder}: the sampling scripts write to a local (or mounted) folder; pass "
+            "one and copy the result to the bucket afterwards"
+        )
+    if folder:
+        check_writable_folder(folder, flag)
+    command = describe_command(script, vars(args), ignore=NOT_IN_COMMAND, inputs=INPUT_FLAGS)
+    kept = KeptRounds(command, rounds, per_round=per_round, total=total, what=what,
+                      overwrite=getattr(args, "overwrite", False), finished=finished,
+                      needed_bytes=needed_bytes, folder_named=folder is not None,
+                      count_of=count_of)
+    kept.check(folder)
+    return kept
+
+
+def finished_files(*names):
+    """A KeptRounds `finished` test for a result of fixed file names: the first that exists."""
+
+    def first_existing(folder):
+        return next((os.path.join(folder, name) for name in names
+                     if os.path.exists(os.path.join(folder, name))), None)
+
+    return first_existing
+
+
+def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsize=1,
+                       finished=None):
+    """
+    keep_rounds for a run of --num_samples samples of image_size (side or (height, width)) and
+    --in_channels (3 without the flag), --batch_size per rank and round, written as
+    sampling.files.save_samples writes them (the npz, its grid, with --save_images the PNG
+    folder).
+
+    :param round_itemsize: bytes per pixel value the rounds keep (1: uint8, 4: float32).
+    :param finished: the KeptRounds `finished` test, where the result has more files than
+        save_samples writes (default: sampling.files.finished_samples).
+    """
+    num_samples = args.num_samples if num_samples is None else num_samples
+    height, width = image_hw(image_size)
+    shape = (num_samples, height, width, getattr(args, "in_channels", 3))
+    rounds = num_rounds(num_samples, args.batch_size)
+    per_round = args.batch_size * dist_util.get_world_size()
+    one = height * width * shape[3]
+    # The kept rounds (the last may overshoot) and the npz exist together for a moment.
+    needed = (rounds * per_round * (one * round_itemsize + 8) + num_samples * (one + 8)
+              + sample_files.GRID_MAX_SIDE ** 2 * 4)
+    if getattr(args, "save_images", False):
+        needed += num_samples * sample_files.png_bytes(height, width, shape[3])
+    if finished is None:
+        def finished(folder):
+            return sample_files.finished_samples(folder, shape)
+    return keep_rounds(args, script, rounds, per_round=per_round, total=num_samples,
+                       finished=finished, needed_bytes=needed)
+
+
 def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *, image_size,
-                     cond_fn=None):
+                     cond_fn=None, kept=None, streams=None):
     """
     The sampling scripts' run: draw --num_samples images, --batch_size per rank and round, gather
     them on every rank and write samples_NxHxWxC.npz (+ PNG grid, + one PNG per sample with
-    --save_images) to output_dir(args).
+    --save_images) to output_dir(args). Each finished round is kept (kept: the script's
+    keep_sample_rounds(...)), so that the run stops cleanly on SIGTERM, SIGUSR1 or SIGINT and
+    the same command continues it.
 
     :param args: the parsed flags (num_samples, batch_size, in_channels, clip_denoised,
         progress, save_images, out_dir).
@@ -128,9 +225,17 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
         "y" it gives, if any, are the labels saved as arr_1.
     :param image_size: the side (or height, width) of the samples.
     :param cond_fn: the classifier guidance gradient, or None.
-    :return: the npz path.
+    :param kept: the run's KeptRounds (default: keep_sample_rounds(args, "sample", ...), which
+        checks the folder only now).
+    :param streams: what batch_kwargs draws from besides torch's generators ({name: object
+        with state_dict/load_state_dict}, e.g. {"labels": ClassLabels}).
+    :return: the npz path (on rank 0; None on the others).
     """
     shape = sample_shape(args.batch_size, image_size, args.in_channels)
+    if kept is None:
+        kept = keep_sample_rounds(args, "sample", image_size)
+    folder = output_dir(args)
+    kept.open(folder)
 
     def make_batch(bar):
         model_kwargs = batch_kwargs()
@@ -146,9 +251,36 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
         return to_uint8(sample.float()), model_kwargs.get("y")
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
-                                 progress=args.progress, steps_per_batch=steps_per_batch)
-    path = write_samples(arr, labels, output_dir(args), save_images=args.save_images)
+                                 progress=args.progress, steps_per_batch=steps_per_batch,
+                                 kept=kept, streams=streams)
+
+    path = kept.finish(lambda: _save_samples(arr, labels, folder, args.save_images))
     logger.log("sampling complete")
+    return path
+
+
+def write_samples(arr, label_arr, out_dir, save_images=False):
+    """
+    Save samples_NxHxWxC.npz (+ PNG grid) on rank 0, then wait for every rank.
+
+    :param save_images: also write one PNG per sample (--save_images) into samples_NxHxWxC/
+        beside the npz, named <index>_<label>.png (or <index>.png without labels).
+    :return: the npz path (on every rank).
+    """
+    path = os.path.join(out_dir, sample_files.samples_npz_name(arr.shape))
+    if dist_util.is_main_process():
+        _save_samples(arr, label_arr, out_dir, save_images)
+    dist_util.barrier()
+    return path
+
+
+def _save_samples(arr, label_arr, out_dir, save_images):
+    """Rank 0's part of write_samples: save and log; returns the npz path."""
+    path = os.path.join(out_dir, sample_files.samples_npz_name(arr.shape))
+    logger.log(f"saving to {path}")
+    sample_files.save_samples(arr, label_arr, out_dir, save_images=save_images)
+    if save_images:
+        logger.log(f"saved {len(arr)} images to {os.path.splitext(path)[0]}")
     return path
 
 
@@ -158,7 +290,7 @@ def num_rounds(num_samples, batch_size):
 
 
 def gather_samples(num_samples, batch_size, make_batch, progress=True, desc="sampling",
-                   steps_per_batch=None):
+                   steps_per_batch=None, kept=None, streams=None):
     """
     Run make_batch() round after round on every rank and gather the batches in rank order, until
     num_samples images exist (as the reference: the last round may overshoot; the excess is cut).
@@ -170,48 +302,64 @@ def gather_samples(num_samples, batch_size, make_batch, progress=True, desc="sam
     :param steps_per_batch: the denoising steps of one batch (sample_steps()): the bar then
         counts every step of the whole run, so a run of one large batch still moves; without it
         the bar counts rounds.
-    :return: (images array [num_samples, H, W, C], labels array or None), on every rank.
+    :param kept: an opened KeptRounds of num_rounds(...) rounds that keeps each round (and
+        continues after the rounds an earlier run kept); None: the rounds are only gathered.
+    :param streams: see KeptRounds.run.
+    :return: (images array [num_samples, H, W, C], labels array or None), on every rank;
+        with kept rounds on rank 0 only ((None, None) on the other ranks).
     """
     if num_samples < 1 or batch_size < 1:
         raise ScriptError(
             f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}")
-    images, labels = [], []
     show = progress and dist_util.is_main_process()
     rounds = num_rounds(num_samples, batch_size)
-    if steps_per_batch is None:
-        batches = (make_batch() for _ in tqdm(range(rounds), disable=not show, desc=desc))
-    else:
-        bar = tqdm(total=rounds * steps_per_batch, disable=not show, desc=desc, unit="step")
-        batches = (make_batch(bar) for _ in range(rounds))
-    for batch_images, batch_labels in batches:
-        images.extend(t.cpu().numpy() for t in dist_util.all_gather_tensors(batch_images))
-        if batch_labels is not None:
-            labels.extend(t.cpu().numpy() for t in dist_util.all_gather_tensors(batch_labels))
-        logger.log(f"created {sum(len(x) for x in images)} samples")
-    if steps_per_batch is not None:
+    per_round = batch_size * dist_util.get_world_size()
+    if kept is None:
+        kept = KeptRounds(None, rounds, per_round=per_round, total=num_samples)
+    if kept.rounds != rounds:
+        raise ValueError(f"the KeptRounds has {kept.rounds} rounds, the run {rounds}")
+    unit, per_batch = ("step", steps_per_batch) if steps_per_batch else ("it", 1)
+    resumed = {"initial": kept.kept * per_batch} if kept.kept else {}
+    bar = tqdm(total=rounds * per_batch, disable=not show, desc=desc, unit=unit, **resumed)
+
+    def make_round(index):
+        if steps_per_batch is None:
+            batch_images, batch_labels = make_batch()
+            bar.update(1)
+        else:
+            batch_images, batch_labels = make_batch(bar)
+        logger.log(f"created {(index + 1) * per_round} samples")
+        return {"images": batch_images, "labels": batch_labels}
+
+    try:
+        kept.run(make_round, streams)
+    finally:
         bar.close()
-    arr = np.concatenate(images, axis=0)[:num_samples]
-    label_arr = np.concatenate(labels, axis=0)[:num_samples] if labels else None
-    return arr, label_arr
+    arrays = kept.arrays()
+    if arrays is None:
+        return None, None
+    labels = arrays.get("labels")
+    return arrays["images"][:num_samples], None if labels is None else labels[:num_samples]
 
 
-def write_samples(arr, label_arr, out_dir, save_images=False):
+def kept_pass_rounds(args, script, passes, count, *, what, finished, item_bytes):
     """
-    Save samples_NxHxWxC.npz (+ PNG grid) on rank 0, then wait for every rank.
+    keep_rounds for runtime.kept_rounds.run_passes(...): the rounds of len(passes) passes over
+    count items in batches of --batch_size.
 
-    :param save_images: also write one PNG per sample (--save_images) into samples_NxHxWxC/
-        beside the npz, named <index>_<label>.png (or <index>.png without labels).
-    :return: the npz path (on every rank).
+    :param item_bytes: what one item of one pass keeps on disk, about (with the result's share).
     """
-    shape_str = "x".join(str(s) for s in arr.shape)
-    path = os.path.join(out_dir, f"samples_{shape_str}.npz")
-    if dist_util.is_main_process():
-        logger.log(f"saving to {path}")
-        path = sample_files.save_samples(arr, label_arr, out_dir, save_images=save_images)
-        if save_images:
-            logger.log(f"saved {len(arr)} images to {os.path.splitext(path)[0]}")
-    dist_util.barrier()
-    return path
+    batch_size = args.batch_size
+    batches = math.ceil(count / batch_size) if batch_size > 0 else 0
+
+    def count_of(rounds):
+        # Whole passes, then the batches of the pass in progress (its last may be short).
+        done, batch = divmod(rounds, batches) if batches else (0, 0)
+        return done * count + min(batch * batch_size, count)
+
+    return keep_rounds(args, script, len(passes) * batches, per_round=batch_size,
+                       total=len(passes) * count, what=what, finished=finished,
+                       needed_bytes=2 * len(passes) * count * item_bytes, count_of=count_of)
 
 
 def sample_shape(batch_size, image_size, in_channels=3):
@@ -256,6 +404,13 @@ class ClassLabels:
         self.class_label = class_label
         self.balanced = balanced
         self.rounds = 0
+
+    def state_dict(self):
+        """Where the balanced labels are (a resumed run continues from there)."""
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state):
+        self.rounds = int(state["rounds"])
 
     def __call__(self, device=None):
         """The labels of the next batch of this rank, an int64 tensor [batch_size]."""

@@ -24,7 +24,7 @@ import torch
 
 from .. import dist_util, logger
 from ..cli.flags import explicit_flags
-from ..errors import LogFolderInUseError, NonFiniteLossError, ScriptError
+from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.run_record import describe_run, write_run_record
@@ -188,35 +188,15 @@ def check_auto_resume_folder(resume_checkpoint, folder):
 
 def claim_log_folder(folder):
     """
-    Make this job the only one using `folder` (runtime.log_folder): rank 0 takes its lock and
-    removes the temporary files an interrupted save left there; every rank learns the outcome,
-    so all refuse together.
+    Make this job the only one using `folder` (runtime.log_folder.claim_folder): rank 0 takes
+    its lock and removes the temporary files an interrupted save left there; every rank learns
+    the outcome, so all refuse together.
 
     :return: lines to log once the logger is open (what was removed, a file system without
         locks).
     :raises LogFolderInUseError: on every rank, when another live job holds the folder.
     """
-    problem, notes = None, []
-    if dist_util.is_main_process():
-        try:
-            warning = log_folder.lock_folder(folder)
-            notes += [warning] if warning else []
-            removed = log_folder.remove_stray_temporaries(folder)
-            if removed:
-                notes.append(
-                    f"removed {len(removed)} temporary file(s) that an interrupted save left in "
-                    f"{folder}: {', '.join(removed)}"
-                )
-        except LogFolderInUseError as exc:
-            problem = str(exc)
-        except OSError:
-            pass  # an unwritable folder: logger.configure says so in its own words
-    problem = dist_util.broadcast_from_main(problem)
-    if problem:
-        error = LogFolderInUseError(problem)
-        error.same_on_every_rank = True  # rank 0 prints it; the others leave quietly
-        raise error
-    return notes
+    return log_folder.claim_folder(folder, log_folder.TRAINING)
 
 
 def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
@@ -527,9 +507,9 @@ class Trainer:
     def run(self):
         """
         Train until the step limits (forever without one). A resumed run first restores the
-        checkpoint's random streams and data positions. On SIGTERM or SIGUSR1 (to any rank) the
-        step in progress finishes, a checkpoint is saved and every rank leaves through
-        errors.TrainingPreempted (exit status 75).
+        checkpoint's random streams and data positions. On SIGTERM, SIGUSR1 or SIGINT (to any
+        rank) the step in progress finishes, a checkpoint is saved and every rank leaves through
+        errors.TrainingPreempted (exit status 75; 130 after Ctrl-C).
 
         :raises NonFiniteLossError: when the task reports a broken state (checked at log
             intervals and before saving), naming the last good checkpoint.
@@ -537,7 +517,7 @@ class Trainer:
         if not self.end_step():
             logger.log(
                 "no step limit (" + " / ".join(self.limit_flags) + "): this run trains until it "
-                "is stopped; SIGTERM or SIGUSR1 saves a checkpoint first"
+                "is stopped; SIGTERM, SIGUSR1 or Ctrl-C saves a checkpoint first"
             )
         with PreemptionWatch() as preemption:
             self._stop_if_preempted_before_start(preemption)
@@ -565,6 +545,7 @@ class Trainer:
                 if not self.done() and preemption.requested():
                     if self._saved_at != self.global_step:
                         self.save()
+                    self.close_streams()  # now, not when the collector finds the loader
                     preemption.stop(self.global_step, self.last_checkpoint)
             if self.steps_this_run and self._saved_at != self.global_step:
                 self.save()
@@ -584,6 +565,7 @@ class Trainer:
         group forming) stops it before its first step, on every rank, with nothing written.
         """
         if preemption.agree():
+            self.close_streams()
             preemption.stop_before_first_step(self.log_dir, self.resume_checkpoint)
 
     def take_step(self, batch, cond):

@@ -14,6 +14,8 @@ from .. import dist_util
 from ..cli.flags import checkpoint_flags
 from ..image_datasets import class_labels_from_paths, list_image_files_recursively
 from ..runtime.checkpoints import load_checkpoint
+from ..runtime.files import atomic_write
+from ..runtime.kept_rounds import KeptRounds
 from ..sampling.files import make_grid_png, save_samples, to_uint8
 from .networks import ARCH_FLAGS, check_vae_checkpoint, folder_batches, interpolate, load_vae
 from .networks import spread_indices, vae_defaults
@@ -61,34 +63,50 @@ def unit_to_uint8(x):
 
 
 @torch.no_grad()
-def sample_from_prior(model, *, num_samples, batch_size, out_dir, save_images=False):
+def sample_from_prior(model, *, num_samples, batch_size, out_dir, save_images=False, kept=None,
+                      also_write=None):
     """
     Decode draws z ~ N(0, I) on every rank, gather them in rank order and save them on rank 0.
 
     For a class-conditional model the labels of each batch are drawn uniformly before its z.
 
     :param save_images: also write one PNG per sample (--save_images; sampling.files.save_samples).
+    :param kept: an opened runtime.kept_rounds.KeptRounds of the run's rounds
+        (ceil(num_samples / (batch_size * ranks)), see sampling.loop.keep_sample_rounds): each
+        round is kept as it finishes, those an earlier run of the same command kept are not
+        drawn again, and the samples are written through it; None: nothing is kept.
+    :param also_write: a function rank 0 calls after the samples are written, for the run's
+        other outputs (they then belong to the result the kept rounds make).
     :return: the npz path on rank 0, else None.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError("--num_samples and --batch_size must be at least 1")
     device = dist_util.dev()
-    images, labels = [], []
-    while len(images) * batch_size * dist_util.get_world_size() < num_samples:
+    per_round = batch_size * dist_util.get_world_size()
+    rounds = -(-num_samples // per_round)
+    if kept is None:
+        kept = KeptRounds(None, rounds, per_round=per_round, total=num_samples)
+
+    def make_round(_index):
         y = None
         if model.class_cond:
             y = torch.randint(0, model.num_classes, (batch_size,), device=device)
         x = unit_to_uint8(model.sample(batch_size, y, device=device))
-        for part in dist_util.all_gather_tensors(torch.from_numpy(x).to(device)):
-            images.append(part.cpu().numpy())
-        if y is not None:
-            for part in dist_util.all_gather_tensors(y):
-                labels.append(part.cpu().numpy())
-    if not dist_util.is_main_process():
-        return None
-    arr = np.concatenate(images)[:num_samples]
-    lab = np.concatenate(labels)[:num_samples] if labels else None
-    return save_samples(arr, lab, out_dir, save_images=save_images)
+        return {"images": torch.from_numpy(x).to(device), "labels": y}
+
+    kept.run(make_round)
+    arrays = kept.arrays()
+
+    def write():
+        labels = arrays.get("labels")
+        path = save_samples(arrays["images"][:num_samples],
+                            None if labels is None else labels[:num_samples], out_dir,
+                            save_images=save_images)
+        if also_write is not None:
+            also_write()
+        return path
+
+    return kept.finish(write)
 
 
 def _load_images(model, data_dir, indices=None):
@@ -122,7 +140,7 @@ def save_reconstructions(model, data_dir, num_images, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "reconstructions.npz")
     extra = {} if y is None else dict(labels=y.cpu().numpy().astype(np.int64))
-    np.savez(path, originals=originals, reconstructions=recons, **extra)
+    atomic_write(path, lambda f: np.savez(f, originals=originals, reconstructions=recons, **extra))
     make_grid_png(pairs, os.path.join(out_dir, "reconstructions.png"), nrow=min(8, len(pairs)))
     return path
 
@@ -146,6 +164,6 @@ def save_interpolation(model, data_dir, steps, out_dir):
     row = np.concatenate([ends[:1], path_images, ends[1:]])
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "interpolation.npz")
-    np.savez(path, images=path_images, endpoints=ends)
+    atomic_write(path, lambda f: np.savez(f, images=path_images, endpoints=ends))
     make_grid_png(row, os.path.join(out_dir, "interpolation.png"), nrow=len(row))
     return path
