@@ -140,11 +140,7 @@ class CGANTrainLoop(TrainTask):
             raise ValueError(f"--ema_rate must be in [0, 1), got {ema_rate}")
         check_ema_warmup(ema_warmup_power, ema_inv_gamma)
         self.ema_warmup = (ema_warmup_power, ema_inv_gamma)
-        if optimizer == "sgd" and (options.lr_schedule != "constant" or options.lr_warmup_steps):
-            raise ValueError(
-                "--lr_schedule and --lr_warmup_steps apply to --optimizer adam: sgd follows the "
-                "paper's schedule (--lr_decay, --min_lr)"
-            )
+        check_sgd_schedule(optimizer, options)
         self.grad_clip = checked_grad_clip(options.grad_clip)
         self.generator = generator
         self.discriminator = discriminator
@@ -320,6 +316,19 @@ class CGANTrainLoop(TrainTask):
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         return train_state.from_checkpoint(ckpt, path)
+
+
+def check_sgd_schedule(optimizer, options):
+    """
+    The paper's SGD has its own schedule: refuse --lr_schedule / --lr_warmup_steps with it.
+
+    :raises ValueError: in one line.
+    """
+    if optimizer == "sgd" and (options.lr_schedule != "constant" or options.lr_warmup_steps):
+        raise ValueError(
+            "--lr_schedule and --lr_warmup_steps apply to --optimizer adam: sgd follows the "
+            "paper's schedule (--lr_decay, --min_lr)"
+        )
 
 
 def load_cgan_checkpoint(path):
