@@ -10,7 +10,6 @@ with the wrong optimiser file.
 
 import copy
 import dataclasses
-import inspect
 import os
 
 import torch
@@ -50,25 +49,18 @@ CHECKPOINT_FORMAT = "guided_diffusion.cgan/1"
 PAPER_SGD = dict(lr=0.1, lr_decay=1.00004, min_lr=1e-6, momentum=0.5, final_momentum=0.7)
 PAPER_MOMENTUM_SATURATE_STEPS = 250 * 500
 ADAM_LR = 2e-4
-# The TrainOptions that cgan_train.py takes as flags, and the cGAN's defaults of them (lr 0: the
-# optimiser's own default).
-OPTION_FLAGS = ("lr", "lr_schedule", "lr_warmup_steps", "grad_clip", "iterations", "max_steps",
-                "log_interval", "save_interval", "resume_checkpoint", "keep_checkpoints")
 
 
 def cgan_train_defaults():
     """
     Defaults of the training flags (besides the network flags of cgan_defaults): the data flags,
     then every keyword of CGANTrainLoop with its default (the constructor is the one place they
-    are written) and the run's options (OPTION_FLAGS, CGANTrainLoop.option_defaults).
+    are written) and the run's options (TrainOptions.task_flag_defaults).
 
     :return: a dict of flag name -> default value.
     """
-    defaults = dict(data_dir="", batch_size=100)
-    for name, param in inspect.signature(CGANTrainLoop.__init__).parameters.items():
-        if param.default is not inspect.Parameter.empty and name not in ("model_flags", "options"):
-            defaults[name] = param.default
-    defaults.update(TrainOptions.flag_defaults(OPTION_FLAGS, **CGANTrainLoop.option_defaults))
+    defaults = TrainOptions.task_flag_defaults(CGANTrainLoop, dict(data_dir="", batch_size=100),
+                                               skip=("model_flags",))
     defaults.update(random_flip=False, preload=True, seed=0, log_dir="", log_format="")
     return defaults
 
@@ -107,7 +99,9 @@ class CGANTrainLoop(TrainTask):
 
     checkpoint_prefix = CHECKPOINT_PREFIX
     loss_key = "loss_g"
+    # lr 0: the optimiser's own default.
     option_defaults = dict(lr=0.0, log_interval=100, save_interval=5000)
+    options_without = ("weight_decay", "init_checkpoint")
 
     def __init__(
         self,

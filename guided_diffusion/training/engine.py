@@ -290,8 +290,10 @@ class TrainTask:
 
     checkpoint_prefix = "model"
     loss_key = "loss"
-    # The task's TrainOptions defaults (TrainOptions.build): its keyword and flag defaults.
+    # The task's TrainOptions defaults (TrainOptions.build): its keyword and flag defaults; and
+    # the options its script has no flags for (TrainOptions.task_flag_defaults).
     option_defaults = {}
+    options_without = ()
     # Steps the learning-rate decay lags behind (training.options.LRSchedule).
     lr_lag = 0
 

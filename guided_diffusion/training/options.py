@@ -25,6 +25,7 @@ the rate of d = k - 1 (the first two steps both with --lr); that task keeps this
 """
 
 import dataclasses
+import inspect
 import math
 from typing import Optional
 
@@ -38,6 +39,8 @@ __all__ = ["KEEP_ALL", "LR_SCHEDULES", "LRSchedule", "TrainOptions", "make_optim
 KEEP_ALL = -1
 # --lr_schedule's choices.
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Options set from other flags, never flags of their own.
+_NOT_FLAGS = ("anneal_lr", "iterations_flag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +156,19 @@ class TrainOptions:
         return cls(**{**values, **overrides})
 
     @classmethod
-    def flag_defaults(cls, names, **defaults):
-        """{name: default} of the option flags `names` a script takes, with the task's defaults."""
-        values = dataclasses.asdict(cls(**defaults))
-        return {name: values[name] for name in names}
+    def task_flag_defaults(cls, task, leading, skip=()):
+        """
+        The flag defaults of a task's own script (cgan_train.py, vae_train.py), written once in
+        the task: `leading`, then its constructor's keywords with their defaults (but those in
+        `skip`), then every option but task.options_without, at task.option_defaults.
+        """
+        defaults = dict(leading)
+        for name, param in inspect.signature(task.__init__).parameters.items():
+            if param.default is not inspect.Parameter.empty and name not in ("options", *skip):
+                defaults[name] = param.default
+        left_out = (*_NOT_FLAGS, *task.options_without, *defaults)
+        values = dataclasses.asdict(cls(**task.option_defaults))
+        return {**defaults, **{k: v for k, v in values.items() if k not in left_out}}
 
     def lr_schedule_for(self, lag=0):
         """

@@ -6,7 +6,6 @@ supports, one-file ``vae%06d.pt`` checkpoints holding model, optimizer, step, ar
 and the training state.
 """
 
-import inspect
 import os
 
 import torch
@@ -22,23 +21,16 @@ from .networks import check_vae_checkpoint, vae_losses, vae_state
 __all__ = ["CHECKPOINT_PREFIX", "VAETrainLoop", "vae_train_defaults"]
 
 CHECKPOINT_PREFIX = "vae"
-# The TrainOptions that vae_train.py takes as flags (VAETrainLoop.option_defaults: the VAE's).
-OPTION_FLAGS = ("lr", "lr_schedule", "lr_warmup_steps", "iterations", "max_steps", "log_interval",
-                "save_interval", "resume_checkpoint", "weight_decay", "grad_clip",
-                "keep_checkpoints")
 
 
 def vae_train_defaults():
     """
     Defaults of the training flags (besides the architecture flags of vae_defaults): the data
     flags, then every keyword of VAETrainLoop with its default (written once, in the constructor)
-    and the run's options (OPTION_FLAGS, VAETrainLoop.option_defaults).
+    and the run's options (TrainOptions.task_flag_defaults).
     """
-    defaults = dict(data_dir="", batch_size=100)
-    for name, param in inspect.signature(VAETrainLoop.__init__).parameters.items():
-        if param.default is not inspect.Parameter.empty and name not in ("log_dir", "options"):
-            defaults[name] = param.default
-    defaults.update(TrainOptions.flag_defaults(OPTION_FLAGS, **VAETrainLoop.option_defaults))
+    defaults = TrainOptions.task_flag_defaults(VAETrainLoop, dict(data_dir="", batch_size=100),
+                                               skip=("log_dir",))
     defaults.update(random_flip=False, seed=0, log_dir="", log_format="")
     return defaults
 
@@ -62,6 +54,7 @@ class VAETrainLoop(TrainTask):
 
     checkpoint_prefix = CHECKPOINT_PREFIX
     option_defaults = dict(lr=1e-3, iterations=10000, log_interval=100, save_interval=1000)
+    options_without = ("init_checkpoint",)
 
     def __init__(self, *, model, data, flags, options=None, beta=1.0, log_dir=None, **run_options):
         options = TrainOptions.build(self.option_defaults, options, **run_options)
