@@ -11,6 +11,7 @@ The flag language of the scripts, in one place:
   (explicit_flags, checkpoint_flags).
 """
 
+from ..diffusion.solvers import SOLVER_TABLE
 from ..errors import ScriptError
 
 
@@ -470,6 +471,14 @@ def checkpoint_flags(saved, args, given, keys, path):
 
 # ---------------------------------------------------------------------- what each flag means
 
+
+def _sampler_help():
+    """--sampler's description, from the solver table so that it names every solver."""
+    return ('"" (ddim with --use_ddim True, else ddpm), ddpm or ddim (the reference\'s samplers, '
+            "stepping through --timestep_respacing), or a solver taking --evaluations and "
+            f"--sigma_grid: {', '.join(SOLVER_TABLE)} (docs/solvers.md)")
+
+
 # The groups of --help and of docs/flags.md, in the order they are shown, with their headings.
 # A group named in NEW_FLAG_HELP but missing here is shown after these, under its own name.
 FLAG_GROUPS = {
@@ -669,9 +678,7 @@ FLAG_HELP = {
                                 "ddim_consistency: latents to decode)"),
     "use_ddim": ("sampling", "sample with DDIM instead of ancestral (DDPM) sampling"),
     "clip_denoised": ("sampling", "clip each step's prediction of x_0 to [-1, 1]"),
-    "sampler": ("sampling", '"" (ddim with --use_ddim True, else ddpm), ddpm, ddim, euler, heun '
-                            "or dpmpp_2m; the solvers spend the --timestep_respacing count as "
-                            "model evaluations"),
+    "sampler": ("sampling", _sampler_help()),
     "guidance_scale": ("sampling", "classifier-free guidance weight: 1 = plain conditional "
                                    "sampling, 0 = unconditional, > 1 = stronger conditioning"),
     "class_label": ("sampling", "draw every sample of this class (-1 = none fixed: diffusion "
