@@ -8,11 +8,11 @@ intervals: applied and logged), when to log, save and stop, the progress line, p
 writing each checkpoint set atomically with its marker file last.
 
 A model family plugs in a TrainTask: one optimizer step, the files its checkpoint holds, and how
-to load them back. The run's settings come in one TrainOptions (training.options), and the
-engine sets every optimizer's learning rate from its schedule (warm-up, linear, cosine) before
-each step, so a learning-rate feature is written once for every task. The diffusion model (train_util.TrainLoop), the noisy classifier
+to load them back. The diffusion model (train_util.TrainLoop), the noisy classifier
 (training.classifier), the super-resolution model (a TrainLoop too), the cGAN and the VAE all
-run through Trainer, so a run feature is written here once.
+run through Trainer, so a run feature is written here once. The run's settings come in one
+TrainOptions (training.options), and the engine sets every optimizer's learning rate from its
+schedule before each step, so a learning-rate feature is written once too.
 
 Step numbering: `global_step` counts the optimizer steps taken, resumed ones included. Checkpoint
 files carry it (model000400.pt holds 400 steps), the progress line and the logged "step" show it,
@@ -433,18 +433,12 @@ class Trainer:
         here).
     :param data: the training batches, an iterator of (batch, cond) pairs; its position is saved
         when it has state_dict/load_state_dict.
-    :param options: the run's TrainOptions. batch_size: examples per step on each rank; times
-        the number of ranks, the global batch of the progress line and of "samples".
-        log_interval: dump the logged values every this many steps (after the first step of each
-        interval, as the reference). save_interval: write a checkpoint whenever global_step is a
-        multiple of it, and at the end of the run. iterations: the run ends when global_step
-        reaches it (0: no end), named iterations_flag by the notice a run without an end prints
-        and among the saved settings. max_steps: the run also ends after this many steps of this
-        process. keep_checkpoints: keep the newest this many checkpoint sets in the log folder,
-        deleting older ones after each new set is on disk (never the set the run resumed or
-        started from). init_checkpoint: the weights a fresh run starts from
-        (task.init_from_checkpoint), ignored with a log line when the run resumes. lr,
-        weight_decay, lr_schedule, lr_warmup_steps: the rate of every step (options.LRSchedule).
+    :param options: the run's TrainOptions: batch_size (times the number of ranks: the global
+        batch of the progress line and of "samples"), log_interval (values are dumped after the
+        first step of each interval, as the reference), save_interval (checkpoints at its
+        multiples of global_step and at the end), iterations and max_steps (the run's end),
+        keep_checkpoints (never deleting the set the run resumed or started from),
+        init_checkpoint (ignored with a log line when the run resumes), the rate's schedule.
     :param streams: further data streams whose positions travel with the checkpoint, {name:
         stream or None} (e.g. {"val": validation batches}).
     :param log_dir: where checkpoints go (default: the logger's folder).
