@@ -283,8 +283,10 @@ def run_defaults():
     log_format: rank 0's log outputs, e.g. "stdout,log,csv,tensorboard" ("" = $OPENAI_LOG_FORMAT,
         else stdout,log,csv).
     keep_checkpoints: keep the newest K checkpoint sets (-1 = all).
+    lr_warmup_steps, lr_schedule: the learning-rate schedule (training.options.LRSchedule); 0
+        and constant keep the reference's rate.
     """
-    return dict(log_format="", keep_checkpoints=-1)
+    return dict(log_format="", keep_checkpoints=-1, lr_warmup_steps=0, lr_schedule="constant")
 
 
 def diffusion_run_defaults():
@@ -622,7 +624,15 @@ FLAG_HELP = {
     "lr": ("training", "learning rate (cGAN: 0 = the optimiser's default)"),
     "weight_decay": ("training", "weight decay of the optimiser (AdamW)"),
     "lr_anneal_steps": ("training", "decay the learning rate linearly to 0 over this many steps "
-                                    "and stop there (0 = constant rate, train until stopped)"),
+                                    "and stop there (0 = constant rate, train until stopped); "
+                                    "the horizon of --lr_schedule"),
+    "lr_warmup_steps": ("training", "raise the learning rate linearly from 0 to --lr over the "
+                                    "first N steps (0 = no warm-up; must end before the "
+                                    "schedule's horizon)"),
+    "lr_schedule": ("training", 'learning rate after the warm-up: "constant", "linear" or '
+                                '"cosine" (0.5 * (1 + cos(pi * progress))) down to 0 at the '
+                                "horizon, --lr_anneal_steps or --iterations; the reference's "
+                                "--lr_anneal_steps / --anneal_lr alone mean linear"),
     "ema_rate": ("training", "decay rate(s) of the weights' exponential moving average, "
                              "comma-separated; one ema_<rate>_NNNNNN.pt per rate"),
     "log_interval": ("training", "write the table of losses every this many steps"),
@@ -634,7 +644,8 @@ FLAG_HELP = {
                                       "per step without overflow"),
     "max_steps": ("training", "stop after this many steps of this run (0 = no limit)"),
     "iterations": ("training", "number of training steps in all"),
-    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations"),
+    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations (= "
+                              "--lr_schedule linear)"),
     "eval_interval": ("training", "evaluate on --val_data_dir every this many steps"),
     "optimizer": ("training", 'cGAN optimiser: "adam" or "sgd" (the paper\'s momentum SGD with '
                               "its schedule)"),

@@ -10,7 +10,9 @@ writing each checkpoint set atomically with its marker file last.
 A model family plugs in a TrainTask: one optimizer step, the files its checkpoint holds, and how
 to load them back. The diffusion model (train_util.TrainLoop), the noisy classifier
 (training.classifier), the super-resolution model (a TrainLoop too), the cGAN and the VAE all
-run through Trainer, so a run feature is written here once.
+run through Trainer, so a run feature is written here once. The run's settings come in one
+TrainOptions (training.options), and the engine sets every optimizer's learning rate from its
+schedule before each step, so a learning-rate feature is written once too.
 
 Step numbering: `global_step` counts the optimizer steps taken, resumed ones included. Checkpoint
 files carry it (model000400.pt holds 400 steps), the progress line and the logged "step" show it,
@@ -34,12 +36,11 @@ from ..runtime.progress import StepMeter
 from ..runtime.seeding import seed_training
 from .ema import check_ema_warmup
 from .finetune import check_init_flags
+from .options import KEEP_ALL, TrainOptions
 
 __all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint", "start_run",
-           "parse_run_args", "check_run_flags", "KEEP_ALL"]
+           "parse_run_args", "check_run_flags", "KEEP_ALL", "TrainOptions"]
 
-# --keep_checkpoints: keep every checkpoint set (the reference's behaviour).
-KEEP_ALL = -1
 # The output formats of the logger that --log_format takes.
 LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
 
@@ -117,6 +118,7 @@ def check_run_flags(args):
     :raises ValueError: with one line.
     """
     get = lambda name, default: getattr(args, name, default)  # noqa: E731
+    TrainOptions.from_flags(args)  # the learning-rate schedule
     check_keep_checkpoints(get("keep_checkpoints", KEEP_ALL))
     checked_grad_clip(get("grad_clip", 0.0))
     check_ema_warmup(get("ema_warmup_power", 0.0), get("ema_inv_gamma", 1.0))
@@ -288,6 +290,12 @@ class TrainTask:
 
     checkpoint_prefix = "model"
     loss_key = "loss"
+    # The task's TrainOptions defaults (TrainOptions.build): its keyword and flag defaults; and
+    # the options its script has no flags for (TrainOptions.task_flag_defaults).
+    option_defaults = {}
+    options_without = ()
+    # Steps the learning-rate decay lags behind (training.options.LRSchedule).
+    lr_lag = 0
 
     @property
     def step(self):
@@ -312,6 +320,19 @@ class TrainTask:
             the first step ever): the position in learning-rate schedules.
         """
         raise NotImplementedError
+
+    def optimizers(self):
+        """The task's optimizers: the engine sets their learning rate before every step."""
+        return [self.opt]
+
+    def set_lr(self, lr, step=None):
+        """
+        Put the rate `lr` of the step `step` (the engine's schedule) into every optimizer.
+        A task with a schedule of its own (the cGAN's paper SGD) overrides it.
+        """
+        for opt in self.optimizers():
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     def health_problem(self):
         """
@@ -367,16 +388,17 @@ class TrainTask:
 
     def run_settings(self):
         """
-        The task's flags that a resumed run may change, with this run's values, e.g.
-        {"--lr": 1e-4}: saved with every checkpoint, compared (and changes logged) on resume.
+        The task's flags that a resumed run may change (beyond the engine's: the intervals, the
+        learning rate and its schedule), with this run's values: saved with every checkpoint,
+        compared (and changes logged) on resume.
         """
         return {}
 
     def apply_settings(self, step):
         """
-        Put this run's settings into effect after a checkpoint was loaded, for the step `step`
-        the run continues with (e.g. the learning rate of --lr: the optimizer state in the
-        checkpoint brings back the rate it was saved with).
+        Put this run's own settings into effect after a checkpoint was loaded, for the step
+        `step` the run continues with (the engine already set the learning rate and weight
+        decay: the optimizer state in the checkpoint brings back those it was saved with).
         """
 
 
@@ -407,48 +429,25 @@ class Trainer:
     """
     Run a TrainTask: resume, restore the training state, step, log, save, stop.
 
-    :param task: the TrainTask.
+    :param task: the TrainTask (its optimizers are built: the rate of the first step is set
+        here).
     :param data: the training batches, an iterator of (batch, cond) pairs; its position is saved
         when it has state_dict/load_state_dict.
-    :param batch_size: examples per step on each rank; times the number of ranks, the global
-        batch of the progress line and of "samples" (None: the first batch's size).
-    :param log_interval: dump the logged values every this many steps (after the first step of
-        each interval, as the reference).
-    :param save_interval: write a checkpoint whenever global_step is a multiple of it, and at the
-        end of the run.
-    :param resume_checkpoint: "", "auto" or a path (see resolve_resume_checkpoint).
-    :param total_steps: the run ends when global_step reaches it (0: no end), e.g.
-        --lr_anneal_steps or --iterations.
-    :param max_steps: the run also ends after this many steps of this process (0: no limit).
+    :param options: the run's TrainOptions: batch_size (times the number of ranks: the global
+        batch of the progress line and of "samples"), log_interval (values are dumped after the
+        first step of each interval, as the reference), save_interval (checkpoints at its
+        multiples of global_step and at the end), iterations and max_steps (the run's end),
+        keep_checkpoints (never deleting the set the run resumed or started from),
+        init_checkpoint (ignored with a log line when the run resumes), the rate's schedule.
     :param streams: further data streams whose positions travel with the checkpoint, {name:
         stream or None} (e.g. {"val": validation batches}).
     :param log_dir: where checkpoints go (default: the logger's folder).
-    :param total_steps_flag: the flag that sets total_steps (with --max_steps, named by the
-        notice a run without an end prints at its start, and saved among the run's settings).
-    :param keep_checkpoints: keep the newest this many checkpoint sets in the log folder, deleting
-        older ones after each new set is on disk (never the set the run resumed or started
-        from); KEEP_ALL (-1) keeps every set.
-    :param init_checkpoint: a checkpoint whose weights a fresh run starts from
-        (task.init_from_checkpoint); ignored, with a log line, when the run resumes.
     """
 
-    def __init__(
-        self,
-        task,
-        *,
-        data,
-        batch_size,
-        log_interval,
-        save_interval,
-        resume_checkpoint="",
-        total_steps=0,
-        max_steps=0,
-        streams=None,
-        log_dir=None,
-        total_steps_flag="--iterations",
-        keep_checkpoints=KEEP_ALL,
-        init_checkpoint="",
-    ):
+    def __init__(self, task, *, data, options, streams=None, log_dir=None):
+        batch_size, log_interval = options.batch_size, options.log_interval
+        save_interval, keep_checkpoints = options.save_interval, options.keep_checkpoints
+        total_steps, max_steps = options.iterations, options.max_steps
         check_keep_checkpoints(keep_checkpoints)
         if log_interval < 1 or save_interval < 1:
             raise ValueError(
@@ -460,6 +459,8 @@ class Trainer:
                 f"step limits must be >= 0 (0 = no limit), got {total_steps} and {max_steps}"
             )
         self.task = task
+        self.options = options
+        self.lr_schedule = options.lr_schedule_for(lag=task.lr_lag)
         self.data = data
         self.global_batch = None if batch_size is None else batch_size * dist_util.get_world_size()
         self.log_interval = log_interval
@@ -468,9 +469,10 @@ class Trainer:
         self.max_steps = max_steps
         self.streams = {"train": data, **(streams or {})}
         self.log_dir = log_dir or logger.get_dir()
-        self.limit_flags = (total_steps_flag, "--max_steps")
+        self.limit_flags = (options.iterations_flag, "--max_steps")
         prefix = task.checkpoint_prefix
-        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint, self.log_dir, prefix)
+        self.resume_checkpoint = resolve_resume_checkpoint(options.resume_checkpoint, self.log_dir,
+                                                           prefix)
         # The step the run starts from, and the steps taken so far (resumed ones included).
         self.start_step = 0
         if self.resume_checkpoint:
@@ -484,9 +486,10 @@ class Trainer:
         if self.resume_checkpoint:
             self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
         self.keep_checkpoints = keep_checkpoints
-        self.init_checkpoint = self._start_from(init_checkpoint)
+        self.init_checkpoint = self._start_from(options.init_checkpoint)
         # (interval, function of the global step) pairs run after every step (add_periodic).
         self._periodic = []
+        self.apply_lr(self.global_step)
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -569,11 +572,16 @@ class Trainer:
             preemption.stop_before_first_step(self.log_dir, self.resume_checkpoint)
 
     def take_step(self, batch, cond):
-        """One optimizer step of the task, counted and logged."""
+        """One optimizer step of the task, counted and logged; then the next step's rate."""
         self._note_batch_size(batch)
         self.task.train_step(batch, cond, self.global_step)
         self.global_step += 1
         self.log_step(self.global_step)
+        self.apply_lr(self.global_step)
+
+    def apply_lr(self, step):
+        """Set the learning rate of the step `step` (0 = the first ever) from the schedule."""
+        self.task.set_lr(self.lr_schedule.rate(step), step)
 
     def _note_batch_size(self, batch):
         if self.global_batch is None:
@@ -585,6 +593,8 @@ class Trainer:
         # agree.
         logger.logkv("step", steps_taken)
         logger.logkv("samples", steps_taken * self.global_batch)
+        # The rate the step just taken used (a host number: no wait for the device).
+        logger.logkv("lr", self.task.optimizers()[0].param_groups[0]["lr"])
 
     def _restore_train_state(self):
         state, self._pending_state = self._pending_state, None
@@ -600,7 +610,7 @@ class Trainer:
         """The flags of this run that a resumed run may change (saved with each checkpoint)."""
         settings = {"--save_interval": self.save_interval, "--log_interval": self.log_interval}
         settings[self.limit_flags[0]] = self.total_steps
-        return {**settings, **self.task.run_settings()}
+        return {**settings, **self.options.settings(), **self.task.run_settings()}
 
     def _apply_resumed_settings(self, state):
         """
@@ -610,6 +620,11 @@ class Trainer:
         """
         # deviation from reference: the reference kept the optimizer file's learning rate, so
         # --lr given on resume was ignored.
+        self.apply_lr(self.global_step)
+        for opt in self.task.optimizers():
+            for group in opt.param_groups:
+                if "weight_decay" in group:
+                    group["weight_decay"] = self.options.weight_decay
         self.task.apply_settings(self.start_step)
         saved = (state or {}).get("settings") or {}
         changed = [

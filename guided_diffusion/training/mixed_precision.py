@@ -21,10 +21,11 @@ import torch
 from .. import dist_util, logger
 from ..cli.weights import check_model_weights, load_model_weights
 from ..errors import ScriptError
-from ..fp16_util import MixedPrecisionTrainer, make_adamw, master_params_to_model_params
+from ..fp16_util import MixedPrecisionTrainer, master_params_to_model_params
 from ..runtime import train_state
 from .ema import check_ema_warmup, ema_decay
 from .engine import TrainTask
+from .options import make_optimizer
 
 # With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
 # losses themselves are broken (not just the gradients overflowing), so the run stops.
@@ -80,8 +81,7 @@ class MixedPrecisionTask(TrainTask):
         self,
         *,
         model,
-        lr,
-        weight_decay=0.0,
+        options,
         ema_rate=(),
         use_fp16=False,
         use_bf16=False,
@@ -89,12 +89,11 @@ class MixedPrecisionTask(TrainTask):
         initial_lg_loss_scale=None,
         ema_warmup_power=0.0,
         ema_inv_gamma=1.0,
-        grad_clip=0.0,
     ):
         """
         :param model: the network, already on its device; batches go to that device.
-        :param lr: AdamW learning rate.
-        :param weight_decay: AdamW weight decay.
+        :param options: the run's TrainOptions: AdamW's lr and weight_decay, and grad_clip (> 0
+            clips the global gradient norm to it, MixedPrecisionTrainer).
         :param ema_rate: EMA decays (see parse_ema_rates); none for the classifier.
         :param use_fp16: float16 torso with a dynamic loss scale.
         :param use_bf16: bfloat16 torso (no loss scale); exclusive with use_fp16.
@@ -103,7 +102,6 @@ class MixedPrecisionTask(TrainTask):
         :param ema_warmup_power: > 0 warms the EMA decay up (see ema_decay); 0 keeps the
             reference's constant decay.
         :param ema_inv_gamma: the warm-up's step scale (see ema_decay).
-        :param grad_clip: > 0 clips the global gradient norm to it (MixedPrecisionTrainer).
         """
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
@@ -111,8 +109,9 @@ class MixedPrecisionTask(TrainTask):
         self.ema_warmup_power = ema_warmup_power
         self.ema_inv_gamma = ema_inv_gamma
         self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.options = options
+        self.lr = options.lr
+        self.weight_decay = options.weight_decay
         self.ema_rate = parse_ema_rates(ema_rate)
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
@@ -129,10 +128,10 @@ class MixedPrecisionTask(TrainTask):
             use_fp16=use_fp16,
             fp16_scale_growth=fp16_scale_growth,
             use_bf16=use_bf16,
-            grad_clip=grad_clip,
+            grad_clip=options.grad_clip,
             **extra,
         )
-        self.opt = make_adamw(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        self.opt = make_optimizer(self.mp_trainer.master_params, options)
         self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
         self.ddp_model = dist_util.wrap_ddp(self.model)
         self.use_ddp = self.ddp_model is not self.model
@@ -169,24 +168,6 @@ class MixedPrecisionTask(TrainTask):
             weight = torch.where(took_step, 1.0 - rate, 0.0).to(masters[0].dtype)
             with torch.no_grad():
                 torch._foreach_lerp_(list(params), masters, [weight] * len(masters))
-
-    def set_lr(self, lr):
-        for param_group in self.opt.param_groups:
-            param_group["lr"] = lr
-
-    def lr_at(self, step):
-        """The learning rate of step `step` (0 = the first step ever): --lr, unless annealed."""
-        return self.lr
-
-    def run_settings(self):
-        return {"--lr": self.lr, "--weight_decay": self.weight_decay}
-
-    def apply_settings(self, step):
-        # The optimizer file brought back the rate and decay it was saved with: a resumed run
-        # trains with its own --lr (at the point of its schedule) and --weight_decay.
-        self.set_lr(self.lr_at(step))
-        for param_group in self.opt.param_groups:
-            param_group["weight_decay"] = self.weight_decay
 
     def health_problem(self):
         """
