@@ -41,6 +41,8 @@ def main(argv=None):
         num_classes=args.num_classes,
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
+        arch=args.arch,
+        dit_model=args.dit_model,
     )
     train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_data(
         data_dir=folder,

@@ -46,7 +46,10 @@ def label_rows(num_classes, class_dropout_prob):
 
 def has_null_class(model, null_label):
     """True when the model's label embedding has a row for index null_label."""
-    emb = getattr(model, "label_emb", None)
+    # The network's label table (guided_diffusion/networks.py: label_embedding()), read by
+    # duck typing: the maths layer imports no network.
+    find = getattr(model, "label_embedding", None)
+    emb = find() if callable(find) else getattr(model, "label_emb", None)
     return emb is not None and emb.num_embeddings > null_label
 
 

@@ -9,6 +9,7 @@ the result.
 
 import errno
 import functools
+import inspect
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..diffusion.guidance import check_guidance_scale
 from ..errors import ScriptError
+from ..networks import set_precision
 from ..runtime.kept_rounds import KeptRounds, describe_command
 from ..runtime.perf import compile_model, set_tf32, to_channels_last
 from ..runtime.shapes import image_hw
@@ -460,10 +462,8 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, cha
     if use_fp16 and use_bf16:
         raise ScriptError("--use_fp16 and --use_bf16 exclude each other: pick one")
     model.to(dist_util.dev())
-    if use_fp16:
-        model.convert_to_fp16()
-    elif use_bf16:
-        model.convert_to_bf16()
+    if use_fp16 or use_bf16:
+        set_precision(model, "fp16" if use_fp16 else "bf16")
     model.eval()
     to_channels_last(model, channels_last)
     return compile_model(model, compile)
@@ -471,7 +471,8 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, cha
 
 # Flags besides a model family's own defaults that change the network a script builds; each
 # script passes those of them it has.
-_ADDED_MODEL_FLAGS = ("num_classes", "channel_mult", "class_dropout_prob", "in_channels")
+_ADDED_MODEL_FLAGS = ("num_classes", "channel_mult", "class_dropout_prob", "in_channels", "arch",
+                      "dit_model")
 
 
 def load_diffusion_model(args, super_res=False):
@@ -500,7 +501,10 @@ def load_diffusion_model(args, super_res=False):
     else:
         create, defaults = create_model_and_diffusion, model_and_diffusion_defaults()
     flags = args_to_dict(args, defaults.keys())
-    flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS if hasattr(args, name)})
+    # Those the factory takes: the super-resolution one has no --dit_model.
+    accepted = inspect.signature(create).parameters
+    flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS
+                  if hasattr(args, name) and name in accepted})
     model, diffusion = _build_and_load(create, flags, args.model_path)
     return model, diffusion, flags
 
