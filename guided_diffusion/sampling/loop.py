@@ -179,7 +179,7 @@ def finished_files(*names):
 
 
 def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsize=1,
-                       finished=None):
+                       finished=None, channels=None):
     """
     keep_rounds for a run of --num_samples samples of image_size (side or (height, width)) and
     --in_channels (3 without the flag), --batch_size per rank and round, written as
@@ -189,10 +189,13 @@ def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsiz
     :param round_itemsize: bytes per pixel value the rounds keep (1: uint8, 4: float32).
     :param finished: the KeptRounds `finished` test, where the result has more files than
         save_samples writes (default: sampling.files.finished_samples).
+    :param channels: the written images' channels (default --in_channels; a decoder's images
+        with --vae_path).
     """
     num_samples = args.num_samples if num_samples is None else num_samples
     height, width = image_hw(image_size)
-    shape = (num_samples, height, width, getattr(args, "in_channels", 3))
+    channels = getattr(args, "in_channels", 3) if channels is None else channels
+    shape = (num_samples, height, width, channels)
     rounds = num_rounds(num_samples, args.batch_size)
     per_round = args.batch_size * dist_util.get_world_size()
     one = height * width * shape[3]
@@ -209,7 +212,7 @@ def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsiz
 
 
 def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *, image_size,
-                     cond_fn=None, kept=None, streams=None):
+                     cond_fn=None, kept=None, streams=None, decode=None):
     """
     The sampling scripts' run: draw --num_samples images, --batch_size per rank and round, gather
     them on every rank and write samples_NxHxWxC.npz (+ PNG grid, + one PNG per sample with
@@ -231,6 +234,8 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
         checks the folder only now).
     :param streams: what batch_kwargs draws from besides torch's generators ({name: object
         with state_dict/load_state_dict}, e.g. {"labels": ClassLabels}).
+    :param decode: latents -> images (sampling.latents.LatentDecoder, --vae_path), applied to
+        each batch before it is kept; None writes the samples as they are.
     :return: the npz path (on rank 0; None on the others).
     """
     shape = sample_shape(args.batch_size, image_size, args.in_channels)
@@ -250,6 +255,8 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
             device=dist_util.dev(),  # model_fn may be a plain function (guidance)
             progress=bar,
         )
+        if decode is not None:
+            sample = decode(sample)
         return to_uint8(sample.float()), model_kwargs.get("y")
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
