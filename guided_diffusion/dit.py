@@ -464,12 +464,12 @@ class DiT(DenoisingNetwork):
         self.dtype = torch.float32
 
     @classmethod
-    def layout_flags(cls, shapes):
+    def layout_flags(cls, shapes, like=None):
         """
         A DiT's whole layout from its shapes: the patch projection gives the width and the
         patch side, the blocks the depth, the fixed positions the token grid (a square image),
-        the decoder the output channels. The heads leave no trace in the shapes: a width of a
-        named size is taken as that size.
+        the decoder the output channels. The heads leave no trace in the shapes: a named size's
+        are taken, else those of `like` (a built DiT) when they divide the width.
         """
         proj = shapes.get("x_embedder.proj.weight")
         if proj is None or len(proj) != 4:
@@ -478,8 +478,8 @@ class DiT(DenoisingNetwork):
         depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
         named = [s for s in DIT_SIZES.values()
                  if (s.depth, s.hidden_size, s.patch_size) == (depth, width, patch)]
-        heads = named[0].num_heads if named else next(
-            h for h in (16, 12, 8, 6, 4, 2, 1) if width % h == 0)
+        guesses = ([like.num_heads] if like is not None else []) + [16, 12, 8, 6, 4, 2, 1]
+        heads = named[0].num_heads if named else next(h for h in guesses if width % h == 0)
         flags = {"arch": "dit", "dit_model": size_name(DiTSize(depth, width, heads, patch)),
                  "in_channels": in_channels}
         out = shapes.get("final_layer.linear.weight")
@@ -545,7 +545,7 @@ def _check_config(height, width, hidden_size, num_heads, patch_size, num_classes
     if patch_size < 1 or height % patch_size or width % patch_size:
         raise ValueError(
             f"a DiT with patch size {patch_size} needs an image size divisible by it, got "
-            f"{height}x{width}: change --image_size or pick another DiT model"
+            f"{height}x{width}: change --image_size or pick another --dit_model"
         )
     if hidden_size % num_heads or hidden_size % 4:
         raise ValueError(

@@ -63,8 +63,12 @@ class DenoisingNetwork(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def layout_flags(cls, shapes):
-        """:param shapes: {state-dict key: shape tuple}. :return: {flag: value}."""
+    def layout_flags(cls, shapes, like=None):
+        """
+        :param shapes: {state-dict key: shape tuple}.
+        :param like: a built network of this family, for choices the shapes do not show.
+        :return: {flag: value}.
+        """
         return {}
 
     def label_embedding(self):

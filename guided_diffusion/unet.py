@@ -677,7 +677,7 @@ class UNetModel(DenoisingNetwork):
             self.dtype = torch.float32
 
     @classmethod
-    def layout_flags(cls, shapes):
+    def layout_flags(cls, shapes, like=None):
         """The flags a UNet checkpoint's shapes tell at once (its width, its labels); the
         rest of its layout is found by the hints' search (cli/hints.py)."""
         flags = {"arch": "unet"}

@@ -194,7 +194,8 @@ def _direct_changes(expected, given, flags, is_classifier, model=None):
     if getattr(model, "arch", "unet") != "unet":
         # A family whose shapes tell its whole layout (a DiT): the flags where the checkpoint's
         # layout and the built network's differ.
-        theirs, ours = type(model).layout_flags(given), type(model).layout_flags(expected)
+        theirs = type(model).layout_flags(given, like=model)
+        ours = type(model).layout_flags(expected, like=model)
         changes.update({k: v for k, v in theirs.items() if ours.get(k) != v and k not in changes})
         return changes
     if "time_embed.0.weight" in given and "time_embed.0.weight" in expected:
