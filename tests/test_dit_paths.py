@@ -30,6 +30,7 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     explain_state_dict_mismatch,
     model_and_diffusion_defaults,
+    sr_create_model,
 )
 from guided_diffusion.unet import SuperResModel, UNetModel
 
@@ -338,6 +339,9 @@ def test_factory_refusals():
         create_model(9, 16, 1, arch="dit", dit_model=DIT)
     with pytest.raises(ValueError, match="pass --dropout 0 with --arch dit"):
         create_model(8, 16, 1, arch="dit", dit_model=DIT, dropout=0.1)
+    with pytest.raises(ValueError, match="the super-resolution model is a UNet; pass --arch unet"):
+        sr_create_model(8, 4, 32, 1, False, False, False, "4", 1, 16, -1, True, 0.0, False, False,
+                        channel_mult="1,2", arch="dit")
 
 
 @pytest.mark.parametrize("extra,says", [
