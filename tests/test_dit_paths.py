@@ -389,3 +389,30 @@ def test_vae_path_needs_diffusers(latent_dit, tiny_vae, tmp_path, capsys, monkey
     line = error_line(capsys, run_inprocess("image_sample", [*latent_dit, "--vae_path",
                                                              tiny_vae[0]]))
     assert line == "error: --vae_path needs the diffusers package: pip install diffusers"
+
+
+def test_a_decoding_run_stopped_by_sigterm_continues_to_the_same_bytes(latent_dit, tiny_vae,
+                                                                        tmp_path, monkeypatch):
+    """The decoded batches are kept like any others: stopped after batch 2 of 3 (exit 75), the
+    same command finishes the uninterrupted run's npz byte for byte."""
+    import os
+    import signal
+
+    from guided_diffusion.runtime import kept_rounds
+
+    flags = [*latent_dit, "--vae_path", tiny_vae[0], "--num_samples", 6, "--batch_size", 2]
+    npz = "samples_6x8x8x3.npz"
+    assert run_inprocess("image_sample", [*flags, "--log_dir", tmp_path / "a"]) == 0
+    real = kept_rounds.KeptRounds._collect
+
+    def collect(self, parts, streams, i, write):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, parts, streams, i, write)
+
+    monkeypatch.setattr(kept_rounds.KeptRounds, "_collect", collect)
+    assert run_inprocess("image_sample", [*flags, "--log_dir", tmp_path / "b"]) == 75
+    assert not (tmp_path / "b" / npz).exists()
+    monkeypatch.undo()
+    assert run_inprocess("image_sample", [*flags, "--log_dir", tmp_path / "b"]) == 0
+    assert (tmp_path / "b" / npz).read_bytes() == (tmp_path / "a" / npz).read_bytes()
