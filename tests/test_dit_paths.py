@@ -416,3 +416,25 @@ def test_a_decoding_run_stopped_by_sigterm_continues_to_the_same_bytes(latent_di
     monkeypatch.undo()
     assert run_inprocess("image_sample", [*flags, "--log_dir", tmp_path / "b"]) == 0
     assert (tmp_path / "b" / npz).read_bytes() == (tmp_path / "a" / npz).read_bytes()
+
+
+def test_a_preempted_fp16_dit_run_resumes_to_the_uninterrupted_ones_bytes(trained, tmp_path,
+                                                                          monkeypatch):
+    """SIGTERM while batch 3 is read: step 4 is saved, exit 75; --resume_checkpoint auto then
+    ends with every file of step 5 equal to an uninterrupted run's (fp16 loss scale, two EMA
+    rates, microbatches, label dropout)."""
+    import signal
+
+    from test_resume import DIFFUSION_FILES, load, run, tensors_equal
+
+    common = ["--data_dir", trained["data"], *TINY, "--batch_size", 4, "--microbatch", 2,
+              "--use_fp16", True, "--ema_rate", "0.9,0.99", "--log_interval", 1,
+              "--lr_anneal_steps", 5]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert run("image_train", [*common, "--save_interval", 1], full, monkeypatch) == 0
+    assert run("image_train", [*common, "--save_interval", 100], parts, monkeypatch,
+               signal_at=3, sig=signal.SIGTERM) == 75
+    assert run("image_train", [*common, "--resume_checkpoint", "auto"], parts, monkeypatch) == 0
+    for pattern in DIFFUSION_FILES:
+        assert tensors_equal(load(full / pattern.format(5)), load(parts / pattern.format(5))), \
+            pattern.format(5)
