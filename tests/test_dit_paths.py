@@ -438,3 +438,15 @@ def test_a_preempted_fp16_dit_run_resumes_to_the_uninterrupted_ones_bytes(traine
     for pattern in DIFFUSION_FILES:
         assert tensors_equal(load(full / pattern.format(5)), load(parts / pattern.format(5))), \
             pattern.format(5)
+
+
+def test_image_nll_of_an_unconditional_dit(trained, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(8, 16, 1, arch="dit", dit_model=DIT, learn_sigma=True)
+    torch.save(model.state_dict(), tmp_path / "dit.pt")
+    assert run_inprocess("image_nll", [
+        "--model_path", tmp_path / "dit.pt", "--arch", "dit", "--dit_model", DIT,
+        "--image_size", 8, "--learn_sigma", True, "--diffusion_steps", 10, "--noise_schedule", "cosine",
+        "--data_dir", trained["data"], "--num_samples", 2, "--batch_size", 2,
+        "--log_dir", tmp_path / "nll", "--progress", False]) == 0
+    assert "bpd" in (tmp_path / "nll" / "log.txt").read_text()

@@ -281,7 +281,8 @@ def _hints(expected, given, flags, build, is_classifier, model=None):
     if not searchable:
         # The search varies UNet flags; a DiT's layout is all in `direct`.
         fallback = _DIT_FALLBACK
-        if direct and flags is not None and build is not None and not _fits(build, {**flags, **direct}, given):
+        checkable = direct and flags is not None and build is not None
+        if checkable and not _fits(build, {**flags, **direct}, given):
             return f"{prefix}pass {_format(direct)} (other flags may differ too: {fallback})"
         return f"{prefix}pass {_format(direct)}" if direct else fallback
     if flags is not None and build is not None:

@@ -74,7 +74,8 @@ class LatentDecoder:
 
     @torch.no_grad()
     def __call__(self, latents):
-        """[N x latent_channels x h x w] latents -> [N x channels x H x W] images in about [-1, 1]."""
+        """[N x latent_channels x h x w] latents -> [N x channels x H x W] images, about
+        [-1, 1]."""
         weights = next(self.vae.parameters())
         z = latents.to(weights.device, weights.dtype) / self.scaling_factor
         return self.vae.decode(z).sample.float()
