@@ -22,6 +22,7 @@ from .image_datasets import check_dataset_classes, with_label_dropout
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .runtime import checkpoints
 from .training.engine import KEEP_ALL, Trainer, checkpoint_step, resolve_resume_checkpoint  # noqa: F401
+from .networks import label_key_of
 from .training.options import TrainOptions
 from .training.finetune import adapt_label_embedding
 from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
@@ -273,11 +274,11 @@ class TrainLoop(MixedPrecisionTask):
         """--init_num_classes / --init_add_null_class: re-initialise the label embedding."""
         return adapt_label_embedding(
             state, self.model.state_dict(), path=path, init_num_classes=self.init_num_classes,
-            init_add_null_class=self.init_add_null_class,
+            init_add_null_class=self.init_add_null_class, key=label_key_of(self.model),
         )
 
     def init_mismatch_advice(self, state):
-        label = "label_emb.weight"
+        label = label_key_of(self.model)
         if self.init_num_classes or self.init_add_null_class:
             return ""
         ours = self.model.state_dict().get(label)
