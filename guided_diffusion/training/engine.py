@@ -43,6 +43,9 @@ KEEP_ALL = -1
 # The output formats of the logger that --log_format takes.
 LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
 
+# args.json of the run start_run began: (folder, record), written when the run starts.
+_pending_record = None
+
 # Companion files of a checkpoint set: never a checkpoint to resume from on their own.
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
 
@@ -78,17 +81,43 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
     folder = log_dir or os.environ.get("OPENAI_LOGDIR") or ""
     check_auto_resume_folder(resume_checkpoint, folder)
     formats = _log_formats(getattr(args, "log_format", "") if args is not None else "")
+    existed = bool(folder) and os.path.exists(os.path.expanduser(folder))
     notes = claim_log_folder(os.path.expanduser(folder)) if folder else []
     _configure_logger(log_dir, formats)
+    # Made by this start: a start refused later (a model flag, the data) removes it again.
+    log_folder.note_new_folder(
+        logger.get_dir() if not existed and dist_util.is_main_process() else None)
     for note in notes:
         logger.log(note)
+    global _pending_record
+    _pending_record = None
     if args is not None and dist_util.is_main_process():
-        record = describe_run(vars(args), script or "unknown", argv)
-        path = write_run_record(logger.get_dir(), record)
-        logger.log(f"recorded the flags of this run in {path}")
+        # Written by Trainer.run once the run really starts (model built, data listed,
+        # checkpoint loaded): a refused start leaves the folder's record as it was, so the
+        # checkpoints already there still sample with their own flags.
+        _pending_record = (logger.get_dir(), describe_run(vars(args), script or "unknown", argv))
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
+
+
+def write_pending_record():
+    """
+    Write the args.json of the run start_run began (rank 0; once): called when the run really
+    starts, so a start refused on its flags, its data or its checkpoint never replaces the
+    record of the checkpoints already in the folder. Also marks the log folder as in use for
+    good (log_folder.mark_started).
+
+    :return: the path written, or None.
+    """
+    global _pending_record
+    log_folder.mark_started()
+    if _pending_record is None:
+        return None
+    (folder, record), _pending_record = _pending_record, None
+    path = write_run_record(folder, record)
+    logger.log(f"recorded the flags of this run in {path}")
+    return path
 
 
 def parse_run_args(parser, argv=None):
@@ -522,6 +551,8 @@ class Trainer:
         with PreemptionWatch() as preemption:
             self._stop_if_preempted_before_start(preemption)
             self._restore_train_state()
+            # The run starts now: everything it needs has been checked and loaded.
+            write_pending_record()
             meter = None
             while not self.done():
                 batch, cond = next(self.data)

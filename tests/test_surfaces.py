@@ -1,0 +1,132 @@
+"""
+The surfaces added after the training core, as hard as the core (issue 29, the findings N1-N13
+of the reliability review of the new surfaces): run records (args.json), sample grids and
+validation while training, --keep_checkpoints, fine-tuning's --init_checkpoint, the editing
+scripts' image reader, and the flags every message names. Each test is a reproduction of a
+finding or a neighbouring case of its fault class, run in this process on CPU with tiny models.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_scripts import run_inprocess
+
+pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
+
+MODEL = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
+         "--attention_resolutions 4 --num_head_channels 16 --diffusion_steps 50").split()
+SAMPLE = "--batch_size 2 --num_samples 2 --timestep_respacing 5 --progress False".split()
+
+
+def write_images(folder, count=8, classes=2, size=8, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    r = np.random.RandomState(seed)
+    for i in range(count):
+        Image.fromarray(r.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"c{i % classes}_{i}.png"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("surfaces") / "data")
+
+
+def train(data, log_dir, *extra):
+    return run_inprocess("image_train", ["--data_dir", data, *MODEL, "--batch_size", "2",
+                                         "--log_dir", log_dir, *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A run of 4 steps with checkpoint sets at steps 2 and 4."""
+    folder = str(tmp_path_factory.mktemp("surfaces") / "ck")
+    assert train(data, folder, "--max_steps", 4, "--save_interval", 2) == 0
+    return folder
+
+
+def copy_run(trained, dest):
+    shutil.copytree(trained, dest)
+    return str(dest)
+
+
+def sample(model_path, log_dir, *extra):
+    return run_inprocess("image_sample", ["--model_path", model_path, *SAMPLE, "--log_dir",
+                                          log_dir, *map(str, extra)])
+
+
+def error_line(capsys):
+    """The one line a refused run printed (and that it is one line)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("error: "), err
+    return err[0]
+
+
+def records(folder):
+    return sorted(n for n in os.listdir(folder) if n.startswith("args"))
+
+
+# ----------------------------------------------------------------------------- N1: the record
+
+
+@pytest.mark.parametrize("fault", ["model flag", "data folder", "val folder", "resume file"])
+def test_n1_a_refused_start_leaves_args_json_as_it_was(fault, trained, data, tmp_path, capsys):
+    folder = copy_run(trained, tmp_path / "run")
+    before = open(os.path.join(folder, "args.json"), "rb").read()
+    model = list(MODEL)
+    extra = ["--resume_checkpoint", "auto", "--max_steps", 2]
+    if fault == "model flag":
+        model[model.index("--num_channels") + 1] = "64"
+    elif fault == "data folder":
+        data = str(tmp_path / "no_such_folder")
+    elif fault == "val folder":
+        extra += ["--val_data_dir", str(tmp_path / "no_val")]
+    else:
+        extra = ["--resume_checkpoint", str(tmp_path / "model000009.pt"), "--max_steps", 2]
+    status = run_inprocess("image_train", ["--data_dir", data, *model, "--batch_size", "2",
+                                           "--log_dir", folder, *map(str, extra)])
+    assert status == 2
+    error_line(capsys)
+    assert records(folder) == ["args.json"]
+    assert open(os.path.join(folder, "args.json"), "rb").read() == before
+    # The folder's own checkpoints still sample with the flags of their record.
+    assert sample(os.path.join(folder, "model000004.pt"), str(tmp_path / "s")) == 0
+
+
+def test_n1_the_record_is_written_once_the_run_starts(trained, data, tmp_path):
+    folder = copy_run(trained, tmp_path / "run")
+    assert train(data, folder, "--resume_checkpoint", "auto", "--max_steps", 2,
+                 "--save_interval", 2) == 0
+    assert records(folder) == ["args-001.json", "args.json"]
+    with open(os.path.join(folder, "args.json")) as f:
+        assert json.load(f)["flags"]["resume_checkpoint"] == "auto"
+
+
+def test_a_training_run_refused_on_a_model_flag_leaves_no_log_folder(data, tmp_path, capsys):
+    folder = tmp_path / "new_run"
+    model = list(MODEL)
+    model[model.index("--num_channels") + 1] = "30"  # not divisible into 32 groups
+    status = run_inprocess("image_train", ["--data_dir", data, *model, "--batch_size", "2",
+                                           "--log_dir", folder, "--max_steps", "1"])
+    assert status == 2
+    assert "num_channels" in error_line(capsys)
+    assert not folder.exists()
+
+
+def test_a_refused_start_keeps_a_folder_that_already_existed(data, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    status = run_inprocess("image_train", ["--data_dir", str(tmp_path / "none"), *MODEL,
+                                           "--batch_size", "2", "--log_dir", folder])
+    assert status == 2
+    error_line(capsys)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert not (folder / "args.json").exists()
