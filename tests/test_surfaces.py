@@ -130,3 +130,114 @@ def test_a_refused_start_keeps_a_folder_that_already_existed(data, tmp_path, cap
     error_line(capsys)
     assert (folder / "notes.txt").read_text() == "mine"
     assert not (folder / "args.json").exists()
+
+
+# ----------------------------------------------------------------------------- N2, N3: reading it
+
+
+def edit_record(folder, **changes):
+    path = os.path.join(folder, "args.json")
+    with open(path) as f:
+        record = json.load(f)
+    record["flags"].update(changes)
+    with open(path, "w") as f:
+        json.dump(record, f)
+    return path
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_channels", "abc"), ("num_channels", None), ("num_channels", 32.5),
+    ("num_channels", True), ("num_channels", [32]), ("num_channels", {"a": 1}),
+    ("learn_sigma", "maybe"), ("learn_sigma", 3), ("channel_mult", {"x": 1}),
+    ("diffusion_steps", "fifty"),
+])
+def test_n2_a_wrong_type_in_args_json_is_one_line_naming_the_key_and_the_file(
+        key, value, trained, tmp_path, capsys):
+    folder = copy_run(trained, tmp_path / "run")
+    path = edit_record(folder, **{key: value})
+    assert sample(os.path.join(folder, "model000004.pt"), str(tmp_path / "s")) == 2
+    line = error_line(capsys)
+    assert f'"{key}"' in line and path in line and f"--{key}" in line
+    assert "--config none" in line
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("learn_sigma", "False", False), ("learn_sigma", "false", False), ("class_cond", "False", False),
+    ("attention_resolutions", 4, "4"), ("num_channels", "32", 32), ("channel_mult", "1,2", "1,2"),
+    ("image_size", [8, 8], 8), ("image_size", "8", 8),
+])
+def test_n2_args_json_values_are_converted_as_the_command_line_converts_them(
+        key, value, expected, trained, tmp_path, capsys):
+    """Each value reads as the same text on the command line would (the parser's own type)."""
+    from guided_diffusion.cli import run_config
+    from test_scripts import load_script
+
+    folder = copy_run(trained, tmp_path / "run")
+    edit_record(folder, **{key: value})
+    parser = load_script("image_sample").create_argparser()
+    model = os.path.join(folder, "model000004.pt")
+    args = run_config.parse_args(parser, ["--model_path", model])
+    assert getattr(args, key) == expected
+    # The oracle: the parser given the same value as text on the command line.
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    assert getattr(parser.parse_args(["--model_path", model, f"--{key}", text]), key) == expected
+    assert sample(model, str(tmp_path / "s")) == 0
+
+
+def test_n2_a_string_false_for_a_true_checkpoint_gets_the_flag_hint_in_flag_terms(
+        trained, tmp_path, capsys):
+    folder = copy_run(trained, tmp_path / "run")
+    edit_record(folder, learn_sigma="True")  # the checkpoint has no learned sigma
+    assert sample(os.path.join(folder, "model000004.pt"), str(tmp_path / "s")) == 2
+    assert "--learn_sigma False" in error_line(capsys)
+
+
+@pytest.mark.parametrize("content", ["", "{", "[1, 2]", '{"flags": {}}',
+                                     '{"format": "guided_diffusion.args/1", "flags": 3}', "\x00\xff"])
+@pytest.mark.parametrize("where", ["beside", "config"])
+def test_n3_an_unreadable_record_is_one_line_naming_the_fix(content, where, trained, tmp_path,
+                                                             capsys):
+    folder = copy_run(trained, tmp_path / "run")
+    record = os.path.join(folder, "args.json")
+    if where == "config":
+        record = str(tmp_path / "other.json")
+    with open(record, "w", encoding="latin-1") as f:
+        f.write(content)
+    extra = ["--config", record] if where == "config" else []
+    model = os.path.join(folder, "model000004.pt")
+    assert sample(model, str(tmp_path / "s"), *extra) == 2
+    line = error_line(capsys)
+    assert record in line and "--config none" in line
+    # The named fix works: the model's flags by hand, the record ignored.
+    assert sample(model, str(tmp_path / "s2"), "--config", "none", *MODEL) == 0
+
+
+# ----------------------------------------------------------------------------- --config (point 4)
+
+
+@pytest.mark.parametrize("script, extra", [("image_edit", []), ("image_inpaint", ["--mask", "MASK"])])
+def test_the_editing_scripts_honour_config(script, extra, trained, tmp_path, capsys):
+    """The checkpoint alone in a folder (no args.json beside it): --config gives its flags."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(trained, "model000004.pt"), alone)
+    inputs = write_images(tmp_path / "in", count=2)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    extra = [str(tmp_path / "mask.png") if a == "MASK" else a for a in extra]
+    argv = ["--model_path", alone / "model000004.pt", "--timestep_respacing", "5", "--input",
+            inputs, "--progress", "False", *extra]
+    assert run_inprocess(script, [*argv, "--log_dir", tmp_path / "a",
+                                  "--config", os.path.join(trained, "args.json")]) == 0
+    # Without it the defaults (128 channels) do not fit: the flag hint names --num_channels.
+    assert run_inprocess(script, [*argv, "--log_dir", tmp_path / "b"]) == 2
+    assert "--num_channels 32" in error_line(capsys)
+
+
+def test_n2_a_number_for_a_text_flag_reads_as_its_text_and_then_meets_the_flags_checks(
+        trained, tmp_path, capsys):
+    folder = copy_run(trained, tmp_path / "run")
+    edit_record(folder, noise_schedule=7)
+    assert sample(os.path.join(folder, "model000004.pt"), str(tmp_path / "s")) == 2
+    assert "--noise_schedule '7'" in error_line(capsys)
