@@ -49,6 +49,7 @@ def load_data(
     seed=None,
     in_channels=3,
     flag="--data_dir",
+    class_names=None,
 ):
     """
     An endless stream of (images, kwargs) batches from an image folder.
@@ -69,6 +70,9 @@ def load_data(
         training scripts set to --seed + rank.
     :param in_channels: channels of the images produced (see the module's docstring).
     :param flag: the flag that named data_dir, for error messages (e.g. "--val_data_dir").
+    :param class_names: with class_cond, number the classes as these names (the training
+        folder's, for a validation folder: check_validation_classes) instead of by the folder's
+        own sorted names; None: the folder's own.
     :return: an iterator of (float32 NCHW tensor in [-1, 1], dict) pairs that never ends, with
         state_dict() and load_state_dict().
     :raises ValueError: on an unspecified or empty folder, unlabelled files with class_cond, or
@@ -82,7 +86,13 @@ def load_data(
     all_files = list_image_files_recursively(data_dir, flag=flag)
     classes = None
     if class_cond:
-        classes, _ = class_labels_from_paths(all_files)
+        classes, names = class_labels_from_paths(all_files)
+        if class_names is not None:
+            index = {name: i for i, name in enumerate(class_names)}
+            missing = [name for name in names if name not in index]
+            if missing:
+                raise ValueError(_foreign_classes_message(data_dir, missing, class_names, flag))
+            classes = [index[names[label]] for label in classes]
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     dataset = ImageDataset(
         image_size,
@@ -98,7 +108,7 @@ def load_data(
         # drop_last would make every epoch empty and the generator would spin forever.
         raise ValueError(
             f"rank {rank} of {world} has {len(dataset)} images in {data_dir} but batch_size is "
-            f"{batch_size}: lower --batch_size or add images"
+            f"{batch_size}: lower --batch_size or add images to {flag}"
         )
     # deviation from reference: the reference was itself a generator over a shuffled DataLoader,
     # so every error above only surfaced at the first next(), and its order could not be resumed.
@@ -545,6 +555,35 @@ def check_dataset_classes(data_dir, num_classes, flag="--data_dir"):
 
 
 _WARNED_CLASS_COUNTS = set()
+
+
+def _foreign_classes_message(data_dir, missing, class_names, flag, train_flag="--data_dir"):
+    shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return (
+        f"{data_dir} has {len(missing)} class(es) that the training folder ({train_flag}) does "
+        f"not have ({shown}; it has {len(class_names)}: "
+        f"{', '.join(repr(n) for n in list(class_names)[:5])}{' ...' if len(class_names) > 5 else ''}): "
+        f"the model only knows the training folder's classes, so {flag} must use the same class "
+        f"names (fix {flag}, not --num_classes)"
+    )
+
+
+def check_validation_classes(val_dir, class_names, flag="--val_data_dir"):
+    """
+    Check, before training, that a class-conditional validation folder holds only classes of the
+    training folder (its labels are numbered by the training folder's names: load_data with
+    class_names), so that a run does not die at its first validation, mid-run.
+
+    :param class_names: the training folder's class names (check_dataset_classes).
+    :return: the validation folder's class names.
+    :raises FileNotFoundError, ValueError: naming `flag` (missing, empty, unlabelled files,
+        classes the training folder lacks).
+    """
+    _, names = class_labels_from_paths(list_image_files_recursively(val_dir, flag=flag))
+    missing = [name for name in names if name not in set(class_names)]
+    if missing:
+        raise ValueError(_foreign_classes_message(val_dir, missing, class_names, flag))
+    return names
 
 
 class _DropBatchLabels:

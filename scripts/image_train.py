@@ -42,7 +42,7 @@ def main(argv=None):
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
     )
-    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_data(
+    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic, **kw: load_data(
         data_dir=folder,
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -51,6 +51,7 @@ def main(argv=None):
         random_flip=args.random_flip and not deterministic,
         random_crop=args.random_crop and not deterministic,
         in_channels=args.in_channels,
+        **kw,
     ))
 
 

@@ -241,3 +241,71 @@ def test_n2_a_number_for_a_text_flag_reads_as_its_text_and_then_meets_the_flags_
     edit_record(folder, noise_schedule=7)
     assert sample(os.path.join(folder, "model000004.pt"), str(tmp_path / "s")) == 2
     assert "--noise_schedule '7'" in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- N4, N5: validation
+
+
+def copy_as(src, folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        shutil.copy(src, os.path.join(folder, name))
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "a file", "too few", "foreign class",
+                                  "unlabelled", "unreadable"])
+def test_n4_n5_the_validation_folder_is_checked_at_the_start(case, data, tmp_path, capsys):
+    png = os.path.join(data, "c0_0.png")
+    val = tmp_path / "val"
+    if case == "empty":
+        val.mkdir()
+    elif case == "a file":
+        val = png
+    elif case == "too few":
+        copy_as(png, val, ["c0_1.png"])
+    elif case == "foreign class":
+        copy_as(png, val, [f"c{i % 3}_{i}.png" for i in range(6)])
+    elif case == "unlabelled":
+        copy_as(png, val, ["x.png", "y.png"])
+    elif case == "unreadable":
+        val.mkdir()
+        for name in ("c0_1.png", "c1_2.png"):
+            (val / name).write_bytes(b"not an image")
+    log = tmp_path / "run"
+    status = train(data, log, "--class_cond", "True", "--num_classes", 2, "--max_steps", 4,
+                   "--save_interval", 2, "--val_data_dir", val, "--val_interval", 3)
+    assert status == 2
+    line = error_line(capsys)
+    if case not in ("unlabelled", "unreadable"):
+        assert "--val_data_dir" in line
+    assert "--data_dir" not in line.replace("(--data_dir)", "")
+    if case == "foreign class":
+        assert "'c2'" in line and "pass --num_classes" not in line
+    # Refused before the first step: nothing trained, nothing saved, no folder left.
+    assert not log.exists()
+
+
+def test_n5_a_validation_folder_with_some_of_the_classes_keeps_the_training_labels(data, tmp_path):
+    """Labels of a validation folder holding only class c1 are 1 (the training folder's
+    numbering), not 0 (its own)."""
+    from guided_diffusion.image_datasets import check_dataset_classes, load_data
+
+    val = copy_as(os.path.join(data, "c1_1.png"), tmp_path / "val", ["c1_a.png", "c1_b.png"])
+    names = check_dataset_classes(data, 2)
+    batch, cond = next(load_data(data_dir=val, batch_size=2, image_size=8, class_cond=True,
+                                 deterministic=True, class_names=names))
+    assert cond["y"].tolist() == [1, 1]
+
+
+def test_n5_classifier_training_checks_its_validation_classes_against_the_training_folder(
+        data, tmp_path, capsys):
+    val = copy_as(os.path.join(data, "c0_0.png"), tmp_path / "val",
+                  [f"c{i % 3}_{i}.png" for i in range(6)])
+    argv = ["--data_dir", data, "--val_data_dir", val, "--image_size", "8", "--classifier_width",
+            "32", "--classifier_depth", "1", "--classifier_channel_mult", "1,2",
+            "--classifier_attention_resolutions", "4", "--num_classes", "2", "--diffusion_steps",
+            "50", "--batch_size", "2", "--iterations", "2", "--log_dir", tmp_path / "run"]
+    assert run_inprocess("classifier_train", argv) == 2
+    line = error_line(capsys)
+    assert "--val_data_dir" in line and "'c2'" in line and "pass --num_classes" not in line
