@@ -309,3 +309,86 @@ def test_n5_classifier_training_checks_its_validation_classes_against_the_traini
     assert run_inprocess("classifier_train", argv) == 2
     line = error_line(capsys)
     assert "--val_data_dir" in line and "'c2'" in line and "pass --num_classes" not in line
+
+
+# ----------------------------------------------------------------------------- N6: observers fail
+
+
+def checkpoint_steps(folder, prefix="model"):
+    return sorted(int(n[len(prefix):-3]) for n in os.listdir(folder)
+                  if n.startswith(prefix) and n.endswith(".pt") and n[len(prefix):-3].isdigit())
+
+
+@pytest.mark.parametrize("fault", ["grid path is a folder", "grid disk full", "grid bug",
+                                   "validation disk full", "validation bug"])
+def test_n6_a_failing_grid_or_validation_never_costs_a_checkpoint(fault, data, tmp_path, capsys,
+                                                                  monkeypatch):
+    import errno
+
+    from guided_diffusion.training import watch
+
+    log = tmp_path / "run"
+    if fault == "grid path is a folder":
+        (log / "samples_step000004.png").mkdir(parents=True)
+        (log / "samples_step000004.png" / "x").write_text("")
+    elif fault.startswith("grid"):
+        original = watch.make_grid_png
+
+        def failing(images, path):
+            if path.endswith("samples_step000004.png"):
+                if fault == "grid disk full":
+                    raise OSError(errno.ENOSPC, "No space left on device", path)
+                raise RuntimeError("a bug in the grid")
+            return original(images, path)
+        monkeypatch.setattr(watch, "make_grid_png", failing)
+    else:
+        original = watch.Validation.__call__
+
+        def failing(self, step):
+            if step == 4:
+                if fault == "validation disk full":
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                raise RuntimeError("a bug in validation")
+            return original(self, step)
+        monkeypatch.setattr(watch.Validation, "__call__", failing)
+    extra = (["--sample_interval", 2, "--sample_steps", 3] if fault.startswith("grid")
+             else ["--val_data_dir", data, "--val_interval", 2, "--log_interval", 1])
+    assert train(data, log, "--max_steps", 6, "--save_interval", 4, *extra) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "failed" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 4: ")
+    assert "--sample_interval" in warnings[0] if fault.startswith("grid") else \
+        "--val_interval" in warnings[0]
+    assert checkpoint_steps(log) == [4, 6]
+    assert not [n for n in os.listdir(log) if n.endswith(".tmp")]
+    if fault.startswith("grid"):
+        # The grids before and after the failed one are written.
+        assert os.path.isfile(log / "samples_step000006.png")
+    else:
+        # The validations before and after the failed one are logged.
+        assert (log / "progress.csv").read_text().count(",") > 0
+        assert "val_loss" in (log / "progress.csv").read_text().splitlines()[0]
+
+
+def test_n6_a_grid_cut_short_by_a_kill_is_removed_at_the_next_start(data, tmp_path):
+    """The grid's temporary file has atomic_write's name, which a start removes."""
+    from guided_diffusion.training import watch
+
+    log = tmp_path / "run"
+    log.mkdir()
+    seen = []
+    original = watch.make_grid_png
+
+    def spy(images, path):
+        seen.append(path)
+        return original(images, path)
+    watch.make_grid_png, saved = spy, watch.make_grid_png
+    try:
+        assert train(data, log, "--max_steps", 2, "--sample_interval", 2, "--sample_steps", 2) == 0
+    finally:
+        watch.make_grid_png = saved
+    assert seen == [str(log / "samples_step000002.png")]
+    stray = log / ".samples_step000004.png.a1b2c3d4.tmp"  # as mkstemp names it
+    stray.write_bytes(b"\x89PNG half")
+    assert train(data, log, "--max_steps", 2, "--resume_checkpoint", "auto") == 0
+    assert not stray.exists()

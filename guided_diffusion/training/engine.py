@@ -27,6 +27,7 @@ from ..cli.flags import explicit_flags
 from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
+from ..runtime.files import os_error_text
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
@@ -736,9 +737,25 @@ class Trainer:
         self._periodic.append((interval, function))
 
     def run_periodic(self):
+        """
+        Call the periodic functions due at this step. They only watch the run (sample grids,
+        validation), so one that fails (a grid that cannot be written, a full disk, a bad
+        image) never costs training: one warning line says what failed, the run goes on and
+        saves its checkpoints as usual, and the function is tried again at its next step.
+        """
         for interval, function in self._periodic:
-            if self.global_step % interval == 0:
+            if self.global_step % interval != 0:
+                continue
+            try:
                 function(self.global_step)
+            except Exception as exc:  # noqa: BLE001 -- any failure of an observer
+                what = getattr(function, "what", getattr(function, "__name__", "a periodic task"))
+                why = os_error_text(exc) if isinstance(exc, OSError) else (
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                logger.warn(
+                    f"warning: step {self.global_step}: {what} failed ({why}); training goes on "
+                    "and its checkpoints are saved as usual"
+                )
 
     def prune_checkpoints(self, step):
         """
