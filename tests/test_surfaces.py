@@ -392,3 +392,129 @@ def test_n6_a_grid_cut_short_by_a_kill_is_removed_at_the_next_start(data, tmp_pa
     stray.write_bytes(b"\x89PNG half")
     assert train(data, log, "--max_steps", 2, "--resume_checkpoint", "auto") == 0
     assert not stray.exists()
+
+
+# ----------------------------------------------------------------------------- N7, N8: retention
+
+
+def set_files(folder, step):
+    suffix = f"{step:06d}.pt"
+    return sorted(n for n in os.listdir(folder) if n.endswith(suffix) and not n.startswith("."))
+
+
+CRASH_AFTER_REMOVING = """
+import os, runpy, signal, sys
+target, real_remove = sys.argv[1], os.remove
+def remove(path, *a, **kw):
+    real_remove(path, *a, **kw)
+    if os.path.basename(path) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.remove = remove
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("killed_after", ["model000002.pt", "ema_0.9999_000002.pt"])
+def test_n7_a_deletion_killed_half_way_is_finished_at_the_next_start(killed_after, data,
+                                                                     tmp_path):
+    import subprocess
+    import sys
+
+    from _launch import child_env
+    from test_scripts import script_path
+
+    log = str(tmp_path / "k")
+    argv = ["--data_dir", data, *MODEL, "--batch_size", "2", "--keep_checkpoints", "1",
+            "--save_interval", "2", "--log_dir", log]
+    proc = subprocess.run([sys.executable, "-c", CRASH_AFTER_REMOVING, killed_after,
+                           script_path("image_train"), *argv, "--max_steps", "4"],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "model000002.pt" not in os.listdir(log) and set_files(log, 2)  # half deleted
+    # The next start (which saves nothing: one step, a save interval of 2) finishes it.
+    assert train(data, log, "--keep_checkpoints", 1, "--save_interval", 100, "--max_steps", 1,
+                 "--resume_checkpoint", "auto") == 0
+    assert set_files(log, 2) == []
+    assert not [n for n in os.listdir(log) if n.startswith(".prune")]
+    assert "model000004.pt" in os.listdir(log) and len(set_files(log, 4)) == 4
+
+
+def test_n7_retention_deletes_whole_sets_also_those_whose_marker_is_gone(data, tmp_path):
+    log = tmp_path / "k"
+    assert train(data, log, "--max_steps", 4, "--save_interval", 1) == 0
+    os.remove(log / "model000001.pt")  # a set half deleted by some earlier crash
+    assert train(data, log, "--max_steps", 2, "--save_interval", 2, "--keep_checkpoints", 2,
+                 "--resume_checkpoint", "auto") == 0
+    assert [s for s in range(1, 7) if set_files(log, s)] == [4, 6]
+    assert len(set_files(log, 4)) == len(set_files(log, 6)) == 4
+
+
+@pytest.mark.parametrize("which", ["ema", "opt-set model", "resumed ema"])
+def test_n8_retention_never_deletes_the_init_checkpoint_or_its_set(which, data, tmp_path):
+    log = tmp_path / "k2"
+    assert train(data, log, "--max_steps", 3, "--save_interval", 3) == 0
+    init = log / ("ema_0.9999_000003.pt" if "ema" in which else "model000003.pt")
+    before = init.read_bytes()
+    assert train(data, log, "--max_steps", 4, "--save_interval", 2, "--keep_checkpoints", 1,
+                 "--init_checkpoint", init) == 0
+    if which == "resumed ema":
+        # A resumed run does not load the init file again, but still never deletes it.
+        assert train(data, log, "--max_steps", 4, "--save_interval", 2, "--keep_checkpoints", 1,
+                     "--init_checkpoint", init, "--resume_checkpoint", "auto") == 0
+    assert init.read_bytes() == before
+    assert len(set_files(log, 3)) == 4  # its whole set stays
+
+
+def test_n8_retention_keeps_the_set_a_run_resumed_from(data, tmp_path):
+    log = tmp_path / "k"
+    assert train(data, log, "--max_steps", 2, "--save_interval", 2) == 0
+    assert train(data, log, "--max_steps", 4, "--save_interval", 1, "--keep_checkpoints", 1,
+                 "--resume_checkpoint", log / "model000002.pt") == 0
+    assert [s for s in range(1, 7) if set_files(log, s)] == [2, 6]
+
+
+# ----------------------------------------------------------------------------- N9, N10: fine-tuning
+
+
+@pytest.mark.parametrize("kind, words", [("png", "a PNG image"), ("npz", "an npz file"),
+                                         ("npy", "a .npy array"), ("json", "a JSON text file")])
+def test_n9_a_file_of_another_kind_as_init_checkpoint_is_named_and_not_to_be_deleted(
+        kind, words, data, tmp_path, capsys):
+    path = str(tmp_path / f"x.{kind}")
+    if kind == "png":
+        shutil.copy(os.path.join(data, "c0_0.png"), path)
+    elif kind == "npz":
+        np.savez(path, np.zeros(3))
+    elif kind == "npy":
+        np.save(path, np.zeros(3))
+        path += ".npy" if not path.endswith(".npy") else ""
+    else:
+        with open(path, "w") as f:
+            f.write('{"format": 1}')
+    assert train(data, tmp_path / "run", "--init_checkpoint", path, "--max_steps", 1) == 2
+    line = error_line(capsys)
+    assert words in line and "--init_checkpoint" in line and "delete" not in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["moved", "deleted", "replaced by a folder"])
+def test_n10_a_requeued_fine_tuning_run_resumes_without_its_init_file(how, trained, data,
+                                                                      tmp_path, capsys):
+    base = tmp_path / "base.pt"
+    shutil.copy(os.path.join(trained, "ema_0.9999_000004.pt"), base)
+    log = tmp_path / "ir"
+    flags = ["--save_interval", 2, "--init_checkpoint", base, "--resume_checkpoint", "auto"]
+    assert train(data, log, "--max_steps", 2, *flags) == 0
+    if how == "moved":
+        base.rename(tmp_path / "moved.pt")
+    elif how == "deleted":
+        base.unlink()
+    else:
+        base.unlink()
+        base.mkdir()
+    assert train(data, log, "--max_steps", 2, *flags) == 0
+    assert "model000004.pt" in os.listdir(log)
+    # A fresh run still needs it: one line naming the flag.
+    assert train(data, tmp_path / "fresh", "--max_steps", 1, *flags) == 2
+    assert "--init_checkpoint" in error_line(capsys)
