@@ -330,13 +330,11 @@ def read_image(path, in_channels=3):
             f"--in_channels {in_channels} but {path} is a picture (1 to 4 channels): store "
             f"{in_channels}-channel data as .npy arrays [H, W, {in_channels}]"
         )
+    # deviation from reference: 16-bit grey is scaled to 8 bits before it becomes RGB; the
+    # reference's convert("RGB") clips it at 255 (nearly every pixel white).
+    pil_image = wide_grey_to_8bit(pil_image)
     if in_channels == 3:
         return pil_image.convert("RGB")
-    if pil_image.mode.startswith("I;16") or pil_image.mode in ("I", "F"):
-        # 16-bit (CT, microscopy) or 32-bit grey: PIL's own conversion to "L" clips at 255.
-        wide = np.asarray(pil_image, dtype=np.float64)
-        top = 65535.0 if pil_image.mode.startswith("I;16") else max(float(wide.max()), 1.0)
-        pil_image = Image.fromarray(np.clip(np.round(wide * (255.0 / top)), 0, 255).astype(np.uint8))
     colour = "R" in pil_image.getbands() or pil_image.mode == "P" and _palette_has_colour(pil_image)
     if in_channels in (1, 2) and colour:
         rgb = np.asarray(pil_image.convert("RGB"))
@@ -347,6 +345,20 @@ def read_image(path, in_channels=3):
                 "--in_channels 3"
             )
     return pil_image.convert(PIL_MODES[in_channels])
+
+
+def wide_grey_to_8bit(pil_image):
+    """
+    16-bit (CT, microscopy: "I;16" and its byte orders) or 32-bit ("I", "F") grey as 8-bit grey
+    ("L"), scaled (16-bit: by 255/65535; 32-bit: by the image's own maximum), since PIL's own
+    conversion clips at 255; any other mode is returned as it is. The training reader and the
+    editing scripts' reader both use it, so an image reads the same in both.
+    """
+    if not (pil_image.mode.startswith("I;16") or pil_image.mode in ("I", "F")):
+        return pil_image
+    wide = np.asarray(pil_image, dtype=np.float64)
+    top = 65535.0 if pil_image.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+    return Image.fromarray(np.clip(np.round(wide * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
 def _palette_has_colour(pil_image):

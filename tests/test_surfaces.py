@@ -518,3 +518,73 @@ def test_n10_a_requeued_fine_tuning_run_resumes_without_its_init_file(how, train
     # A fresh run still needs it: one line naming the flag.
     assert train(data, tmp_path / "fresh", "--max_steps", 1, *flags) == 2
     assert "--init_checkpoint" in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- N11: image modes
+
+
+def _wide_cases():
+    r = np.random.RandomState(3)
+    v16 = r.randint(0, 65536, (8, 8)).astype(np.uint16)
+    v32 = r.randint(0, 5000, (8, 8)).astype(np.int32)
+    vf = r.rand(8, 8).astype(np.float32) * 7
+    grey = lambda a, top: np.clip(np.round(a.astype(np.float64) * 255.0 / top), 0, 255)  # noqa: E731
+    return {
+        "I;16": (Image.fromarray(v16), grey(v16, 65535.0)),
+        "I": (Image.fromarray(v32, mode="I"), grey(v32, float(v32.max()))),
+        "F": (Image.fromarray(vf, mode="F"), grey(vf, float(vf.max()))),
+    }
+
+
+def test_n11_a_16_bit_grey_png_is_read_by_the_editing_reader_as_training_reads_it(tmp_path):
+    from guided_diffusion.image_datasets import read_image
+    from guided_diffusion.sampling.editing import read_edit_images
+
+    image, expected = _wide_cases()["I;16"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "x.png"
+    image.save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")
+    edited, _ = read_edit_images(str(folder), 8)
+    # The oracle: the values scaled by numpy, as grey in all three channels.
+    assert np.array_equal(edited[0], np.repeat(expected[..., None], 3, axis=-1).astype(np.uint8))
+    assert np.array_equal(np.asarray(read_image(str(path), 3)), edited[0])
+    assert np.array_equal(np.asarray(read_image(str(path), 1)), expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_n11_wide_grey_modes_become_scaled_grey_rgb_in_the_editing_reader(mode):
+    from guided_diffusion.sampling import editing
+
+    image, expected = _wide_cases()[mode]
+    assert image.mode == mode
+    rgb = np.asarray(editing._rgb(image, "x"))
+    assert np.array_equal(rgb, np.repeat(expected[..., None], 3, axis=-1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "YCbCr"])
+def test_n11_other_valid_modes_read_as_training_reads_them(mode, data, tmp_path):
+    from guided_diffusion.image_datasets import read_image
+    from guided_diffusion.sampling.editing import read_edit_images
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with Image.open(os.path.join(data, "c0_0.png")) as rgb:
+        image = rgb.convert(mode)
+    path = folder / ("x.jpg" if mode == "YCbCr" else "x.png")
+    image.save(path) if mode != "YCbCr" else image.save(path, quality=95)
+    edited, _ = read_edit_images(str(folder), 8)
+    assert np.array_equal(np.asarray(read_image(str(path), 3)), edited[0])
+
+
+def test_n11_image_edit_takes_a_16_bit_grey_image(trained, tmp_path, capsys):
+    folder = tmp_path / "g16"
+    folder.mkdir()
+    Image.fromarray(np.random.RandomState(0).randint(0, 65535, (8, 8)).astype(np.uint16)).save(
+        folder / "x.png")
+    assert run_inprocess("image_edit", ["--model_path", os.path.join(trained, "model000004.pt"),
+                                        "--timestep_respacing", "5", "--input", folder,
+                                        "--log_dir", tmp_path / "e", "--progress", "False"]) == 0
+    assert os.path.isfile(tmp_path / "e" / "edited" / "x.png")
