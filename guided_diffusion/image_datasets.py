@@ -145,7 +145,8 @@ def list_image_files_recursively(data_dir, flag="--data_dir"):
     Each folder's entries are visited in sorted order and sub-folders are expanded in place, as in
     the reference, so the order (and hence which rank reads which file) matches it.
 
-    :param flag: the flag that named data_dir, for error messages.
+    :param flag: the flag that named data_dir, for error messages ("--data_dir", "--input"),
+        or words for a positional argument ("the FOLDER argument").
     :raises FileNotFoundError: when data_dir does not exist.
     :raises ValueError: when it holds no image files.
     """
@@ -491,7 +492,8 @@ def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)
     return arr[top : top + height, left : left + width]
 
 
-def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_channels=3):
+def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_channels=3,
+                      flag="--data_dir"):
     """
     Read the images of a folder as they are, for tools that compare outputs with them pixel by
     pixel (e.g. DDIM inversion): no resizing, cropping or flipping, so every image must already
@@ -503,9 +505,10 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_cha
     :param limit: read only the first `limit` files (None or 0: all).
     :param in_channels: channels to read the images with (see read_image).
     :return: (uint8 array [N, height, width, in_channels], int64 labels [N] or None).
+    :param flag: the flag that named the folder, for error messages.
     :raises ValueError: naming the first image of another size, or an unreadable one.
     """
-    paths = list_image_files_recursively(data_dir)
+    paths = list_image_files_recursively(data_dir, flag=flag)
     labels = None
     if class_cond:
         labels, _ = class_labels_from_paths(paths)

@@ -588,3 +588,103 @@ def test_n11_image_edit_takes_a_16_bit_grey_image(trained, tmp_path, capsys):
                                         "--timestep_respacing", "5", "--input", folder,
                                         "--log_dir", tmp_path / "e", "--progress", "False"]) == 0
     assert os.path.isfile(tmp_path / "e" / "edited" / "x.png")
+
+
+# ----------------------------------------------------------------------------- N13: flags named
+
+
+def _module(path):
+    import importlib.util
+
+    from test_scripts import REPO
+
+    spec = importlib.util.spec_from_file_location("surface_" + os.path.basename(path)[:-3],
+                                                  os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flags_of(module):
+    return {s for action in module.create_argparser()._actions for s in action.option_strings}
+
+
+def _named_flags(line):
+    import re
+
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", line))
+
+
+N13_CASES = {
+    "image_edit empty --input": ("scripts/image_edit.py", ["--input", "EMPTY"]),
+    "image_edit missing --input": ("scripts/image_edit.py", ["--input", "MISSING"]),
+    "image_inpaint empty --mask": ("scripts/image_inpaint.py", ["--input", "IMAGES", "--mask", "EMPTY"]),
+    "image_inpaint missing --mask": ("scripts/image_inpaint.py", ["--input", "IMAGES", "--mask", "MISSING"]),
+    "ddim_invert empty --input": ("scripts/ddim_invert.py", ["--input", "EMPTY"]),
+    "make_ref_batch empty folder": ("evaluations/make_ref_batch.py",
+                                    ["EMPTY", "OUT/ref.npz", "--image_size", "8"]),
+    "make_ref_batch missing output folder": ("evaluations/make_ref_batch.py",
+                                             ["IMAGES", "MISSING/ref.npz", "--image_size", "8"]),
+    "image_train empty --val_data_dir": ("scripts/image_train.py",
+                                         ["--data_dir", "IMAGES", "--val_data_dir", "EMPTY",
+                                          "--batch_size", "2", "--log_dir", "OUT/log"]),
+    "image_train empty --data_dir": ("scripts/image_train.py", ["--data_dir", "EMPTY",
+                                                                "--log_dir", "OUT/log"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(N13_CASES))
+def test_n13_every_message_names_a_flag_the_script_has(case, trained, data, tmp_path, capsys):
+    from guided_diffusion.cli.main import run_main
+
+    path, argv = N13_CASES[case]
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "OUT").mkdir()
+    images = write_images(tmp_path / "IMAGES", count=2)
+    names = {"EMPTY": str(tmp_path / "EMPTY"), "MISSING": str(tmp_path / "MISSING"),
+             "IMAGES": images, "OUT": str(tmp_path / "OUT")}
+
+    def expand(arg):
+        for key, value in names.items():
+            if arg == key or arg.startswith(key + "/"):
+                return value + arg[len(key):]
+        return arg
+    argv = [expand(a) for a in argv]
+    if "super_res" in path:
+        argv = ["--model_path", os.path.join(trained, "model000004.pt"), *argv]
+    elif "scripts/" in path and "train" not in path:
+        argv = ["--model_path", os.path.join(trained, "model000004.pt"), *MODEL, *argv]
+    elif "train" in path:
+        argv = [*MODEL, *argv, "--max_steps", "1"]
+    module = _module(path)
+    with pytest.raises(SystemExit) as stop:
+        run_main(module.main, argv)
+    assert stop.value.code == 2
+    line = error_line(capsys)
+    assert tmp_path.name in line  # the folder at fault is named
+    assert _named_flags(line) <= _flags_of(module), line
+    assert ".tmp" not in line  # never a hidden temporary file
+
+
+@pytest.mark.parametrize("what", ["empty", "missing"])
+def test_n13_the_evaluators_batch_check_names_no_flag_it_lacks(what, tmp_path):
+    from guided_diffusion.evaluation.batches import check_batch_path
+
+    evaluator = _module("evaluations/evaluator.py")
+    folder = tmp_path / "batch"
+    if what == "empty":
+        folder.mkdir()
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        check_batch_path(str(folder))
+    assert _named_flags(str(error.value)) <= _flags_of(evaluator)
+    assert str(folder) in str(error.value)
+
+
+def test_n13_super_res_base_samples_name_their_flag(tmp_path):
+    from guided_diffusion.sampling.files import read_low_res_images
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError) as error:
+        read_low_res_images(str(tmp_path / "empty"), 8)
+    flags = _flags_of(_module("scripts/super_res_sample.py"))
+    assert "--base_samples" in str(error.value) and _named_flags(str(error.value)) <= flags

@@ -55,7 +55,7 @@ def input_paths(path, flag="--input"):
     if not path:
         raise ScriptError(f"pass {flag} FILE.png or {flag} FOLDER (the images to edit)")
     if os.path.isdir(path):
-        return list_image_files_recursively(path)
+        return list_image_files_recursively(path, flag=flag)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     return [path]
@@ -111,7 +111,7 @@ def _mask_paths(mask, image_paths, image_root):
             raise FileNotFoundError(f"--mask {mask}: no such file or folder")
         return [mask] * len(image_paths)
     by_name = {}
-    for path in list_image_files_recursively(mask):
+    for path in list_image_files_recursively(mask, flag="--mask"):
         by_name[os.path.splitext(os.path.relpath(path, mask))[0]] = path
     found = []
     base = image_root if os.path.isdir(image_root) else os.path.dirname(image_root)
