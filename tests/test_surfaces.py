@@ -688,3 +688,23 @@ def test_n13_super_res_base_samples_name_their_flag(tmp_path):
         read_low_res_images(str(tmp_path / "empty"), 8)
     flags = _flags_of(_module("scripts/super_res_sample.py"))
     assert "--base_samples" in str(error.value) and _named_flags(str(error.value)) <= flags
+
+
+# ----------------------------------------------------------------------------- point 4: the CFG hint
+
+
+def test_the_hint_for_a_guidance_checkpoint_sampled_without_classes_works_when_followed(
+        data, tmp_path, capsys):
+    import re
+
+    log = tmp_path / "cfg"
+    assert train(data, log, "--class_cond", "True", "--num_classes", 2, "--class_dropout_prob",
+                 0.1, "--max_steps", 1) == 0
+    model = str(log / "model000001.pt")
+    assert sample(model, tmp_path / "a", "--config", "none", *MODEL) == 2
+    line = error_line(capsys)
+    guided = re.search(r"or (--class_cond True --num_classes 2 --class_dropout_prob [0-9.]+) if "
+                       r"it was trained for classifier-free guidance", line)
+    assert guided, line
+    assert sample(model, tmp_path / "b", "--config", "none", *MODEL, *guided.group(1).split(),
+                  "--guidance_scale", 2.0) == 0
