@@ -708,3 +708,32 @@ def test_the_hint_for_a_guidance_checkpoint_sampled_without_classes_works_when_f
     assert guided, line
     assert sample(model, tmp_path / "b", "--config", "none", *MODEL, *guided.group(1).split(),
                   "--guidance_scale", 2.0) == 0
+
+
+# ----------------------------------------------------------------------------- point 4: --sampler
+
+
+def test_sampler_docs_and_help_name_every_sampler():
+    """docs/sampling.md's --sampler row and its unknown-name example, the flag's help and the
+    refusal name every sampler of the solver table (a solver added there fails this test until
+    the docs say so)."""
+    import re
+
+    from guided_diffusion.cli.flags import flag_help
+    from guided_diffusion.diffusion.solvers import MIN_EVALUATIONS
+    from guided_diffusion.sampling.loop import SAMPLER_NAMES, resolve_sampler
+    from test_scripts import REPO
+
+    text = open(os.path.join(REPO, "docs", "sampling.md")).read()
+    row = next(line for line in text.splitlines() if line.startswith("| `--sampler NAME`"))
+    example = re.search(r"Unknown names: `error: (.*?)`", text, re.S).group(1)
+    with pytest.raises(ValueError) as refused:
+        resolve_sampler("plms", False)
+    assert " ".join(example.split()) == str(refused.value)
+    for name in SAMPLER_NAMES:
+        assert f"`{name}`" in row, name
+        assert name in flag_help("sampler")[1], name
+    # The least budgets the paragraph gives are the table's.
+    paragraph = " ".join(text[text.index("Unknown names:"):].split("\n\n")[0].split())
+    for name, least in MIN_EVALUATIONS.items():
+        assert re.search(rf"`{name}`[^.]*? {least}\b|{name} needs at least {least}", paragraph), name
