@@ -668,6 +668,7 @@ def test_n13_every_message_names_a_flag_the_script_has(case, trained, data, tmp_
 
 @pytest.mark.parametrize("what", ["empty", "missing"])
 def test_n13_the_evaluators_batch_check_names_no_flag_it_lacks(what, tmp_path):
+    """The evaluator's positional ref_batch and sample_batch: a missing or empty folder."""
     from guided_diffusion.evaluation.batches import check_batch_path
 
     evaluator = _module("evaluations/evaluator.py")
