@@ -47,7 +47,7 @@ def main(argv=None):
         in_channels=args.in_channels,
         **{name: getattr(args, name) for name in arch_defaults()},  # --arch and its flags
     )
-    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_data(
+    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic, **kw: load_data(
         data_dir=folder,
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -56,6 +56,7 @@ def main(argv=None):
         random_flip=args.random_flip and not deterministic,
         random_crop=args.random_crop and not deterministic,
         in_channels=args.in_channels,
+        **kw,
     ))
 
 

@@ -378,9 +378,13 @@ def _null_class_note(direct, flags):
     # script could build one instead.
     if "num_classes" not in direct or flags.get("class_dropout_prob", None) != 0:
         return ""
+    # The alternative must be complete on its own: a model without --class_cond needs it too.
+    class_cond = "--class_cond True " if direct.get("class_cond") else ""
     return (
-        f" (or --num_classes {direct['num_classes'] - 1} --class_dropout_prob {_NULL_CLASS_PROB}"
-        " if it was trained for classifier-free guidance)"
+        f" (or {class_cond}--num_classes {direct['num_classes'] - 1} --class_dropout_prob "
+        f"{_NULL_CLASS_PROB} if it was trained for classifier-free guidance: its "
+        f"{direct['num_classes']} label rows are then {direct['num_classes'] - 1} classes and the "
+        "null class)"
     )
 
 

@@ -71,6 +71,9 @@ class SampleGrid:
     :param log_dir: where samples_stepNNNNNN.png goes.
     """
 
+    # What a failure of it is called in the run's warning line (engine.Trainer.run_periodic).
+    what = "the sample grid (--sample_interval)"
+
     def __init__(self, task, diffusion, num_classes, log_dir):
         self.task = task
         self.diffusion = diffusion
@@ -113,10 +116,9 @@ class SampleGrid:
             )
         images = to_uint8(sample.float()).cpu().numpy()
         path = os.path.join(self.log_dir, f"samples_step{step:06d}.png")
-        # Written under a temporary name first, so a reader never sees half a PNG.
-        partial = os.path.join(self.log_dir, f".samples_step{step:06d}.png.tmp")
-        make_grid_png(images, partial)
-        os.replace(partial, path)
+        # Atomically (a reader never sees half a PNG), under atomic_write's temporary name, which
+        # the next start removes if this process is killed while writing it.
+        make_grid_png(images, path)
         with Image.open(path) as grid:
             logger.log_image("samples", np.asarray(grid.convert("RGB")), step)
         weights = f"EMA {task.ema_rate[0]}" if task.ema_rate else "model"
@@ -156,6 +158,8 @@ class Validation:
     :param task: the TrainLoop (gives model, device, diffusion).
     :param batches: fixed_batches() of this rank.
     """
+
+    what = "the validation (--val_data_dir, --val_interval)"
 
     def __init__(self, task, batches):
         self.task = task
