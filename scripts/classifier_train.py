@@ -85,7 +85,7 @@ def main(argv=None):
         **args_to_dict(args, [
             "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval",
             "resume_checkpoint", "weight_decay", "anneal_lr", "eval_interval", "max_steps",
-            "keep_checkpoints", "grad_clip", "init_checkpoint", "init_num_classes",
+            "keep_checkpoints", "grad_clip", "init_checkpoint", "init_num_classes", "save_format",
         ]),
     ).run_loop()
 

@@ -50,6 +50,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         classifier checkpoint (MixedPrecisionTask.init_from_checkpoint); ignored on resume.
     :param init_num_classes: with init_checkpoint, the model has this many classes and the output
         head's tensors sized by the class count start fresh (0: the checkpoint's classes).
+    :param save_format: "pt" or "safetensors": the format of the model file (MixedPrecisionTask).
     """
 
     loss_key = "train_loss"
@@ -79,6 +80,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         grad_clip=0.0,
         init_checkpoint="",
         init_num_classes=0,
+        save_format="pt",
     ):
         if eval_interval < 1:
             raise ValueError(f"--eval_interval must be at least 1, got {eval_interval}")
@@ -100,6 +102,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
             use_fp16=use_fp16,
             initial_lg_loss_scale=CLASSIFIER_LG_LOSS_SCALE,
             grad_clip=grad_clip,
+            save_format=save_format,
         )
         self.trainer = Trainer(
             self,

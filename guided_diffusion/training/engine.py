@@ -27,6 +27,7 @@ from ..cli.flags import explicit_flags
 from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
+from ..runtime.safetensors_files import safetensors_torch
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
@@ -41,7 +42,9 @@ __all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint"
 # --keep_checkpoints: keep every checkpoint set (the reference's behaviour).
 KEEP_ALL = -1
 # The output formats of the logger that --log_format takes.
-LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
+LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard", "wandb")
+# --save_format: the file format of a checkpoint set's weight files (model and EMA).
+SAVE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
 
 # Companion files of a checkpoint set: never a checkpoint to resume from on their own.
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
@@ -118,6 +121,7 @@ def check_run_flags(args):
     """
     get = lambda name, default: getattr(args, name, default)  # noqa: E731
     check_keep_checkpoints(get("keep_checkpoints", KEEP_ALL))
+    weights_suffix(get("save_format", "pt"))
     checked_grad_clip(get("grad_clip", 0.0))
     check_ema_warmup(get("ema_warmup_power", 0.0), get("ema_inv_gamma", 1.0))
     if hasattr(args, "init_checkpoint"):
@@ -138,6 +142,25 @@ def check_run_flags(args):
                         ("val_num_images", 1)):
         if get(name, least) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+
+
+def weights_suffix(save_format):
+    """
+    The file name ending of the model and EMA files for --save_format ("pt" or "safetensors").
+
+    :raises ValueError: naming the choices, for another value.
+    :raises ScriptError: for safetensors without the safetensors package (naming the extra).
+    """
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(
+            f"--save_format {save_format!r}: use pt (torch.save files, the reference's) or "
+            "safetensors (model and EMA files as .safetensors; the optimizer and state files "
+            "stay .pt)"
+        )
+    suffix = SAVE_FORMATS[save_format]
+    if suffix == ".safetensors":
+        safetensors_torch("--save_format safetensors: the checkpoint files")
+    return suffix
 
 
 def _log_formats(log_format):
@@ -204,7 +227,8 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
     The checkpoint a run resumes from.
 
     :param resume_checkpoint: "" (fresh start), "auto" (the newest complete
-        <prefix>NNNNNN.pt in log_dir; a fresh start when there is no such file) or a path.
+        <prefix>NNNNNN.pt or .safetensors in log_dir; a fresh start when there is no such file)
+        or a path.
     :param log_dir: where "auto" looks (default: the logger's folder).
     :param prefix: the marker file's prefix ("model", "cgan", "vae").
     :return: the checkpoint path, or None for a fresh start.
@@ -218,14 +242,14 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
         return _newest_readable_checkpoint(log_dir or logger.get_dir(), prefix)
     if not os.path.exists(resume_checkpoint):
         raise FileNotFoundError(
-            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file or "
-            "auto)"
+            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file (or "
+            ".safetensors) or auto)"
         )
     name = os.path.basename(resume_checkpoint)
     if prefix == "model" and name.startswith(_COMPANION_PREFIXES):
         raise ValueError(
-            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
-            "and state files next to it are found automatically"
+            f"--resume_checkpoint takes the modelNNNNNN.pt (or .safetensors) file, not {name}: "
+            "the EMA, optimizer and state files next to it are found automatically"
         )
     return resume_checkpoint
 
@@ -280,6 +304,7 @@ class TrainTask:
     them and owns everything else.
 
     checkpoint_prefix: the marker file of a checkpoint is <prefix>NNNNNN.pt in the log folder.
+    checkpoint_suffix: the marker's file name ending, ".pt" or ".safetensors" (--save_format).
     loss_key: the logged value the progress line shows.
 
     A task keeps the Trainer that runs it in self.trainer; the properties and methods below
@@ -287,6 +312,7 @@ class TrainTask:
     """
 
     checkpoint_prefix = "model"
+    checkpoint_suffix = ".pt"
     loss_key = "loss"
 
     @property
@@ -325,7 +351,8 @@ class TrainTask:
     def checkpoint_files(self, folder, step, state):
         """
         The files of the checkpoint at `step`, as (object or function building it, path) pairs
-        written in order; the last one must be folder/<prefix><step:06d>.pt (the marker).
+        written in order; the last one must be folder/<prefix><step:06d><checkpoint_suffix>
+        (the marker).
 
         :param state: the training state (train_state.gather) to store with them.
         """
@@ -350,10 +377,11 @@ class TrainTask:
         """
         The files of the checkpoint set of `step` that exist in `folder`, the marker first (what
         --keep_checkpoints deletes, in that order, so that a set is never left looking complete
-        with files missing). The default: the marker alone (one-file checkpoints).
+        with files missing). The default: the marker alone (one-file checkpoints), in either
+        format.
         """
-        marker = os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}.pt")
-        return [marker] if os.path.exists(marker) else []
+        names = (f"{self.checkpoint_prefix}{step:06d}{suffix}" for suffix in checkpoints.SUFFIXES)
+        return [p for p in (os.path.join(folder, name) for name in names) if os.path.exists(p)]
 
     def init_from_checkpoint(self, path):
         """
@@ -640,7 +668,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- saving
 
     def marker_path(self, step):
-        return os.path.join(self.log_dir, f"{self.task.checkpoint_prefix}{step:06d}.pt")
+        name = f"{self.task.checkpoint_prefix}{step:06d}{self.task.checkpoint_suffix}"
+        return os.path.join(self.log_dir, name)
 
     def save(self):
         """
@@ -722,9 +751,10 @@ class Trainer:
             logger.warn("--keep_checkpoints applies to local log folders only: nothing deleted")
             return
         prefix = self.task.checkpoint_prefix
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.pt")
+        # Markers of either format (a run may have switched --save_format): a set is a step.
+        pattern = re.compile(re.escape(prefix) + r"(\d+)(\.pt|\.safetensors)")
         steps = sorted(
-            (int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(self.log_dir)) if m),
+            {int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(self.log_dir)) if m},
             reverse=True,
         )
         older = [s for s in steps if s <= step][self.keep_checkpoints:]
@@ -732,10 +762,9 @@ class Trainer:
             os.path.realpath(p) for p in (self.resume_checkpoint, self.init_checkpoint) if p
         }
         for old in older:
-            marker = self.marker_path(old)
-            if os.path.realpath(marker) in protected:
-                continue
             paths = self.task.checkpoint_set_paths(self.log_dir, old)
+            if any(os.path.realpath(p) in protected for p in paths):
+                continue
             try:
                 for path in paths:
                     os.remove(path)
