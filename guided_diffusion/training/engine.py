@@ -89,6 +89,7 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
         record = describe_run(vars(args), script or "unknown", argv)
         path = write_run_record(logger.get_dir(), record)
         logger.log(f"recorded the flags of this run in {path}")
+        logger.log_config(record.get("flags", {}))
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
@@ -188,9 +189,8 @@ def _configure_logger(log_dir, formats):
     try:
         logger.configure(dir=log_dir or None, format_strs=formats)
     except ImportError as exc:
-        # The tensorboard format without the tensorboard package.
-        raise ScriptError(f"{exc} (or drop tensorboard from --log_format / OPENAI_LOG_FORMAT)") \
-            from None
+        # The tensorboard or wandb format without its package: the message names both.
+        raise ScriptError(f"{exc}; or drop it from --log_format / OPENAI_LOG_FORMAT") from None
 
 
 def check_auto_resume_folder(resume_checkpoint, folder):
