@@ -178,3 +178,21 @@ def test_the_core_imports_without_any_optional_package(tmp_path):
     proc = run_hiding(tmp_path, "safetensors,safetensors.torch,wandb,tensorboard,diffusers,"
                       "torch.utils.tensorboard", str(script))
     assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
+
+
+def test_the_optional_packages_are_extras_never_core_requirements():
+    import ast
+
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "setup")
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords
+                if k.arg in ("install_requires", "extras_require")}
+    core = " ".join(keywords["install_requires"])
+    extras = keywords["extras_require"]
+    for package in ("safetensors", "diffusers", "wandb", "tensorboard"):
+        assert package not in core
+        assert package in extras["dev"]
+    assert extras["diffusers"] == ["diffusers", "safetensors"]
+    assert extras["safetensors"] == ["safetensors"]
+    assert extras["wandb"] == ["wandb"] and extras["tensorboard"] == ["tensorboard"]
