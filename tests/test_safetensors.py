@@ -315,3 +315,29 @@ def test_a_full_disk_during_a_safetensors_save_keeps_the_previous_set(data, tmp_
     for name in names_in(tmp_path):
         load_checkpoint(tmp_path / name)
     assert find_latest_checkpoint(tmp_path, "model") == str(tmp_path / "model000001.safetensors")
+
+
+def test_a_one_file_vae_checkpoint_as_safetensors_samples_and_resumes_the_same(data, tmp_path,
+                                                                             monkeypatch):
+    from test_resume import VAE
+
+    common = ["--data_dir", data, *VAE, "--save_interval", 1, "--log_interval", 1]
+    assert run("vae_train", [*common, "--iterations", 3], tmp_path / "full", monkeypatch) == 0
+    assert run("vae_train", [*common, "--iterations", 2], tmp_path / "part", monkeypatch) == 0
+    pt = tmp_path / "part" / "vae000002.pt"
+    converted = tmp_path / "part" / "vae000002.safetensors"
+    save_atomic(load_checkpoint(pt), converted)  # model, optimizer, flags, random state
+    os.remove(pt)
+    # Resuming from the converted file gives the uninterrupted run's step 3, bit for bit.
+    assert run("vae_train", [*common, "--iterations", 3, "--resume_checkpoint", converted],
+               tmp_path / "part", monkeypatch) == 0
+    assert tensors_equal(torch.load(tmp_path / "full" / "vae000003.pt", weights_only=True),
+                         torch.load(tmp_path / "part" / "vae000003.pt", weights_only=True))
+    outs = []
+    for checkpoint in (tmp_path / "full" / "vae000002.pt", converted):
+        out = tmp_path / f"samples_{checkpoint.suffix[1:]}"
+        assert run_inprocess("vae_sample", ["--model_path", checkpoint, "--num_samples", 4,
+                                            "--batch_size", 4, "--out_dir", out, "--log_dir",
+                                            out / "log"]) == 0
+        outs.append((out / "samples_4x8x8x3.npz").read_bytes())
+    assert outs[0] == outs[1]

@@ -248,8 +248,9 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
     name = os.path.basename(resume_checkpoint)
     if prefix == "model" and name.startswith(_COMPANION_PREFIXES):
         raise ValueError(
-            f"--resume_checkpoint takes the modelNNNNNN.pt (or .safetensors) file, not {name}: "
-            "the EMA, optimizer and state files next to it are found automatically"
+            f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
+            "and state files next to it are found automatically (a modelNNNNNN.safetensors file "
+            "works too)"
         )
     return resume_checkpoint
 
