@@ -228,6 +228,19 @@ def test_init_checkpoint_and_resume_checkpoint_take_safetensors(data, tmp_path, 
     assert "model000002.pt" in names_in(resumed)  # the default format, step counted on
 
 
+def test_the_classifier_trains_and_resumes_in_safetensors(data, tmp_path, monkeypatch):
+    from test_resume import CLASSIFIER
+
+    common = ["--data_dir", data, *CLASSIFIER, "--save_interval", 1, "--save_format",
+              "safetensors"]
+    assert run("classifier_train", [*common, "--iterations", 1], tmp_path, monkeypatch) == 0
+    assert names_in(tmp_path) == ["model000001.safetensors", "opt000001.pt", "state000001.pt"]
+    assert run("classifier_train", [*common, "--iterations", 2, "--resume_checkpoint", "auto"],
+               tmp_path, monkeypatch) == 0
+    assert "model000002.safetensors" in names_in(tmp_path)
+    assert f"resuming from {tmp_path / 'model000001.safetensors'}" in (tmp_path / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("value", ["zip", "", "PT", "safetensor"])
 def test_bad_save_format_is_one_line_before_the_log_folder(value, data, tmp_path, monkeypatch,
                                                            capsys):
