@@ -18,8 +18,12 @@ import torch
 st = pytest.importorskip("safetensors.torch")
 
 from guided_diffusion.runtime import checkpoints, files, safetensors_files  # noqa: E402
-from guided_diffusion.runtime.checkpoints import find_latest_checkpoint, load_checkpoint, save_atomic  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.runtime.checkpoints import (  # noqa: E402
+    find_latest_checkpoint, load_checkpoint, save_atomic,
+)
+from guided_diffusion.script_util import (  # noqa: E402
+    create_model_and_diffusion, model_and_diffusion_defaults,
+)
 
 from _launch import child_env  # noqa: E402
 from test_resume import DIFFUSION, data, run, tensors_equal  # noqa: E402,F401  (data: fixture)
@@ -238,7 +242,8 @@ def test_the_classifier_trains_and_resumes_in_safetensors(data, tmp_path, monkey
     assert run("classifier_train", [*common, "--iterations", 2, "--resume_checkpoint", "auto"],
                tmp_path, monkeypatch) == 0
     assert "model000002.safetensors" in names_in(tmp_path)
-    assert f"resuming from {tmp_path / 'model000001.safetensors'}" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert f"resuming from {tmp_path / 'model000001.safetensors'}" in log
 
 
 @pytest.mark.parametrize("value", ["zip", "", "PT", "safetensor"])

@@ -258,9 +258,10 @@ def save_checkpoint_files(files, previous=None):
 
     Readers (find_latest_checkpoint) look for the last file, so it is written last, and an old
     file of that name (in either format, .pt or .safetensors) is removed first: a save that fails
-    half-way must not leave it paired with files of another run. When a write fails (disk full, permissions), the files of this
-    checkpoint written so far are removed again, which frees their space and leaves the previous
-    checkpoint the newest complete one; so they are when a Ctrl-C stops the save at once.
+    half-way must not leave it paired with files of another run. When a write fails (disk full,
+    permissions), the files of this checkpoint written so far are removed again, which frees
+    their space and leaves the previous checkpoint the newest complete one; so they are when a
+    Ctrl-C stops the save at once.
 
     :param files: a list of (object, path) pairs; the last path is the marker (the model file).
         An object may be a function without arguments that builds it, so that only one of

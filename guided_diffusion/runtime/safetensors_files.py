@@ -77,7 +77,9 @@ def _storable(tensors):
         tensor = tensor.detach().cpu().contiguous()
         if tensor.numel():
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-            if key in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            # A view of a larger storage, or a second name for the same memory: its own copy.
+            whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+            if key in seen or not whole:
                 tensor = tensor.clone()
             seen.add(key)
         out[name] = tensor
@@ -112,7 +114,9 @@ def _encode_node(node, path, tensors):
         items = []
         for k, v in node.items():
             if not (k is None or isinstance(k, (bool, int, float, str))):
-                raise ValueError(f"a key of type {type(k).__name__} cannot be stored in safetensors")
+                raise ValueError(
+                    f"a key of type {type(k).__name__} cannot be stored in safetensors"
+                )
             items.append([k, _encode_node(v, path + (str(k),), tensors)])
         return {"__items__": items}
     if isinstance(node, (list, tuple)):
@@ -213,7 +217,8 @@ def is_complete(path):
             if length > size - 8:
                 return False
             header = read_header(head + f.read(length))
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        ends = [entry["data_offsets"][1] for name, entry in header.items()
+                if name != "__metadata__"]
         return max(ends, default=0) == size - 8 - length
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False

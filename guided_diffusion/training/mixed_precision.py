@@ -269,7 +269,8 @@ class MixedPrecisionTask(TrainTask):
                    for suffix in checkpoints.SUFFIXES]
         ema = re.compile(r"ema_.+_" + re.escape(digits) + r"(\.pt|\.safetensors)")
         companions = sorted(os.path.join(folder, n) for n in os.listdir(folder) if ema.fullmatch(n))
-        companions += [os.path.join(folder, f"opt{digits}.pt"), train_state.state_path(folder, step)]
+        companions += [os.path.join(folder, f"opt{digits}.pt"),
+                       train_state.state_path(folder, step)]
         return [p for p in markers + companions if os.path.exists(p)]
 
     def init_from_checkpoint(self, path):
