@@ -28,6 +28,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 from .errors import UnwritableLogDirError
+from .runtime.files import atomic_write
 
 DEBUG = 10
 INFO = 20
@@ -281,8 +282,8 @@ class WandbOutputFormat(KVWriter):
             pass
         # W&B ids are short strings of letters and digits; any unique one does.
         run_id = secrets.token_hex(4)
-        with open(path, "w") as f:
-            f.write(run_id + "\n")
+        # Atomic: a run stopped here leaves no empty id file for its resume to trip over.
+        atomic_write(path, lambda f: f.write((run_id + "\n").encode()))
         return run_id
 
     def writekvs(self, kvs):

@@ -125,6 +125,53 @@ def test_wandb_offline_run_gets_the_scalars_and_the_sample_grid(data, tmp_path):
     assert open(log_dir / "wandb-run-id.txt").read().strip() in log_file
 
 
+def wandb_history(run_dir):
+    """{step: the logged row} of one offline run folder, and whether the run ended cleanly."""
+    (log_file,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    rows, ended = {}, False
+    for record in wandb_records(log_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item}
+            rows[row["_step"]] = row
+        ended = ended or kind == "exit"
+    return rows, ended
+
+
+def test_a_preempted_wandb_run_resumes_into_the_same_run(data, tmp_path):
+    """SIGTERM during the first save (tests/_faults.py): the job stops with status 75 and its
+    W&B run is closed; --resume_checkpoint auto continues the same W&B run at the next step."""
+    pytest.importorskip("wandb")
+    log_dir, wandb_dir = tmp_path / "logs", tmp_path / "wandb_home"
+    base = dict(WANDB_MODE="offline", WANDB_DIR=str(wandb_dir),
+                WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
+    command = [sys.executable, os.path.join(REPO, "tests", "_faults.py"),
+               os.path.join(REPO, "scripts", "image_train.py"), "--data_dir", data,
+               *map(str, DIFFUSION), "--log_interval", "1", "--save_interval", "1",
+               "--log_format", "csv,wandb", "--log_dir", str(log_dir)]
+    # A session of its own: the fault signals the job's whole process group, not pytest.
+    first = subprocess.run(command + ["--max_steps", "3"], capture_output=True, text=True,
+                           timeout=300, start_new_session=True, env=child_env(
+                               cpu=True, GD_TEST_FAULT='{"signal": "save", "n": 1}', **base))
+    assert first.returncode == 75, first.stderr[-3000:]
+    run_id = open(log_dir / "wandb-run-id.txt").read().strip()
+    second = subprocess.run(command + ["--max_steps", "2", "--resume_checkpoint", "auto"],
+                            capture_output=True, text=True, timeout=300,
+                            env=child_env(cpu=True, **base))
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs = sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs)
+    (stopped, stopped_ended), (resumed, resumed_ended) = map(wandb_history, runs)
+    assert sorted(stopped) == [1] and sorted(resumed) == [2, 3]
+    assert stopped_ended and resumed_ended  # both runs' logs were closed, not cut off
+    # progress.csv now holds the resumed run's rows (it is rewritten at a run's first row).
+    rows = {int(row["step"]): row for row in csv_rows(log_dir)}
+    assert sorted(rows) == [2, 3]
+    for step, logged in resumed.items():
+        assert logged["loss"] == rows[step]["loss"]
+
+
 # ----------------------------------------------------------------------------- missing packages
 
 
