@@ -229,6 +229,54 @@ def test_the_library_imports_no_script_folder():
     assert not bad, bad
 
 
+# Ways of running a file by its path. An import the walk above cannot see: a library module that
+# loads scripts this way depends on the checkout's folders without an import statement.
+PATH_LOADERS = {"spec_from_file_location", "SourceFileLoader", "SourcelessFileLoader",
+                "run_path", "load_source", "exec", "execfile"}
+
+
+def path_loads(root, package):
+    """
+    "file:line name" of every call in the package's modules that runs code from a file path
+    (importlib's spec_from_file_location, runpy.run_path, exec, ...), however it is spelled
+    (importlib.util.spec_from_file_location(...), a bare name after from-import, an alias).
+    """
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                aliases.update({a.asname or a.name: a.name for a in node.names})
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            name = aliases.get(name, name)
+            if name in PATH_LOADERS:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    return found
+
+
+def test_no_library_module_runs_a_file_by_path():
+    """Scripts are loaded by path only by tools outside the package (docs/generate_flags.py,
+    the tests); the installed library has no checkout to load them from."""
+    assert path_loads(ROOT, PACKAGE) == []
+
+
+def test_the_path_load_check_can_fail(tmp_path):
+    pkg = tmp_path / "demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import importlib.util\n"
+                              "spec = importlib.util.spec_from_file_location('x', 'scripts/x.py')\n")
+    (pkg / "b.py").write_text("from runpy import run_path as rp\nrp('scripts/y.py')\n")
+    (pkg / "c.py").write_text("exec(open('z.py').read())\nimport runpy\nrunpy.run_module('m')\n")
+    assert path_loads(tmp_path, "demo") == ["demo/a.py:2 spec_from_file_location",
+                                            "demo/b.py:2 run_path", "demo/c.py:1 exec"]
+
+
 def test_every_package_import_names_an_existing_module(walked):
     _, unresolved = walked
     assert not unresolved, unresolved

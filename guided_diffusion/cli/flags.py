@@ -6,17 +6,12 @@ The flag language of the scripts, in one place:
   reference names) and the ones the port adds, each default keeping the reference's behaviour;
 - FLAG_HELP, the one table of what each flag means and which group of --help it belongs to, read
   by script_util.add_dict_to_argparser (so every script's --help shows descriptions and defaults)
-  and by the generator of docs/flags.md (`python -m guided_diffusion.cli.flags --markdown`);
+  and by docs/generate_flags.py, which writes docs/flags.md from it and the scripts' parsers;
 - the parsing of list-valued flags, and taking the network flags a checkpoint records
   (explicit_flags, checkpoint_flags).
 """
 
-import argparse
-import glob
-import importlib.util
-import os
-import sys
-
+from ..diffusion.solvers import SOLVER_TABLE
 from ..errors import ScriptError
 
 
@@ -478,6 +473,14 @@ def checkpoint_flags(saved, args, given, keys, path):
 
 # ---------------------------------------------------------------------- what each flag means
 
+
+def _sampler_help():
+    """--sampler's description, from the solver table so that it names every solver."""
+    return ('"" (ddim with --use_ddim True, else ddpm), ddpm or ddim (the reference\'s samplers, '
+            "stepping through --timestep_respacing), or a solver taking --evaluations and "
+            f"--sigma_grid: {', '.join(SOLVER_TABLE)} (docs/solvers.md)")
+
+
 # The groups of --help and of docs/flags.md, in the order they are shown, with their headings.
 # A group named in NEW_FLAG_HELP but missing here is shown after these, under its own name.
 FLAG_GROUPS = {
@@ -681,9 +684,7 @@ FLAG_HELP = {
                                 "ddim_consistency: latents to decode)"),
     "use_ddim": ("sampling", "sample with DDIM instead of ancestral (DDPM) sampling"),
     "clip_denoised": ("sampling", "clip each step's prediction of x_0 to [-1, 1]"),
-    "sampler": ("sampling", '"" (ddim with --use_ddim True, else ddpm), ddpm, ddim, euler, heun '
-                            "or dpmpp_2m; the solvers spend the --timestep_respacing count as "
-                            "model evaluations"),
+    "sampler": ("sampling", _sampler_help()),
     "guidance_scale": ("sampling", "classifier-free guidance weight: 1 = plain conditional "
                                    "sampling, 0 = unconditional, > 1 = stronger conditioning"),
     "class_label": ("sampling", "draw every sample of this class (-1 = none fixed: diffusion "
@@ -838,196 +839,6 @@ def _group(parser, group):
     return groups[group]
 
 
-# ---------------------------------------------------------------------- docs/flags.md
-
-# Where the scripts live, relative to a checkout (the parsers docs/flags.md describes).
-SCRIPT_PATTERNS = ("scripts/*.py", "experiments/*.py", "evaluations/*.py", "datasets/*.py")
-
-
-def script_parsers(root="."):
-    """
-    Every script's argparse parser, read from a checkout: the files of SCRIPT_PATTERNS that run
-    as a program (an `if __name__ == "__main__"` block), each through its create_argparser().
-
-    :param root: the checkout's folder.
-    :return: [(path relative to root, parser)], in SCRIPT_PATTERNS order then by name.
-    :raises ScriptError: when there are no scripts under root, or one has no create_argparser.
-    """
-    found = []
-    for pattern in SCRIPT_PATTERNS:
-        for path in sorted(glob.glob(os.path.join(root, pattern))):
-            with open(path) as f:
-                if '__name__ == "__main__"' not in f.read():
-                    continue  # a helper module next to the scripts
-            found.append(path)
-    if not found:
-        raise ScriptError(f"no scripts under {os.path.abspath(root)}: run this from a checkout "
-                          "(or pass --root)")
-    parsers = []
-    for path in found:
-        module = _load_script(path)
-        if not hasattr(module, "create_argparser"):
-            raise ScriptError(f"{path} has no create_argparser(): docs/flags.md cannot list its "
-                              "flags")
-        parsers.append((os.path.relpath(path, root), module.create_argparser()))
-    return parsers
-
-
-def _load_script(path):
-    # A script imports its neighbours (experiments/guidance_eval.py) as top-level modules, as it
-    # does when run, so its folder is on sys.path while it loads.
-    folder = os.path.dirname(os.path.abspath(path))
-    stem = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(
-        f"_gd_script_{os.path.basename(folder)}_{stem}", path
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, folder)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(folder)
-    return module
-
-
-def _arguments(parser):
-    """(name, action) of a parser's arguments, without --help."""
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        yield action.dest, action
-
-
-def undescribed_flags(parsers):
-    """
-    The flags of the parsers that the table does not describe.
-
-    :param parsers: [(script, parser)].
-    :return: sorted "script: --flag" strings (empty when every flag is described).
-    """
-    table = flag_table()
-    missing = set()
-    for script, parser in parsers:
-        for name, action in _arguments(parser):
-            if name not in table:
-                shown = action.option_strings[0] if action.option_strings else name
-                missing.add(f"{script}: {shown}")
-    return sorted(missing)
-
-
-def flags_markdown(parsers):
-    """
-    docs/flags.md: what every flag means, by group, then every script's flags and defaults.
-
-    :param parsers: [(script path, argparse parser)], e.g. script_parsers().
-    :return: the Markdown text.
-    :raises ScriptError: naming the flags without a row in the table.
-    """
-    missing = undescribed_flags(parsers)
-    if missing:
-        raise ScriptError(
-            f"{len(missing)} flags have no description in guided_diffusion/cli/flags.py "
-            f"(FLAG_HELP or NEW_FLAG_HELP): {', '.join(missing)}"
-        )
-    table = flag_table()
-    users = {}
-    for script, parser in parsers:
-        for name, _ in _arguments(parser):
-            users.setdefault(name, []).append(_short(script))
-    groups = _ordered_groups({table[name][0] for name in users})
-
-    lines = [
-        "# Flags of every script",
-        "",
-        "What each flag means, grouped as in `--help`, then each script's flags with their",
-        "defaults. Generated from the descriptions in `guided_diffusion/cli/flags.py` (`FLAG_HELP`)",
-        "and the scripts' parsers by",
-        "",
-        "```bash",
-        "python -m guided_diffusion.cli.flags --markdown > docs/flags.md",
-        "```",
-        "",
-        "Edit the table, not this file: `tests/test_help.py` fails when this file is stale or a",
-        "flag has no description. Every script also prints its own with `--help`.",
-        "",
-        "## What each flag means",
-    ]
-    for group in groups:
-        lines += ["", f"### {group}", "", _heading(group) + ".", "",
-                  "| flag | meaning | scripts |", "| --- | --- | --- |"]
-        for name in sorted(n for n in users if table[n][0] == group):
-            lines.append(f"| `{_shown_name(name, parsers)}` | {_cell(table[name][1])} | "
-                         f"{_cell(_who(users[name], len(parsers)))} |")
-    lines += ["", "## Each script's flags and defaults"]
-    for script, parser in parsers:
-        lines += ["", f"### {script}", ""]
-        if parser.description:
-            lines += [" ".join(parser.description.split()), ""]
-        lines += ["| group | flags (default) |", "| --- | --- |"]
-        by_group = {}
-        for name, action in _arguments(parser):
-            by_group.setdefault(table[name][0], []).append(_with_default(action))
-        for group in _ordered_groups(by_group):
-            lines.append(f"| {group} | {_cell(', '.join(by_group[group]))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _ordered_groups(names):
-    known = [g for g in FLAG_GROUPS if g in names]
-    return known + sorted(set(names) - set(known))
-
-
-def _heading(group):
-    text = FLAG_GROUPS.get(group, group)
-    return text[0].upper() + text[1:]
-
-
-def _short(script):
-    return os.path.splitext(os.path.basename(script))[0]
-
-
-def _shown_name(name, parsers):
-    for _, parser in parsers:
-        for dest, action in _arguments(parser):
-            if dest == name:
-                return action.option_strings[0] if action.option_strings else name.upper()
-    return name
-
-
-def _who(scripts, total):
-    scripts = sorted(set(scripts))
-    if len(scripts) == total:
-        return "all"
-    return ", ".join(scripts)
-
-
-def _with_default(action):
-    if not action.option_strings:
-        return f"`{action.dest.upper()}` (positional)"
-    flag = action.option_strings[0]
-    if action.required:
-        return f"`{flag}` (required)"
-    if action.default is None:
-        return f"`{flag}`"
-    return f"`{flag} {format_default(action.default)}`"
-
-
-def _cell(text):
-    return text.replace("|", "\\|")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m guided_diffusion.cli.flags",
-        description="Print the flag reference (docs/flags.md) of a checkout's scripts.",
-    )
-    parser.add_argument("--markdown", action="store_true", required=True,
-                        help="print docs/flags.md on stdout")
-    parser.add_argument("--root", default=".", help="the checkout (default: the current folder)")
-    args = parser.parse_args(argv)
-    sys.stdout.write(flags_markdown(script_parsers(args.root)))
-
-
 def editing_defaults():
     """
     Flags of the editing scripts (image_inpaint.py, image_edit.py) besides the model's: the
@@ -1066,9 +877,3 @@ NEW_FLAG_HELP = {
                              "batches of another command; False: refuse both"),
 }
 
-
-if __name__ == "__main__":
-    from guided_diffusion.cli import flags as _flags
-    from guided_diffusion.cli.main import run_main
-
-    run_main(_flags.main)
