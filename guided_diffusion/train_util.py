@@ -31,7 +31,9 @@ from .networks import label_key_of
 from .training.options import TrainOptions
 from .training.finetune import adapt_label_embedding
 from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
-from .training.mixed_precision import MIN_LG_LOSS_SCALE, MixedPrecisionTask, parse_ema_rates  # noqa: F401
+from .training.mixed_precision import (  # noqa: F401
+    MIN_LG_LOSS_SCALE, MixedPrecisionTask, ema_file_beside, parse_ema_rates,
+)
 from .runtime.perf import compile_model, to_channels_last
 from .training.watch import SampleGrid, Validation, watch_keywords
 
@@ -42,7 +44,7 @@ TRAIN_LOOP_FLAGS = (
     "max_steps", "use_bf16", "lr_warmup_steps", "lr_schedule",
     # the port's run features (docs/runs.md)
     "ema_warmup_power", "ema_inv_gamma", "grad_clip", "keep_checkpoints", "init_checkpoint",
-    "init_num_classes", "init_add_null_class", "sample_interval", "val_interval",
+    "init_num_classes", "init_add_null_class", "sample_interval", "val_interval", "save_format",
 )
 
 
@@ -95,6 +97,8 @@ class TrainLoop(MixedPrecisionTask):
     :param num_classes: the labels of the grid's class-conditional samples (image i: i % K).
     :param val_data: fixed validation batches (watch.fixed_batches) of this rank, or None.
     :param val_interval: every this many steps, log the loss terms on val_data (val_*).
+    :param save_format: "pt" (the reference's) or "safetensors": the format of the model and EMA
+        files (the optimizer and state files stay .pt).
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class TrainLoop(MixedPrecisionTask):
         val_interval=1000,
         lr_warmup_steps=0,
         lr_schedule="constant",
+        save_format="pt",
     ):
         options = TrainOptions(
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
@@ -158,6 +163,7 @@ class TrainLoop(MixedPrecisionTask):
             fp16_scale_growth=fp16_scale_growth,
             ema_warmup_power=ema_warmup_power,
             ema_inv_gamma=ema_inv_gamma,
+            save_format=save_format,
         )
         self.init_num_classes = init_num_classes
         self.init_add_null_class = init_add_null_class
@@ -394,9 +400,9 @@ def find_resume_checkpoint():
 
 def find_ema_checkpoint(main_checkpoint, step, rate):
     """
-    :return: the ema_<rate>_<step>.pt file next to main_checkpoint, or None when it is missing.
+    :return: the ema_<rate>_<step>.pt (or .safetensors) file next to main_checkpoint, or None
+        when it is missing.
     """
     if not main_checkpoint:
         return None
-    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
-    return path if os.path.exists(path) else None
+    return ema_file_beside(main_checkpoint, step, rate)

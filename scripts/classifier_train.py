@@ -85,7 +85,7 @@ def main(argv=None):
         weight_hints=dict(flags=flags, build=lambda f: create_classifier_and_diffusion(**f)[0]),
         use_fp16=args.classifier_use_fp16,
         options=TrainOptions.from_flags(args),
-        **args_to_dict(args, ["microbatch", "eval_interval", "init_num_classes"]),
+        **args_to_dict(args, ["microbatch", "eval_interval", "init_num_classes", "save_format"]),
     ).run_loop()
 
 

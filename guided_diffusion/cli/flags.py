@@ -326,6 +326,7 @@ def diffusion_run_defaults():
     init_checkpoint, init_num_classes, init_add_null_class: fine-tune a checkpoint.
     sample_interval, sample_steps: a grid of EMA samples every N steps (0 = never), DDIM steps.
     val_data_dir, val_interval, val_num_images: validation loss terms on a fixed subset.
+    save_format: the model and EMA files as "pt" (torch.save) or "safetensors".
     """
     return dict(
         ema_warmup_power=0.0,
@@ -339,6 +340,7 @@ def diffusion_run_defaults():
         val_data_dir="",
         val_interval=1000,
         val_num_images=256,
+        save_format="pt",
     )
 
 
@@ -413,7 +415,7 @@ def classifier_train_defaults():
     del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
     defaults.update(extras)
     defaults.update(classifier_channel_mult="", grad_clip=0.0, init_checkpoint="",
-                    init_num_classes=0)
+                    init_num_classes=0, save_format="pt")
     defaults.update(channel_defaults())
     return defaults
 
@@ -687,11 +689,15 @@ FLAG_HELP = {
     "momentum_saturate_steps": ("training", "cGAN sgd: steps of the linear momentum ramp"),
     "beta": ("training", "VAE: weight of the KL term (1 = the ELBO, > 1 a beta-VAE)"),
     "log_format": ("training", "rank 0's log outputs, comma-separated from stdout, log, csv, "
-                               'json, tensorboard ("" = $OPENAI_LOG_FORMAT, else '
-                               "stdout,log,csv)"),
+                               'json, tensorboard, wandb ("" = $OPENAI_LOG_FORMAT, else '
+                               "stdout,log,csv); wandb runs offline unless $WANDB_MODE says "
+                               "otherwise"),
     "keep_checkpoints": ("training", "keep only the newest K checkpoint sets, deleting older "
                                      "ones once a new set is on disk (never the one resumed "
                                      "from); -1 = keep all"),
+    "save_format": ("training", "the model and EMA files of each checkpoint set: pt (torch.save, "
+                                "as the reference) or safetensors (.safetensors files; the "
+                                "optimizer and state files stay .pt); resume finds either"),
     "grad_clip": ("training", "clip the global gradient norm to this before each step (logged "
                               "as grad_norm_clipped); 0 = never"),
     "ema_warmup_power": ("training", "warm the EMA decay up as min(ema_rate, 1 - (1 + step / "

@@ -44,6 +44,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         fit names the flags to change.
     :param init_num_classes: with init_checkpoint, the model has this many classes and the output
         head's tensors sized by the class count start fresh (0: the checkpoint's classes).
+    :param save_format: "pt" or "safetensors": the format of the model file (MixedPrecisionTask).
     """
 
     loss_key = "train_loss"
@@ -62,6 +63,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         eval_interval=5,
         weight_hints=None,
         init_num_classes=0,
+        save_format="pt",
         **run_options,
     ):
         options = TrainOptions.build(self.option_defaults, options, **run_options)
@@ -83,6 +85,7 @@ class ClassifierTrainLoop(MixedPrecisionTask):
             options=options,
             use_fp16=use_fp16,
             initial_lg_loss_scale=CLASSIFIER_LG_LOSS_SCALE,
+            save_format=save_format,
         )
         self.trainer = Trainer(self, data=data, options=options, streams={"val": val_data})
 

@@ -30,6 +30,7 @@ from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.files import os_error_text, write_json
+from ..runtime.safetensors_files import safetensors_torch
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
@@ -43,7 +44,9 @@ __all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint"
            "parse_run_args", "check_run_flags", "KEEP_ALL", "TrainOptions"]
 
 # The output formats of the logger that --log_format takes.
-LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
+LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard", "wandb")
+# --save_format: the file format of a checkpoint set's weight files (model and EMA).
+SAVE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
 
 # args.json of the run start_run began: (folder, record), written when the run starts.
 _pending_record = None
@@ -122,6 +125,7 @@ def write_pending_record():
     (folder, record), _pending_record = _pending_record, None
     path = write_run_record(folder, record)
     logger.log(f"recorded the flags of this run in {path}")
+    logger.log_config(record.get("flags", {}))  # the trackers' copy (W&B config)
     return path
 
 
@@ -153,6 +157,7 @@ def check_run_flags(args):
     get = lambda name, default: getattr(args, name, default)  # noqa: E731
     TrainOptions.from_flags(args)  # the learning-rate schedule
     check_keep_checkpoints(get("keep_checkpoints", KEEP_ALL))
+    weights_suffix(get("save_format", "pt"))
     checked_grad_clip(get("grad_clip", 0.0))
     check_ema_warmup(get("ema_warmup_power", 0.0), get("ema_inv_gamma", 1.0))
     if hasattr(args, "init_checkpoint"):
@@ -191,6 +196,23 @@ def _will_resume(args):
         return True
     folder = getattr(args, "log_dir", "") or os.environ.get("OPENAI_LOGDIR") or ""
     return bool(folder) and bool(checkpoints.checkpoint_candidates(os.path.expanduser(folder), "model"))
+def weights_suffix(save_format):
+    """
+    The file name ending of the model and EMA files for --save_format ("pt" or "safetensors").
+
+    :raises ValueError: naming the choices, for another value.
+    :raises ScriptError: for safetensors without the safetensors package (naming the extra).
+    """
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(
+            f"--save_format {save_format!r}: use pt (torch.save files, the reference's) or "
+            "safetensors (model and EMA files as .safetensors; the optimizer and state files "
+            "stay .pt)"
+        )
+    suffix = SAVE_FORMATS[save_format]
+    if suffix == ".safetensors":
+        safetensors_torch("--save_format safetensors: the checkpoint files")
+    return suffix
 
 
 def _log_formats(log_format):
@@ -218,9 +240,8 @@ def _configure_logger(log_dir, formats):
     try:
         logger.configure(dir=log_dir or None, format_strs=formats)
     except ImportError as exc:
-        # The tensorboard format without the tensorboard package.
-        raise ScriptError(f"{exc} (or drop tensorboard from --log_format / OPENAI_LOG_FORMAT)") \
-            from None
+        # The tensorboard or wandb format without its package: the message names both.
+        raise ScriptError(f"{exc}; or drop it from --log_format / OPENAI_LOG_FORMAT") from None
 
 
 def check_auto_resume_folder(resume_checkpoint, folder):
@@ -257,7 +278,8 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
     The checkpoint a run resumes from.
 
     :param resume_checkpoint: "" (fresh start), "auto" (the newest complete
-        <prefix>NNNNNN.pt in log_dir; a fresh start when there is no such file) or a path.
+        <prefix>NNNNNN.pt or .safetensors in log_dir; a fresh start when there is no such file)
+        or a path.
     :param log_dir: where "auto" looks (default: the logger's folder).
     :param prefix: the marker file's prefix ("model", "cgan", "vae").
     :return: the checkpoint path, or None for a fresh start.
@@ -271,14 +293,15 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
         return _newest_readable_checkpoint(log_dir or logger.get_dir(), prefix)
     if not os.path.exists(resume_checkpoint):
         raise FileNotFoundError(
-            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file or "
-            "auto)"
+            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file (or "
+            ".safetensors) or auto)"
         )
     name = os.path.basename(resume_checkpoint)
     if prefix == "model" and name.startswith(_COMPANION_PREFIXES):
         raise ValueError(
             f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
-            "and state files next to it are found automatically"
+            "and state files next to it are found automatically (a modelNNNNNN.safetensors file "
+            "works too)"
         )
     return resume_checkpoint
 
@@ -333,6 +356,7 @@ class TrainTask:
     them and owns everything else.
 
     checkpoint_prefix: the marker file of a checkpoint is <prefix>NNNNNN.pt in the log folder.
+    checkpoint_suffix: the marker's file name ending, ".pt" or ".safetensors" (--save_format).
     loss_key: the logged value the progress line shows.
 
     A task keeps the Trainer that runs it in self.trainer; the properties and methods below
@@ -340,6 +364,7 @@ class TrainTask:
     """
 
     checkpoint_prefix = "model"
+    checkpoint_suffix = ".pt"
     loss_key = "loss"
     # The task's TrainOptions defaults (TrainOptions.build): its keyword and flag defaults; and
     # the options its script has no flags for (TrainOptions.task_flag_defaults).
@@ -397,7 +422,8 @@ class TrainTask:
     def checkpoint_files(self, folder, step, state):
         """
         The files of the checkpoint at `step`, as (object or function building it, path) pairs
-        written in order; the last one must be folder/<prefix><step:06d>.pt (the marker).
+        written in order; the last one must be folder/<prefix><step:06d><checkpoint_suffix>
+        (the marker).
 
         :param state: the training state (train_state.gather) to store with them.
         """
@@ -422,10 +448,11 @@ class TrainTask:
         """
         The files of the checkpoint set of `step` that exist in `folder`, the marker first (what
         --keep_checkpoints deletes, in that order, so that a set is never left looking complete
-        with files missing). The default: the marker alone (one-file checkpoints).
+        with files missing). The default: the marker alone (one-file checkpoints), in either
+        format.
         """
-        marker = os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}.pt")
-        return [marker] if os.path.exists(marker) else []
+        names = (f"{self.checkpoint_prefix}{step:06d}{suffix}" for suffix in checkpoints.SUFFIXES)
+        return [p for p in (os.path.join(folder, name) for name in names) if os.path.exists(p)]
 
     def init_from_checkpoint(self, path):
         """
@@ -710,7 +737,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- saving
 
     def marker_path(self, step):
-        return os.path.join(self.log_dir, f"{self.task.checkpoint_prefix}{step:06d}.pt")
+        name = f"{self.task.checkpoint_prefix}{step:06d}{self.task.checkpoint_suffix}"
+        return os.path.join(self.log_dir, name)
 
     def save(self):
         """
@@ -815,10 +843,11 @@ class Trainer:
         mid-save) is still found and can be deleted whole.
         """
         prefix = self.task.checkpoint_prefix
-        marker = re.compile(re.escape(prefix) + r"(\d+)\.pt")
+        # Model and EMA files in either weight format (a run may have switched --save_format).
+        marker = re.compile(re.escape(prefix) + r"(\d+)(?:\.pt|\.safetensors)")
         member = re.compile(
-            r"(?:" + re.escape(prefix) + r"|opt|" + re.escape(train_state.STATE_PREFIX)
-            + r"|ema_.+_)(\d{6,})\.pt")
+            r"(?:(?:" + re.escape(prefix) + r"|ema_.+_)(\d{6,})(?:\.pt|\.safetensors)"
+            r"|(?:opt|" + re.escape(train_state.STATE_PREFIX) + r")(\d{6,})\.pt)")
         complete, every = set(), set()
         for name in os.listdir(self.log_dir):
             m = marker.fullmatch(name)
@@ -826,7 +855,7 @@ class Trainer:
                 complete.add(int(m.group(1)))
             m = member.fullmatch(name)
             if m:
-                every.add(int(m.group(1)))
+                every.add(int(m.group(1) or m.group(2)))
         return complete, every | complete
 
     def prune_checkpoints(self, step):
@@ -863,10 +892,11 @@ class Trainer:
 
     def _orphans(self, step):
         """Files of the set of `step` that checkpoint_set_paths may miss once the marker is gone."""
-        suffix = f"{step:06d}.pt"
-        names = [f"{self.task.checkpoint_prefix}{suffix}", f"opt{suffix}",
-                 f"{train_state.STATE_PREFIX}{suffix}"]
-        ema = re.compile(r"ema_.+_" + re.escape(suffix))
+        digits = f"{step:06d}"
+        names = [f"{self.task.checkpoint_prefix}{digits}{weights}"
+                 for weights in SAVE_FORMATS.values()]
+        names += [f"opt{digits}.pt", f"{train_state.STATE_PREFIX}{digits}.pt"]
+        ema = re.compile(r"ema_.+_" + re.escape(digits) + r"(?:\.pt|\.safetensors)")
         found = [os.path.join(self.log_dir, n) for n in names
                  if os.path.exists(os.path.join(self.log_dir, n))]
         return found + sorted(os.path.join(self.log_dir, n) for n in os.listdir(self.log_dir)
