@@ -517,3 +517,58 @@ def test_killed_export_is_cleaned_up_by_the_next(where, tmp_path):
     assert not [e for e in os.listdir(tmp_path) if ".export-" in e]
     dx.export_diffusers(model, diffusion, out, overwrite=True)
     assert _files(out) == before
+
+
+# ------------------------------------------------------------ the reverse: diffusers -> ours
+
+
+def test_diffusers_folder_samples_as_the_checkpoint_it_came_from(tmp_path):
+    """image_sample.py --model_path EXPORT_FOLDER: the model flags come from the folder's
+    configs, the weights from its safetensors, and the samples equal those of the original
+    checkpoint with the same seed."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import image_sample
+    finally:
+        sys.path.pop(0)
+    path, model, diffusion = _small_checkpoint(tmp_path / "run", with_record=True)
+    dx.export_diffusers(model, diffusion, tmp_path / "export")
+    common = ["--num_samples", "2", "--batch_size", "2", "--timestep_respacing", "4",
+              "--seed", "3", "--progress", "False"]
+    image_sample.main(["--model_path", path, "--out_dir", str(tmp_path / "a"),
+                       "--log_dir", str(tmp_path / "la"), *common])
+    # No model flags at all: the folder says them (here a cosine schedule, 5 classes).
+    image_sample.main(["--model_path", str(tmp_path / "export"), "--out_dir",
+                       str(tmp_path / "b"), "--log_dir", str(tmp_path / "lb"), *common])
+    import numpy as np
+
+    (a,) = [f for f in os.listdir(tmp_path / "a") if f.endswith(".npz")]
+    (b,) = [f for f in os.listdir(tmp_path / "b") if f.endswith(".npz")]
+    with np.load(tmp_path / "a" / a) as x, np.load(tmp_path / "b" / b) as y:
+        assert (x["arr_0"] == y["arr_0"]).all() and (x["arr_1"] == y["arr_1"]).all()
+
+
+def test_diffusers_folder_round_trip_and_refusals(tmp_path):
+    model = _perturb(_unet(class_cond=True, learn_sigma=True, use_scale_shift_norm=True,
+                           resblock_updown=True, num_head_channels=16))
+    _, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(),
+                                                 "learn_sigma": True})
+    dx.export_diffusers(model, diffusion, tmp_path / "e")
+    flags = dx.flags_from_diffusers(tmp_path / "e")
+    assert flags["num_head_channels"] == 16 and flags["resblock_updown"] is True
+    assert flags["noise_schedule"] == "linear" and flags["learn_sigma"] is True
+    back, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **flags})
+    dx.load_diffusers_weights(back, tmp_path / "e")
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 900]), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert _rel_ok(_rel(back.eval()(x, t, y=y), model.eval()(x, t, y=y)))
+    # A UNet2DModel that is not one of ours: refused in one line naming the setting.
+    config_path = tmp_path / "e" / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "freq_shift": 1}))
+    with pytest.raises(ScriptError, match="freq_shift"):
+        dx.flags_from_diffusers(tmp_path / "e")
+    config_path.write_text(json.dumps({**config, "down_block_types": ["CrossAttnDownBlock2D",
+                                                                      "DownBlock2D"]}))
+    with pytest.raises(ScriptError, match="not one of our UNet's layouts"):
+        dx.flags_from_diffusers(tmp_path / "e")

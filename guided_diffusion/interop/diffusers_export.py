@@ -85,49 +85,93 @@ def _refuse(what):
     raise ScriptError(f"cannot export to diffusers: {what}")
 
 
-def _put(state, prefix, module, weight=None):
-    """state[prefix.weight/.bias] = the module's parameters as float32 copies."""
-    w = module.weight if weight is None else weight
-    state[f"{prefix}.weight"] = w.detach().float().clone()
+class _Export(dict):
+    """The diffusers state dict being filled from our parameters (float32 copies)."""
+
+    def pair(self, key, ours):
+        self[key] = ours.detach().float().clone()
+
+    def split(self, keys, ours, layout, shape):
+        """Our packed tensor `ours`, viewed by `layout` as [len(keys), ...], one key each (of
+        diffusers' `shape`)."""
+        for key, part in zip(keys, layout(ours.detach())):
+            self[key] = part.reshape(shape).float().clone()
+
+
+class _Import:
+    """Our parameters being filled from a diffusers state dict (the inverse of _Export)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.used = set()
+
+    def _take(self, key, shape):
+        self.used.add(key)
+        value = self.state[key]
+        if value.numel() != torch.Size(shape).numel():
+            raise RuntimeError(f"{key} has shape {tuple(value.shape)}, ours {tuple(shape)}")
+        return value.reshape(shape)
+
+    @torch.no_grad()
+    def pair(self, key, ours):
+        ours.copy_(self._take(key, ours.shape))
+
+    @torch.no_grad()
+    def split(self, keys, ours, layout, shape):
+        # The layouts are views of ours' memory: write each part through the same view.
+        for key, part in zip(keys, layout(ours)):
+            part.copy_(self._take(key, part.shape))
+
+
+def _put(io, prefix, module):
+    """The module's weight and bias under prefix.weight / prefix.bias."""
+    io.pair(f"{prefix}.weight", module.weight)
     if getattr(module, "bias", None) is not None:
-        state[f"{prefix}.bias"] = module.bias.detach().float().clone()
+        io.pair(f"{prefix}.bias", module.bias)
 
 
-def _put_resblock(state, prefix, block):
+def _put_resblock(io, prefix, block):
     if not isinstance(block, ResBlock):
         raise TypeError(f"expected a ResBlock at {prefix}, got {type(block).__name__}")
-    _put(state, f"{prefix}.norm1", block.in_layers[0])
-    _put(state, f"{prefix}.conv1", block.in_layers[2])
-    _put(state, f"{prefix}.time_emb_proj", block.emb_layers[1])
-    _put(state, f"{prefix}.norm2", block.out_layers[0])
-    _put(state, f"{prefix}.conv2", block.out_layers[3])
+    _put(io, f"{prefix}.norm1", block.in_layers[0])
+    _put(io, f"{prefix}.conv1", block.in_layers[2])
+    _put(io, f"{prefix}.time_emb_proj", block.emb_layers[1])
+    _put(io, f"{prefix}.norm2", block.out_layers[0])
+    _put(io, f"{prefix}.conv2", block.out_layers[3])
     skip = block.skip_connection
     if not isinstance(skip, nn.Identity):
         if skip.kernel_size != (1, 1):
             _refuse("a residual block with a 3x3 skip convolution (ResnetBlock2D's is 1x1)")
-        _put(state, f"{prefix}.conv_shortcut", skip)
+        _put(io, f"{prefix}.conv_shortcut", skip)
 
 
-def _put_attention(state, prefix, block):
+def _put_attention(io, prefix, block):
     """Our AttentionBlock as diffusers' Attention (group_norm, to_q/k/v, to_out.0)."""
     width, heads = block.channels, block.attention.n_heads
     head = width // heads
-    weight = block.qkv.weight.detach()[:, :, 0]
-    bias = block.qkv.bias.detach()
     if isinstance(block.attention, QKVAttentionLegacy):
         # [head 0: q, k, v | head 1: q, k, v | ...]: pick each of q, k, v from every head; the
         # heads stay outermost, which is how diffusers splits a projection into heads.
-        weight = weight.reshape(heads, 3, head, width).transpose(0, 1).reshape(3, width, width)
-        bias = bias.reshape(heads, 3, head).transpose(0, 1).reshape(3, width)
+        def weights(w):
+            return w.view(heads, 3, head, width).transpose(0, 1)
+
+        def biases(b):
+            return b.view(heads, 3, head).transpose(0, 1)
     else:
         # [all q | all k | all v], each already heads-outermost.
-        weight, bias = weight.reshape(3, width, width), bias.reshape(3, width)
-    _put(state, f"{prefix}.group_norm", block.norm)
-    for i, name in enumerate(("to_q", "to_k", "to_v")):
-        state[f"{prefix}.{name}.weight"] = weight[i].float().clone()
-        state[f"{prefix}.{name}.bias"] = bias[i].float().clone()
-    state[f"{prefix}.to_out.0.weight"] = block.proj_out.weight.detach()[:, :, 0].float().clone()
-    state[f"{prefix}.to_out.0.bias"] = block.proj_out.bias.detach().float().clone()
+        def weights(w):
+            return w.view(3, width, width)
+
+        def biases(b):
+            return b.view(3, width)
+    names = ("to_q", "to_k", "to_v")
+    _put(io, f"{prefix}.group_norm", block.norm)
+    io.split([f"{prefix}.{n}.weight" for n in names], block.qkv.weight, weights, (width, width))
+    io.split([f"{prefix}.{n}.bias" for n in names], block.qkv.bias, biases, (width,))
+    # A 1x1 Conv1d ([C, C, 1]) is diffusers' Linear ([C, C]).
+    io.split([f"{prefix}.to_out.0.weight"], block.proj_out.weight,
+             lambda w: w.view(1, width, width), (width, width))
+    io.pair(f"{prefix}.to_out.0.bias", block.proj_out.bias)
 
 
 def _attention_head_dim(model):
@@ -184,11 +228,19 @@ def unet_to_diffusers(model):
     :return: (config dict for diffusers.UNet2DModel, {diffusers key: float32 tensor}).
     :raises ScriptError: when diffusers cannot express the network.
     """
+    state = _Export()
+    return _walk_unet(model, state), dict(state)
+
+
+def _walk_unet(model, state):
+    """
+    Pair every parameter of our UNet with its UNet2DModel key, through `state` (an _Export or
+    an _Import: one walk serves both directions), and return the UNet2DModel config.
+    """
     _check_unet(model)
     levels, per_level = len(model.channel_mult), model.num_res_blocks
     widths = [int(m * model.model_channels) for m in model.channel_mult]
     updown = any(isinstance(b[0], ResBlock) and b[0].updown for b in model.input_blocks)
-    state = {}
     _put(state, "conv_in", model.input_blocks[0][0])
     _put(state, "time_embedding.linear_1", model.time_embed[0])
     _put(state, "time_embedding.linear_2", model.time_embed[2])
@@ -286,7 +338,7 @@ def unet_to_diffusers(model):
         class_embed_type=None,
         num_class_embeds=None if model.num_classes is None else model.label_emb.num_embeddings,
     )
-    return config, state
+    return config
 
 
 def dit_to_diffusers(model):
@@ -314,25 +366,8 @@ def dit_to_diffusers(model):
     hidden, table = model.hidden_size, model.y_embedder.embedding_table.weight.detach().float()
     if table.shape[0] == model.num_classes:
         table = torch.cat([table, table.new_zeros(1, hidden)])
-    state = {}
-    _put(state, "pos_embed.proj", model.x_embedder.proj)
-    for i, block in enumerate(model.blocks):
-        prefix = f"transformer_blocks.{i}"
-        _put(state, f"{prefix}.norm1.emb.timestep_embedder.linear_1", model.t_embedder.mlp[0])
-        _put(state, f"{prefix}.norm1.emb.timestep_embedder.linear_2", model.t_embedder.mlp[2])
-        state[f"{prefix}.norm1.emb.class_embedder.embedding_table.weight"] = table.clone()
-        _put(state, f"{prefix}.norm1.linear", block.adaLN_modulation[1])
-        # One packed projection laid out [all q | all k | all v] (as diffusers splits heads).
-        weight = block.attn.qkv.weight.detach().reshape(3, hidden, hidden)
-        bias = block.attn.qkv.bias.detach().reshape(3, hidden)
-        for j, name in enumerate(("to_q", "to_k", "to_v")):
-            state[f"{prefix}.attn1.{name}.weight"] = weight[j].float().clone()
-            state[f"{prefix}.attn1.{name}.bias"] = bias[j].float().clone()
-        _put(state, f"{prefix}.attn1.to_out.0", block.attn.proj)
-        _put(state, f"{prefix}.ff.net.0.proj", block.mlp.fc1)
-        _put(state, f"{prefix}.ff.net.2", block.mlp.fc2)
-    _put(state, "proj_out_1", model.final_layer.adaLN_modulation[1])
-    _put(state, "proj_out_2", model.final_layer.linear)
+    state = _Export()
+    _walk_dit(model, state, table)
     config = dict(
         num_attention_heads=model.num_heads,
         attention_head_dim=hidden // model.num_heads,
@@ -351,7 +386,32 @@ def dit_to_diffusers(model):
         # Our DiT's LayerNorms use 1e-6 (as facebookresearch/DiT); diffusers' default is 1e-5.
         norm_eps=1e-6,
     )
-    return config, state
+    return config, dict(state)
+
+
+def _walk_dit(model, state, table):
+    """Pair every DiT parameter with its DiTTransformer2DModel key(s) through `state`."""
+    hidden = model.hidden_size
+    names = ("to_q", "to_k", "to_v")
+    _put(state, "pos_embed.proj", model.x_embedder.proj)
+    for i, block in enumerate(model.blocks):
+        prefix = f"transformer_blocks.{i}"
+        emb = f"{prefix}.norm1.emb"
+        # diffusers repeats the embedders in every block.
+        _put(state, f"{emb}.timestep_embedder.linear_1", model.t_embedder.mlp[0])
+        _put(state, f"{emb}.timestep_embedder.linear_2", model.t_embedder.mlp[2])
+        state.pair(f"{emb}.class_embedder.embedding_table.weight", table)
+        _put(state, f"{prefix}.norm1.linear", block.adaLN_modulation[1])
+        # One packed projection laid out [all q | all k | all v] (as diffusers splits heads).
+        state.split([f"{prefix}.attn1.{n}.weight" for n in names], block.attn.qkv.weight,
+                    lambda w: w.view(3, hidden, hidden), (hidden, hidden))
+        state.split([f"{prefix}.attn1.{n}.bias" for n in names], block.attn.qkv.bias,
+                    lambda b: b.view(3, hidden), (hidden,))
+        _put(state, f"{prefix}.attn1.to_out.0", block.attn.proj)
+        _put(state, f"{prefix}.ff.net.0.proj", block.mlp.fc1)
+        _put(state, f"{prefix}.ff.net.2", block.mlp.fc2)
+    _put(state, "proj_out_1", model.final_layer.adaLN_modulation[1])
+    _put(state, "proj_out_2", model.final_layer.linear)
 
 
 def use_dit_timestep_frequencies(transformer):
@@ -682,3 +742,169 @@ def _dit_from_state(state, flags, path):
     )
     model.load_state_dict(state, strict=True)
     return model
+
+
+# ---------------------------------------------------------------------- from diffusers
+
+# The UNet2DModel settings our UNet always has (anything else is another network).
+_FIXED_UNET_CONFIG = dict(
+    center_input_sample=False, time_embedding_type="positional", freq_shift=0,
+    flip_sin_to_cos=True, mid_block_scale_factor=1, downsample_padding=1, act_fn="silu",
+    norm_num_groups=_GROUPS, norm_eps=_GROUP_NORM_EPS, add_attention=True, class_embed_type=None,
+    mid_block_type="UNetMidBlock2D",
+)
+
+
+def is_diffusers_folder(path):
+    """True when path is a folder holding a diffusers UNet2DModel in unet/."""
+    return bool(path) and os.path.isfile(os.path.join(path, "unet", "config.json"))
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ScriptError(f"cannot read {path}: {exc}") from None
+
+
+def flags_from_diffusers(folder):
+    """
+    Our model and diffusion flags for a diffusers folder holding a UNet2DModel (unet/) and its
+    DDPMScheduler (scheduler/) of the layout export_diffusers writes: the inverse of the
+    export, refusing a UNet2DModel our UNet cannot be.
+
+    :return: {flag: value} for create_model_and_diffusion.
+    :raises ScriptError: naming what does not map.
+    """
+    config = _read_json(os.path.join(folder, "unet", "config.json"))
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ScriptError(f"{folder}/unet holds a {config['_class_name']}, not a UNet2DModel")
+
+    def refuse(what):
+        raise ScriptError(f"cannot load {folder} as our UNet: {what}")
+
+    for key, value in _FIXED_UNET_CONFIG.items():
+        if key in config and config[key] != value:
+            refuse(f"its {key} is {config[key]!r} (ours: {value!r})")
+    widths, per_level = config["block_out_channels"], config["layers_per_block"]
+    base = widths[0]
+    if any(w % base for w in widths):
+        refuse(f"block_out_channels {widths} are not multiples of the first")
+    if config.get("time_embedding_dim") not in (None, 4 * base):
+        refuse(f"time_embedding_dim {config['time_embedding_dim']} (ours: 4 x {base})")
+    shift = config.get("resnet_time_scale_shift", "default")
+    if shift not in ("default", "scale_shift"):
+        refuse(f"resnet_time_scale_shift {shift!r}")
+    attn_groups = config.get("attn_norm_num_groups")
+    if attn_groups not in (_GROUPS, None) or (attn_groups is None and shift == "scale_shift"):
+        refuse("its middle attention has no 32-group GroupNorm (attn_norm_num_groups)")
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    attn = [t == "AttnDownBlock2D" for t in down]
+    updown = "ResnetDownsampleBlock2D" in down or config.get("downsample_type") == "resnet"
+    plain = "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
+    plain_up = "ResnetUpsampleBlock2D" if updown else "UpBlock2D"
+    resample = "resnet" if updown else "conv"
+    if (down != [("AttnDownBlock2D" if a else plain) for a in attn]
+            or up != [("AttnUpBlock2D" if a else plain_up) for a in attn[::-1]]
+            or (any(attn) and (config.get("downsample_type", "conv") != resample
+                               or config.get("upsample_type", "conv") != resample))):
+        refuse(f"its blocks {down} / {up} are not one of our UNet's layouts")
+    size = config["sample_size"]
+    if not isinstance(size, int):
+        refuse(f"sample_size {size} is not one side")
+    in_channels, out_channels = config["in_channels"], config["out_channels"]
+    if out_channels not in (in_channels, 2 * in_channels):
+        refuse(f"{out_channels} output channels for {in_channels} inputs")
+    head_dim = config.get("attention_head_dim")
+    classes = config.get("num_class_embeds")
+    flags = dict(
+        image_size=size, in_channels=in_channels, num_channels=base,
+        channel_mult=",".join(str(w // base) for w in widths), num_res_blocks=per_level,
+        attention_resolutions=",".join(str(size // 2 ** i) for i, a in enumerate(attn) if a),
+        num_heads=1, num_head_channels=-1 if head_dim is None else head_dim,
+        num_heads_upsample=-1, use_scale_shift_norm=shift == "scale_shift",
+        resblock_updown=updown, use_new_attention_order=True, dropout=config.get("dropout", 0.0),
+        learn_sigma=out_channels == 2 * in_channels, class_cond=classes is not None,
+        num_classes=classes if classes is not None else 1000, class_dropout_prob=0.0,
+    )
+    flags.update(_diffusion_flags_from(folder, flags["learn_sigma"]))
+    return flags
+
+
+def _diffusion_flags_from(folder, learn_sigma):
+    import numpy as np
+
+    from ..gaussian_diffusion import get_named_beta_schedule
+
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    config = _read_json(path)
+
+    def refuse(what):
+        raise ScriptError(f"cannot load {folder} as our diffusion: {what}")
+
+    steps = config.get("num_train_timesteps", 1000)
+    betas = np.asarray(_scheduler_betas(folder), dtype=np.float64)
+    schedule = next((name for name in ("linear", "cosine")
+                     if np.allclose(betas, get_named_beta_schedule(name, steps), rtol=1e-5,
+                                    atol=1e-9)), None)
+    if schedule is None:
+        refuse(f"its betas are neither --noise_schedule linear nor cosine over {steps} steps")
+    variance = config.get("variance_type", "fixed_small")
+    expected = "learned_range" if learn_sigma else "fixed_large"
+    if variance != expected:
+        refuse(f"variance_type {variance!r} with {'2x' if learn_sigma else '1x'} output "
+               f"channels (ours: {expected!r})")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "sample"):
+        refuse(f"prediction_type {prediction!r}")
+    return dict(diffusion_steps=steps, noise_schedule=schedule,
+                predict_xstart=prediction == "sample", rescale_timesteps=False)
+
+
+def _scheduler_betas(folder):
+    diffusers = import_diffusers()
+    scheduler = diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return scheduler.betas.double().numpy()
+
+
+def load_diffusers_weights(model, folder):
+    """
+    Load a diffusers UNet2DModel's weights (unet/diffusion_pytorch_model.safetensors) into our
+    UNet built from flags_from_diffusers(folder): the export's walk run backwards, every
+    diffusers tensor used exactly once.
+
+    :raises ScriptError: when the file is missing or its tensors do not fit.
+    """
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(path):
+        raise ScriptError(f"{folder}/unet has no diffusion_pytorch_model.safetensors")
+    state = load_file(path)
+    reader = _Import(state)
+    try:
+        _walk_unet(model, reader)
+    except (KeyError, RuntimeError) as exc:
+        raise ScriptError(f"{path} does not fit the UNet of its config.json ({exc})") from None
+    left = sorted(set(state) - reader.used)
+    if left:
+        raise ScriptError(f"{path} has tensors our UNet has no place for: {', '.join(left[:3])}")
+    return model
+
+
+def take_diffusers_flags(args):
+    """
+    When --model_path is a diffusers folder (unet/ + scheduler/), set the model and diffusion
+    flags the parsed args have from it (they describe that model, as an args.json does; the
+    folder wins over the command line, since other values could not load it).
+
+    :return: True when --model_path is such a folder.
+    """
+    path = getattr(args, "model_path", "")
+    if not is_diffusers_folder(path):
+        return False
+    for key, value in flags_from_diffusers(path).items():
+        if hasattr(args, key):
+            setattr(args, key, value)
+    return True
