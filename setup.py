@@ -9,6 +9,7 @@ PACKAGES = [
     "guided_diffusion.data",
     "guided_diffusion.diffusion",
     "guided_diffusion.evaluation",
+    "guided_diffusion.interop",
     "guided_diffusion.runtime",
     "guided_diffusion.sampling",
     "guided_diffusion.training",

@@ -24,7 +24,7 @@ LAYERS = {
     2: "runtime dist_util logger image_datasets data",
     3: "nn networks fp16_util unet dit cgan.networks vae.networks",
     4: "script_util cli",
-    5: "train_util training sampling evaluation cgan vae",
+    5: "train_util training sampling evaluation cgan vae interop",
 }
 _ENTRIES = {f"{PACKAGE}.{m}": n for n, names in LAYERS.items() for m in names.split()}
 

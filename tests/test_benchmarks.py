@@ -167,3 +167,29 @@ def test_bench_compare_workers_see_no_gpu_unless_asked_for_one():
     assert cpu_env["CUDA_VISIBLE_DEVICES"] == "" and cpu_env["OMP_NUM_THREADS"] == "2"
     gpu_env = bench_compare.worker_env(parser.parse_args(["--device", "cuda"]))
     assert gpu_env.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_bench_diffusers_tiny_times_both_sides_on_equal_outputs(tmp_path):
+    """bench_diffusers.py on the tiny config: one run per side (alternating) and a summary per
+    workload whose outputs agree (same weights, same inputs, diffusers' own code)."""
+    pytest.importorskip("diffusers")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_diffusers.py"), "--config",
+         "tiny", "--num_classes", "10", "--batch_size", "1", "--steps", "1", "--repeat", "1",
+         "--ddim_steps", "2", "--work_dir", str(tmp_path)],
+        env=child_env(cpu=True), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    sides = [r["side"] for r in lines if "side" in r]
+    assert sides == ["ours", "diffusers"]
+    summary = {r["summary"]: r for r in lines if "summary" in r}
+    assert set(summary) == {"train", "forward", "ddim"}
+    for record in summary.values():
+        assert record["ours_s"] > 0 and record["diffusers_s"] > 0
+        assert record["output_rel_diff"] < 1e-4, record
+    bad = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_diffusers.py"), "--workloads",
+         "nope"], env=child_env(cpu=True), capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown workload")

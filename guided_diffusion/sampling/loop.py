@@ -27,6 +27,7 @@ from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..diffusion.guidance import check_guidance_scale
 from ..errors import ScriptError
+from ..interop import diffusers_export
 from ..networks import set_precision
 from ..runtime.kept_rounds import KeptRounds, describe_command
 from ..runtime.perf import compile_model, set_tf32, to_channels_last
@@ -47,6 +48,8 @@ def parse_sampling_flags(parser, argv=None):
     :return: the parsed flags.
     """
     args = run_config.parse_args(parser, argv)
+    # A diffusers UNet2DModel folder as --model_path brings its own model flags (an addition).
+    diffusers_export.take_diffusers_flags(args)
     check_sampling_flags(args)
     return args
 
@@ -519,7 +522,10 @@ def load_diffusion_model(args, super_res=False):
 def _build_and_load(create, flags, model_path):
     """(model, diffusion) of create(**flags), the checkpoint model_path loaded into the model."""
     model, diffusion = create(**flags)
-    load_checkpoint_into(model, model_path, flags, build=lambda f: create(**f)[0])
+    if diffusers_export.is_diffusers_folder(model_path):
+        diffusers_export.load_diffusers_weights(model, model_path)
+    else:
+        load_checkpoint_into(model, model_path, flags, build=lambda f: create(**f)[0])
     return model, diffusion
 
 
