@@ -738,3 +738,23 @@ def test_sampler_docs_and_help_name_every_sampler():
     paragraph = " ".join(text[text.index("Unknown names:"):].split("\n\n")[0].split())
     for name, least in MIN_EVALUATIONS.items():
         assert re.search(rf"`{name}`[^.]*? {least}\b|{name} needs at least {least}", paragraph), name
+
+
+@pytest.mark.parametrize("script", ["classifier_train", "cgan_train"])
+def test_n13_unlabelled_files_for_an_always_conditional_model_name_no_class_cond(script, tmp_path,
+                                                                                 capsys):
+    """The classifier and the cGAN have no --class_cond: the fix for unlabelled files is to
+    rename them."""
+    folder = tmp_path / "unlabelled"
+    write_images(folder, count=4)
+    for i, name in enumerate(sorted(os.listdir(folder))):
+        os.rename(folder / name, folder / f"img{i}.png")
+    argv = {"classifier_train": ["--image_size", "8", "--classifier_width", "32",
+                                 "--classifier_depth", "1", "--classifier_channel_mult", "1,2",
+                                 "--classifier_attention_resolutions", "4", "--num_classes", "2",
+                                 "--batch_size", "2", "--iterations", "1"],
+            "cgan_train": ["--image_size", "8", "--batch_size", "2", "--iterations", "1"]}[script]
+    module = _module(f"scripts/{script}.py")
+    assert run_inprocess(script, ["--data_dir", folder, *argv, "--log_dir", tmp_path / "run"]) == 2
+    line = error_line(capsys)
+    assert "rename them" in line and _named_flags(line) <= _flags_of(module), line
