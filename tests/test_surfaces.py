@@ -390,8 +390,10 @@ def test_n6_a_grid_cut_short_by_a_kill_is_removed_at_the_next_start(data, tmp_pa
     assert seen == [str(log / "samples_step000002.png")]
     stray = log / ".samples_step000004.png.a1b2c3d4.tmp"  # as mkstemp names it
     stray.write_bytes(b"\x89PNG half")
+    old_style = log / ".samples_step000006.png.tmp"  # the fixed name grids had before
+    old_style.write_bytes(b"\x89PNG half")
     assert train(data, log, "--max_steps", 2, "--resume_checkpoint", "auto") == 0
-    assert not stray.exists()
+    assert not stray.exists() and not old_style.exists()
 
 
 # ----------------------------------------------------------------------------- N7, N8: retention
