@@ -34,7 +34,7 @@ from guided_diffusion.script_util import (
     script_parser,
 )
 from guided_diffusion.training.classifier import ClassifierTrainLoop
-from guided_diffusion.training.engine import parse_run_args, start_run
+from guided_diffusion.training.engine import TrainOptions, parse_run_args, start_run
 
 
 def main(argv=None):
@@ -90,11 +90,8 @@ def main(argv=None):
         ),
         weight_hints=dict(flags=flags, build=lambda f: create_classifier_and_diffusion(**f)[0]),
         use_fp16=args.classifier_use_fp16,
-        **args_to_dict(args, [
-            "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval",
-            "resume_checkpoint", "weight_decay", "anneal_lr", "eval_interval", "max_steps",
-            "keep_checkpoints", "grad_clip", "init_checkpoint", "init_num_classes",
-        ]),
+        options=TrainOptions.from_flags(args),
+        **args_to_dict(args, ["microbatch", "eval_interval", "init_num_classes", "save_format"]),
     ).run_loop()
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import channel_defaults, sampling_extra_defaults
+from guided_diffusion.cli.flags import arch_defaults, channel_defaults, sampling_extra_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.runtime.files import atomic_write
@@ -97,6 +97,7 @@ def create_argparser():
         model_and_diffusion_defaults(),
         sampling_extra_defaults(),
         channel_defaults(),
+        arch_defaults(),
     )
 
 

@@ -43,6 +43,7 @@ def main(argv=None):
         channel_mult=args.channel_mult,
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
+        arch=args.arch,  # refused unless unet: the super-resolution model is a UNet
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
     # Validation (deterministic) batches are unflipped and in a fixed order.

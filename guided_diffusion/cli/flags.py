@@ -121,6 +121,7 @@ def ddim_tool_defaults(seed=True):
     defaults.update(channel_defaults())
     del defaults["timestep_respacing"]
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     extras = sampling_extra_defaults()
     if not seed:
         del extras["seed"]
@@ -141,6 +142,7 @@ def ddim_tool_model_flags(args):
         num_classes=args.num_classes,
         class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
         in_channels=getattr(args, "in_channels", 3),
+        **{k: getattr(args, k) for k in arch_defaults() if hasattr(args, k)},
     )
     return flags
 
@@ -164,6 +166,30 @@ def cfg_defaults():
         value when sampling too: it describes the checkpoint's layout, like --learn_sigma.
     """
     return dict(class_dropout_prob=0.0)
+
+
+def arch_defaults():
+    """
+    The diffusion network family (create_model's one switch; docs/dit.md).
+
+    arch: "unet" (the reference's network, and what its flags and checkpoints describe) or
+        "dit".
+    dit_model: the DiT's size with --arch dit: one of the paper's twelve ("DiT-S/2" ...
+        "DiT-XL/8"; DiT-XL/2 is the released one) or "depth=D,width=W,heads=H,patch=P".
+    """
+    return dict(arch="unet", dit_model="DiT-XL/2")
+
+
+def latent_defaults():
+    """
+    Sampling a latent DiT (the released ones work on Stable Diffusion VAE latents).
+
+    vae_path: a local diffusers AutoencoderKL folder (config.json + weights) to decode the
+        sampled latents with; "" writes the latents as they are.
+    guidance_channels: which channels classifier-free guidance extrapolates: "all" (the
+        default) or "first3" (the first three only, as DiT's own sample.py does).
+    """
+    return dict(vae_path="", guidance_channels="all")
 
 
 def sampling_guidance_defaults():
@@ -245,6 +271,7 @@ def diffusion_sampling_defaults():
     return {
         **sampling_extra_defaults(),
         **cfg_defaults(),
+        **arch_defaults(),
         **sampling_guidance_defaults(),
         **sample_script_defaults(),
     }
@@ -283,8 +310,10 @@ def run_defaults():
     log_format: rank 0's log outputs, e.g. "stdout,log,csv,tensorboard" ("" = $OPENAI_LOG_FORMAT,
         else stdout,log,csv).
     keep_checkpoints: keep the newest K checkpoint sets (-1 = all).
+    lr_warmup_steps, lr_schedule: the learning-rate schedule (training.options.LRSchedule); 0
+        and constant keep the reference's rate.
     """
-    return dict(log_format="", keep_checkpoints=-1)
+    return dict(log_format="", keep_checkpoints=-1, lr_warmup_steps=0, lr_schedule="constant")
 
 
 def diffusion_run_defaults():
@@ -297,6 +326,7 @@ def diffusion_run_defaults():
     init_checkpoint, init_num_classes, init_add_null_class: fine-tune a checkpoint.
     sample_interval, sample_steps: a grid of EMA samples every N steps (0 = never), DDIM steps.
     val_data_dir, val_interval, val_num_images: validation loss terms on a fixed subset.
+    save_format: the model and EMA files as "pt" (torch.save) or "safetensors".
     """
     return dict(
         ema_warmup_power=0.0,
@@ -310,6 +340,7 @@ def diffusion_run_defaults():
         val_data_dir="",
         val_interval=1000,
         val_num_images=256,
+        save_format="pt",
     )
 
 
@@ -384,7 +415,7 @@ def classifier_train_defaults():
     del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
     defaults.update(extras)
     defaults.update(classifier_channel_mult="", grad_clip=0.0, init_checkpoint="",
-                    init_num_classes=0)
+                    init_num_classes=0, save_format="pt")
     defaults.update(channel_defaults())
     return defaults
 
@@ -412,6 +443,7 @@ def diffusion_train_defaults():
     )
     defaults.update(training_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     defaults.update(channel_defaults())
     defaults.update(diffusion_run_defaults())
     return defaults
@@ -529,8 +561,9 @@ FLAG_HELP = {
     "class_dropout_prob": ("model", "classifier-free guidance: rate at which training replaces "
                                     "labels by the null class; > 0 adds the null-class row, so "
                                     "pass the training value when sampling too"),
-    "arch": ("model", 'cGAN/VAE network family: "mlp" (the papers\' fully connected networks) '
-                      'or "conv" (convolutional, RGB)'),
+    "arch": ("model", 'network family: diffusion models "unet" (the reference\'s) or "dit" '
+                      '(the transformer of Peebles & Xie 2023, docs/dit.md); cGAN/VAE "mlp" '
+                      '(the papers\' fully connected networks) or "conv" (convolutional, RGB)'),
     "z_dim": ("model", "cGAN: dimension of the generator's noise z"),
     "conv_channels": ("model", "cGAN with --arch conv: width of the convolutional networks"),
     "latent_size": ("model", "VAE: dimension of the latent z"),
@@ -622,7 +655,15 @@ FLAG_HELP = {
     "lr": ("training", "learning rate (cGAN: 0 = the optimiser's default)"),
     "weight_decay": ("training", "weight decay of the optimiser (AdamW)"),
     "lr_anneal_steps": ("training", "decay the learning rate linearly to 0 over this many steps "
-                                    "and stop there (0 = constant rate, train until stopped)"),
+                                    "and stop there (0 = constant rate, train until stopped); "
+                                    "the horizon of --lr_schedule"),
+    "lr_warmup_steps": ("training", "raise the learning rate linearly from 0 to --lr over the "
+                                    "first N steps (0 = no warm-up; must end before the "
+                                    "schedule's horizon)"),
+    "lr_schedule": ("training", 'learning rate after the warm-up: "constant", "linear" or '
+                                '"cosine" (0.5 * (1 + cos(pi * progress))) down to 0 at the '
+                                "horizon, --lr_anneal_steps or --iterations; the reference's "
+                                "--lr_anneal_steps / --anneal_lr alone mean linear"),
     "ema_rate": ("training", "decay rate(s) of the weights' exponential moving average, "
                              "comma-separated; one ema_<rate>_NNNNNN.pt per rate"),
     "log_interval": ("training", "write the table of losses every this many steps"),
@@ -634,7 +675,8 @@ FLAG_HELP = {
                                       "per step without overflow"),
     "max_steps": ("training", "stop after this many steps of this run (0 = no limit)"),
     "iterations": ("training", "number of training steps in all"),
-    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations"),
+    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations (= "
+                              "--lr_schedule linear)"),
     "eval_interval": ("training", "evaluate on --val_data_dir every this many steps"),
     "optimizer": ("training", 'cGAN optimiser: "adam" or "sgd" (the paper\'s momentum SGD with '
                               "its schedule)"),
@@ -647,11 +689,15 @@ FLAG_HELP = {
     "momentum_saturate_steps": ("training", "cGAN sgd: steps of the linear momentum ramp"),
     "beta": ("training", "VAE: weight of the KL term (1 = the ELBO, > 1 a beta-VAE)"),
     "log_format": ("training", "rank 0's log outputs, comma-separated from stdout, log, csv, "
-                               'json, tensorboard ("" = $OPENAI_LOG_FORMAT, else '
-                               "stdout,log,csv)"),
+                               'json, tensorboard, wandb ("" = $OPENAI_LOG_FORMAT, else '
+                               "stdout,log,csv); wandb runs offline unless $WANDB_MODE says "
+                               "otherwise"),
     "keep_checkpoints": ("training", "keep only the newest K checkpoint sets, deleting older "
                                      "ones once a new set is on disk (never the one resumed "
                                      "from); -1 = keep all"),
+    "save_format": ("training", "the model and EMA files of each checkpoint set: pt (torch.save, "
+                                "as the reference) or safetensors (.safetensors files; the "
+                                "optimizer and state files stay .pt); resume finds either"),
     "grad_clip": ("training", "clip the global gradient norm to this before each step (logged "
                               "as grad_norm_clipped); 0 = never"),
     "ema_warmup_power": ("training", "warm the EMA decay up as min(ema_rate, 1 - (1 + step / "
@@ -857,6 +903,7 @@ def editing_defaults():
     defaults.update(classifier_defaults())
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     defaults.update(sampling_guidance_defaults())
     defaults.update(output_defaults())
     return defaults
@@ -866,6 +913,13 @@ def editing_defaults():
 # description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
 # docs/flags.md at once.
 NEW_FLAG_HELP = {
+    "dit_model": ("model", 'the DiT\'s size with --arch dit: DiT-S/2 ... DiT-XL/8 (the paper\'s '
+                           'twelve: S, B, L, XL with patch 2, 4 or 8) or '
+                           '"depth=D,width=W,heads=H,patch=P"'),
+    "vae_path": ("data", "a local diffusers AutoencoderKL folder: decode sampled latents "
+                         'to images with it ("" = write the latents as they are; docs/dit.md)'),
+    "guidance_channels": ("sampling", 'channels classifier-free guidance extrapolates: all, or '
+                                      'first3 (as DiT\'s sample.py, to match its FIDs)'),
     "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
                              "per-image files; other files are kept) and discard the kept "
                              "batches of another command; False: refuse both"),

@@ -139,8 +139,8 @@ def blobfile():
     return bf
 
 
-# The first bytes of the files people pass where an npz is expected.
-_MAGIC = (
+# The first bytes of the files people pass where an npz (or a checkpoint) is expected.
+KNOWN_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
     (b"\xff\xd8\xff", "a JPEG image"),
     (b"GIF8", "a GIF image"),
@@ -156,7 +156,7 @@ def file_kind(path):
     """
     with open(path, "rb") as f:
         head = f.read(8)
-    for magic, kind in _MAGIC:
+    for magic, kind in KNOWN_MAGIC:
         if head.startswith(magic):
             return kind
     return "not an npz file"

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .. import dist_util, logger
+from ..networks import label_embedding_of
 from ..sampling.files import make_grid_png, to_uint8
 from ..script_util import diffusion_from_flags
 from .loss_logging import log_loss_dict
@@ -93,7 +94,7 @@ class SampleGrid:
             count = min(GRID_SAMPLES, len(batch))
             kwargs["low_res"] = cond["low_res"][:count].to(device).clone()
         if "y" in cond:
-            classes = self.num_classes or int(self.task.model.label_emb.num_embeddings)
+            classes = self.num_classes or int(label_embedding_of(self.task.model).num_embeddings)
             kwargs["y"] = (torch.arange(count) % classes).to(device)
         generator = torch.Generator().manual_seed(GRID_SEED)
         self.noise = torch.randn((count, *batch.shape[1:]), generator=generator).to(device)
