@@ -196,7 +196,13 @@ def _is_array_file(path):
     return str(path).lower().endswith(tuple("." + e for e in ARRAY_EXTENSIONS))
 
 
-def class_labels_from_paths(paths):
+# How to fix file names without a class, for a model that may also train without labels; a
+# script whose model always has classes (the classifier, the cGAN) passes ALWAYS_LABELLED.
+UNLABELLED_FIX = "rename them or pass --class_cond False"
+ALWAYS_LABELLED = "rename them: this model needs the class of every image"
+
+
+def class_labels_from_paths(paths, unlabelled_fix=UNLABELLED_FIX):
     """
     Class labels from file names: the class is the name before its first "_".
 
@@ -216,8 +222,7 @@ def class_labels_from_paths(paths):
         # deviation from reference: the reference silently made the whole name the class.
         raise ValueError(
             f"class_cond needs file names of the form '<class>_<anything>.<ext>', but "
-            f"{len(unlabelled)} file(s) have no '_', e.g. {unlabelled[0]!r}: rename them or "
-            "pass --class_cond False"
+            f"{len(unlabelled)} file(s) have no '_', e.g. {unlabelled[0]!r}: {unlabelled_fix}"
         )
     class_names = sorted(set(names))
     index = {name: i for i, name in enumerate(class_names)}
@@ -539,7 +544,7 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_cha
     return np.stack(images), label_arr
 
 
-def check_dataset_classes(data_dir, num_classes, flag="--data_dir"):
+def check_dataset_classes(data_dir, num_classes, flag="--data_dir", unlabelled_fix=UNLABELLED_FIX):
     """
     Compare a class-conditional dataset's classes with the model's label count.
 
@@ -552,7 +557,8 @@ def check_dataset_classes(data_dir, num_classes, flag="--data_dir"):
     :return: the class names, in label order.
     :raises ValueError: naming the --num_classes to pass.
     """
-    _, names = class_labels_from_paths(list_image_files_recursively(data_dir, flag=flag))
+    _, names = class_labels_from_paths(list_image_files_recursively(data_dir, flag=flag),
+                                       unlabelled_fix)
     if len(names) > num_classes:
         raise ValueError(
             f"{data_dir} has {len(names)} classes but the model has {num_classes} labels: pass "
@@ -583,7 +589,8 @@ def _foreign_classes_message(data_dir, missing, class_names, flag, train_flag="-
     )
 
 
-def check_validation_classes(val_dir, class_names, flag="--val_data_dir"):
+def check_validation_classes(val_dir, class_names, flag="--val_data_dir",
+                             unlabelled_fix=UNLABELLED_FIX):
     """
     Check, before training, that a class-conditional validation folder holds only classes of the
     training folder (its labels are numbered by the training folder's names: load_data with
@@ -594,7 +601,8 @@ def check_validation_classes(val_dir, class_names, flag="--val_data_dir"):
     :raises FileNotFoundError, ValueError: naming `flag` (missing, empty, unlabelled files,
         classes the training folder lacks).
     """
-    _, names = class_labels_from_paths(list_image_files_recursively(val_dir, flag=flag))
+    _, names = class_labels_from_paths(list_image_files_recursively(val_dir, flag=flag),
+                                       unlabelled_fix)
     missing = [name for name in names if name not in set(class_names)]
     if missing:
         raise ValueError(_foreign_classes_message(val_dir, missing, class_names, flag))

@@ -153,6 +153,14 @@ TEXT_FLAG_TESTS = {
     "test_dir": ["tests/test_input_rules.py::test_text_flags_refuse_bad_input_in_one_line"],
     "timestep_respacing": ["tests/test_bad_input.py::test_files_that_hold_something_else_are_named"],
     "uncond_model_path": ["tests/test_guidance_sweep.py::test_guidance_sweep_end_to_end"],
+    "dit_model": ["tests/test_dit_paths.py::test_bad_sampling_flags_one_line",
+                  "tests/test_dit_paths.py::test_factory_refusals"],
+    "guidance_channels": ["tests/test_dit_paths.py::test_bad_sampling_flags_one_line"],
+    "lr_schedule": ["tests/test_lr_schedule.py::"
+                    "test_bad_schedules_are_refused_in_one_line_before_any_work"],
+    "save_format": ["tests/test_safetensors.py::test_bad_save_format_is_one_line_before_the_log_folder",
+                    "tests/test_safetensors.py::test_save_format_without_a_value_is_refused"],
+    "vae_path": ["tests/test_dit_paths.py::test_bad_vae_paths_one_line"],
     "val_data_dir": ["tests/test_surfaces.py::test_n4_n5_the_validation_folder_is_checked_at_the_start",
                      "tests/test_bad_input.py::"
                      "test_a_missing_val_data_dir_is_named_before_the_model_is_built"],
@@ -342,6 +350,9 @@ WRITING_FEATURES = {
         "tests/test_resumable_sampling.py::test_ddim_consistency_stopped_and_continued_gives_the_same_bytes"],
     "scripts/ddim_invert.py:write": [
         "tests/test_resumable_sampling.py::test_ddim_consistency_stopped_and_continued_gives_the_same_bytes"],
+    "guided_diffusion/logger.py:_run_id": [
+        "tests/test_input_rules.py::"
+        "test_a_wandb_run_id_that_fails_on_a_full_disk_leaves_no_file_and_comes_next_time"],
     "scripts/image_nll.py:run_bpd_evaluation": [
         "tests/test_input_rules.py::test_a_write_that_fails_on_a_full_disk_leaves_the_old_file"],
 }
@@ -458,3 +469,24 @@ def test_a_write_that_fails_on_a_full_disk_leaves_the_old_file(feature, tmp_path
     assert open(path, "rb").read() == before
     folder = os.path.dirname(path)
     assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_a_wandb_run_id_that_fails_on_a_full_disk_leaves_no_file_and_comes_next_time(
+        tmp_path, monkeypatch):
+    """The id file of a W&B run (logger.WandbOutputFormat._run_id): a full disk while it is
+    written leaves neither an empty id file (which a resume would trip over) nor a temporary;
+    the next start writes it."""
+    from guided_diffusion import logger
+    from guided_diffusion.runtime import files
+
+    real_fsync = files.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError):
+        logger.WandbOutputFormat._run_id(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(files.os, "fsync", real_fsync)
+    first = logger.WandbOutputFormat._run_id(str(tmp_path))
+    assert first and logger.WandbOutputFormat._run_id(str(tmp_path)) == first

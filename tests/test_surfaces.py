@@ -390,8 +390,10 @@ def test_n6_a_grid_cut_short_by_a_kill_is_removed_at_the_next_start(data, tmp_pa
     assert seen == [str(log / "samples_step000002.png")]
     stray = log / ".samples_step000004.png.a1b2c3d4.tmp"  # as mkstemp names it
     stray.write_bytes(b"\x89PNG half")
+    old_style = log / ".samples_step000006.png.tmp"  # the fixed name grids had before
+    old_style.write_bytes(b"\x89PNG half")
     assert train(data, log, "--max_steps", 2, "--resume_checkpoint", "auto") == 0
-    assert not stray.exists()
+    assert not stray.exists() and not old_style.exists()
 
 
 # ----------------------------------------------------------------------------- N7, N8: retention
@@ -738,3 +740,23 @@ def test_sampler_docs_and_help_name_every_sampler():
     paragraph = " ".join(text[text.index("Unknown names:"):].split("\n\n")[0].split())
     for name, least in MIN_EVALUATIONS.items():
         assert re.search(rf"`{name}`[^.]*? {least}\b|{name} needs at least {least}", paragraph), name
+
+
+@pytest.mark.parametrize("script", ["classifier_train", "cgan_train"])
+def test_n13_unlabelled_files_for_an_always_conditional_model_name_no_class_cond(script, tmp_path,
+                                                                                 capsys):
+    """The classifier and the cGAN have no --class_cond: the fix for unlabelled files is to
+    rename them."""
+    folder = tmp_path / "unlabelled"
+    write_images(folder, count=4)
+    for i, name in enumerate(sorted(os.listdir(folder))):
+        os.rename(folder / name, folder / f"img{i}.png")
+    argv = {"classifier_train": ["--image_size", "8", "--classifier_width", "32",
+                                 "--classifier_depth", "1", "--classifier_channel_mult", "1,2",
+                                 "--classifier_attention_resolutions", "4", "--num_classes", "2",
+                                 "--batch_size", "2", "--iterations", "1"],
+            "cgan_train": ["--image_size", "8", "--batch_size", "2", "--iterations", "1"]}[script]
+    module = _module(f"scripts/{script}.py")
+    assert run_inprocess(script, ["--data_dir", folder, *argv, "--log_dir", tmp_path / "run"]) == 2
+    line = error_line(capsys)
+    assert "rename them" in line and _named_flags(line) <= _flags_of(module), line

@@ -14,6 +14,7 @@ import torch
 
 from .. import dist_util
 from ..image_datasets import (
+    ALWAYS_LABELLED,
     ImageDataset,
     class_labels_from_paths,
     list_image_files_recursively,
@@ -118,7 +119,7 @@ def load_labeled_images(data_dir, *, image_size, shard=0, num_shards=1):
     :return: (uint8 images [N, image_size, image_size, 3], int64 labels [N], class names).
     """
     paths = list_image_files_recursively(data_dir)
-    labels, class_names = class_labels_from_paths(paths)
+    labels, class_names = class_labels_from_paths(paths, ALWAYS_LABELLED)
     dataset = ImageDataset(
         image_size, paths, classes=labels, shard=shard, num_shards=num_shards, random_flip=False
     )
@@ -260,5 +261,6 @@ def count_classes(data_dir):
     """
     if is_mnist_dir(data_dir):
         return 10
-    _, class_names = class_labels_from_paths(list_image_files_recursively(data_dir))
+    _, class_names = class_labels_from_paths(list_image_files_recursively(data_dir),
+                                             ALWAYS_LABELLED)
     return len(class_names)

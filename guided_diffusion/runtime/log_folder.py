@@ -35,7 +35,9 @@ except ImportError:  # Windows: no fcntl locks; the folder stays unlocked there
 LOCK_NAME = "job.lock"
 
 # atomic_write's temporary names: "." + the final name + "." + mkstemp's random part + ".tmp".
-_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp")
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp|\.samples_step\d+\.png\.tmp")
+# (The second form: the fixed temporary name sample grids were written under before they used
+# atomic_write; a folder of an older run may still hold one.)
 
 # Locked folders of this process: real path -> the open lock file (the lock lives as long as it).
 _held = {}

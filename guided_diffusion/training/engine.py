@@ -562,7 +562,12 @@ class Trainer:
         # A resumed run applies its own settings once, when it starts (_apply_resumed_settings).
         self._settings_pending = bool(self.resume_checkpoint)
         if self.resume_checkpoint:
-            self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
+            try:
+                self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
+            except ValueError as exc:
+                if str(exc).startswith("cannot read checkpoint"):
+                    raise ValueError(f"--resume_checkpoint: {exc}") from None
+                raise
         self.keep_checkpoints = keep_checkpoints
         self._init_flag = options.init_checkpoint
         self.init_checkpoint = self._start_from(options.init_checkpoint)
