@@ -18,10 +18,16 @@ import torch
 
 from . import dist_util, logger
 from .errors import NonFiniteLossError  # noqa: F401  (public here, where it lived)
-from .image_datasets import check_dataset_classes, with_label_dropout
+from .image_datasets import (
+    check_dataset_classes,
+    check_validation_classes,
+    list_image_files_recursively,
+    with_label_dropout,
+)
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .runtime import checkpoints
 from .training.engine import KEEP_ALL, Trainer, checkpoint_step, resolve_resume_checkpoint  # noqa: F401
+from .networks import label_key_of
 from .training.options import TrainOptions
 from .training.finetune import adapt_label_embedding
 from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
@@ -273,11 +279,11 @@ class TrainLoop(MixedPrecisionTask):
         """--init_num_classes / --init_add_null_class: re-initialise the label embedding."""
         return adapt_label_embedding(
             state, self.model.state_dict(), path=path, init_num_classes=self.init_num_classes,
-            init_add_null_class=self.init_add_null_class,
+            init_add_null_class=self.init_add_null_class, key=label_key_of(self.model),
         )
 
     def init_mismatch_advice(self, state):
-        label = "label_emb.weight"
+        label = label_key_of(self.model)
         if self.init_num_classes or self.init_add_null_class:
             return ""
         ours = self.model.state_dict().get(label)
@@ -326,17 +332,27 @@ def train_from_flags(args, model, diffusion, flags, load):
     :param diffusion: its diffusion.
     :param flags: the model and diffusion flags both were built from (the sample grids' DDIM
         diffusion is respaced from them).
-    :param load: (folder, deterministic) -> this rank's batch stream of the folder: shuffled
-        and augmented as the flags say for training, in a fixed order and unaugmented for the
-        validation subset (deterministic=True).
+    :param load: (folder, deterministic, **load_data keywords) -> this rank's batch stream of
+        the folder: shuffled and augmented as the flags say for training, in a fixed order and
+        unaugmented for the validation subset (deterministic=True; with flag="--val_data_dir"
+        and, for a class-conditional model, the training folder's class_names).
     """
     model.to(dist_util.dev())
     to_channels_last(model, args.channels_last)
     compile_model(model, args.compile)
 
     logger.log("creating data loader...")
+    names = None
     if args.class_cond:
-        check_dataset_classes(args.data_dir, args.num_classes)
+        names = check_dataset_classes(args.data_dir, args.num_classes)
+    val_options = dict(flag="--val_data_dir")
+    if args.val_data_dir:
+        # Checked now, like --data_dir, not at the first validation mid-run.
+        if names is not None:
+            check_validation_classes(args.val_data_dir, names)
+            val_options["class_names"] = names  # its labels numbered as the training folder's
+        else:
+            list_image_files_recursively(args.val_data_dir, flag="--val_data_dir")
     # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
     data = with_label_dropout(load(args.data_dir, False), prob=args.class_dropout_prob,
                               null_label=args.num_classes)
@@ -348,7 +364,7 @@ def train_from_flags(args, model, diffusion, flags, load):
         data=data,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         **{name: getattr(args, name) for name in TRAIN_LOOP_FLAGS},
-        **watch_keywords(args, flags, lambda folder: load(folder, True)),
+        **watch_keywords(args, flags, lambda folder: load(folder, True, **val_options)),
     ).run_loop()
 
 

@@ -19,7 +19,7 @@ if __name__ == "__main__":
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import classifier_train_defaults
 from guided_diffusion.cli.main import run_main
-from guided_diffusion.image_datasets import check_dataset_classes, load_data
+from guided_diffusion.image_datasets import check_dataset_classes, check_validation_classes, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.runtime.perf import compile_model, to_channels_last
 from guided_diffusion.script_util import (
@@ -38,9 +38,10 @@ def main(argv=None):
               argv=argv)
 
     # The data folders first: a missing one is refused before any work.
-    check_dataset_classes(args.data_dir, args.num_classes)
+    names = check_dataset_classes(args.data_dir, args.num_classes)
     if args.val_data_dir:
-        check_dataset_classes(args.val_data_dir, args.num_classes, flag="--val_data_dir")
+        # Its classes must be the training folder's; its labels are numbered as those.
+        check_validation_classes(args.val_data_dir, names)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
@@ -69,6 +70,7 @@ def main(argv=None):
             class_cond=True,
             in_channels=args.in_channels,
             flag="--val_data_dir",
+            class_names=names,
         )
 
     logger.log("training classifier model...")

@@ -16,7 +16,11 @@ if __name__ == "__main__":
     catch_preemption_signals()
 
 from guided_diffusion import logger
-from guided_diffusion.cli.flags import augmentation_defaults, diffusion_train_defaults
+from guided_diffusion.cli.flags import (
+    arch_defaults,
+    augmentation_defaults,
+    diffusion_train_defaults,
+)
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
@@ -41,8 +45,9 @@ def main(argv=None):
         num_classes=args.num_classes,
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
+        **{name: getattr(args, name) for name in arch_defaults()},  # --arch and its flags
     )
-    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_data(
+    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic, **kw: load_data(
         data_dir=folder,
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -51,6 +56,7 @@ def main(argv=None):
         random_flip=args.random_flip and not deterministic,
         random_crop=args.random_crop and not deterministic,
         in_channels=args.in_channels,
+        **kw,
     ))
 
 

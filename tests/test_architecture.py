@@ -22,7 +22,7 @@ LAYERS = {
     0: "errors",
     1: "diffusion losses gaussian_diffusion respace resample",
     2: "runtime dist_util logger image_datasets data",
-    3: "nn fp16_util unet dit cgan.networks vae.networks",
+    3: "nn networks fp16_util unet dit cgan.networks vae.networks",
     4: "script_util cli",
     5: "train_util training sampling evaluation cgan vae",
 }
@@ -46,8 +46,9 @@ def is_maths(module):
 
 # What the maths must never reach: processes and I/O, and the networks.
 FORBIDDEN_FOR_MATHS = {
-    f"{PACKAGE}.{name}" for name in ("dist_util", "logger", "unet", "dit", "nn", "fp16_util", "cgan",
-                                     "vae", "runtime", "training", "sampling", "cli")
+    f"{PACKAGE}.{name}" for name in ("dist_util", "logger", "unet", "dit", "networks", "nn",
+                                     "fp16_util", "cgan", "vae", "runtime", "training",
+                                     "sampling", "cli")
 }
 # Top-level folders of the repository that are scripts or experiments, never library code.
 NOT_LIBRARY = ("datasets", "evaluations", "experiments", "scripts", "benchmarks", "tests")

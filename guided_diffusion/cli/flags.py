@@ -121,6 +121,7 @@ def ddim_tool_defaults(seed=True):
     defaults.update(channel_defaults())
     del defaults["timestep_respacing"]
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     extras = sampling_extra_defaults()
     if not seed:
         del extras["seed"]
@@ -141,6 +142,7 @@ def ddim_tool_model_flags(args):
         num_classes=args.num_classes,
         class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
         in_channels=getattr(args, "in_channels", 3),
+        **{k: getattr(args, k) for k in arch_defaults() if hasattr(args, k)},
     )
     return flags
 
@@ -164,6 +166,30 @@ def cfg_defaults():
         value when sampling too: it describes the checkpoint's layout, like --learn_sigma.
     """
     return dict(class_dropout_prob=0.0)
+
+
+def arch_defaults():
+    """
+    The diffusion network family (create_model's one switch; docs/dit.md).
+
+    arch: "unet" (the reference's network, and what its flags and checkpoints describe) or
+        "dit".
+    dit_model: the DiT's size with --arch dit: one of the paper's twelve ("DiT-S/2" ...
+        "DiT-XL/8"; DiT-XL/2 is the released one) or "depth=D,width=W,heads=H,patch=P".
+    """
+    return dict(arch="unet", dit_model="DiT-XL/2")
+
+
+def latent_defaults():
+    """
+    Sampling a latent DiT (the released ones work on Stable Diffusion VAE latents).
+
+    vae_path: a local diffusers AutoencoderKL folder (config.json + weights) to decode the
+        sampled latents with; "" writes the latents as they are.
+    guidance_channels: which channels classifier-free guidance extrapolates: "all" (the
+        default) or "first3" (the first three only, as DiT's own sample.py does).
+    """
+    return dict(vae_path="", guidance_channels="all")
 
 
 def sampling_guidance_defaults():
@@ -245,6 +271,7 @@ def diffusion_sampling_defaults():
     return {
         **sampling_extra_defaults(),
         **cfg_defaults(),
+        **arch_defaults(),
         **sampling_guidance_defaults(),
         **sample_script_defaults(),
     }
@@ -414,6 +441,7 @@ def diffusion_train_defaults():
     )
     defaults.update(training_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     defaults.update(channel_defaults())
     defaults.update(diffusion_run_defaults())
     return defaults
@@ -531,8 +559,9 @@ FLAG_HELP = {
     "class_dropout_prob": ("model", "classifier-free guidance: rate at which training replaces "
                                     "labels by the null class; > 0 adds the null-class row, so "
                                     "pass the training value when sampling too"),
-    "arch": ("model", 'cGAN/VAE network family: "mlp" (the papers\' fully connected networks) '
-                      'or "conv" (convolutional, RGB)'),
+    "arch": ("model", 'network family: diffusion models "unet" (the reference\'s) or "dit" '
+                      '(the transformer of Peebles & Xie 2023, docs/dit.md); cGAN/VAE "mlp" '
+                      '(the papers\' fully connected networks) or "conv" (convolutional, RGB)'),
     "z_dim": ("model", "cGAN: dimension of the generator's noise z"),
     "conv_channels": ("model", "cGAN with --arch conv: width of the convolutional networks"),
     "latent_size": ("model", "VAE: dimension of the latent z"),
@@ -868,6 +897,7 @@ def editing_defaults():
     defaults.update(classifier_defaults())
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     defaults.update(sampling_guidance_defaults())
     defaults.update(output_defaults())
     return defaults
@@ -877,6 +907,13 @@ def editing_defaults():
 # description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
 # docs/flags.md at once.
 NEW_FLAG_HELP = {
+    "dit_model": ("model", 'the DiT\'s size with --arch dit: DiT-S/2 ... DiT-XL/8 (the paper\'s '
+                           'twelve: S, B, L, XL with patch 2, 4 or 8) or '
+                           '"depth=D,width=W,heads=H,patch=P"'),
+    "vae_path": ("data", "a local diffusers AutoencoderKL folder: decode sampled latents "
+                         'to images with it ("" = write the latents as they are; docs/dit.md)'),
+    "guidance_channels": ("sampling", 'channels classifier-free guidance extrapolates: all, or '
+                                      'first3 (as DiT\'s sample.py, to match its FIDs)'),
     "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
                              "per-image files; other files are kept) and discard the kept "
                              "batches of another command; False: refuse both"),

@@ -15,7 +15,7 @@ import zipfile
 import torch
 
 from ..errors import CheckpointWriteError
-from .files import atomic_write, blobfile
+from .files import atomic_write, blobfile, file_kind
 
 
 def _is_remote(path):
@@ -70,9 +70,46 @@ def load_checkpoint(path, map_location="cpu", **kwargs):
                 f"{path} holds objects other than tensors and plain containers, so it was not "
                 "loaded (only state-dict checkpoints are accepted)"
             ) from None
-        raise ValueError(_corrupt_message(path, "not a valid torch.save file")) from None
+        raise ValueError(_unreadable_message(path, "not a valid torch.save file")) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise ValueError(_corrupt_message(path, exc)) from None
+        raise ValueError(_unreadable_message(path, exc)) from None
+
+
+def _other_kind(path):
+    """What a file that is no checkpoint is, when its bytes say (an image, an npz ...), or None."""
+    if _is_remote(path):
+        return None
+    try:
+        kind = file_kind(path)
+        if kind is None:  # a zip: torch.save's format, or an npz of arrays
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if names and all(n.endswith(".npy") for n in names):
+                return "an npz file of arrays (np.savez)"
+            return None
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if kind.startswith("a single .npy"):
+        return "a .npy array file (np.save)"
+    if kind != "not an npz file":
+        return kind
+    if head[:1] in (b"{", b"["):
+        return "a JSON text file"
+    return None
+
+
+def _unreadable_message(path, exc):
+    """A file of another kind (an image given as a checkpoint) is named as such; the advice to
+    delete it is only for a file that really is a damaged checkpoint."""
+    kind = _other_kind(path)
+    if kind is not None:
+        return (
+            f"cannot read checkpoint {path}: it is {kind}, not a checkpoint (a torch.save file "
+            "such as modelNNNNNN.pt or a released .pt): pass a checkpoint file"
+        )
+    return _corrupt_message(path, exc)
 
 
 def _corrupt_message(path, exc):

@@ -29,6 +29,7 @@ from ..cli.flags import explicit_flags
 from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
+from ..runtime.files import os_error_text, write_json
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
@@ -43,6 +44,12 @@ __all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint"
 
 # The output formats of the logger that --log_format takes.
 LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
+
+# args.json of the run start_run began: (folder, record), written when the run starts.
+_pending_record = None
+
+# The journal of a --keep_checkpoints deletion in progress: .pruneNNNNNN.json in the log folder.
+PRUNE_JOURNAL = ".prune"
 
 # Companion files of a checkpoint set: never a checkpoint to resume from on their own.
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
@@ -79,17 +86,43 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
     folder = log_dir or os.environ.get("OPENAI_LOGDIR") or ""
     check_auto_resume_folder(resume_checkpoint, folder)
     formats = _log_formats(getattr(args, "log_format", "") if args is not None else "")
+    existed = bool(folder) and os.path.exists(os.path.expanduser(folder))
     notes = claim_log_folder(os.path.expanduser(folder)) if folder else []
     _configure_logger(log_dir, formats)
+    # Made by this start: a start refused later (a model flag, the data) removes it again.
+    log_folder.note_new_folder(
+        logger.get_dir() if not existed and dist_util.is_main_process() else None)
     for note in notes:
         logger.log(note)
+    global _pending_record
+    _pending_record = None
     if args is not None and dist_util.is_main_process():
-        record = describe_run(vars(args), script or "unknown", argv)
-        path = write_run_record(logger.get_dir(), record)
-        logger.log(f"recorded the flags of this run in {path}")
+        # Written by Trainer.run once the run really starts (model built, data listed,
+        # checkpoint loaded): a refused start leaves the folder's record as it was, so the
+        # checkpoints already there still sample with their own flags.
+        _pending_record = (logger.get_dir(), describe_run(vars(args), script or "unknown", argv))
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
+
+
+def write_pending_record():
+    """
+    Write the args.json of the run start_run began (rank 0; once): called when the run really
+    starts, so a start refused on its flags, its data or its checkpoint never replaces the
+    record of the checkpoints already in the folder. Also marks the log folder as in use for
+    good (log_folder.mark_started).
+
+    :return: the path written, or None.
+    """
+    global _pending_record
+    log_folder.mark_started()
+    if _pending_record is None:
+        return None
+    (folder, record), _pending_record = _pending_record, None
+    path = write_run_record(folder, record)
+    logger.log(f"recorded the flags of this run in {path}")
+    return path
 
 
 def parse_run_args(parser, argv=None):
@@ -131,7 +164,10 @@ def check_run_flags(args):
             class_cond=get("class_cond", True),
             class_dropout_prob=get("class_dropout_prob", 0.0),
         )
-        if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
+        # A run that will resume does not read the init file again (Trainer._start_from): a
+        # requeued fine-tuning run continues even once that file was moved or cleaned away.
+        if args.init_checkpoint and not os.path.isfile(args.init_checkpoint) \
+                and not _will_resume(args):
             raise FileNotFoundError(
                 f"--init_checkpoint {args.init_checkpoint} does not exist: pass the checkpoint "
                 "file to fine-tune (e.g. a released 256x256_diffusion.pt)"
@@ -140,6 +176,21 @@ def check_run_flags(args):
                         ("val_num_images", 1)):
         if get(name, least) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+
+
+def _will_resume(args):
+    """
+    Whether the run will resume from a checkpoint (not start fresh), as far as can be told
+    before the log folder is claimed: an explicit --resume_checkpoint, or auto with a checkpoint
+    file in the log folder.
+    """
+    resume = getattr(args, "resume_checkpoint", "")
+    if not resume:
+        return False
+    if resume != "auto":
+        return True
+    folder = getattr(args, "log_dir", "") or os.environ.get("OPENAI_LOGDIR") or ""
+    return bool(folder) and bool(checkpoints.checkpoint_candidates(os.path.expanduser(folder), "model"))
 
 
 def _log_formats(log_format):
@@ -486,7 +537,9 @@ class Trainer:
         if self.resume_checkpoint:
             self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
         self.keep_checkpoints = keep_checkpoints
+        self._init_flag = options.init_checkpoint
         self.init_checkpoint = self._start_from(options.init_checkpoint)
+        self.finish_interrupted_pruning()
         # (interval, function of the global step) pairs run after every step (add_periodic).
         self._periodic = []
         self.apply_lr(self.global_step)
@@ -525,6 +578,8 @@ class Trainer:
         with PreemptionWatch() as preemption:
             self._stop_if_preempted_before_start(preemption)
             self._restore_train_state()
+            # The run starts now: everything it needs has been checked and loaded.
+            write_pending_record()
             meter = None
             while not self.done():
                 batch, cond = next(self.data)
@@ -705,7 +760,12 @@ class Trainer:
                 f"--init_checkpoint {init_checkpoint} does not exist: pass the checkpoint file "
                 "to fine-tune (e.g. a released 256x256_diffusion.pt)"
             )
-        self.task.init_from_checkpoint(init_checkpoint)
+        try:
+            self.task.init_from_checkpoint(init_checkpoint)
+        except ValueError as exc:
+            if str(exc).startswith("cannot read checkpoint"):
+                raise ValueError(f"--init_checkpoint: {exc}") from None
+            raise
         return init_checkpoint
 
     def add_periodic(self, interval, function):
@@ -720,15 +780,66 @@ class Trainer:
         self._periodic.append((interval, function))
 
     def run_periodic(self):
+        """
+        Call the periodic functions due at this step. They only watch the run (sample grids,
+        validation), so one that fails (a grid that cannot be written, a full disk, a bad
+        image) never costs training: one warning line says what failed, the run goes on and
+        saves its checkpoints as usual, and the function is tried again at its next step.
+        """
         for interval, function in self._periodic:
-            if self.global_step % interval == 0:
+            if self.global_step % interval != 0:
+                continue
+            try:
                 function(self.global_step)
+            except Exception as exc:  # noqa: BLE001 -- any failure of an observer
+                what = getattr(function, "what", getattr(function, "__name__", "a periodic task"))
+                why = os_error_text(exc) if isinstance(exc, OSError) else (
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                logger.warn(
+                    f"warning: step {self.global_step}: {what} failed ({why}); training goes on "
+                    "and its checkpoints are saved as usual"
+                )
+
+    def _protected_paths(self):
+        """
+        The real paths --keep_checkpoints never deletes: the checkpoint this run resumed from
+        and the --init_checkpoint file (even on a resumed run, which does not load it again).
+        """
+        return {os.path.realpath(p) for p in (self.resume_checkpoint, self._init_flag)
+                if p and "://" not in os.fspath(p)}
+
+    def _set_steps(self):
+        """
+        Steps of every checkpoint set in the log folder: (complete ones, all ones). A set counts
+        from any of its files, so one whose marker is gone (an interrupted deletion, a crash
+        mid-save) is still found and can be deleted whole.
+        """
+        prefix = self.task.checkpoint_prefix
+        marker = re.compile(re.escape(prefix) + r"(\d+)\.pt")
+        member = re.compile(
+            r"(?:" + re.escape(prefix) + r"|opt|" + re.escape(train_state.STATE_PREFIX)
+            + r"|ema_.+_)(\d{6,})\.pt")
+        complete, every = set(), set()
+        for name in os.listdir(self.log_dir):
+            m = marker.fullmatch(name)
+            if m:
+                complete.add(int(m.group(1)))
+            m = member.fullmatch(name)
+            if m:
+                every.add(int(m.group(1)))
+        return complete, every | complete
 
     def prune_checkpoints(self, step):
         """
-        Delete the checkpoint sets older than the newest keep_checkpoints ones (counting the set
-        of `step`, just written), never the one this run resumed or started from, nor sets of
-        later steps (another run's). Only complete sets (with their marker) count. Rank 0.
+        Delete the checkpoint sets older than the newest keep_checkpoints complete ones
+        (counting the set of `step`, just written), each whole (model, EMA, optimizer, state;
+        also the rest of a set whose marker an interrupted deletion removed), never a set that
+        holds the file this run resumed from or the --init_checkpoint file, nor sets of later
+        steps (another run's). Rank 0.
+
+        Each deletion is written down first (a journal file, PRUNE_JOURNAL) and the journal
+        removed last, so a process killed in the middle has its deletion finished at the next
+        start (finish_interrupted_pruning).
         """
         if self.keep_checkpoints == KEEP_ALL:
             return
@@ -736,31 +847,86 @@ class Trainer:
             # Object stores (gs://, az://) are listed through blobfile; not supported here.
             logger.warn("--keep_checkpoints applies to local log folders only: nothing deleted")
             return
-        prefix = self.task.checkpoint_prefix
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.pt")
-        steps = sorted(
-            (int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(self.log_dir)) if m),
-            reverse=True,
-        )
-        older = [s for s in steps if s <= step][self.keep_checkpoints:]
-        protected = {
-            os.path.realpath(p) for p in (self.resume_checkpoint, self.init_checkpoint) if p
-        }
-        for old in older:
-            marker = self.marker_path(old)
-            if os.path.realpath(marker) in protected:
-                continue
+        complete, every = self._set_steps()
+        kept = sorted((s for s in complete if s <= step), reverse=True)[: self.keep_checkpoints]
+        protected = self._protected_paths()
+        for old in sorted(s for s in every if s <= step and s not in kept):
             paths = self.task.checkpoint_set_paths(self.log_dir, old)
-            try:
-                for path in paths:
-                    os.remove(path)
-            except OSError as exc:
-                logger.warn(f"--keep_checkpoints: could not delete {exc.filename}: {exc.strerror}")
+            paths += [p for p in self._orphans(old) if p not in paths]
+            if not paths or any(os.path.realpath(p) in protected for p in paths):
                 continue
-            logger.log(
-                f"--keep_checkpoints {self.keep_checkpoints}: deleted the checkpoint set of "
-                f"step {old} ({', '.join(os.path.basename(p) for p in paths)})"
-            )
+            if self._delete_set(old, paths):
+                logger.log(
+                    f"--keep_checkpoints {self.keep_checkpoints}: deleted the checkpoint set of "
+                    f"step {old} ({', '.join(os.path.basename(p) for p in paths)})"
+                )
+
+    def _orphans(self, step):
+        """Files of the set of `step` that checkpoint_set_paths may miss once the marker is gone."""
+        suffix = f"{step:06d}.pt"
+        names = [f"{self.task.checkpoint_prefix}{suffix}", f"opt{suffix}",
+                 f"{train_state.STATE_PREFIX}{suffix}"]
+        ema = re.compile(r"ema_.+_" + re.escape(suffix))
+        found = [os.path.join(self.log_dir, n) for n in names
+                 if os.path.exists(os.path.join(self.log_dir, n))]
+        return found + sorted(os.path.join(self.log_dir, n) for n in os.listdir(self.log_dir)
+                              if ema.fullmatch(n))
+
+    def _journal_path(self, step):
+        return os.path.join(self.log_dir, f"{PRUNE_JOURNAL}{step:06d}.json")
+
+    def _delete_set(self, step, paths):
+        """Delete one set's files, the marker first, under a journal; False on an OSError."""
+        journal = self._journal_path(step)
+        try:
+            write_json(journal, {"step": step, "files": [os.path.basename(p) for p in paths]})
+        except OSError as exc:
+            logger.warn(f"--keep_checkpoints: nothing deleted ({os_error_text(exc)})")
+            return False
+        try:
+            for path in paths:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+            os.remove(journal)
+        except OSError as exc:
+            logger.warn(f"--keep_checkpoints: could not delete {exc.filename}: {exc.strerror}")
+            return False
+        return True
+
+    def finish_interrupted_pruning(self):
+        """
+        Finish the deletions a process killed while pruning left half done (their journals):
+        the rest of each set goes, unless it holds a file this run resumes or starts from.
+        Rank 0, at the start of every run (whatever its --keep_checkpoints).
+        """
+        if not dist_util.is_main_process() or "://" in os.fspath(self.log_dir):
+            return
+        try:
+            names = os.listdir(self.log_dir)
+        except OSError:
+            return
+        journal = re.compile(re.escape(PRUNE_JOURNAL) + r"(\d+)\.json")
+        protected = self._protected_paths()
+        for name in sorted(names):
+            m = journal.fullmatch(name)
+            if not m:
+                continue
+            step = int(m.group(1))
+            paths = self.task.checkpoint_set_paths(self.log_dir, step)
+            paths += [p for p in self._orphans(step) if p not in paths]
+            if any(os.path.realpath(p) in protected for p in paths):
+                logger.warn(
+                    f"warning: an interrupted --keep_checkpoints deletion of step {step} is left "
+                    "as it is: its set holds the checkpoint this run resumes or starts from"
+                )
+                continue
+            if self._delete_set(step, paths) and paths:
+                logger.log(
+                    f"finished an interrupted --keep_checkpoints deletion: the checkpoint set of "
+                    f"step {step} ({', '.join(os.path.basename(p) for p in paths)})"
+                )
 
 
 def check_keep_checkpoints(keep):
