@@ -123,6 +123,8 @@ TEXT_FLAG_TESTS = {
     "log_dir": ["tests/test_faults.py::"
                 "test_a_second_job_on_a_live_jobs_folder_is_refused_and_a_dead_job_leaves_no_lock"],
     "log_format": ["tests/test_runs.py::test_log_format_flag_and_the_environment_variable"],
+    "lr_schedule": ["tests/test_lr_schedule.py::"
+                    "test_bad_schedules_are_refused_in_one_line_before_any_work"],
     "mask": ["tests/test_editing.py::test_bad_input_is_one_line",
              "tests/test_surfaces.py::test_n13_every_message_names_a_flag_the_script_has"],
     "model_path": ["tests/test_bad_input.py::test_files_that_hold_something_else_are_named"],

@@ -50,11 +50,13 @@ def logged_rates(folder):
         return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
 
 
-def train(name, folder, monkeypatch, data, *extra):
+def train(name, folder, monkeypatch, data, *extra, signal_at=None):
     flags, _ = FLAGS[name]
     args = ["--data_dir", data, *flags, "--lr", LR, "--log_interval", 1, "--save_interval", 100,
             *extra]
-    assert run(name, args, folder, monkeypatch) == 0
+    # Preempted (SIGTERM while batch `signal_at` is handed out): a checkpoint, exit status 75.
+    assert run(name, args, folder, monkeypatch, signal_at=signal_at) == (0 if signal_at is None
+                                                                          else 75)
     return logged_rates(folder)
 
 
@@ -81,11 +83,18 @@ def test_every_task_follows_the_schedule_and_resume_continues_it(name, data, tmp
                                      rel=1e-12, abs=1e-15), (step, full)
     if warmup:
         assert full[1] == 0.0 and full[warmup + 1] == pytest.approx(LR)
-    # Stopped after 3 steps (inside or just after the warm-up), then resumed to the horizon.
-    first = train(name, tmp_path / "parts", monkeypatch, data, *flags, "--max_steps", 3)
+    # Preempted during the third step (inside or just after the warm-up), then resumed to the
+    # horizon; and stopped by --max_steps 4, then resumed.
+    first = train(name, tmp_path / "parts", monkeypatch, data, *flags, signal_at=2)
+    assert sorted(first) == [1, 2, 3]
     rest = train(name, tmp_path / "parts", monkeypatch, data, *flags, "--resume_checkpoint",
                  "auto")
     assert {**first, **rest} == full
+    if name == "image_train":
+        first = train(name, tmp_path / "max", monkeypatch, data, *flags, "--max_steps", 4)
+        rest = train(name, tmp_path / "max", monkeypatch, data, *flags, "--resume_checkpoint",
+                     "auto")
+        assert {**first, **rest} == full
 
 
 def reference_diffusion_rates(steps, lr_anneal_steps):
