@@ -1055,6 +1055,9 @@ def editing_defaults():
 # description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
 # docs/flags.md at once.
 NEW_FLAG_HELP = {
+    "guidance_at": ("classifier", "where ancestral sampling takes the classifier gradient: x_t "
+                                  "(the reference's) or mean (the predicted mean of x_{t-1} at "
+                                  "step t-1, as in the paper; GD#51)"),
     "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
                              "per-image files; other files are kept) and discard the kept "
                              "batches of another command; False: refuse both"),
