@@ -261,6 +261,40 @@ def test_matches_pytorch_fid_when_fed_its_input_definition(result):
     assert result["pool_rel_pytorch_fid_vs_ours_tf1"] > 10 * RTOL
 
 
+class _UInt8Images(torch.utils.data.Dataset):
+    """NHWC uint8 images as torch-fidelity's inputs: uint8 CHW tensors."""
+
+    def __init__(self, images):
+        self.images = images.permute(0, 3, 1, 2).contiguous()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_torch_fidelity_calculate_metrics_end_to_end(weights):
+    # Its public entry point, not only its building blocks, at 64 px.
+    import torch_fidelity
+
+    a, b = (make_images(PER_SET, 64, seed=s, contrast=c) for s, c in ((1, 1.0), (2, 1.6)))
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_UInt8Images(a), input2=_UInt8Images(b), cuda=False, isc=True, fid=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
+        samples_shuffle=False, isc_splits=2, cache=False, verbose=False, batch_size=PER_SET,
+    )
+    (pool_a, logits_a), (pool_b, _) = ours(weights, a), ours(weights, b)
+    print(f"\ncalculate_metrics at 64 px: FID {metrics['frechet_inception_distance']:.7g} "
+          f"(ours {fid(pool_a, pool_b):.7g}), IS of the first set, 2 splits "
+          f"{metrics['inception_score_mean']:.7g} "
+          f"(ours {inception_score(logits_a, split_size=PER_SET // 2):.7g})")
+    assert metrics["frechet_inception_distance"] == pytest.approx(fid(pool_a, pool_b), rel=RTOL)
+    assert metrics["inception_score_mean"] == pytest.approx(
+        inception_score(logits_a, split_size=PER_SET // 2), rel=RTOL
+    )
+
+
 if __name__ == "__main__":
     import tempfile
 
