@@ -221,10 +221,19 @@ class GaussianDiffusion(SamplingMixin, TrainingLossesMixin):
         """
         Shift the mean by variance * grad log p(y | x_t): Algorithm 1 of Dhariwal & Nichol (2021),
         with the guidance scale folded into cond_fn.
+
+        The gradient is taken at x_t with timestep t, as in the reference, unless cond_fn has
+        ``guidance_at == "mean"`` (guidance.make_classifier_cond_fn): then at the predicted mean
+        mu with timestep t - 1 (clamped at 0), where the paper's Taylor expansion of
+        log p(y | x_{t-1}) is taken (sec. 4.1; GD#51).
         """
         if model_kwargs is None:
             model_kwargs = {}
-        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        point, point_t = x, t
+        if getattr(cond_fn, "guidance_at", "x_t") == "mean":
+            # mu is the mean of x_{t-1}, so the classifier sees it at the previous noise level.
+            point, point_t = p_mean_var["mean"], (t - 1).clamp(min=0)
+        gradient = cond_fn(point, self._scale_timesteps(point_t), **model_kwargs)
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):

@@ -47,7 +47,11 @@ class SpacedDiffusion(GaussianDiffusion):
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
     def condition_mean(self, cond_fn, *args, **kwargs):
-        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+        wrapped = self._wrap_model(cond_fn)
+        # Where the gradient is taken (guidance.make_classifier_cond_fn) survives the wrapping;
+        # t - 1 is then a step of the spaced process, which the wrapper maps.
+        wrapped.guidance_at = getattr(cond_fn, "guidance_at", "x_t")
+        return super().condition_mean(wrapped, *args, **kwargs)
 
     def condition_score(self, cond_fn, *args, **kwargs):
         return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)

@@ -21,7 +21,11 @@ from guided_diffusion.cli.flags import (
     latent_defaults,
 )
 from guided_diffusion.cli.main import run_main
-from guided_diffusion.diffusion.guidance import classifier_free_guidance, make_classifier_cond_fn
+from guided_diffusion.diffusion.guidance import (
+    check_guidance_at,
+    classifier_free_guidance,
+    make_classifier_cond_fn,
+)
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling import latents, loop
 from guided_diffusion.script_util import (
@@ -34,6 +38,7 @@ from guided_diffusion.script_util import (
 def main(argv=None):
     args = loop.parse_sampling_flags(create_argparser(), argv)
     sampler = loop.sampler_from_flags(args)
+    check_guidance_at(args.guidance_at, sampler)
     dist_util.setup_dist()
 
     # Both networks are built and their checkpoints checked before the log folder is made, so
@@ -53,7 +58,7 @@ def main(argv=None):
         args, model, f"loaded the model {args.model_path} and the classifier {args.classifier_path}"
     )
 
-    cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
+    cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale, args.guidance_at)
 
     # Classifier-free guidance on top of classifier guidance; the model itself at scale 1.
     guided = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes,
@@ -78,7 +83,7 @@ def create_argparser():
     return script_parser(
         "Sample with classifier guidance.",
         dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="",
-             classifier_path="", classifier_scale=1.0),
+             classifier_path="", classifier_scale=1.0, guidance_at="x_t"),
         model_and_diffusion_defaults(),
         classifier_defaults(),
         diffusion_sampling_defaults(),

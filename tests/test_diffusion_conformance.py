@@ -490,3 +490,37 @@ def test_classifier_guidance(guided_case):
                 f"{name}: off by {diff.max().item():.3g}; "
                 f"allowed {LOOP_TOL['atol']} + reach up to {reach.max().item():.3g}"
             )
+
+
+def test_library_guidance_default_is_the_reference_point(guided_case):
+    # make_classifier_cond_fn with its default --guidance_at x_t (what classifier_sample.py
+    # builds) reproduces the reference's guided reverse steps: the gradient at x_t, timestep t.
+    from guided_diffusion.diffusion.guidance import make_classifier_cond_fn
+
+    case = guided_case
+    v = case.v
+    d, kwargs = case.diffusion, case.kwargs
+    classifier = create_classifier(**GUIDED_CLASSIFIER_FLAGS)
+    classifier.load_state_dict(v["classifier_state_dict"], strict=True)
+    library = make_classifier_cond_fn(classifier.eval(), v["classifier_scale"])
+    assert library.guidance_at == "x_t"
+    x_t, t = v["q_sample_mid"], v["t_mid"]
+    model, cond_fn = _Memo(case.model), _Memo(library)
+    channels = x_t.shape[1]
+    variants = [
+        (m, c)
+        for m in _denoiser_corners(case, model)
+        for c in _corners(cond_fn, channels, False, _gradient_tol)
+    ]
+
+    def run(m, c):
+        return _seeded(case, 32, d.p_sample, m, x_t, t, cond_fn=c, model_kwargs=kwargs)
+
+    with torch.no_grad():
+        ours = run(model, cond_fn)
+        reach = _step_reach(run, ours, variants)
+        for key, value in v["guided_p_sample"].items():
+            assert_within(f"guided_p_sample/{key}", ours[key], value, reach[key])
+        # The memo wrapper hides cond_fn.guidance_at; unwrapped, the step is the same.
+        direct = run(case.model, library)
+        assert all(torch.equal(direct[k], ours[k]) for k in ours)

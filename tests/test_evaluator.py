@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from scipy import linalg as scipy_linalg
 
 import guided_diffusion.evaluation.metrics as metrics
 from guided_diffusion.evaluation.evaluator import Evaluator, evaluate, image_dtype_warning, main
@@ -73,26 +74,67 @@ def test_fid_of_general_gaussians_matches_symmetric_formula():
     assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)
 
 
-def test_fid_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
-    calls = []
-    real_sqrtm = metrics.linalg.sqrtm
-
-    def flaky_sqrtm(matrix):
-        calls.append(matrix.copy())
-        return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
-
-    monkeypatch.setattr(metrics.linalg, "sqrtm", flaky_sqrtm)
-    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
-    with pytest.warns(UserWarning, match="adding 0.5 to diagonal"):
-        value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=0.5)
-    np.testing.assert_allclose(calls[1], (s1 + 0.5 * np.eye(2)) @ (s2 + 0.5 * np.eye(2)))
-    expected = 1 + 4 + 9 + 1 - 2 * (np.sqrt(1.5 * 9.5) + np.sqrt(4.5 * 1.5))
-    assert value == pytest.approx(expected)
+def scipy_sqrtm_fid(features1, features2):
+    # The reference's formula, written out here: scipy's sqrtm of the non-symmetric product.
+    mu1, mu2 = features1.mean(0), features2.mean(0)
+    s1, s2 = np.cov(features1, rowvar=False), np.cov(features2, rowvar=False)
+    root = scipy_linalg.sqrtm(s1 @ s2)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
 
 
-def test_fid_rejects_a_large_imaginary_component_and_bad_shapes():
-    with pytest.raises(ValueError, match="Imaginary component"):
+def gram_fid(features1, features2):
+    # An oracle that needs no matrix root of a covariance: with centred data A (n1 x D) and
+    # B (n2 x D), S1 S2 = A^T A B^T B / ((n1 - 1)(n2 - 1)) has the eigenvalues of
+    # (A B^T)(A B^T)^T / (...), so tr((S1 S2)^1/2) is the nuclear norm of A B^T over
+    # sqrt((n1 - 1)(n2 - 1)). It is exact for any number of samples.
+    a, b = features1 - features1.mean(0), features2 - features2.mean(0)
+    n1, n2 = len(a), len(b)
+    cross = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = features1.mean(0) - features2.mean(0)
+    return float(diff @ diff + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2 * cross)
+
+
+def two_feature_sets(seed, samples, dim):
+    rng = np.random.default_rng(seed)
+    if dim <= 512:
+        mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim) + np.eye(dim)
+        first = rng.normal(size=(samples, dim)) @ mixing
+    else:  # correlated columns at 2048-d cost seconds; scaled ones suffice there
+        first = rng.normal(size=(samples, dim)) * rng.uniform(0.5, 2, size=dim)
+    second = rng.normal(size=(samples + 3, dim)) * 1.2 + 0.1
+    return first, second
+
+
+def fid_from_features(features1, features2):
+    s1, s2 = FIDStatistics.from_features(features1), FIDStatistics.from_features(features2)
+    return s1.frechet_distance(s2)
+
+
+@pytest.mark.parametrize("samples,dim", [(16, 8), (64, 32), (256, 64), (2048, 64)])
+def test_fid_matches_scipy_sqrtm_where_well_conditioned(samples, dim):
+    first, second = two_feature_sets(samples, samples, dim)
+    expected = scipy_sqrtm_fid(first, second)
+    assert fid_from_features(first, second) == pytest.approx(expected, rel=1e-6)
+    if samples <= 256:  # the oracle's SVD of a samples x samples matrix costs seconds beyond
+        assert fid_from_features(first, second) == pytest.approx(gram_fid(first, second), rel=1e-9)
+
+
+@pytest.mark.parametrize("samples,dim", [(16, 256), (64, 256), (256, 512), (2048, 2048)])
+def test_fid_stays_real_with_fewer_samples_than_dimensions(samples, dim):
+    # Covariances of rank samples - 1 < dim: the reference's sqrtm check ("Imaginary component")
+    # fails on these (48 images at 2048-d in issue 31); the eigenvalue form gives the exact value.
+    # 2048 samples at 2048-d are still one short of full rank.
+    first, second = two_feature_sets(samples + 1, samples, dim)
+    value = fid_from_features(first, second)
+    assert np.isfinite(value) and value > 0
+    assert value == pytest.approx(gram_fid(first, second), rel=1e-9)
+
+
+def test_fid_rejects_a_matrix_that_is_no_covariance_and_bad_shapes():
+    with pytest.raises(ValueError, match="first covariance is not positive semi-definite"):
         frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="second covariance is not positive semi-definite"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
     with pytest.raises(ValueError, match="different lengths"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match="at least 2"):

@@ -10,6 +10,7 @@ from guided_diffusion.evaluation.inception import (
     InceptionV3,
     expected_state_dict_shapes,
     load_inception,
+    pytorch_fid_preprocess,
     tf1_resize_bilinear,
 )
 
@@ -128,6 +129,54 @@ def test_preprocess_scale_and_identity_resize():
     assert x[0, 0, 1, 1].item() == -1.0
     with pytest.raises(ValueError, match="NHWC"):
         InceptionV3.preprocess(torch.zeros(1, 3, 32, 32))
+
+
+def half_pixel_resize_reference(image, out_h, out_w):
+    """Per-pixel loop over bilinear with half-pixel centres: src = (dst + 0.5) * in / out - 0.5."""
+    in_h, in_w = image.shape
+
+    def taps(i, in_len, out_len):
+        src = max((i + 0.5) * in_len / out_len - 0.5, 0.0)
+        low = min(int(np.floor(src)), in_len - 1)
+        return low, min(low + 1, in_len - 1), src - low
+
+    out = np.zeros((out_h, out_w), dtype=np.float64)
+    for i in range(out_h):
+        y0, y1, fy = taps(i, in_h, out_h)
+        for j in range(out_w):
+            x0, x1, fx = taps(j, in_w, out_w)
+            top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+            bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+            out[i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def test_pytorch_fid_preprocessing_is_its_scale_and_half_pixel_resize():
+    # At 299 px no resampling happens: the only difference is 2x/255 - 1 against (x - 128)/128.
+    images = torch.zeros(1, 299, 299, 3, dtype=torch.uint8)
+    images[0, 0, 0] = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    x = pytorch_fid_preprocess(images)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([-1.0, 2 * 128 / 255 - 1, 1.0], abs=1e-7)
+    # Other sizes: bilinear with half-pixel centres, then the scale.
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, size=(1, 12, 9, 3), dtype=np.uint8)
+    x = pytorch_fid_preprocess(torch.tensor(small))
+    expected = half_pixel_resize_reference(small[0, :, :, 1].astype(np.float64), 299, 299)
+    np.testing.assert_allclose(x[0, 1].numpy(), 2 * expected / 255 - 1, atol=1e-5)
+
+
+def test_forward_is_features_of_the_chosen_preprocessing(model):
+    images = torch.tensor(np.random.default_rng(6).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8))
+    other = InceptionV3(preprocessing="pytorch-fid").eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for net, prepare in ((model, InceptionV3.preprocess), (other, pytorch_fid_preprocess)):
+            pool, spatial = net(images)
+            pool_direct, spatial_direct = model.features(prepare(images))
+            assert torch.equal(pool, pool_direct) and torch.equal(spatial, spatial_direct)
+        assert not torch.allclose(model(images)[0], other(images)[0])
+    with pytest.raises(ValueError, match="unknown Inception preprocessing 'tf2'; choose one of tf1"):
+        InceptionV3(preprocessing="tf2")
 
 
 def test_state_dict_keys_are_the_pytorch_fid_layout():

@@ -920,6 +920,10 @@ NEW_FLAG_HELP = {
                          'to images with it ("" = write the latents as they are; docs/dit.md)'),
     "guidance_channels": ("sampling", 'channels classifier-free guidance extrapolates: all, or '
                                       'first3 (as DiT\'s sample.py, to match its FIDs)'),
+
+    "guidance_at": ("classifier", "where ancestral sampling takes the classifier gradient: x_t "
+                                  "(the reference's) or mean (the predicted mean of x_{t-1} at "
+                                  "step t-1, as in the paper; GD#51)"),
     "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
                              "per-image files; other files are kept) and discard the kept "
                              "batches of another command; False: refuse both"),

@@ -459,3 +459,69 @@ def _distance(build, flags, given):
 
 def _format(changes):
     return " ".join(f"--{k} {v}" for k, v in changes.items())
+
+
+# Flags that leave the state dict alone yet must be those the model was trained with: the same
+# network sampled with another --diffusion_steps (or noise schedule, or timestep scaling) is fed
+# timesteps and noise levels it never learnt together, and draws only noise. The classic case is
+# improved-diffusion#13: a 4000-step checkpoint sampled with the default --diffusion_steps 1000.
+SCHEDULE_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
+SCHEDULE_DEFAULTS = {"diffusion_steps": 1000, "noise_schedule": "linear", "rescale_timesteps": False}
+
+
+def explain_schedule_mismatch(flags, trained, source):
+    """
+    Name the schedule flags that differ from those a checkpoint was trained with.
+
+    :param flags: the flags the diffusion was built from ({name: value}).
+    :param trained: the training flags known for the checkpoint (released table or args.json).
+    :param source: what says so, for the message (a file name and where it is recorded).
+    :return: one sentence naming the flags to pass, or None when they agree.
+    """
+    wrong = {
+        name: trained[name]
+        for name in SCHEDULE_FLAGS
+        if name in trained and name in flags and _same_type(flags[name], trained[name]) != flags[name]
+    }
+    if not wrong:
+        return None
+    now = " ".join(f"--{name} {flags[name]}" for name in wrong)
+    return (
+        f"{source} was trained with {_format(wrong)} but the flags say {now}: the weights load, "
+        "but sampled with another number of diffusion steps, noise schedule or timestep scaling "
+        f"a model draws only noise (improved-diffusion#13): pass {_format(wrong)}"
+    )
+
+
+def _same_type(value, recorded):
+    if isinstance(value, bool):
+        return recorded if isinstance(recorded, bool) else str(recorded).lower() in ("true", "1", "yes")
+    if isinstance(value, int):
+        return int(recorded)
+    return str(recorded)
+
+
+def released_training_flags(path, model):
+    """
+    The schedule flags of a released checkpoint, when `path` is one: its file name is in the
+    released table (guided_diffusion/data/released.json) and the network has that entry's
+    parameter count (so a file of one's own that happens to share the name is left alone).
+
+    :return: ({flag: value} with the defaults for flags the entry leaves out, description) or None.
+    """
+    from ..data.released import checkpoints
+
+    name = _basename(path)
+    entry = next((e for e in checkpoints().values() if e["file"] == name), None)
+    if entry is None or sum(p.numel() for p in model.parameters()) != entry["num_params"]:
+        return None
+    words = entry["flags"].split()
+    trained = dict(SCHEDULE_DEFAULTS)
+    for flag in SCHEDULE_FLAGS:
+        if f"--{flag}" in words:
+            trained[flag] = _same_type(SCHEDULE_DEFAULTS[flag], words[words.index(f"--{flag}") + 1])
+    return trained, f"{name} (the released {entry['name']}, docs/reproduce.md)"
+
+
+def _basename(path):
+    return str(path).replace("\\", "/").rsplit("/", 1)[-1]

@@ -25,7 +25,7 @@ from ..errors import ScriptError
 from ..runtime.run_record import FAMILY_WORDS, RECORD_FILE, read_run_record
 from .flags import explicit_flags, flag_help
 
-__all__ = ["parse_args", "record_beside", "NO_CONFIG"]
+__all__ = ["parse_args", "record_beside", "training_record", "NO_CONFIG"]
 
 # --config none: do not read any args.json.
 NO_CONFIG = "none"
@@ -41,6 +41,20 @@ def record_beside(checkpoint):
         return None
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), RECORD_FILE)
     return path if os.path.isfile(path) else None
+
+
+def training_record(args):
+    """
+    The training record that describes --model_path: --config's, else the args.json beside the
+    checkpoint; None with --config none or when there is none.
+    """
+    config = getattr(args, "config", "")
+    if config == NO_CONFIG:
+        return None
+    if config:
+        return read_run_record(config)
+    beside = record_beside(getattr(args, "model_path", ""))
+    return read_run_record(beside) if beside else None
 
 
 def _model_keys(args):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "GUIDANCE_POINTS",
+    "check_guidance_at",
     "make_classifier_cond_fn",
     "check_class_dropout_prob",
     "check_guidance_scale",
@@ -139,14 +141,43 @@ def _repeat(value, n):
     return value
 
 
-def make_classifier_cond_fn(classifier, classifier_scale):
+# Where ancestral sampling takes the classifier gradient (make_classifier_cond_fn, guidance_at).
+GUIDANCE_POINTS = ("x_t", "mean")
+
+
+def check_guidance_at(guidance_at, sampler="ddpm"):
     """
-    The guidance gradient of Dhariwal & Nichol 2021 (Algorithm 1): s * grad_x log p_phi(y | x_t).
+    :param guidance_at: "x_t" (the reference's) or "mean".
+    :param sampler: the sampler that will run; "mean" concerns ancestral sampling (ddpm) only.
+    :raises ValueError: one line naming --guidance_at.
+    """
+    if guidance_at not in GUIDANCE_POINTS:
+        raise ValueError(
+            f"unknown --guidance_at {guidance_at!r}: pass x_t (the reference's, default) or mean"
+        )
+    if guidance_at == "mean" and sampler != "ddpm":
+        raise ValueError(
+            f"--guidance_at mean shifts the mean of ancestral sampling (--sampler ddpm); {sampler} "
+            "guides through the score at x_t (Dhariwal & Nichol 2021, Algorithm 2): pass "
+            "--guidance_at x_t or sample with ddpm"
+        )
+
+
+def make_classifier_cond_fn(classifier, classifier_scale, guidance_at="x_t"):
+    """
+    The guidance gradient of Dhariwal & Nichol 2021 (Algorithm 1): s * grad_x log p_phi(y | x).
 
     :param classifier: a noisy-image classifier taking (x, t) and returning logits.
     :param classifier_scale: the guidance scale s.
+    :param guidance_at: where ancestral sampling (GaussianDiffusion.condition_mean) evaluates the
+        gradient. "x_t" (default, the reference's): at the current sample x_t with timestep t.
+        "mean": at the predicted mean mu of x_{t-1} with timestep t-1 (0 at the last step), the
+        point of the paper's Taylor expansion (sec. 4.1, after eq. 6: g = grad log p(y|x) at
+        x = mu); GD#51. DDIM and the solvers take the score at x_t either way (Algorithm 2).
+        The choice is stored on the returned function as ``cond_fn.guidance_at``.
     :return: cond_fn(x, t, y=None) for the samplers.
     """
+    check_guidance_at(guidance_at)
 
     def cond_fn(x, t, y=None):
         if y is None:
@@ -160,4 +191,5 @@ def make_classifier_cond_fn(classifier, classifier_scale):
             selected = log_probs.gather(1, y.view(-1, 1).to(logits.device)).squeeze(1)
             return torch.autograd.grad(selected.sum(), x_in)[0] * classifier_scale
 
+    cond_fn.guidance_at = guidance_at
     return cond_fn

@@ -273,6 +273,28 @@ def tf1_resize_bilinear(images, size):
     return top + (bottom - top) * y_frac[:, None]
 
 
+def _nchw_float(images):
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected NHWC images with 3 channels, got shape {tuple(images.shape)}")
+    return images.to(torch.float32).permute(0, 3, 1, 2)
+
+
+def pytorch_fid_preprocess(images):
+    """
+    pytorch-fid's definition of the network input, for comparisons only (it is not the TF graph's):
+    values divided by 255, resized to 299x299 with ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (half-pixel centres, unlike TF1's resize), then mapped by 2x - 1, so
+    255 becomes 1.0 where the graph's (x - 128) / 128 gives 0.9921875.
+
+    :param images: [N x H x W x 3] tensor, uint8 or float in [0, 255].
+    :return: float32 [N x 3 x 299 x 299] tensor in [-1, 1].
+    """
+    x = _nchw_float(images) / 255.0
+    # Same order as pytorch-fid: resize in [0, 1], then scale.
+    x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
 class InceptionV3(nn.Module):
     """
     The feature network of the reference evaluator (see the module docstring).
@@ -280,10 +302,24 @@ class InceptionV3(nn.Module):
     forward(images) takes NHWC images with values in [0, 255] (uint8 or float), like the reference's
     ``ExpandDims:0`` input, and returns ``(pool, spatial)``: [N x 2048] pool features and
     [N x 2023] spatial features. ``logits(pool)`` gives the bias-free softmax logits.
+    forward is ``features(preprocess(images))``; ``features`` takes the normalised 299x299 input,
+    so any preprocessing can feed the same network.
+
+    :param preprocessing: how images become the network input: "tf1" (default, the reference's
+        graph: TF1 bilinear resize, then (x - 128) / 128) or "pytorch-fid" (pytorch-fid's
+        definition: x / 255, ``F.interpolate`` bilinear resize, then 2x - 1; see
+        ``pytorch_fid_preprocess``). Only "tf1" gives the reference's numbers; the other exists to
+        show where pytorch-fid's FIDs differ (docs/evaluator.md).
     """
 
-    def __init__(self):
+    def __init__(self, *, preprocessing="tf1"):
         super().__init__()
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(
+                f"unknown Inception preprocessing {preprocessing!r}; choose one of "
+                + ", ".join(PREPROCESSING)
+            )
+        self.preprocessing = preprocessing
         self.Conv2d_1a_3x3 = ConvBNReLU(in_channels=3, out_channels=32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = ConvBNReLU(in_channels=32, out_channels=32, kernel_size=3)
         self.Conv2d_2b_3x3 = ConvBNReLU(in_channels=32, out_channels=64, kernel_size=3, padding=1)
@@ -310,16 +346,20 @@ class InceptionV3(nn.Module):
         :param images: [N x H x W x 3] tensor, uint8 or float in [0, 255].
         :return: float32 [N x 3 x 299 x 299] tensor in [-1, 1).
         """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"expected NHWC images with 3 channels, got shape {tuple(images.shape)}"
-            )
-        x = images.to(torch.float32).permute(0, 3, 1, 2)
+        x = _nchw_float(images)
         x = tf1_resize_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))
         return (x - 128.0) / 128.0
 
     def forward(self, images):
-        x = self.preprocess(images)
+        return self.features(PREPROCESSING[self.preprocessing](images))
+
+    def features(self, x):
+        """
+        The network after its input preprocessing.
+
+        :param x: float32 [N x 3 x 299 x 299] normalised input (see ``preprocess``).
+        :return: (pool [N x 2048], spatial [N x 2023]) features.
+        """
         for layer in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3):
             x = layer(x)
         x = F.max_pool2d(x, kernel_size=3, stride=2)
@@ -350,6 +390,10 @@ class InceptionV3(nn.Module):
         return pool @ self.fc.weight.t()
 
 
+# Input preprocessing by name (InceptionV3(preprocessing=...)).
+PREPROCESSING = {"tf1": InceptionV3.preprocess, "pytorch-fid": pytorch_fid_preprocess}
+
+
 def expected_state_dict_shapes(model=None):
     """
     :param model: an InceptionV3 to read the shapes from; a new one when None.
@@ -369,12 +413,14 @@ def _describe_keys(keys, limit=5):
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_inception(path, *, device="cpu"):
+def load_inception(path, *, device="cpu", preprocessing="tf1"):
     """
     Build the network and load a weight file, checking every key and shape.
 
     :param path: a PyTorch state dict with the pytorch-fid key names (see module docstring).
     :param device: where to put the network.
+    :param preprocessing: see InceptionV3; "tf1" (the reference's) unless comparing with
+        pytorch-fid.
     :return: the network in eval mode, without gradients.
     :raises FileNotFoundError: when the file does not exist.
     :raises ValueError: when the file is not a state dict of this network.
@@ -392,7 +438,7 @@ def load_inception(path, *, device="cpu"):
         raise ValueError(f"{path} does not hold a state dict of tensors: {HOW_TO_GET_WEIGHTS}")
     # BatchNorm's step counter is never used at inference; files with or without it both work.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    model = InceptionV3()
+    model = InceptionV3(preprocessing=preprocessing)
     expected = expected_state_dict_shapes(model)
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()

@@ -4,11 +4,8 @@ improved precision and recall of Kynkaanniemi et al. 2019. Pure maths, no networ
 takes arrays of features, so each can be checked on synthetic inputs.
 """
 
-import warnings
-
 import numpy as np
 import torch
-from scipy import linalg
 
 
 class FIDStatistics:
@@ -50,14 +47,20 @@ class FIDStatistics:
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps=1e-6):
     """
     Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6):
-    ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
 
-    Safeguards of the reference: when sqrtm returns non-finite values, retry with eps added to both
-    diagonals; a complex result is accepted only when its diagonal is real within 1e-3.
+    The last trace is taken from the eigenvalues of the symmetric positive semi-definite matrix
+    sigma1^(1/2) sigma2 sigma1^(1/2), which are those of sigma1 sigma2 (see
+    ``trace_sqrt_product``). It is real and finite for any pair of covariances, rank-deficient
+    ones included, so fewer samples than feature dimensions (48 images at 2048-d pool features)
+    still give a distance.
 
+    :param eps: accepted for the reference's signature; this form never needs its diagonal offset.
     :return: the distance as a Python float.
-    :raises ValueError: on shape mismatch or a significant imaginary component.
+    :raises ValueError: on shape mismatch, or a matrix that is not a covariance (an eigenvalue
+        clearly below zero).
     """
+    del eps  # the reference retried sqrtm with eps on both diagonals; nothing here can fail so.
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1 = np.atleast_2d(sigma1).astype(np.float64)
     sigma2 = np.atleast_2d(sigma2).astype(np.float64)
@@ -68,29 +71,66 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps=1e-6):
 
     diff = mu1 - mu2
     if not diff.any() and np.array_equal(sigma1, sigma2):
-        # deviation from reference: identical statistics give exactly 0 without sqrtm, which on
-        # 2048-d rank-deficient covariances costs a minute of CPU and returns rounding noise.
+        # deviation from reference: identical statistics give exactly 0 without any matrix root,
+        # which on 2048-d covariances costs seconds and returns rounding noise.
         return 0.0
-    with warnings.catch_warnings():
-        # scipy warns "Matrix is singular" for rank-deficient products; the finiteness check
-        # below is the actual test, as in the reference.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            warnings.warn(
-                f"fid calculation produces singular product; adding {eps} to diagonal of cov "
-                "estimates"
-            )
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    cross = trace_sqrt_product(sigma1, sigma2)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
 
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
-        covmean = covmean.real
 
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+# A covariance eigenvalue below -NEGATIVE_TOLERANCE * (largest |eigenvalue|) is not rounding: the
+# matrix is no covariance. float32-stored covariances round at ~1e-7 relative, far inside this.
+NEGATIVE_TOLERANCE = 1e-4
+
+
+def _rank_tolerance(values, dim):
+    # The usual numerical-rank threshold (as in numpy.linalg.matrix_rank): eigenvalues below it
+    # are rounding of an exact zero.
+    return max(float(np.max(np.abs(values))), 0.0) * dim * np.finfo(np.float64).eps
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """
+    tr((sigma1 sigma2)^(1/2)) for two symmetric positive semi-definite matrices.
+
+    With sigma1 = V diag(w) V^T and R = V diag(sqrt(w)), the matrix R^T sigma2 R is symmetric
+    positive semi-definite and similar (on the range of sigma1) to sigma1 sigma2, so the wanted
+    trace is the sum of the square roots of its eigenvalues. Only eigenvectors of sigma1 above
+    the numerical-rank threshold are kept, and eigenvalues below it are zeros: the square roots
+    of rounding noise would otherwise add up over the ~2000 null directions of a covariance of a
+    few dozen samples.
+
+    :raises ValueError: when either matrix has an eigenvalue clearly below zero.
+    """
+    # deviation from reference: the reference takes scipy.linalg.sqrtm of the non-symmetric
+    # product sigma1 sigma2 and stops with "Imaginary component" when its diagonal is complex
+    # beyond 1e-3, which rank-deficient covariances (fewer samples than dimensions) trip; the
+    # symmetric eigenvalue form here is real by construction, agrees with sqrtm to ~1e-14 where
+    # sqrtm is well conditioned, and takes 4 s instead of sqrtm's 16 s at 2048-d on one CPU core.
+    sigma1 = np.asarray(sigma1, dtype=np.float64)
+    sigma2 = np.asarray(sigma2, dtype=np.float64)
+    dim = sigma1.shape[0]
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    _check_semi_definite(values, "first covariance")
+    keep = values > _rank_tolerance(values, dim)
+    if not keep.any():
+        return 0.0
+    root = vectors[:, keep] * np.sqrt(values[keep])
+    product = root.T @ sigma2 @ root
+    product_values = np.linalg.eigvalsh((product + product.T) / 2)
+    # Negative only if sigma2 is (on the range of sigma1): this saves a third eigendecomposition.
+    _check_semi_definite(product_values, "second covariance")
+    product_values = product_values[product_values > _rank_tolerance(product_values, dim)]
+    return float(np.sqrt(product_values).sum())
+
+
+def _check_semi_definite(values, which):
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    if values.size and values.min() < -NEGATIVE_TOLERANCE * scale:
+        raise ValueError(
+            f"the {which} is not positive semi-definite "
+            f"(eigenvalue {values.min():.3g}, largest {scale:.3g})"
+        )
 
 
 def inception_score(logits, *, split_size=5000):

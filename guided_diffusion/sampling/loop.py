@@ -516,7 +516,31 @@ def load_diffusion_model(args, super_res=False):
     flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS
                   if hasattr(args, name) and name in accepted})
     model, diffusion = _build_and_load(create, flags, args.model_path)
+    check_training_schedule(args, flags, model)
     return model, diffusion, flags
+
+
+def check_training_schedule(args, flags, model):
+    """
+    Refuse sampling a checkpoint with a --diffusion_steps, --noise_schedule or --rescale_timesteps
+    other than it was trained with, where that is known: a released checkpoint (by file name and
+    parameter count), or a run's args.json (--config, or the one beside --model_path). The
+    weights load either way; the samples would be noise (cli/hints.explain_schedule_mismatch).
+
+    :raises ScriptError: naming the flags to pass.
+    """
+    # deviation from reference: the reference sampled such a run and returned noise.
+    from ..cli.hints import explain_schedule_mismatch, released_training_flags
+
+    known = released_training_flags(args.model_path, model)
+    if known is None:
+        record = run_config.training_record(args)
+        if record is not None:
+            known = (record["flags"], f"{args.model_path} (its run's {record['path']})")
+    if known is not None:
+        problem = explain_schedule_mismatch(flags, *known)
+        if problem:
+            raise ScriptError(problem)
 
 
 def _build_and_load(create, flags, model_path):
