@@ -25,6 +25,7 @@ from .training.finetune import adapt_label_embedding
 from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
 from .training.mixed_precision import MIN_LG_LOSS_SCALE, MixedPrecisionTask, parse_ema_rates  # noqa: F401
 from .runtime.perf import compile_model, to_channels_last
+from .training.fid import fid_keywords
 from .training.watch import SampleGrid, Validation, watch_keywords
 
 # The TrainLoop keywords that come straight from the training scripts' flags of the same names.
@@ -84,6 +85,8 @@ class TrainLoop(MixedPrecisionTask):
     :param num_classes: the labels of the grid's class-conditional samples (image i: i % K).
     :param val_data: fixed validation batches (watch.fixed_batches) of this rank, or None.
     :param val_interval: every this many steps, log the loss terms on val_data (val_*).
+    :param fid: a training.fid.FIDPlan (--fid_interval): log a proxy FID every fid.interval
+        steps.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class TrainLoop(MixedPrecisionTask):
         num_classes=None,
         val_data=None,
         val_interval=1000,
+        fid=None,
     ):
         if sample_interval and sample_diffusion is None:
             raise ValueError("sample_interval needs a sample_diffusion (the DDIM-respaced one)")
@@ -163,6 +167,11 @@ class TrainLoop(MixedPrecisionTask):
             self.trainer.add_periodic(sample_interval, self.sample_grid)
         if val_data is not None:
             self.trainer.add_periodic(val_interval, Validation(self, val_data))
+        # The proxy FID (--fid_interval, training/fid.py): its one hook into the engine.
+        self.proxy_fid = None
+        if fid is not None:
+            self.proxy_fid = fid.bind(self)
+            self.trainer.add_periodic(fid.interval, self.proxy_fid)
 
     # The run's schedule lives in the engine; these are the reference's names for it (settable,
     # as plain attributes were).
@@ -346,6 +355,7 @@ def train_from_flags(args, model, diffusion, flags, load):
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         **{name: getattr(args, name) for name in TRAIN_LOOP_FLAGS},
         **watch_keywords(args, flags, lambda folder: load(folder, True)),
+        **fid_keywords(args, flags),
     ).run_loop()
 
 

@@ -16,7 +16,11 @@ if __name__ == "__main__":
     catch_preemption_signals()
 
 from guided_diffusion import logger
-from guided_diffusion.cli.flags import augmentation_defaults, diffusion_train_defaults
+from guided_diffusion.cli.flags import (
+    augmentation_defaults,
+    diffusion_train_defaults,
+    fid_train_defaults,
+)
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
@@ -60,6 +64,7 @@ def create_argparser():
         diffusion_train_defaults(),
         model_and_diffusion_defaults(),
         augmentation_defaults(),
+        fid_train_defaults(),
     )
 
 

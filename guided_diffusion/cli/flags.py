@@ -318,6 +318,16 @@ def diffusion_run_defaults():
     )
 
 
+def fid_train_defaults():
+    """
+    The proxy FID of image_train.py (guided_diffusion/training/fid.py, docs/training.md): every
+    fid_interval steps (0 = never) fid_samples EMA samples, drawn with fid_steps DDIM steps from
+    fixed noise, are compared with the reference batch fid_ref through the Inception weights of
+    inception_path ("" = where evaluations/evaluator.py looks for them).
+    """
+    return dict(fid_interval=0, fid_ref="", fid_samples=1000, fid_steps=25, inception_path="")
+
+
 def parse_step_counts(text):
     """
     Parse a comma-separated list of DDIM step counts, e.g. "10,20,50,100".
@@ -1055,6 +1065,14 @@ def editing_defaults():
 # description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
 # docs/flags.md at once.
 NEW_FLAG_HELP = {
+    "fid_interval": ("training", "every N steps log a proxy FID (fid, fid_seconds) of "
+                                 "--fid_samples EMA samples against --fid_ref; 0 = never"),
+    "fid_ref": ("training", "the reference batch of the proxy FID: an npz with mu and sigma "
+                            "(the reference's batches, make_ref_batch.py --stats True) or "
+                            "uint8 images in arr_0 (their statistics computed once at start)"),
+    "fid_samples": ("training", "samples of each proxy FID, shared among the ranks (at least "
+                                "2; 1000-5000 read higher than a 50k FID, docs/training.md)"),
+    "fid_steps": ("training", "DDIM steps of the proxy FID's samples"),
     "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
                              "per-image files; other files are kept) and discard the kept "
                              "batches of another command; False: refuse both"),
