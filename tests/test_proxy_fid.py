@@ -12,6 +12,7 @@ Inception networks on a tiny model and a few steps:
 """
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 from guided_diffusion.training import fid as proxy
 from guided_diffusion.training.fid import FID_SEED, rank_indices
 
+from _launch import REPO_ROOT as REPO, child_env, torchrun_prefix
 from test_inception import he_initialised_model
 from test_resume import DIFFUSION, load, run, tensors_equal
 
@@ -98,8 +100,17 @@ def test_the_logged_fid_is_that_of_the_ema_samples_and_training_is_unchanged(
     log = (tmp_path / "fid" / "log.txt").read_text()
     assert f"step 2: proxy FID {measured[0]:.4f} of {K} samples (3 DDIM steps, EMA 0.5 " in log
 
-    # The oracle: the EMA weights of step 2, DDIM in 3 steps from the documented noise (sample
-    # i: a generator seeded FID_SEED + i), Inception pool features, the low-rank FID formula.
+    expected = oracle_fid(tmp_path / "fid" / "ema_0.5_000002.pt", files, [range(0, 4), range(4, 5)])
+    assert measured[0] == pytest.approx(expected, rel=1e-4)
+
+
+def oracle_fid(ema_checkpoint, files, blocks):
+    """
+    The FID the run should log, recomputed independently: the EMA weights, DDIM in 3 steps
+    from the documented noise (sample i: a generator seeded FID_SEED + i), the Inception pool
+    features, the low-rank formula against the reference images' features. `blocks`: the
+    run's rounds (batch composition changes float rounding, so the same batches are used).
+    """
     defaults = model_and_diffusion_defaults()
     flags = dict(zip(DIFFUSION[::2], DIFFUSION[1::2]))
     for name, value in flags.items():
@@ -109,19 +120,35 @@ def test_the_logged_fid_is_that_of_the_ema_samples_and_training_is_unchanged(
             defaults[key] = value == "True" if kind is bool else kind(value)
     defaults.update(dropout=0.1, timestep_respacing="ddim3")
     model, diffusion = create_model_and_diffusion(**defaults)
-    model.load_state_dict(load(tmp_path / "fid" / "ema_0.5_000002.pt"))
+    model.load_state_dict(load(ema_checkpoint))
     model.eval()
     inception = load_inception(files["weights"])
     pools = []
     with torch.no_grad():
-        for block in (range(0, 4), range(4, 5)):  # the run's rounds of --batch_size 4
+        for block in blocks:
             noise = torch.stack([torch.randn((3, 16, 16), generator=torch.Generator()
                                              .manual_seed(FID_SEED + i)) for i in block])
             x = diffusion.ddim_sample_loop(model, noise.shape, noise=noise, clip_denoised=True)
             images = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             pools.append(inception(images)[0].double().numpy())
-    expected = frechet_low_rank(np.concatenate(pools), files["ref_pool"])
-    assert measured[0] == pytest.approx(expected, rel=1e-4)
+    return frechet_low_rank(np.concatenate(pools), files["ref_pool"])
+
+
+def test_two_ranks_share_the_samples_and_log_the_fid_of_all_of_them(data, files, tmp_path):
+    # --batch_size 2 on 2 ranks, 5 samples: round 0 is samples 0-1 (rank 0) and 2-3 (rank 1),
+    # round 1 is sample 4 (rank 0) and nothing for rank 1. A duplicate or a missing sample
+    # would change the statistics, so the logged FID must be the oracle's of samples 0-4.
+    argv = ["--data_dir", data, *DIFFUSION, "--batch_size", 2, "--max_steps", 2,
+            "--log_interval", 1, "--lr", 1e-3, "--ema_rate", 0.5, *FID(files, files["ref"]),
+            "--log_dir", tmp_path]
+    proc = subprocess.run([*torchrun_prefix(2), os.path.join(REPO, "scripts", "image_train.py"),
+                           *map(str, argv)], env=child_env(cpu=True, GD_DIST_TIMEOUT=300),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged_fid = float(logged(tmp_path, "fid")[1])
+    expected = oracle_fid(tmp_path / "ema_0.5_000002.pt", files,
+                          [range(0, 2), range(2, 4), range(4, 5)])
+    assert logged_fid == pytest.approx(expected, rel=1e-4)
 
 
 def test_stored_statistics_give_the_fid_of_the_images_and_a_failure_costs_no_checkpoint(
