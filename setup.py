@@ -47,6 +47,14 @@ setup(
         "remote": ["blobfile>=1.0.5"],
         # datasets/lsun.py reads LSUN's lmdb databases.
         "lsun": ["lmdb"],
-        "dev": ["pytest", "lmdb"],
+        # Checkpoints as .safetensors files (--model_path M.safetensors, --save_format).
+        "safetensors": ["safetensors"],
+        # Export to Hugging Face diffusers (scripts/export_diffusers.py) and its weights.
+        "diffusers": ["diffusers", "safetensors"],
+        # --log_format wandb / tensorboard.
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
+        # The tests of every optional part run in CI.
+        "dev": ["pytest", "lmdb", "diffusers", "safetensors", "wandb", "tensorboard"],
     },
 )

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion.guidance import check_class_dropout_prob, label_rows
+from .networks import DenoisingNetwork
 from .nn import checkpoint, linear, timestep_embedding
 from .runtime.shapes import image_hw
 from .unet import _attend, check_y
@@ -45,18 +46,55 @@ DIT_SIZES = {
 }
 
 
+# A size outside the table, for small experiments and tests: "depth=4,width=128,heads=4,patch=2".
+_CUSTOM_FIELDS = {"depth": "depth", "width": "hidden_size", "heads": "num_heads",
+                  "patch": "patch_size"}
+
+
+def dit_size(name):
+    """
+    The DiTSize of a --dit_model value: one of the twelve names ("DiT-S/2" ... "DiT-XL/8"), or
+    a custom size written "depth=D,width=W,heads=H,patch=P" (an addition: the official code has
+    the twelve only).
+
+    :raises ValueError: naming the accepted values.
+    """
+    if name in DIT_SIZES:
+        return DIT_SIZES[name]
+    fields = {}
+    for part in str(name).split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _CUSTOM_FIELDS or not value.strip().isdigit():
+            fields = None
+            break
+        fields[_CUSTOM_FIELDS[key]] = int(value)
+    if not fields or len(fields) != len(_CUSTOM_FIELDS) or min(fields.values()) < 1:
+        raise ValueError(
+            f"unknown --dit_model {name!r}: use one of {', '.join(DIT_SIZES)}, or a custom size "
+            "like depth=4,width=128,heads=4,patch=2"
+        )
+    return DiTSize(**fields)
+
+
+def size_name(size):
+    """The --dit_model value of a DiTSize: its table name, else the custom form."""
+    for name, known in DIT_SIZES.items():
+        if known == size:
+            return name
+    return (f"depth={size.depth},width={size.hidden_size},heads={size.num_heads},"
+            f"patch={size.patch_size}")
+
+
 def dit_model(name, **kwargs):
     """
-    Build one of the twelve named DiTs.
+    Build one of the twelve named DiTs (or a custom size, see dit_size).
 
     :param name: "DiT-S/2" ... "DiT-XL/8" (a key of DIT_SIZES).
     :param kwargs: the remaining DiT arguments (image_size, in_channels, num_classes, ...).
     :return: a DiT.
     """
-    size = DIT_SIZES.get(name)
-    if size is None:
-        raise ValueError(f"unknown DiT model {name!r}: use one of {', '.join(DIT_SIZES)}")
-    return DiT(**size._asdict(), **kwargs)
+    return DiT(**dit_size(name)._asdict(), **kwargs)
 
 
 def sincos_position_embedding(grid_hw, dim):
@@ -290,8 +328,10 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(DenoisingNetwork):
     """
+    A DenoisingNetwork (guided_diffusion/networks.py), --arch dit.
+
     The diffusion transformer: patch tokens plus fixed 2-D sine-cosine positions, `depth`
     adaLN-Zero blocks conditioned on the timestep (and class) embedding, and a linear decoder
     back to patches.
@@ -314,6 +354,10 @@ class DiT(nn.Module):
         float16 once convert_to_fp16() has cast it (and in float32 until then, so a model built
         with the flag is whole before the trainer takes its float32 master copies).
     """
+
+    arch = "dit"
+    label_key = "y_embedder.embedding_table.weight"
+    signature_prefixes = ("x_embedder.", "final_layer.")
 
     def __init__(
         self,
@@ -419,6 +463,35 @@ class DiT(nn.Module):
             part.to(torch.float32)
         self.dtype = torch.float32
 
+    @classmethod
+    def layout_flags(cls, shapes, like=None):
+        """
+        A DiT's whole layout from its shapes: the patch projection gives the width and the
+        patch side, the blocks the depth, the fixed positions the token grid (a square image),
+        the decoder the output channels. The heads leave no trace in the shapes: a named size's
+        are taken, else those of `like` (a built DiT) when they divide the width.
+        """
+        proj = shapes.get("x_embedder.proj.weight")
+        if proj is None or len(proj) != 4:
+            return {"arch": "dit"}
+        width, in_channels, patch = proj[0], proj[1], proj[2]
+        depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+        named = [s for s in DIT_SIZES.values()
+                 if (s.depth, s.hidden_size, s.patch_size) == (depth, width, patch)]
+        guesses = ([like.num_heads] if like is not None else []) + [16, 12, 8, 6, 4, 2, 1]
+        heads = named[0].num_heads if named else next(h for h in guesses if width % h == 0)
+        flags = {"arch": "dit", "dit_model": size_name(DiTSize(depth, width, heads, patch)),
+                 "in_channels": in_channels}
+        out = shapes.get("final_layer.linear.weight")
+        if out is not None:
+            flags["learn_sigma"] = out[0] == 2 * in_channels * patch * patch
+        tokens = shapes.get("pos_embed", (1, 0))[1]
+        side = round(tokens ** 0.5)
+        if side * side == tokens and side:
+            flags["image_size"] = side * patch
+        flags["class_cond"] = cls.label_key in shapes
+        return flags
+
     def _condition(self, timesteps, y, batch):
         """The conditioning vector c = timestep embedding (+ label embedding), float32."""
         if timesteps.shape != (batch,):
@@ -472,7 +545,7 @@ def _check_config(height, width, hidden_size, num_heads, patch_size, num_classes
     if patch_size < 1 or height % patch_size or width % patch_size:
         raise ValueError(
             f"a DiT with patch size {patch_size} needs an image size divisible by it, got "
-            f"{height}x{width}: change --image_size or pick another DiT model"
+            f"{height}x{width}: change --image_size or pick another --dit_model"
         )
     if hidden_size % num_heads or hidden_size % 4:
         raise ValueError(

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import logger
+from .networks import set_precision
 
 # The loss is multiplied by 2**lg_loss_scale before backward; 2**20 is the starting scale.
 INITIAL_LOG_LOSS_SCALE = 20.0
@@ -289,7 +290,8 @@ class MixedPrecisionTrainer:
     gradients are not finite is skipped in every precision; in float32 and bfloat16 that is fatal
     and the training loop stops at its next check (see skipped_steps).
 
-    :param model: a model with convert_to_fp16() (UNetModel, EncoderUNetModel).
+    :param model: a model with convert_to_fp16() / convert_to_bf16() (a DenoisingNetwork of
+        guided_diffusion/networks.py, or the classifier EncoderUNetModel).
     :param use_fp16: train with the float16 torso.
     :param fp16_scale_growth: increase of lg_loss_scale after each successful step.
     :param initial_lg_loss_scale: starting log2 loss scale.
@@ -334,10 +336,7 @@ class MixedPrecisionTrainer:
             # Master copies are taken before the conversion so they hold the exact fp32 weights.
             self.param_groups_and_shapes = get_param_groups_and_shapes(model.named_parameters())
             self.master_params = make_master_params(self.param_groups_and_shapes)
-            if use_fp16:
-                model.convert_to_fp16()
-            else:
-                model.convert_to_bf16()
+            set_precision(model, "fp16" if use_fp16 else "bf16")
 
     @property
     def lg_loss_scale(self):

@@ -49,6 +49,7 @@ def load_data(
     seed=None,
     in_channels=3,
     flag="--data_dir",
+    class_names=None,
 ):
     """
     An endless stream of (images, kwargs) batches from an image folder.
@@ -69,6 +70,9 @@ def load_data(
         training scripts set to --seed + rank.
     :param in_channels: channels of the images produced (see the module's docstring).
     :param flag: the flag that named data_dir, for error messages (e.g. "--val_data_dir").
+    :param class_names: with class_cond, number the classes as these names (the training
+        folder's, for a validation folder: check_validation_classes) instead of by the folder's
+        own sorted names; None: the folder's own.
     :return: an iterator of (float32 NCHW tensor in [-1, 1], dict) pairs that never ends, with
         state_dict() and load_state_dict().
     :raises ValueError: on an unspecified or empty folder, unlabelled files with class_cond, or
@@ -82,7 +86,13 @@ def load_data(
     all_files = list_image_files_recursively(data_dir, flag=flag)
     classes = None
     if class_cond:
-        classes, _ = class_labels_from_paths(all_files)
+        classes, names = class_labels_from_paths(all_files)
+        if class_names is not None:
+            index = {name: i for i, name in enumerate(class_names)}
+            missing = [name for name in names if name not in index]
+            if missing:
+                raise ValueError(_foreign_classes_message(data_dir, missing, class_names, flag))
+            classes = [index[names[label]] for label in classes]
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     dataset = ImageDataset(
         image_size,
@@ -98,7 +108,7 @@ def load_data(
         # drop_last would make every epoch empty and the generator would spin forever.
         raise ValueError(
             f"rank {rank} of {world} has {len(dataset)} images in {data_dir} but batch_size is "
-            f"{batch_size}: lower --batch_size or add images"
+            f"{batch_size}: lower --batch_size or add images to {flag}"
         )
     # deviation from reference: the reference was itself a generator over a shuffled DataLoader,
     # so every error above only surfaced at the first next(), and its order could not be resumed.
@@ -135,7 +145,8 @@ def list_image_files_recursively(data_dir, flag="--data_dir"):
     Each folder's entries are visited in sorted order and sub-folders are expanded in place, as in
     the reference, so the order (and hence which rank reads which file) matches it.
 
-    :param flag: the flag that named data_dir, for error messages.
+    :param flag: the flag that named data_dir, for error messages ("--data_dir", "--input"),
+        or words for a positional argument ("the FOLDER argument").
     :raises FileNotFoundError: when data_dir does not exist.
     :raises ValueError: when it holds no image files.
     """
@@ -320,13 +331,11 @@ def read_image(path, in_channels=3):
             f"--in_channels {in_channels} but {path} is a picture (1 to 4 channels): store "
             f"{in_channels}-channel data as .npy arrays [H, W, {in_channels}]"
         )
+    # deviation from reference: 16-bit grey is scaled to 8 bits before it becomes RGB; the
+    # reference's convert("RGB") clips it at 255 (nearly every pixel white).
+    pil_image = wide_grey_to_8bit(pil_image)
     if in_channels == 3:
         return pil_image.convert("RGB")
-    if pil_image.mode.startswith("I;16") or pil_image.mode in ("I", "F"):
-        # 16-bit (CT, microscopy) or 32-bit grey: PIL's own conversion to "L" clips at 255.
-        wide = np.asarray(pil_image, dtype=np.float64)
-        top = 65535.0 if pil_image.mode.startswith("I;16") else max(float(wide.max()), 1.0)
-        pil_image = Image.fromarray(np.clip(np.round(wide * (255.0 / top)), 0, 255).astype(np.uint8))
     colour = "R" in pil_image.getbands() or pil_image.mode == "P" and _palette_has_colour(pil_image)
     if in_channels in (1, 2) and colour:
         rgb = np.asarray(pil_image.convert("RGB"))
@@ -337,6 +346,20 @@ def read_image(path, in_channels=3):
                 "--in_channels 3"
             )
     return pil_image.convert(PIL_MODES[in_channels])
+
+
+def wide_grey_to_8bit(pil_image):
+    """
+    16-bit (CT, microscopy: "I;16" and its byte orders) or 32-bit ("I", "F") grey as 8-bit grey
+    ("L"), scaled (16-bit: by 255/65535; 32-bit: by the image's own maximum), since PIL's own
+    conversion clips at 255; any other mode is returned as it is. The training reader and the
+    editing scripts' reader both use it, so an image reads the same in both.
+    """
+    if not (pil_image.mode.startswith("I;16") or pil_image.mode in ("I", "F")):
+        return pil_image
+    wide = np.asarray(pil_image, dtype=np.float64)
+    top = 65535.0 if pil_image.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+    return Image.fromarray(np.clip(np.round(wide * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
 def _palette_has_colour(pil_image):
@@ -469,7 +492,8 @@ def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)
     return arr[top : top + height, left : left + width]
 
 
-def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_channels=3):
+def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_channels=3,
+                      flag="--data_dir"):
     """
     Read the images of a folder as they are, for tools that compare outputs with them pixel by
     pixel (e.g. DDIM inversion): no resizing, cropping or flipping, so every image must already
@@ -481,9 +505,10 @@ def read_image_folder(data_dir, image_size, class_cond=False, limit=None, in_cha
     :param limit: read only the first `limit` files (None or 0: all).
     :param in_channels: channels to read the images with (see read_image).
     :return: (uint8 array [N, height, width, in_channels], int64 labels [N] or None).
+    :param flag: the flag that named the folder, for error messages.
     :raises ValueError: naming the first image of another size, or an unreadable one.
     """
-    paths = list_image_files_recursively(data_dir)
+    paths = list_image_files_recursively(data_dir, flag=flag)
     labels = None
     if class_cond:
         labels, _ = class_labels_from_paths(paths)
@@ -545,6 +570,35 @@ def check_dataset_classes(data_dir, num_classes, flag="--data_dir"):
 
 
 _WARNED_CLASS_COUNTS = set()
+
+
+def _foreign_classes_message(data_dir, missing, class_names, flag, train_flag="--data_dir"):
+    shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return (
+        f"{data_dir} has {len(missing)} class(es) that the training folder ({train_flag}) does "
+        f"not have ({shown}; it has {len(class_names)}: "
+        f"{', '.join(repr(n) for n in list(class_names)[:5])}{' ...' if len(class_names) > 5 else ''}): "
+        f"the model only knows the training folder's classes, so {flag} must use the same class "
+        f"names (fix {flag}, not --num_classes)"
+    )
+
+
+def check_validation_classes(val_dir, class_names, flag="--val_data_dir"):
+    """
+    Check, before training, that a class-conditional validation folder holds only classes of the
+    training folder (its labels are numbered by the training folder's names: load_data with
+    class_names), so that a run does not die at its first validation, mid-run.
+
+    :param class_names: the training folder's class names (check_dataset_classes).
+    :return: the validation folder's class names.
+    :raises FileNotFoundError, ValueError: naming `flag` (missing, empty, unlabelled files,
+        classes the training folder lacks).
+    """
+    _, names = class_labels_from_paths(list_image_files_recursively(val_dir, flag=flag))
+    missing = [name for name in names if name not in set(class_names)]
+    if missing:
+        raise ValueError(_foreign_classes_message(val_dir, missing, class_names, flag))
+    return names
 
 
 class _DropBatchLabels:

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import os.path as osp
+import secrets
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 from .errors import UnwritableLogDirError
+from .runtime.files import atomic_write
 
 DEBUG = 10
 INFO = 20
@@ -195,7 +197,8 @@ class TensorBoardOutputFormat(KVWriter):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ImportError(
-                "the 'tensorboard' log format needs the tensorboard package: pip install tensorboard"
+                "the 'tensorboard' log format needs the tensorboard package: pip install "
+                "'guided-diffusion[tensorboard]' (or pip install tensorboard)"
             ) from exc
         os.makedirs(dir, exist_ok=True)
         self.writer = SummaryWriter(log_dir=dir)
@@ -223,10 +226,99 @@ class TensorBoardOutputFormat(KVWriter):
             self.writer = None
 
 
+class WandbOutputFormat(KVWriter):
+    """
+    A Weights & Biases run: the rows of progress.csv as scalars and the sample grids as images
+    (images/samples), both at the training step (the row's "step"; a counter of rows when it has
+    none).
+
+    Offline unless $WANDB_MODE says otherwise: the run is written under wandb/ in the log folder
+    (or $WANDB_DIR) and needs no network; `wandb sync` uploads it later. Other W&B variables
+    ($WANDB_PROJECT, $WANDB_NAME, $WANDB_ENTITY, $WANDB_RUN_ID ...) keep their meaning. The run id
+    is kept in the log folder (wandb-run-id.txt), so a resumed run continues the same W&B run.
+    An addition to the reference (needs the wandb package).
+    """
+
+    ID_FILE = "wandb-run-id.txt"
+
+    def __init__(self, dir):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(
+                "the 'wandb' log format needs the wandb package: pip install "
+                "'guided-diffusion[wandb]' (or pip install wandb)"
+            ) from None
+        self._wandb = wandb
+        self.step = 1
+        env = os.environ
+        settings = wandb.Settings(
+            # The terminal stays ours (log.txt has it all): no console capture, no banners.
+            console=env.get("WANDB_CONSOLE", "off"),
+            silent=env.get("WANDB_SILENT", "true").lower() in ("1", "true", "yes"),
+            # args.json records the commit already; W&B's own look-up warns outside a checkout.
+            disable_git=True,
+        )
+        self.run = wandb.init(
+            project=env.get("WANDB_PROJECT") or "guided-diffusion",
+            name=env.get("WANDB_NAME") or osp.basename(osp.abspath(dir)),
+            dir=None if env.get("WANDB_DIR") else dir,
+            # A cluster node often has no network: never let a run wait for one unasked.
+            mode=None if env.get("WANDB_MODE") else "offline",
+            id=None if env.get("WANDB_RUN_ID") else self._run_id(dir),
+            resume="allow",
+            settings=settings,
+        )
+
+    @classmethod
+    def _run_id(cls, dir):
+        path = osp.join(dir, cls.ID_FILE)
+        try:
+            with open(path) as f:
+                run_id = f.read().strip()
+            if run_id:
+                return run_id
+        except FileNotFoundError:
+            pass
+        # W&B ids are short strings of letters and digits; any unique one does.
+        run_id = secrets.token_hex(4)
+        # Atomic: a run stopped here leaves no empty id file for its resume to trip over.
+        atomic_write(path, lambda f: f.write((run_id + "\n").encode()))
+        return run_id
+
+    def writekvs(self, kvs):
+        scalars = {}
+        for key, value in kvs.items():
+            value = _plain(value)
+            if hasattr(value, "__float__") and not isinstance(value, str):
+                scalars[key] = float(value)
+        step = int(scalars["step"]) if "step" in scalars else self.step
+        self.run.log(scalars, step=step)
+        self.step = step + 1
+
+    def write_image(self, key, image, step):
+        """
+        Add one uint8 HWC image as images/<key> at training step `step` (a key of its own: the
+        sample grid's "samples" is also the scalar counting the images trained on, and a W&B row
+        holds one value per key).
+        """
+        self.run.log({f"images/{key}": self._wandb.Image(image)}, step=int(step))
+
+    def write_config(self, config):
+        """Record the run's flags as the W&B run's config."""
+        self.run.config.update(dict(config), allow_val_change=True)
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
 def make_output_format(format, ev_dir, log_suffix=""):
     """
     Build one output: "stdout", "log" (log<suffix>.txt), "json" (progress<suffix>.json),
-    "csv" (progress<suffix>.csv) or "tensorboard" (tb<suffix>/).
+    "csv" (progress<suffix>.csv), "tensorboard" (tb<suffix>/) or "wandb" (a W&B run, offline
+    unless $WANDB_MODE says otherwise).
     """
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
@@ -239,8 +331,10 @@ def make_output_format(format, ev_dir, log_suffix=""):
         return CSVOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.csv"))
     if format == "tensorboard":
         return TensorBoardOutputFormat(osp.join(ev_dir, f"tb{log_suffix}"))
+    if format == "wandb":
+        return WandbOutputFormat(ev_dir)
     raise ValueError(
-        f"unknown log format {format!r}: use stdout, log, json, csv or tensorboard "
+        f"unknown log format {format!r}: use stdout, log, json, csv, tensorboard or wandb "
         "(check OPENAI_LOG_FORMAT / OPENAI_LOG_FORMAT_MPI)"
     )
 
@@ -288,9 +382,16 @@ def log(*args, level=INFO):
     get_current().log(*args, level=level)
 
 
+def log_config(config):
+    """Send the run's flags (a dict) to the outputs that keep them (W&B); the others ignore it."""
+    for fmt in get_current().output_formats:
+        if hasattr(fmt, "write_config"):
+            fmt.write_config(config)
+
+
 def log_image(key, image, step):
     """
-    Send an image to the outputs that take images (TensorBoard); the others ignore it.
+    Send an image to the outputs that take images (TensorBoard, W&B); the others ignore it.
 
     :param key: its name, e.g. "samples".
     :param image: a uint8 array [H, W, C].

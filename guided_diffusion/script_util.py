@@ -22,6 +22,7 @@ from .cli.flags import (  # noqa: F401  (the reference's names, defined with the
     model_and_diffusion_defaults,
 )
 from .cli.hints import explain_state_dict_mismatch  # noqa: F401  (public here)
+from .dit import dit_model as _dit_model
 from .runtime.shapes import format_image_size, image_hw, parse_image_size, short_side
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -58,7 +59,7 @@ def sr_model_and_diffusion_defaults():
     res["small_size"] = 64
     accepted = inspect.signature(sr_create_model_and_diffusion).parameters
     # The keywords the port adds to the reference's factory are not reference flags.
-    added = ("num_classes", "class_dropout_prob", "channel_mult", "in_channels")
+    added = ("num_classes", "class_dropout_prob", "channel_mult", "in_channels", "arch")
     return {k: v for k, v in res.items() if k in accepted and k not in added}
 
 
@@ -191,14 +192,19 @@ def create_model_and_diffusion(
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
     in_channels=3,
+    arch="unet",
+    dit_model="DiT-XL/2",
 ):
     """
-    Build a UNet and its diffusion from the flags of model_and_diffusion_defaults().
+    Build a UNet (or, with arch="dit", a DiT) and its diffusion from the flags of
+    model_and_diffusion_defaults().
 
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param class_dropout_prob: see create_model (extra to the reference).
     :param in_channels: see create_model (extra to the reference).
-    :return: (UNetModel, SpacedDiffusion).
+    :param arch: see create_model (extra to the reference).
+    :param dit_model: see create_model (extra to the reference).
+    :return: (UNetModel or DiT, SpacedDiffusion).
     """
     return _network_and_diffusion(create_model, locals())
 
@@ -223,10 +229,12 @@ def create_model(
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
     in_channels=3,
+    arch="unet",
+    dit_model="DiT-XL/2",
 ):
     """
-    Build the diffusion UNet (in_channels inputs, 3 by default; twice as many outputs with
-    learn_sigma, else as many).
+    Build the diffusion network (in_channels inputs, 3 by default; twice as many outputs with
+    learn_sigma, else as many): the UNet, or with arch="dit" a DiT.
 
     :param image_size: the side of square images, or (height, width) for rectangles: the
         channel table and attention_resolutions then go by the shorter side (an addition).
@@ -238,11 +246,53 @@ def create_model(
         counts it. 0 (the default) keeps the reference's layout (extra to the reference).
     :param in_channels: image channels: 1 for grey data, 3 (the reference's only value) for
         RGB, any count for .npy data (extra to the reference).
-    :return: a UNetModel.
+    :param arch: "unet" (the reference's network) or "dit" (Peebles & Xie 2023): the one
+        switch between network families (extra to the reference). A DiT takes image_size,
+        in_channels, learn_sigma, class_cond, num_classes, class_dropout_prob, use_checkpoint
+        and use_fp16; the UNet's shape flags do not apply to it.
+    :param dit_model: the DiT's size with arch="dit": "DiT-S/2" ... "DiT-XL/8", or
+        "depth=D,width=W,heads=H,patch=P" (extra to the reference).
+    :return: a UNetModel, or a DiT.
     """
-    return _diffusion_unet(
-        UNetModel, locals(), size=image_size, size_flag="--image_size", table=_CHANNEL_MULT_BY_SIZE
+    return _NETWORK_BUILDERS[checked_arch(arch)](locals())
+
+
+def checked_arch(arch):
+    """:raises ValueError: unless arch names a network family create_model builds."""
+    if arch not in _NETWORK_BUILDERS:
+        raise ValueError(f"unknown --arch {arch!r}: use {' or '.join(_NETWORK_BUILDERS)}")
+    return arch
+
+
+def _diffusion_dit(flags):
+    """create_model's DiT: the flags that apply to it checked, the named size built."""
+    _check_num_classes(flags["num_classes"])
+    _check_in_channels(flags["in_channels"])
+    check_class_dropout_prob(flags["class_dropout_prob"], flags["class_cond"])
+    if flags["dropout"]:
+        raise ValueError(f"--dropout {flags['dropout']}: a DiT has no dropout layers (the "
+                         "paper trains without): pass --dropout 0 with --arch dit")
+    return _dit_model(
+        flags["dit_model"],
+        image_size=flags["image_size"],
+        in_channels=flags["in_channels"],
+        num_classes=flags["num_classes"] if flags["class_cond"] else None,
+        class_dropout_prob=flags["class_dropout_prob"],
+        learn_sigma=flags["learn_sigma"],
+        use_checkpoint=flags["use_checkpoint"],
+        use_fp16=flags["use_fp16"],
     )
+
+
+# --arch -> the builder of create_model's network from its flags (a new network family adds a
+# row here; guided_diffusion/networks.py says what the network must provide).
+_NETWORK_BUILDERS = {
+    "unet": lambda flags: _diffusion_unet(
+        UNetModel, flags, size=flags["image_size"], size_flag="--image_size",
+        table=_CHANNEL_MULT_BY_SIZE,
+    ),
+    "dit": _diffusion_dit,
+}
 
 
 def create_classifier_and_diffusion(
@@ -350,9 +400,11 @@ def sr_create_model_and_diffusion(
     class_dropout_prob=0.0,
     channel_mult="",
     in_channels=3,
+    arch="unet",
 ):
     """
-    Build a super-resolution UNet and its diffusion from sr_model_and_diffusion_defaults() flags.
+    Build a super-resolution UNet and its diffusion from sr_model_and_diffusion_defaults() flags
+    (arch: "unet", the only super-resolution network; extra to the reference).
 
     :param num_classes: number of classes when class_cond (extra to the reference).
     :param class_dropout_prob: see create_model (extra to the reference).
@@ -384,6 +436,7 @@ def sr_create_model(
     channel_mult="",
     class_dropout_prob=0.0,
     in_channels=3,
+    arch="unet",
 ):
     """
     Build the super-resolution UNet working at large_size (small_size only describes the data).
@@ -396,6 +449,8 @@ def sr_create_model(
     :return: a SuperResModel.
     """
     del small_size  # the low-resolution input is upsampled to large_size before the network
+    if checked_arch(arch) != "unet":
+        raise ValueError(f"--arch {arch}: the super-resolution model is a UNet; pass --arch unet")
     return _diffusion_unet(
         SuperResModel, locals(), size=large_size, size_flag="--large_size",
         table=_SR_CHANNEL_MULT_WITH_FALLBACK,

@@ -10,6 +10,7 @@ Step numbering: checkpoint names, the logged "step" and the progress line count 
 steps taken, resumed ones included; "samples" counts the images consumed over all ranks.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -17,13 +18,22 @@ import torch
 
 from . import dist_util, logger
 from .errors import NonFiniteLossError  # noqa: F401  (public here, where it lived)
-from .image_datasets import check_dataset_classes, with_label_dropout
+from .image_datasets import (
+    check_dataset_classes,
+    check_validation_classes,
+    list_image_files_recursively,
+    with_label_dropout,
+)
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .runtime import checkpoints
 from .training.engine import KEEP_ALL, Trainer, checkpoint_step, resolve_resume_checkpoint  # noqa: F401
+from .networks import label_key_of
+from .training.options import TrainOptions
 from .training.finetune import adapt_label_embedding
 from .training.loss_logging import log_loss_dict  # noqa: F401  (the reference's name lives here)
-from .training.mixed_precision import MIN_LG_LOSS_SCALE, MixedPrecisionTask, parse_ema_rates  # noqa: F401
+from .training.mixed_precision import (  # noqa: F401
+    MIN_LG_LOSS_SCALE, MixedPrecisionTask, ema_file_beside, parse_ema_rates,
+)
 from .runtime.perf import compile_model, to_channels_last
 from .training.fid import fid_keywords
 from .training.watch import SampleGrid, Validation, watch_keywords
@@ -32,10 +42,10 @@ from .training.watch import SampleGrid, Validation, watch_keywords
 TRAIN_LOOP_FLAGS = (
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
     "resume_checkpoint", "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps",
-    "max_steps", "use_bf16",
+    "max_steps", "use_bf16", "lr_warmup_steps", "lr_schedule",
     # the port's run features (docs/runs.md)
     "ema_warmup_power", "ema_inv_gamma", "grad_clip", "keep_checkpoints", "init_checkpoint",
-    "init_num_classes", "init_add_null_class", "sample_interval", "val_interval",
+    "init_num_classes", "init_add_null_class", "sample_interval", "val_interval", "save_format",
 )
 
 
@@ -60,11 +70,14 @@ class TrainLoop(MixedPrecisionTask):
     :param schedule_sampler: a ScheduleSampler for the timesteps (default uniform).
     :param weight_decay: AdamW weight decay.
     :param lr_anneal_steps: decay the learning rate linearly to 0 over this many steps and stop
-        there (0: constant learning rate, run until interrupted).
+        there (0: constant learning rate, run until interrupted); the horizon of lr_schedule.
     :param max_steps: stop after this many steps of this run (0: no limit); an addition to the
         reference, handy for tests, benchmarks and short jobs.
     :param use_bf16: train with the torso in bfloat16 and float32 master weights (as use_fp16,
         without loss scaling; an addition to the reference, exclusive with use_fp16).
+    :param lr_warmup_steps: warm the rate up linearly from 0 over this many steps (0: none).
+    :param lr_schedule: "constant" (with lr_anneal_steps > 0: "linear", the reference's decay),
+        "linear" or "cosine" down to 0 at lr_anneal_steps (training.options.LRSchedule).
 
     Additions to the reference for living with a run (docs/runs.md); every default keeps the
     reference's behaviour:
@@ -87,6 +100,8 @@ class TrainLoop(MixedPrecisionTask):
     :param val_interval: every this many steps, log the loss terms on val_data (val_*).
     :param fid: a training.fid.FIDPlan (--fid_interval): log a proxy FID every fid.interval
         steps.
+    :param save_format: "pt" (the reference's) or "safetensors": the format of the model and EMA
+        files (the optimizer and state files stay .pt).
     """
 
     def __init__(
@@ -122,7 +137,18 @@ class TrainLoop(MixedPrecisionTask):
         val_data=None,
         val_interval=1000,
         fid=None,
+        lr_warmup_steps=0,
+        lr_schedule="constant",
+        save_format="pt",
     ):
+        options = TrainOptions(
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
+            lr_warmup_steps=lr_warmup_steps, anneal_lr=lr_anneal_steps > 0,
+            iterations=lr_anneal_steps, iterations_flag="--lr_anneal_steps", max_steps=max_steps,
+            log_interval=log_interval, save_interval=save_interval,
+            resume_checkpoint=resume_checkpoint, keep_checkpoints=keep_checkpoints,
+            init_checkpoint=init_checkpoint, grad_clip=grad_clip,
+        )
         if sample_interval and sample_diffusion is None:
             raise ValueError("sample_interval needs a sample_diffusion (the DDIM-respaced one)")
         self.diffusion = diffusion
@@ -134,31 +160,18 @@ class TrainLoop(MixedPrecisionTask):
             self.schedule_sampler.set_all_gather(dist_util.all_gather_tensors)
         self.setup(
             model=model,
-            lr=lr,
-            weight_decay=weight_decay,
+            options=options,
             ema_rate=ema_rate,
             use_fp16=use_fp16,
             use_bf16=use_bf16,
             fp16_scale_growth=fp16_scale_growth,
             ema_warmup_power=ema_warmup_power,
             ema_inv_gamma=ema_inv_gamma,
-            grad_clip=grad_clip,
+            save_format=save_format,
         )
         self.init_num_classes = init_num_classes
         self.init_add_null_class = init_add_null_class
-        self.trainer = Trainer(
-            self,
-            data=data,
-            batch_size=batch_size,
-            log_interval=log_interval,
-            save_interval=save_interval,
-            resume_checkpoint=resume_checkpoint,
-            total_steps=lr_anneal_steps,
-            max_steps=max_steps,
-            total_steps_flag="--lr_anneal_steps",
-            keep_checkpoints=keep_checkpoints,
-            init_checkpoint=init_checkpoint,
-        )
+        self.trainer = Trainer(self, data=data, options=options)
         self.resume_checkpoint = self.trainer.resume_checkpoint or ""
         self.global_batch = self.trainer.global_batch  # the reference's attribute
         self.sample_grid = None
@@ -173,14 +186,29 @@ class TrainLoop(MixedPrecisionTask):
             self.proxy_fid = fid.bind(self)
             self.trainer.add_periodic(fid.interval, self.proxy_fid)
 
+    # The reference sets the rate after each step from the index of that step: the decay lags
+    # one step (training.options.LRSchedule).
+    lr_lag = 1
+
     # The run's schedule lives in the engine; these are the reference's names for it (settable,
     # as plain attributes were).
     log_interval = property(lambda self: self.trainer.log_interval,
                             lambda self, v: setattr(self.trainer, "log_interval", v))
     save_interval = property(lambda self: self.trainer.save_interval,
                              lambda self, v: setattr(self.trainer, "save_interval", v))
-    lr_anneal_steps = property(lambda self: self.trainer.total_steps,
-                               lambda self, v: setattr(self.trainer, "total_steps", v))
+    @property
+    def lr_anneal_steps(self):
+        return self.trainer.total_steps
+
+    @lr_anneal_steps.setter
+    def lr_anneal_steps(self, value):
+        # The run's end and the schedule's horizon together, as the reference's one attribute.
+        trainer = self.trainer
+        trainer.options = dataclasses.replace(trainer.options, iterations=value,
+                                              anneal_lr=value > 0)
+        trainer.lr_schedule = trainer.options.lr_schedule_for(lag=self.lr_lag)
+        trainer.total_steps = value
+
     max_steps = property(lambda self: self.trainer.max_steps,
                          lambda self, v: setattr(self.trainer, "max_steps", v))
 
@@ -212,8 +240,6 @@ class TrainLoop(MixedPrecisionTask):
             self.sample_grid.observe(batch, cond)
         self.forward_backward(batch, cond)
         self.optimize(step)
-        # As the reference: the rate for the next step, from the index of the step just taken.
-        self._anneal_lr(step)
 
     def run_step(self, batch, cond):
         """
@@ -222,6 +248,7 @@ class TrainLoop(MixedPrecisionTask):
         """
         self.train_step(batch, cond, self.trainer.global_step)
         self.trainer.log_step(self.trainer.global_step + 1)
+        self.trainer.apply_lr(self.trainer.global_step + 1)
 
     def forward_backward(self, batch, cond):
         """Accumulate the gradients of the batch, one microbatch at a time."""
@@ -263,20 +290,15 @@ class TrainLoop(MixedPrecisionTask):
             # skipped on the device and reported by health_problem.
             self.mp_trainer.backward(loss)
 
-    def _anneal_lr(self, step):
-        if not self.lr_anneal_steps:
-            return
-        self.set_lr(self.lr * (1 - step / self.lr_anneal_steps))
-
     def adapt_init_state(self, state, path):
         """--init_num_classes / --init_add_null_class: re-initialise the label embedding."""
         return adapt_label_embedding(
             state, self.model.state_dict(), path=path, init_num_classes=self.init_num_classes,
-            init_add_null_class=self.init_add_null_class,
+            init_add_null_class=self.init_add_null_class, key=label_key_of(self.model),
         )
 
     def init_mismatch_advice(self, state):
-        label = "label_emb.weight"
+        label = label_key_of(self.model)
         if self.init_num_classes or self.init_add_null_class:
             return ""
         ours = self.model.state_dict().get(label)
@@ -288,13 +310,6 @@ class TrainLoop(MixedPrecisionTask):
             "embedding with --init_num_classes K (--init_add_null_class True adds only the "
             "null class of classifier-free guidance)"
         )
-
-    def lr_at(self, step):
-        # The rate _anneal_lr set after the previous step (the first step keeps --lr), computed
-        # by the same expression, so a resumed run continues the schedule bit for bit.
-        if not self.lr_anneal_steps or step == 0:
-            return self.lr
-        return self.lr * (1 - (step - 1) / self.lr_anneal_steps)
 
     # ----------------------------------------------------------------------------- resuming
 
@@ -332,17 +347,27 @@ def train_from_flags(args, model, diffusion, flags, load):
     :param diffusion: its diffusion.
     :param flags: the model and diffusion flags both were built from (the sample grids' DDIM
         diffusion is respaced from them).
-    :param load: (folder, deterministic) -> this rank's batch stream of the folder: shuffled
-        and augmented as the flags say for training, in a fixed order and unaugmented for the
-        validation subset (deterministic=True).
+    :param load: (folder, deterministic, **load_data keywords) -> this rank's batch stream of
+        the folder: shuffled and augmented as the flags say for training, in a fixed order and
+        unaugmented for the validation subset (deterministic=True; with flag="--val_data_dir"
+        and, for a class-conditional model, the training folder's class_names).
     """
     model.to(dist_util.dev())
     to_channels_last(model, args.channels_last)
     compile_model(model, args.compile)
 
     logger.log("creating data loader...")
+    names = None
     if args.class_cond:
-        check_dataset_classes(args.data_dir, args.num_classes)
+        names = check_dataset_classes(args.data_dir, args.num_classes)
+    val_options = dict(flag="--val_data_dir")
+    if args.val_data_dir:
+        # Checked now, like --data_dir, not at the first validation mid-run.
+        if names is not None:
+            check_validation_classes(args.val_data_dir, names)
+            val_options["class_names"] = names  # its labels numbered as the training folder's
+        else:
+            list_image_files_recursively(args.val_data_dir, flag="--val_data_dir")
     # Classifier-free guidance: labels become the null class (index num_classes) at this rate.
     data = with_label_dropout(load(args.data_dir, False), prob=args.class_dropout_prob,
                               null_label=args.num_classes)
@@ -354,7 +379,7 @@ def train_from_flags(args, model, diffusion, flags, load):
         data=data,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         **{name: getattr(args, name) for name in TRAIN_LOOP_FLAGS},
-        **watch_keywords(args, flags, lambda folder: load(folder, True)),
+        **watch_keywords(args, flags, lambda folder: load(folder, True, **val_options)),
         **fid_keywords(args, flags),
     ).run_loop()
 
@@ -385,9 +410,9 @@ def find_resume_checkpoint():
 
 def find_ema_checkpoint(main_checkpoint, step, rate):
     """
-    :return: the ema_<rate>_<step>.pt file next to main_checkpoint, or None when it is missing.
+    :return: the ema_<rate>_<step>.pt (or .safetensors) file next to main_checkpoint, or None
+        when it is missing.
     """
     if not main_checkpoint:
         return None
-    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
-    return path if os.path.exists(path) else None
+    return ema_file_beside(main_checkpoint, step, rate)

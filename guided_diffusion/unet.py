@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp16_util import convert_module_to_bf16, convert_module_to_f16, convert_module_to_f32
+from .networks import DenoisingNetwork
 from .runtime.shapes import image_hw
 from .nn import (
     avg_pool_nd,
@@ -525,10 +526,11 @@ def _time_embed(model_channels, time_embed_dim):
     )
 
 
-class UNetModel(nn.Module):
+class UNetModel(DenoisingNetwork):
     """
     The ADM UNet: timestep (and optionally class) conditioned, with residual blocks, multi-head
-    self-attention at chosen resolutions and skip connections between the two halves.
+    self-attention at chosen resolutions and skip connections between the two halves. A
+    DenoisingNetwork (guided_diffusion/networks.py), --arch unet.
 
     :param image_size: input side length, or (height, width) (used by subclasses and for
         bookkeeping).
@@ -551,6 +553,12 @@ class UNetModel(nn.Module):
     :param resblock_updown: resample with residual blocks instead of Upsample/Downsample.
     :param use_new_attention_order: QKVAttention instead of QKVAttentionLegacy.
     """
+
+    arch = "unet"
+    label_key = "label_emb.weight"
+    # The way down and the way up: the noisy-image classifier (the way down alone) lacks the
+    # second, a DiT both.
+    signature_prefixes = ("input_blocks.", "output_blocks.")
 
     def __init__(
         self,
@@ -667,6 +675,16 @@ class UNetModel(nn.Module):
             part.apply(convert_module_to_f32)
         if self.dtype == torch.bfloat16:
             self.dtype = torch.float32
+
+    @classmethod
+    def layout_flags(cls, shapes, like=None):
+        """The flags a UNet checkpoint's shapes tell at once (its width, its labels); the
+        rest of its layout is found by the hints' search (cli/hints.py)."""
+        flags = {"arch": "unet"}
+        if "time_embed.0.weight" in shapes:
+            flags["num_channels"] = shapes["time_embed.0.weight"][1]
+        flags["class_cond"] = cls.label_key in shapes
+        return flags
 
     def _embed(self, timesteps, y, batch):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))

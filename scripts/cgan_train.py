@@ -32,7 +32,8 @@ from guided_diffusion.cgan import (
 from guided_diffusion.cli.flags import script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.script_util import args_to_dict, script_parser
-from guided_diffusion.training.engine import start_run
+from guided_diffusion.cgan.training import check_sgd_schedule
+from guided_diffusion.training.engine import TrainOptions, start_run
 
 # Flags handled here rather than by CGANTrainLoop.
 _SCRIPT_FLAGS = ("data_dir", "random_flip", "preload", "seed", "log_dir", "log_format")
@@ -44,6 +45,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_sgd_schedule(args.optimizer, TrainOptions.from_flags(args))  # before the log folder
     start_run(log_dir=args.log_dir, seed=args.seed, args=args, script=__file__, argv=argv)
     found = count_classes(args.data_dir)
     if found > args.num_classes:

@@ -15,11 +15,15 @@ if __name__ == "__main__":
     catch_preemption_signals()
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import diffusion_sampling_defaults, label_choice_defaults
+from guided_diffusion.cli.flags import (
+    diffusion_sampling_defaults,
+    label_choice_defaults,
+    latent_defaults,
+)
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.diffusion.guidance import classifier_free_guidance, make_classifier_cond_fn
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.sampling import loop
+from guided_diffusion.sampling import latents, loop
 from guided_diffusion.script_util import (
     classifier_defaults,
     model_and_diffusion_defaults,
@@ -36,7 +40,11 @@ def main(argv=None):
     # a run refused on its flags leaves no folder behind.
     next_labels = loop.class_labels(args)
     # The output folder is checked now: a finished result, another command's kept batches.
-    kept = loop.keep_sample_rounds(args, __file__, args.image_size)
+    guided_channels = latents.guidance_channel_count(args)
+    decode = latents.latent_decoder(args)  # --vae_path: latents decoded to images
+    out_size = decode.image_size(args.image_size) if decode else args.image_size
+    kept = loop.keep_sample_rounds(args, __file__, out_size,
+                                   channels=decode.channels if decode else None)
     model, diffusion, _ = loop.load_diffusion_model(args)
     sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
                                     eta=args.eta)
@@ -48,7 +56,8 @@ def main(argv=None):
     cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
 
     # Classifier-free guidance on top of classifier guidance; the model itself at scale 1.
-    guided = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
+    guided = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes,
+                                      channels=guided_channels)
 
     def model_fn(x, t, y=None):
         # The labels steer the classifier always, the diffusion model only when it is conditional.
@@ -61,7 +70,8 @@ def main(argv=None):
     steps = loop.sample_steps(sampler, diffusion, args.evaluations)
     loop.sample_and_write(args, sample_fn, steps, model_fn, lambda: {"y": next_labels()},
                           image_size=args.image_size, cond_fn=cond_fn, kept=kept,
-                          streams={"labels": next_labels})
+                          streams={"labels": next_labels},
+                          decode=decode and decode.to(dist_util.dev()))
 
 
 def create_argparser():
@@ -73,6 +83,7 @@ def create_argparser():
         classifier_defaults(),
         diffusion_sampling_defaults(),
         label_choice_defaults(),
+        latent_defaults(),
         # Needed for classifiers at sizes without a built-in channel table (e.g. 16).
         dict(classifier_channel_mult=""),
     )

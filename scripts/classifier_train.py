@@ -19,7 +19,7 @@ if __name__ == "__main__":
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli.flags import classifier_train_defaults
 from guided_diffusion.cli.main import run_main
-from guided_diffusion.image_datasets import check_dataset_classes, load_data
+from guided_diffusion.image_datasets import check_dataset_classes, check_validation_classes, load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.runtime.perf import compile_model, to_channels_last
 from guided_diffusion.script_util import (
@@ -29,7 +29,7 @@ from guided_diffusion.script_util import (
     script_parser,
 )
 from guided_diffusion.training.classifier import ClassifierTrainLoop
-from guided_diffusion.training.engine import parse_run_args, start_run
+from guided_diffusion.training.engine import TrainOptions, parse_run_args, start_run
 
 
 def main(argv=None):
@@ -38,9 +38,10 @@ def main(argv=None):
               argv=argv)
 
     # The data folders first: a missing one is refused before any work.
-    check_dataset_classes(args.data_dir, args.num_classes)
+    names = check_dataset_classes(args.data_dir, args.num_classes)
     if args.val_data_dir:
-        check_dataset_classes(args.val_data_dir, args.num_classes, flag="--val_data_dir")
+        # Its classes must be the training folder's; its labels are numbered as those.
+        check_validation_classes(args.val_data_dir, names)
 
     logger.log("creating model and diffusion...")
     flags = args_to_dict(args, classifier_and_diffusion_defaults().keys())
@@ -69,6 +70,7 @@ def main(argv=None):
             class_cond=True,
             in_channels=args.in_channels,
             flag="--val_data_dir",
+            class_names=names,
         )
 
     logger.log("training classifier model...")
@@ -82,11 +84,8 @@ def main(argv=None):
         ),
         weight_hints=dict(flags=flags, build=lambda f: create_classifier_and_diffusion(**f)[0]),
         use_fp16=args.classifier_use_fp16,
-        **args_to_dict(args, [
-            "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval",
-            "resume_checkpoint", "weight_decay", "anneal_lr", "eval_interval", "max_steps",
-            "keep_checkpoints", "grad_clip", "init_checkpoint", "init_num_classes",
-        ]),
+        options=TrainOptions.from_flags(args),
+        **args_to_dict(args, ["microbatch", "eval_interval", "init_num_classes", "save_format"]),
     ).run_loop()
 
 

@@ -19,6 +19,7 @@ if __name__ == "__main__":
     catch_preemption_signals()
 
 from guided_diffusion import logger
+from guided_diffusion.cli import run_config
 from guided_diffusion.cli.flags import editing_defaults
 from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.sdedit import check_edit_strength, sdedit_loop
@@ -34,7 +35,8 @@ from guided_diffusion.script_util import script_parser
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    # The model's flags from --config or the args.json beside --model_path, as image_sample.py.
+    args = run_config.parse_args(create_argparser(), argv)
     check_edit_strength(args.edit_strength)
     sampler = sampler_from_flags(args)
     editing.check_class_label(args.class_label, args.num_classes)

@@ -17,6 +17,7 @@ if __name__ == "__main__":
     catch_preemption_signals()
 
 from guided_diffusion import logger
+from guided_diffusion.cli import run_config
 from guided_diffusion.cli.flags import editing_defaults
 from guided_diffusion.cli.main import open_tool_log, run_main, start_single_process_tool
 from guided_diffusion.diffusion.inpaint import INPAINT_SAMPLERS, inpaint_loop, repaint_schedule
@@ -42,7 +43,8 @@ def check_inpaint_sampler(sampler):
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    # The model's flags from --config or the args.json beside --model_path, as image_sample.py.
+    args = run_config.parse_args(create_argparser(), argv)
     sampler = sampler_from_flags(args, check=check_inpaint_sampler)
     editing.check_class_label(args.class_label, args.num_classes)
     images, masks, paths = editing.read_inpainting_inputs(

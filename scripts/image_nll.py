@@ -11,9 +11,10 @@ import numpy as np
 import torch.distributed as dist
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import channel_defaults, sampling_extra_defaults
+from guided_diffusion.cli.flags import arch_defaults, channel_defaults, sampling_extra_defaults
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
+from guided_diffusion.runtime.files import atomic_write
 from guided_diffusion.runtime.seeding import seed_sampling
 from guided_diffusion.sampling import loop
 from guided_diffusion.script_util import model_and_diffusion_defaults, script_parser
@@ -81,7 +82,9 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised, out_d
         for name, terms in all_metrics.items():
             out_path = os.path.join(out_dir, f"{name}_terms.npz")
             logger.log(f"saving {name} terms to {out_path}")
-            np.savez(out_path, np.mean(np.stack(terms), axis=0))
+            mean_terms = np.mean(np.stack(terms), axis=0)
+            # Atomically: a run killed while writing leaves the earlier file or none.
+            atomic_write(out_path, lambda f, a=mean_terms: np.savez(f, a))
     dist_util.barrier()
     logger.log("evaluation complete")
     return float(np.mean(all_bpd))
@@ -94,6 +97,7 @@ def create_argparser():
         model_and_diffusion_defaults(),
         sampling_extra_defaults(),
         channel_defaults(),
+        arch_defaults(),
     )
 
 

@@ -14,11 +14,15 @@ if __name__ == "__main__":
     catch_preemption_signals()
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli.flags import diffusion_sampling_defaults, label_choice_defaults
+from guided_diffusion.cli.flags import (
+    diffusion_sampling_defaults,
+    label_choice_defaults,
+    latent_defaults,
+)
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.diffusion.guidance import classifier_free_guidance
 from guided_diffusion.runtime.seeding import seed_sampling
-from guided_diffusion.sampling import loop
+from guided_diffusion.sampling import latents, loop
 from guided_diffusion.script_util import model_and_diffusion_defaults, script_parser
 
 
@@ -31,7 +35,11 @@ def main(argv=None):
     # refused on its flags leaves no folder behind.
     next_labels = loop.class_labels(args, class_cond=args.class_cond)
     # The output folder is checked now: a finished result, another command's kept batches.
-    kept = loop.keep_sample_rounds(args, __file__, args.image_size)
+    guided_channels = latents.guidance_channel_count(args)
+    decode = latents.latent_decoder(args)  # --vae_path: latents decoded to images
+    out_size = decode.image_size(args.image_size) if decode else args.image_size
+    kept = loop.keep_sample_rounds(args, __file__, out_size,
+                                   channels=decode.channels if decode else None)
     model, diffusion, _ = loop.load_diffusion_model(args)
     sample_fn = loop.make_sample_fn(sampler, diffusion, args.evaluations, args.sigma_grid,
                                     eta=args.eta)
@@ -40,7 +48,8 @@ def main(argv=None):
     seed_sampling(args.seed)
     logger.log(f"sampling with {sampler}...")
     # The null class is label num_classes; with --guidance_scale 1 this is the model itself.
-    model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes)
+    model_fn = classifier_free_guidance(model, args.guidance_scale, null_label=args.num_classes,
+                                        channels=guided_channels)
 
     def batch_kwargs():
         # Labels are drawn before the batch's noise, as in the reference.
@@ -48,7 +57,8 @@ def main(argv=None):
 
     steps = loop.sample_steps(sampler, diffusion, args.evaluations)
     loop.sample_and_write(args, sample_fn, steps, model_fn, batch_kwargs,
-                          image_size=args.image_size, kept=kept, streams={"labels": next_labels})
+                          image_size=args.image_size, kept=kept, streams={"labels": next_labels},
+                          decode=decode and decode.to(dist_util.dev()))
 
 
 def create_argparser():
@@ -58,6 +68,7 @@ def create_argparser():
         model_and_diffusion_defaults(),
         diffusion_sampling_defaults(),
         label_choice_defaults(),
+        latent_defaults(),
     )
 
 

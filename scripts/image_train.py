@@ -17,6 +17,7 @@ if __name__ == "__main__":
 
 from guided_diffusion import logger
 from guided_diffusion.cli.flags import (
+    arch_defaults,
     augmentation_defaults,
     diffusion_train_defaults,
     fid_train_defaults,
@@ -45,8 +46,9 @@ def main(argv=None):
         num_classes=args.num_classes,
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
+        **{name: getattr(args, name) for name in arch_defaults()},  # --arch and its flags
     )
-    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_data(
+    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic, **kw: load_data(
         data_dir=folder,
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -55,6 +57,7 @@ def main(argv=None):
         random_flip=args.random_flip and not deterministic,
         random_crop=args.random_crop and not deterministic,
         in_channels=args.in_channels,
+        **kw,
     ))
 
 

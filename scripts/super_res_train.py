@@ -43,13 +43,15 @@ def main(argv=None):
         channel_mult=args.channel_mult,
         class_dropout_prob=args.class_dropout_prob,
         in_channels=args.in_channels,
+        arch=args.arch,  # refused unless unet: the super-resolution model is a UNet
     )
     model, diffusion = sr_create_model_and_diffusion(**flags)
     # Validation (deterministic) batches are unflipped and in a fixed order.
     fixed = dict(deterministic=True, random_flip=False)
-    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic: load_superres_data(
+    train_from_flags(args, model, diffusion, flags, lambda folder, deterministic, **kw: load_superres_data(
         folder, args.batch_size, large_size=args.large_size, small_size=args.small_size,
         class_cond=args.class_cond, in_channels=args.in_channels, **(fixed if deterministic else {}),
+        **kw,
     ))
 
 

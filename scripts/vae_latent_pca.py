@@ -23,6 +23,7 @@ from guided_diffusion.cli.flags import explicit_flags, script_description
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.image_datasets import class_labels_from_paths, list_image_files_recursively
+from guided_diffusion.runtime.files import file_kind
 from guided_diffusion.script_util import script_parser
 from guided_diffusion.vae import (
     embedding_report,
@@ -61,6 +62,9 @@ def read_features(path):
     """(features, labels or None) of a --features_npz file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--features_npz {path} does not exist")
+    kind = file_kind(path)
+    if kind is not None:
+        raise ScriptError(f"--features_npz {path} is {kind}: pass an npz with a 'features' array")
     with np.load(path) as npz:
         if "features" not in npz:
             raise ScriptError(f"{path} has no 'features' array (found {list(npz.keys())})")

@@ -22,7 +22,7 @@ LAYERS = {
     0: "errors",
     1: "diffusion losses gaussian_diffusion respace resample",
     2: "runtime dist_util logger image_datasets data",
-    3: "nn fp16_util unet dit cgan.networks vae.networks",
+    3: "nn networks fp16_util unet dit cgan.networks vae.networks",
     4: "script_util cli",
     5: "train_util training sampling evaluation cgan vae",
 }
@@ -46,8 +46,9 @@ def is_maths(module):
 
 # What the maths must never reach: processes and I/O, and the networks.
 FORBIDDEN_FOR_MATHS = {
-    f"{PACKAGE}.{name}" for name in ("dist_util", "logger", "unet", "dit", "nn", "fp16_util", "cgan",
-                                     "vae", "runtime", "training", "sampling", "cli")
+    f"{PACKAGE}.{name}" for name in ("dist_util", "logger", "unet", "dit", "networks", "nn",
+                                     "fp16_util", "cgan", "vae", "runtime", "training",
+                                     "sampling", "cli")
 }
 # Top-level folders of the repository that are scripts or experiments, never library code.
 NOT_LIBRARY = ("datasets", "evaluations", "experiments", "scripts", "benchmarks", "tests")
@@ -227,6 +228,54 @@ def test_the_library_imports_no_script_folder():
                 names = [node.module]
             bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in NOT_LIBRARY]
     assert not bad, bad
+
+
+# Ways of running a file by its path. An import the walk above cannot see: a library module that
+# loads scripts this way depends on the checkout's folders without an import statement.
+PATH_LOADERS = {"spec_from_file_location", "SourceFileLoader", "SourcelessFileLoader",
+                "run_path", "load_source", "exec", "execfile"}
+
+
+def path_loads(root, package):
+    """
+    "file:line name" of every call in the package's modules that runs code from a file path
+    (importlib's spec_from_file_location, runpy.run_path, exec, ...), however it is spelled
+    (importlib.util.spec_from_file_location(...), a bare name after from-import, an alias).
+    """
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                aliases.update({a.asname or a.name: a.name for a in node.names})
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            name = aliases.get(name, name)
+            if name in PATH_LOADERS:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    return found
+
+
+def test_no_library_module_runs_a_file_by_path():
+    """Scripts are loaded by path only by tools outside the package (docs/generate_flags.py,
+    the tests); the installed library has no checkout to load them from."""
+    assert path_loads(ROOT, PACKAGE) == []
+
+
+def test_the_path_load_check_can_fail(tmp_path):
+    pkg = tmp_path / "demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import importlib.util\n"
+                              "spec = importlib.util.spec_from_file_location('x', 'scripts/x.py')\n")
+    (pkg / "b.py").write_text("from runpy import run_path as rp\nrp('scripts/y.py')\n")
+    (pkg / "c.py").write_text("exec(open('z.py').read())\nimport runpy\nrunpy.run_module('m')\n")
+    assert path_loads(tmp_path, "demo") == ["demo/a.py:2 spec_from_file_location",
+                                            "demo/b.py:2 run_path", "demo/c.py:1 exec"]
 
 
 def test_every_package_import_names_an_existing_module(walked):

@@ -478,3 +478,33 @@ def test_the_channel_check_is_one_line_everywhere():
         DiscreteDenoiser(diffusion, three)(x, 1.0)
     with pytest.raises(ValueError, match="outputs 6 channels but this diffusion expects 3"):
         create_gaussian_diffusion(steps=50).p_mean_variance(tiny_model(True), x, t)
+
+
+def test_one_table_drives_the_help_the_docs_and_the_lookups():
+    """--sampler's help, docs/solvers.md's table and the library's lookups all come from
+    SOLVER_TABLE, so a solver added to it cannot be missing from any of them."""
+    import os
+    import re
+
+    from guided_diffusion.cli import flags
+    from guided_diffusion.sampling.loop import SAMPLER_NAMES
+
+    table = samplers.SOLVER_TABLE
+    assert SAMPLER_NAMES == ("ddpm", "ddim", *table)
+    help_text = flags.flag_help("sampler")[1]
+    assert all(re.search(rf"\b{name}\b", help_text) for name in SAMPLER_NAMES), help_text
+    assert set(samplers.SOLVERS) == set(table) == set(DEFAULT_SIGMA_GRID)
+    assert samplers.STOCHASTIC == ("euler_ancestral", "dpmpp_2m_sde")
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "solvers.md")) as f:
+        rows = [line for line in f if line.startswith("| `") and not line.startswith("| `--")
+                and line.count("|") == 5]
+    documented = {}
+    for line in rows:
+        name, what, per_step, draws = (cell.strip() for cell in line.strip().strip("|").split("|"))
+        documented[name.strip("`")] = (what, per_step, draws)
+    assert list(documented) == list(table), "docs/solvers.md's table must list every solver in order"
+    for name, row in table.items():
+        what, per_step, draws = documented[name]
+        assert what == row.summary, name
+        assert per_step == ("2 (1 for the last step)" if row.two_stage else "1"), name
+        assert (draws != "none") == row.stochastic, name

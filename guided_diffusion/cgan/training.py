@@ -9,7 +9,7 @@ with the wrong optimiser file.
 """
 
 import copy
-import inspect
+import dataclasses
 import os
 
 import torch
@@ -20,7 +20,8 @@ from ..nn import update_ema
 from ..runtime.checkpoints import load_checkpoint
 from ..runtime import train_state
 from ..training.ema import check_ema_warmup, ema_decay
-from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
+from ..training.engine import NonFiniteSteps, TrainTask, Trainer
+from ..training.options import TrainOptions, make_optimizer
 from .networks import (
     MODEL_FLAG_KEYS,
     OPTIMIZERS,
@@ -54,14 +55,12 @@ def cgan_train_defaults():
     """
     Defaults of the training flags (besides the network flags of cgan_defaults): the data flags,
     then every keyword of CGANTrainLoop with its default (the constructor is the one place they
-    are written).
+    are written) and the run's options (TrainOptions.task_flag_defaults).
 
     :return: a dict of flag name -> default value.
     """
-    defaults = dict(data_dir="", batch_size=100)
-    for name, param in inspect.signature(CGANTrainLoop.__init__).parameters.items():
-        if param.default is not inspect.Parameter.empty and name != "model_flags":
-            defaults[name] = param.default
+    defaults = TrainOptions.task_flag_defaults(CGANTrainLoop, dict(data_dir="", batch_size=100),
+                                               skip=("model_flags",))
     defaults.update(random_flip=False, preload=True, seed=0, log_dir="", log_format="")
     return defaults
 
@@ -75,9 +74,15 @@ class CGANTrainLoop(TrainTask):
     :param discriminator: the discriminator (already on dist_util.dev()).
     :param data: an endless iterator of (float NCHW RGB in [-1, 1], {"y": int64}) batches.
     :param arch: "mlp" or "conv" (decides how real images are presented to the discriminator).
-    :param batch_size: images per batch on this rank.
+    :param options: the run's TrainOptions (training.options), or its fields as keywords
+        (run_options): batch_size (images per batch on this rank), lr (0 picks the optimiser's
+        default: 2e-4 for adam, 0.1 for sgd), lr_schedule and lr_warmup_steps (adam only; both
+        networks' rates), grad_clip (> 0 clips the discriminator's and the generator's global
+        gradient norms, each to it, before their steps; logged as grad_norm_d/_g(_clipped)),
+        iterations (the run ends when this many steps have been taken in total, resumed ones
+        included; 0: no end), max_steps, log_interval, save_interval, resume_checkpoint,
+        keep_checkpoints (see training.engine.Trainer).
     :param optimizer: "adam" (default) or "sgd" (the paper's momentum SGD with its schedule).
-    :param lr: learning rate; 0 picks the optimiser's default (2e-4 for adam, 0.1 for sgd).
     :param adam_beta1: Adam's first-moment decay (0.5, as DCGAN).
     :param adam_beta2: Adam's second-moment decay.
     :param lr_decay: sgd: the learning rate is divided by this after every step.
@@ -88,22 +93,15 @@ class CGANTrainLoop(TrainTask):
     :param ema_rate: decay of the generator's exponential moving average.
     :param ema_warmup_power, ema_inv_gamma: the EMA decay's warm-up (training.ema.ema_decay; a
         power of 0 keeps ema_rate from the first step).
-    :param grad_clip: > 0 clips the discriminator's and the generator's global gradient norms,
-        each to it, before their steps (0: never); logged as grad_norm_d/_g(_clipped).
-    :param iterations: the run ends when this many steps have been taken in total, resumed
-        ones included (0: no end).
-    :param max_steps: the run also ends after this many steps of this process (0: no limit).
-    :param log_interval: dump the logged means every this many steps.
-    :param save_interval: write a checkpoint every this many steps (and at the end).
-    :param resume_checkpoint: "" (fresh start), "auto" (newest complete checkpoint in the log
-        directory, fresh start when there is none), or a checkpoint path.
     :param model_flags: the network flags (cgan_defaults keys) stored in checkpoints and checked
         on resume.
-    :param keep_checkpoints: keep the newest K checkpoints (-1: all; Trainer).
     """
 
     checkpoint_prefix = CHECKPOINT_PREFIX
     loss_key = "loss_g"
+    # lr 0: the optimiser's own default.
+    option_defaults = dict(lr=0.0, log_interval=100, save_interval=5000)
+    options_without = ("weight_decay", "init_checkpoint")
 
     def __init__(
         self,
@@ -112,9 +110,8 @@ class CGANTrainLoop(TrainTask):
         discriminator,
         data,
         arch,
-        batch_size,
+        options=None,
         optimizer="adam",
-        lr=0.0,
         adam_beta1=0.5,
         adam_beta2=0.999,
         lr_decay=PAPER_SGD["lr_decay"],
@@ -125,15 +122,10 @@ class CGANTrainLoop(TrainTask):
         ema_rate=0.999,
         ema_warmup_power=0.0,
         ema_inv_gamma=1.0,
-        grad_clip=0.0,
-        iterations=0,
-        max_steps=0,
-        log_interval=100,
-        save_interval=5000,
-        resume_checkpoint="",
         model_flags=None,
-        keep_checkpoints=KEEP_ALL,
+        **run_options,
     ):
+        options = TrainOptions.build(self.option_defaults, options, **run_options)
         if optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"unknown --optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
@@ -142,18 +134,20 @@ class CGANTrainLoop(TrainTask):
             raise ValueError(f"--ema_rate must be in [0, 1), got {ema_rate}")
         check_ema_warmup(ema_warmup_power, ema_inv_gamma)
         self.ema_warmup = (ema_warmup_power, ema_inv_gamma)
-        self.grad_clip = checked_grad_clip(grad_clip)
+        check_sgd_schedule(optimizer, options)
+        self.grad_clip = checked_grad_clip(options.grad_clip)
         self.generator = generator
         self.discriminator = discriminator
         self.data = data
         self.arch = arch
-        self.batch_size = batch_size
+        self.batch_size = options.batch_size
         self.optimizer_name = optimizer
         self.ema_rate = ema_rate
         self.model_flags = dict(model_flags or {})
         self.z_dim = generator.z_dim
         self.device = next(generator.parameters()).device
 
+        lr = options.lr
         if optimizer == "sgd":
             self.base_lr = lr if lr > 0 else PAPER_SGD["lr"]
             self.sgd_schedule = dict(
@@ -164,15 +158,14 @@ class CGANTrainLoop(TrainTask):
                 final_momentum=final_momentum,
                 saturate_steps=momentum_saturate_steps,
             )
-            make_opt = lambda params: PaperMomentumSGD(params, lr=self.base_lr, momentum=momentum)
+            settings = dict(optimizer=PaperMomentumSGD, momentum=momentum)
         else:
             self.base_lr = lr if lr > 0 else ADAM_LR
             self.sgd_schedule = None
-            make_opt = lambda params: torch.optim.Adam(
-                params, lr=self.base_lr, betas=(adam_beta1, adam_beta2)
-            )
-        self.opt_g = make_opt(generator.parameters())
-        self.opt_d = make_opt(discriminator.parameters())
+            settings = dict(optimizer=torch.optim.Adam, betas=(adam_beta1, adam_beta2))
+        options = dataclasses.replace(options, lr=self.base_lr)
+        self.opt_g = make_optimizer(generator.parameters(), options, **settings)
+        self.opt_d = make_optimizer(discriminator.parameters(), options, **settings)
 
         # The EMA is a full copy so buffers (batch-norm statistics) travel with it.
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False)
@@ -182,17 +175,7 @@ class CGANTrainLoop(TrainTask):
         # run loads the same file on every rank).
         for module in (self.generator, self.discriminator, self.ema):
             dist_util.sync_params(module.parameters())
-        self.trainer = Trainer(
-            self,
-            data=data,
-            batch_size=batch_size,
-            log_interval=log_interval,
-            save_interval=save_interval,
-            resume_checkpoint=resume_checkpoint,
-            total_steps=iterations,
-            max_steps=max_steps,
-            keep_checkpoints=keep_checkpoints,
-        )
+        self.trainer = Trainer(self, data=data, options=options)
         self.ddp_generator = dist_util.wrap_ddp(self.generator)
         self.ddp_discriminator = dist_util.wrap_ddp(self.discriminator)
 
@@ -207,8 +190,7 @@ class CGANTrainLoop(TrainTask):
 
     def run_step(self, images, labels):
         """One discriminator and one generator update, outside the engine's loop (tests)."""
-        self.train_step(images, {"y": labels}, self.trainer.global_step)
-        self.trainer.global_step += 1
+        self.trainer.take_step(images, {"y": labels})
 
     def train_step(self, images, cond, step):
         """
@@ -216,9 +198,8 @@ class CGANTrainLoop(TrainTask):
 
         :param images: float NCHW RGB in [-1, 1].
         :param cond: {"y": int64 class labels of the images}.
-        :param step: the index of this step (the SGD schedule's position).
+        :param step: the index of this step (the EMA warm-up's position).
         """
-        self._apply_schedule(step)
         real = real_to_model_space(self.arch, images.to(self.device))
         labels = cond["y"].to(self.device)
         # The generated batch takes the real batch's labels, so both halves of the
@@ -259,7 +240,6 @@ class CGANTrainLoop(TrainTask):
         logger.logkv_mean("loss_g", loss_g.detach())
         logger.logkv_mean("d_real", torch.sigmoid(real_logits.detach()).mean())
         logger.logkv_mean("d_fake", torch.sigmoid(fake_logits.detach()).mean())
-        logger.logkv("lr", self.opt_g.param_groups[0]["lr"])
 
     def _clip(self, network, name):
         """--grad_clip: clip the network's global gradient norm before its optimizer step."""
@@ -276,23 +256,16 @@ class CGANTrainLoop(TrainTask):
             return f"non-finite loss at {new} recent step(s) (loss_d or loss_g; try a lower --lr)"
         return None
 
-    def run_settings(self):
-        return {"--lr": self.base_lr}
+    def optimizers(self):
+        return [self.opt_g, self.opt_d]
 
-    def apply_settings(self, step):
-        # The optimizer states brought back the rate they were saved with: train with --lr.
-        if self.sgd_schedule is not None:
-            self._apply_schedule(step)
+    def set_lr(self, lr, step=None):
+        if self.sgd_schedule is None or step is None:
+            super().set_lr(lr, step)
             return
-        for opt in (self.opt_g, self.opt_d):
-            for group in opt.param_groups:
-                group["lr"] = self.base_lr
-
-    def _apply_schedule(self, step):
-        if self.sgd_schedule is None:
-            return
+        # The paper's SGD: its own decay of the rate and ramp of the momentum.
         lr, momentum = paper_sgd_schedule(step, **self.sgd_schedule)
-        for opt in (self.opt_g, self.opt_d):
+        for opt in self.optimizers():
             for group in opt.param_groups:
                 group["lr"] = lr
                 group["momentum"] = momentum
@@ -337,6 +310,19 @@ class CGANTrainLoop(TrainTask):
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
         return train_state.from_checkpoint(ckpt, path)
+
+
+def check_sgd_schedule(optimizer, options):
+    """
+    The paper's SGD has its own schedule: refuse --lr_schedule / --lr_warmup_steps with it.
+
+    :raises ValueError: in one line.
+    """
+    if optimizer == "sgd" and (options.lr_schedule != "constant" or options.lr_warmup_steps):
+        raise ValueError(
+            "--lr_schedule and --lr_warmup_steps apply to --optimizer adam: sgd follows the "
+            "paper's schedule (--lr_decay, --min_lr)"
+        )
 
 
 def load_cgan_checkpoint(path):

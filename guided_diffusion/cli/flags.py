@@ -6,17 +6,12 @@ The flag language of the scripts, in one place:
   reference names) and the ones the port adds, each default keeping the reference's behaviour;
 - FLAG_HELP, the one table of what each flag means and which group of --help it belongs to, read
   by script_util.add_dict_to_argparser (so every script's --help shows descriptions and defaults)
-  and by the generator of docs/flags.md (`python -m guided_diffusion.cli.flags --markdown`);
+  and by docs/generate_flags.py, which writes docs/flags.md from it and the scripts' parsers;
 - the parsing of list-valued flags, and taking the network flags a checkpoint records
   (explicit_flags, checkpoint_flags).
 """
 
-import argparse
-import glob
-import importlib.util
-import os
-import sys
-
+from ..diffusion.solvers import SOLVER_TABLE
 from ..errors import ScriptError
 
 
@@ -126,6 +121,7 @@ def ddim_tool_defaults(seed=True):
     defaults.update(channel_defaults())
     del defaults["timestep_respacing"]
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     extras = sampling_extra_defaults()
     if not seed:
         del extras["seed"]
@@ -146,6 +142,7 @@ def ddim_tool_model_flags(args):
         num_classes=args.num_classes,
         class_dropout_prob=getattr(args, "class_dropout_prob", 0.0),
         in_channels=getattr(args, "in_channels", 3),
+        **{k: getattr(args, k) for k in arch_defaults() if hasattr(args, k)},
     )
     return flags
 
@@ -169,6 +166,30 @@ def cfg_defaults():
         value when sampling too: it describes the checkpoint's layout, like --learn_sigma.
     """
     return dict(class_dropout_prob=0.0)
+
+
+def arch_defaults():
+    """
+    The diffusion network family (create_model's one switch; docs/dit.md).
+
+    arch: "unet" (the reference's network, and what its flags and checkpoints describe) or
+        "dit".
+    dit_model: the DiT's size with --arch dit: one of the paper's twelve ("DiT-S/2" ...
+        "DiT-XL/8"; DiT-XL/2 is the released one) or "depth=D,width=W,heads=H,patch=P".
+    """
+    return dict(arch="unet", dit_model="DiT-XL/2")
+
+
+def latent_defaults():
+    """
+    Sampling a latent DiT (the released ones work on Stable Diffusion VAE latents).
+
+    vae_path: a local diffusers AutoencoderKL folder (config.json + weights) to decode the
+        sampled latents with; "" writes the latents as they are.
+    guidance_channels: which channels classifier-free guidance extrapolates: "all" (the
+        default) or "first3" (the first three only, as DiT's own sample.py does).
+    """
+    return dict(vae_path="", guidance_channels="all")
 
 
 def sampling_guidance_defaults():
@@ -250,6 +271,7 @@ def diffusion_sampling_defaults():
     return {
         **sampling_extra_defaults(),
         **cfg_defaults(),
+        **arch_defaults(),
         **sampling_guidance_defaults(),
         **sample_script_defaults(),
     }
@@ -288,8 +310,10 @@ def run_defaults():
     log_format: rank 0's log outputs, e.g. "stdout,log,csv,tensorboard" ("" = $OPENAI_LOG_FORMAT,
         else stdout,log,csv).
     keep_checkpoints: keep the newest K checkpoint sets (-1 = all).
+    lr_warmup_steps, lr_schedule: the learning-rate schedule (training.options.LRSchedule); 0
+        and constant keep the reference's rate.
     """
-    return dict(log_format="", keep_checkpoints=-1)
+    return dict(log_format="", keep_checkpoints=-1, lr_warmup_steps=0, lr_schedule="constant")
 
 
 def diffusion_run_defaults():
@@ -302,6 +326,7 @@ def diffusion_run_defaults():
     init_checkpoint, init_num_classes, init_add_null_class: fine-tune a checkpoint.
     sample_interval, sample_steps: a grid of EMA samples every N steps (0 = never), DDIM steps.
     val_data_dir, val_interval, val_num_images: validation loss terms on a fixed subset.
+    save_format: the model and EMA files as "pt" (torch.save) or "safetensors".
     """
     return dict(
         ema_warmup_power=0.0,
@@ -315,6 +340,7 @@ def diffusion_run_defaults():
         val_data_dir="",
         val_interval=1000,
         val_num_images=256,
+        save_format="pt",
     )
 
 
@@ -399,7 +425,7 @@ def classifier_train_defaults():
     del extras["use_bf16"]  # the classifier trains in fp32 or fp16 (--classifier_use_fp16)
     defaults.update(extras)
     defaults.update(classifier_channel_mult="", grad_clip=0.0, init_checkpoint="",
-                    init_num_classes=0)
+                    init_num_classes=0, save_format="pt")
     defaults.update(channel_defaults())
     return defaults
 
@@ -427,6 +453,7 @@ def diffusion_train_defaults():
     )
     defaults.update(training_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     defaults.update(channel_defaults())
     defaults.update(diffusion_run_defaults())
     return defaults
@@ -486,6 +513,14 @@ def checkpoint_flags(saved, args, given, keys, path):
 
 # ---------------------------------------------------------------------- what each flag means
 
+
+def _sampler_help():
+    """--sampler's description, from the solver table so that it names every solver."""
+    return ('"" (ddim with --use_ddim True, else ddpm), ddpm or ddim (the reference\'s samplers, '
+            "stepping through --timestep_respacing), or a solver taking --evaluations and "
+            f"--sigma_grid: {', '.join(SOLVER_TABLE)} (docs/solvers.md)")
+
+
 # The groups of --help and of docs/flags.md, in the order they are shown, with their headings.
 # A group named in NEW_FLAG_HELP but missing here is shown after these, under its own name.
 FLAG_GROUPS = {
@@ -536,8 +571,9 @@ FLAG_HELP = {
     "class_dropout_prob": ("model", "classifier-free guidance: rate at which training replaces "
                                     "labels by the null class; > 0 adds the null-class row, so "
                                     "pass the training value when sampling too"),
-    "arch": ("model", 'cGAN/VAE network family: "mlp" (the papers\' fully connected networks) '
-                      'or "conv" (convolutional, RGB)'),
+    "arch": ("model", 'network family: diffusion models "unet" (the reference\'s) or "dit" '
+                      '(the transformer of Peebles & Xie 2023, docs/dit.md); cGAN/VAE "mlp" '
+                      '(the papers\' fully connected networks) or "conv" (convolutional, RGB)'),
     "z_dim": ("model", "cGAN: dimension of the generator's noise z"),
     "conv_channels": ("model", "cGAN with --arch conv: width of the convolutional networks"),
     "latent_size": ("model", "VAE: dimension of the latent z"),
@@ -629,7 +665,15 @@ FLAG_HELP = {
     "lr": ("training", "learning rate (cGAN: 0 = the optimiser's default)"),
     "weight_decay": ("training", "weight decay of the optimiser (AdamW)"),
     "lr_anneal_steps": ("training", "decay the learning rate linearly to 0 over this many steps "
-                                    "and stop there (0 = constant rate, train until stopped)"),
+                                    "and stop there (0 = constant rate, train until stopped); "
+                                    "the horizon of --lr_schedule"),
+    "lr_warmup_steps": ("training", "raise the learning rate linearly from 0 to --lr over the "
+                                    "first N steps (0 = no warm-up; must end before the "
+                                    "schedule's horizon)"),
+    "lr_schedule": ("training", 'learning rate after the warm-up: "constant", "linear" or '
+                                '"cosine" (0.5 * (1 + cos(pi * progress))) down to 0 at the '
+                                "horizon, --lr_anneal_steps or --iterations; the reference's "
+                                "--lr_anneal_steps / --anneal_lr alone mean linear"),
     "ema_rate": ("training", "decay rate(s) of the weights' exponential moving average, "
                              "comma-separated; one ema_<rate>_NNNNNN.pt per rate"),
     "log_interval": ("training", "write the table of losses every this many steps"),
@@ -641,7 +685,8 @@ FLAG_HELP = {
                                       "per step without overflow"),
     "max_steps": ("training", "stop after this many steps of this run (0 = no limit)"),
     "iterations": ("training", "number of training steps in all"),
-    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations"),
+    "anneal_lr": ("training", "decay the learning rate linearly to 0 over --iterations (= "
+                              "--lr_schedule linear)"),
     "eval_interval": ("training", "evaluate on --val_data_dir every this many steps"),
     "optimizer": ("training", 'cGAN optimiser: "adam" or "sgd" (the paper\'s momentum SGD with '
                               "its schedule)"),
@@ -654,11 +699,15 @@ FLAG_HELP = {
     "momentum_saturate_steps": ("training", "cGAN sgd: steps of the linear momentum ramp"),
     "beta": ("training", "VAE: weight of the KL term (1 = the ELBO, > 1 a beta-VAE)"),
     "log_format": ("training", "rank 0's log outputs, comma-separated from stdout, log, csv, "
-                               'json, tensorboard ("" = $OPENAI_LOG_FORMAT, else '
-                               "stdout,log,csv)"),
+                               'json, tensorboard, wandb ("" = $OPENAI_LOG_FORMAT, else '
+                               "stdout,log,csv); wandb runs offline unless $WANDB_MODE says "
+                               "otherwise"),
     "keep_checkpoints": ("training", "keep only the newest K checkpoint sets, deleting older "
                                      "ones once a new set is on disk (never the one resumed "
                                      "from); -1 = keep all"),
+    "save_format": ("training", "the model and EMA files of each checkpoint set: pt (torch.save, "
+                                "as the reference) or safetensors (.safetensors files; the "
+                                "optimizer and state files stay .pt); resume finds either"),
     "grad_clip": ("training", "clip the global gradient norm to this before each step (logged "
                               "as grad_norm_clipped); 0 = never"),
     "ema_warmup_power": ("training", "warm the EMA decay up as min(ema_rate, 1 - (1 + step / "
@@ -686,9 +735,7 @@ FLAG_HELP = {
                                 "paper's, any other count is not the paper's setting)"),
     "use_ddim": ("sampling", "sample with DDIM instead of ancestral (DDPM) sampling"),
     "clip_denoised": ("sampling", "clip each step's prediction of x_0 to [-1, 1]"),
-    "sampler": ("sampling", '"" (ddim with --use_ddim True, else ddpm), ddpm, ddim, euler, heun '
-                            "or dpmpp_2m; the solvers spend the --timestep_respacing count as "
-                            "model evaluations"),
+    "sampler": ("sampling", _sampler_help()),
     "guidance_scale": ("sampling", "classifier-free guidance weight: 1 = plain conditional "
                                    "sampling, 0 = unconditional, > 1 = stronger conditioning"),
     "class_label": ("sampling", "draw every sample of this class (-1 = none fixed: diffusion "
@@ -843,196 +890,6 @@ def _group(parser, group):
     return groups[group]
 
 
-# ---------------------------------------------------------------------- docs/flags.md
-
-# Where the scripts live, relative to a checkout (the parsers docs/flags.md describes).
-SCRIPT_PATTERNS = ("scripts/*.py", "experiments/*.py", "evaluations/*.py", "datasets/*.py")
-
-
-def script_parsers(root="."):
-    """
-    Every script's argparse parser, read from a checkout: the files of SCRIPT_PATTERNS that run
-    as a program (an `if __name__ == "__main__"` block), each through its create_argparser().
-
-    :param root: the checkout's folder.
-    :return: [(path relative to root, parser)], in SCRIPT_PATTERNS order then by name.
-    :raises ScriptError: when there are no scripts under root, or one has no create_argparser.
-    """
-    found = []
-    for pattern in SCRIPT_PATTERNS:
-        for path in sorted(glob.glob(os.path.join(root, pattern))):
-            with open(path) as f:
-                if '__name__ == "__main__"' not in f.read():
-                    continue  # a helper module next to the scripts
-            found.append(path)
-    if not found:
-        raise ScriptError(f"no scripts under {os.path.abspath(root)}: run this from a checkout "
-                          "(or pass --root)")
-    parsers = []
-    for path in found:
-        module = _load_script(path)
-        if not hasattr(module, "create_argparser"):
-            raise ScriptError(f"{path} has no create_argparser(): docs/flags.md cannot list its "
-                              "flags")
-        parsers.append((os.path.relpath(path, root), module.create_argparser()))
-    return parsers
-
-
-def _load_script(path):
-    # A script imports its neighbours (experiments/guidance_eval.py) as top-level modules, as it
-    # does when run, so its folder is on sys.path while it loads.
-    folder = os.path.dirname(os.path.abspath(path))
-    stem = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(
-        f"_gd_script_{os.path.basename(folder)}_{stem}", path
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, folder)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(folder)
-    return module
-
-
-def _arguments(parser):
-    """(name, action) of a parser's arguments, without --help."""
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        yield action.dest, action
-
-
-def undescribed_flags(parsers):
-    """
-    The flags of the parsers that the table does not describe.
-
-    :param parsers: [(script, parser)].
-    :return: sorted "script: --flag" strings (empty when every flag is described).
-    """
-    table = flag_table()
-    missing = set()
-    for script, parser in parsers:
-        for name, action in _arguments(parser):
-            if name not in table:
-                shown = action.option_strings[0] if action.option_strings else name
-                missing.add(f"{script}: {shown}")
-    return sorted(missing)
-
-
-def flags_markdown(parsers):
-    """
-    docs/flags.md: what every flag means, by group, then every script's flags and defaults.
-
-    :param parsers: [(script path, argparse parser)], e.g. script_parsers().
-    :return: the Markdown text.
-    :raises ScriptError: naming the flags without a row in the table.
-    """
-    missing = undescribed_flags(parsers)
-    if missing:
-        raise ScriptError(
-            f"{len(missing)} flags have no description in guided_diffusion/cli/flags.py "
-            f"(FLAG_HELP or NEW_FLAG_HELP): {', '.join(missing)}"
-        )
-    table = flag_table()
-    users = {}
-    for script, parser in parsers:
-        for name, _ in _arguments(parser):
-            users.setdefault(name, []).append(_short(script))
-    groups = _ordered_groups({table[name][0] for name in users})
-
-    lines = [
-        "# Flags of every script",
-        "",
-        "What each flag means, grouped as in `--help`, then each script's flags with their",
-        "defaults. Generated from the descriptions in `guided_diffusion/cli/flags.py` (`FLAG_HELP`)",
-        "and the scripts' parsers by",
-        "",
-        "```bash",
-        "python -m guided_diffusion.cli.flags --markdown > docs/flags.md",
-        "```",
-        "",
-        "Edit the table, not this file: `tests/test_help.py` fails when this file is stale or a",
-        "flag has no description. Every script also prints its own with `--help`.",
-        "",
-        "## What each flag means",
-    ]
-    for group in groups:
-        lines += ["", f"### {group}", "", _heading(group) + ".", "",
-                  "| flag | meaning | scripts |", "| --- | --- | --- |"]
-        for name in sorted(n for n in users if table[n][0] == group):
-            lines.append(f"| `{_shown_name(name, parsers)}` | {_cell(table[name][1])} | "
-                         f"{_cell(_who(users[name], len(parsers)))} |")
-    lines += ["", "## Each script's flags and defaults"]
-    for script, parser in parsers:
-        lines += ["", f"### {script}", ""]
-        if parser.description:
-            lines += [" ".join(parser.description.split()), ""]
-        lines += ["| group | flags (default) |", "| --- | --- |"]
-        by_group = {}
-        for name, action in _arguments(parser):
-            by_group.setdefault(table[name][0], []).append(_with_default(action))
-        for group in _ordered_groups(by_group):
-            lines.append(f"| {group} | {_cell(', '.join(by_group[group]))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _ordered_groups(names):
-    known = [g for g in FLAG_GROUPS if g in names]
-    return known + sorted(set(names) - set(known))
-
-
-def _heading(group):
-    text = FLAG_GROUPS.get(group, group)
-    return text[0].upper() + text[1:]
-
-
-def _short(script):
-    return os.path.splitext(os.path.basename(script))[0]
-
-
-def _shown_name(name, parsers):
-    for _, parser in parsers:
-        for dest, action in _arguments(parser):
-            if dest == name:
-                return action.option_strings[0] if action.option_strings else name.upper()
-    return name
-
-
-def _who(scripts, total):
-    scripts = sorted(set(scripts))
-    if len(scripts) == total:
-        return "all"
-    return ", ".join(scripts)
-
-
-def _with_default(action):
-    if not action.option_strings:
-        return f"`{action.dest.upper()}` (positional)"
-    flag = action.option_strings[0]
-    if action.required:
-        return f"`{flag}` (required)"
-    if action.default is None:
-        return f"`{flag}`"
-    return f"`{flag} {format_default(action.default)}`"
-
-
-def _cell(text):
-    return text.replace("|", "\\|")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m guided_diffusion.cli.flags",
-        description="Print the flag reference (docs/flags.md) of a checkout's scripts.",
-    )
-    parser.add_argument("--markdown", action="store_true", required=True,
-                        help="print docs/flags.md on stdout")
-    parser.add_argument("--root", default=".", help="the checkout (default: the current folder)")
-    args = parser.parse_args(argv)
-    sys.stdout.write(flags_markdown(script_parsers(args.root)))
-
-
 def editing_defaults():
     """
     Flags of the editing scripts (image_inpaint.py, image_edit.py) besides the model's: the
@@ -1057,6 +914,7 @@ def editing_defaults():
     defaults.update(classifier_defaults())
     defaults.update(sampling_extra_defaults())
     defaults.update(cfg_defaults())
+    defaults.update(arch_defaults())
     defaults.update(sampling_guidance_defaults())
     defaults.update(output_defaults())
     return defaults
@@ -1082,14 +940,15 @@ NEW_FLAG_HELP = {
     "extra_flags": ("evaluation", "more flags for every sampling stage, winning over the "
                                   "paper's (tests shrink the networks); the run is then not the "
                                   "paper's"),
+    "dit_model": ("model", 'the DiT\'s size with --arch dit: DiT-S/2 ... DiT-XL/8 (the paper\'s '
+                           'twelve: S, B, L, XL with patch 2, 4 or 8) or '
+                           '"depth=D,width=W,heads=H,patch=P"'),
+    "vae_path": ("data", "a local diffusers AutoencoderKL folder: decode sampled latents "
+                         'to images with it ("" = write the latents as they are; docs/dit.md)'),
+    "guidance_channels": ("sampling", 'channels classifier-free guidance extrapolates: all, or '
+                                      'first3 (as DiT\'s sample.py, to match its FIDs)'),
     "overwrite": ("cluster", "replace a finished result in the output folder (its npz, grid and "
                              "per-image files; other files are kept) and discard the kept "
                              "batches of another command; False: refuse both"),
 }
 
-
-if __name__ == "__main__":
-    from guided_diffusion.cli import flags as _flags
-    from guided_diffusion.cli.main import run_main
-
-    run_main(_flags.main)

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..networks import ARCHITECTURES, architecture_of, label_key_of
 from ..unet import EncoderUNetModel
 
 _BOOL_FLAGS = (
@@ -53,6 +54,10 @@ _CLASSIFIER_FALLBACK = (
     "--classifier_attention_resolutions, --classifier_resblock_updown, "
     "--classifier_use_scale_shift_norm and --classifier_pool against the flags the classifier was "
     "trained with"
+)
+_DIT_FALLBACK = (
+    "check --dit_model, --image_size, --in_channels, --learn_sigma, --class_cond, "
+    "--num_classes and --class_dropout_prob against the flags the checkpoint was trained with"
 )
 # What other files of a run hold, by the "format" (or "kind") entry they carry.
 _OTHER_FILES = {
@@ -102,7 +107,12 @@ def explain_state_dict_mismatch(model, state_dict, flags=None, build=None):
     swapped = _swapped_network(given, is_classifier)
     if swapped:
         return swapped
-    hints = _hints(expected, given, flags, build, is_classifier)
+    arch = getattr(model, "arch", "")
+    if not is_classifier:
+        other = _other_architecture(arch, given, flags)
+        if other:
+            return other
+    hints = _hints(expected, given, flags, build, is_classifier, model)
 
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
@@ -139,6 +149,25 @@ def _swapped_network(given, is_classifier):
     return ""
 
 
+def _other_architecture(arch, given, flags):
+    """
+    A checkpoint of another network family (guided_diffusion/networks.py: each family's
+    signature keys) than the --arch built: name it, with the flags its shapes give away.
+    """
+    theirs = architecture_of(given)
+    if not arch or theirs is None or theirs == arch:
+        return ""
+    layout = ARCHITECTURES[theirs].layout_flags(given)
+    flags = flags or {}
+    changes = {k: v for k, v in layout.items() if k == "arch" or flags.get(k) != v}
+    return (f"this file holds a {_FAMILY_NAMES.get(theirs, theirs)}, not a "
+            f"{_FAMILY_NAMES.get(arch, arch)}: pass {_format(changes)}")
+
+
+# How messages name the network families.
+_FAMILY_NAMES = {"unet": "UNet (--arch unet)", "dit": "DiT (--arch dit)"}
+
+
 def _shapes(state_dict):
     return {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
 
@@ -151,16 +180,24 @@ def _flag_name(flags, choices, is_classifier):
     return choices[1] if is_classifier else choices[0]
 
 
-def _direct_changes(expected, given, flags, is_classifier):
+def _direct_changes(expected, given, flags, is_classifier, model=None):
     """Flag values read straight off telltale tensors of the checkpoint."""
     flags = flags or {}
     changes = {}
-    if "label_emb.weight" in given and "label_emb.weight" not in expected:
+    label = label_key_of(model)
+    if label in given and label not in expected:
         changes["class_cond"] = True
-    elif "label_emb.weight" in expected and "label_emb.weight" not in given:
+    elif label in expected and label not in given:
         changes["class_cond"] = False
-    if "label_emb.weight" in given:
-        changes.update(_label_row_changes(given["label_emb.weight"][0], expected, flags))
+    if label in given:
+        changes.update(_label_row_changes(given[label][0], expected, flags, label))
+    if getattr(model, "arch", "unet") != "unet":
+        # A family whose shapes tell its whole layout (a DiT): the flags where the checkpoint's
+        # layout and the built network's differ.
+        theirs = type(model).layout_flags(given, like=model)
+        ours = type(model).layout_flags(expected, like=model)
+        changes.update({k: v for k, v in theirs.items() if ours.get(k) != v and k not in changes})
+        return changes
     if "time_embed.0.weight" in given and "time_embed.0.weight" in expected:
         width = given["time_embed.0.weight"][1]
         if width != expected["time_embed.0.weight"][1]:
@@ -203,13 +240,13 @@ def _head_rows(shapes):
     return shapes[biases[-1]][0]
 
 
-def _label_row_changes(rows, expected, flags):
+def _label_row_changes(rows, expected, flags, label="label_emb.weight"):
     """
     The flags that give the label embedding `rows` rows: --num_classes, or --class_dropout_prob
     for a checkpoint trained for classifier-free guidance (its extra row is the null class).
     """
     if "num_classes" not in flags:
-        current = expected.get("label_emb.weight", (rows,))[0]
+        current = expected.get(label, (rows,))[0]
         return {} if rows == current else {"num_classes": rows}
     classes = flags["num_classes"]
     if "class_dropout_prob" not in flags:
@@ -224,13 +261,14 @@ def _label_row_changes(rows, expected, flags):
     return {"num_classes": rows - null_row}
 
 
-def _hints(expected, given, flags, build, is_classifier):
-    direct = _direct_changes(expected, given, flags, is_classifier)
+def _hints(expected, given, flags, build, is_classifier, model=None):
+    direct = _direct_changes(expected, given, flags, is_classifier, model)
+    label = label_key_of(model)
     prefix = ""
     if "class_cond" in direct:
-        prefix = f"checkpoint {'has' if direct['class_cond'] else 'has no'} label_emb.weight: "
+        prefix = f"checkpoint {'has' if direct['class_cond'] else 'has no'} {label}: "
     elif direct.get("class_dropout_prob", 0) > 0:
-        rows = given["label_emb.weight"][0]
+        rows = given[label][0]
         prefix = (
             f"checkpoint has {rows} label rows, one more than --num_classes {rows - 1}: it was "
             "trained for classifier-free guidance (the extra row is the null class; any "
@@ -239,6 +277,14 @@ def _hints(expected, given, flags, build, is_classifier):
     elif direct.get("class_dropout_prob", None) == 0:
         prefix = "checkpoint has no null-class label row (trained without --class_dropout_prob): "
     fallback = _CLASSIFIER_FALLBACK if is_classifier else _FALLBACK
+    searchable = getattr(model, "arch", "unet") == "unet"
+    if not searchable:
+        # The search varies UNet flags; a DiT's layout is all in `direct`.
+        fallback = _DIT_FALLBACK
+        checkable = direct and flags is not None and build is not None
+        if checkable and not _fits(build, {**flags, **direct}, given):
+            return f"{prefix}pass {_format(direct)} (other flags may differ too: {fallback})"
+        return f"{prefix}pass {_format(direct)}" if direct else fallback
     if flags is not None and build is not None:
         base = {**flags, **direct}
         if direct and _fits(build, base, given):
@@ -332,9 +378,13 @@ def _null_class_note(direct, flags):
     # script could build one instead.
     if "num_classes" not in direct or flags.get("class_dropout_prob", None) != 0:
         return ""
+    # The alternative must be complete on its own: a model without --class_cond needs it too.
+    class_cond = "--class_cond True " if direct.get("class_cond") else ""
     return (
-        f" (or --num_classes {direct['num_classes'] - 1} --class_dropout_prob {_NULL_CLASS_PROB}"
-        " if it was trained for classifier-free guidance)"
+        f" (or {class_cond}--num_classes {direct['num_classes'] - 1} --class_dropout_prob "
+        f"{_NULL_CLASS_PROB} if it was trained for classifier-free guidance: its "
+        f"{direct['num_classes']} label rows are then {direct['num_classes'] - 1} classes and the "
+        "null class)"
     )
 
 

@@ -51,6 +51,8 @@ def run_main(main, argv=None):
         if isinstance(exc, OSError) and storage_error_message(exc) is None:
             _fail_distributed(exc)
             raise
+        # A training run refused before it started leaves no log folder it made.
+        log_folder.remove_unstarted_folders()
         exit_with_error(exc, _prefix(), 2)
     except SystemExit:
         raise

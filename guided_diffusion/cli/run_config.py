@@ -16,6 +16,8 @@ flags from the args.json a training run wrote into its log folder (runtime/run_r
 - One line says which flags came from where; it is logged once the log folder exists.
 """
 
+import argparse
+import json
 import os
 
 from .. import logger
@@ -67,16 +69,81 @@ def _check_family(record, expected, role):
         )
 
 
-def _take(record, keys, args, given, taken, origin):
+# Flags whose parsed value is a tuple (kept in args.json as a list): --image_size H,W.
+_LIST_FLAGS = ("image_size", "large_size", "small_size")
+_KIND_WORDS = {int: "a whole number", float: "a number"}
+
+
+def _actions(parser):
+    """The parser's flags by destination."""
+    return {action.dest: action for action in parser._actions}
+
+
+def _convert(action, key, value, path):
+    """
+    A value read from an args.json, through the same conversion and checks as the command line
+    gives its flag (the parser's type and choices), so that "False" is false and "abc" for a
+    number is refused in one line naming the key and the file.
+
+    :raises ScriptError: naming the key, the file and the fixes.
+    """
+    def refuse(why):
+        return ScriptError(
+            f"{path}: {json.dumps(key)}: {json.dumps(value)} is not a value --{key} takes "
+            f"({why}): fix it in that file, pass --{key} on the command line, or pass --config "
+            f"{NO_CONFIG} to ignore the file"
+        )
+
+    if action is None:
+        return value
+    kind = action.type
+    if value is None:
+        if action.default is None:
+            return None
+        raise refuse("null")
+    if isinstance(value, dict):
+        raise refuse("an object")
+    if isinstance(value, list):
+        # Tuples are kept as lists (a rectangular --image_size H,W): the command line's text.
+        if key not in _LIST_FLAGS or any(isinstance(v, (list, dict, bool)) or v is None
+                                         for v in value):
+            raise refuse("a list")
+        value_text = ",".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        if kind is not None and getattr(kind, "__name__", "") != "str2bool":
+            raise refuse("true/false")
+        value_text = "true" if value else "false"
+    else:
+        value_text = str(value)
+    if kind is not None and getattr(kind, "__name__", "") == "str2bool" \
+            and not isinstance(value, (bool, str)):
+        raise refuse("expected true or false")
+    try:
+        converted = kind(value_text) if kind is not None else value_text
+    except argparse.ArgumentTypeError as exc:
+        raise refuse(str(exc)) from None
+    except (TypeError, ValueError):
+        raise refuse(f"expected {_KIND_WORDS.get(kind, 'a ' + getattr(kind, '__name__', 'value'))}") \
+            from None
+    if action.choices is not None and converted not in action.choices:
+        raise refuse("one of " + ", ".join(map(str, action.choices)))
+    return converted
+
+
+def _take(record, keys, args, given, taken, origin, actions=None):
     """Set each of keys the record has (and the command line lacks) on args; remember where from."""
     flags = record["flags"]
-    if origin == "model" and not flags.get("class_cond", False):
+    actions = actions or {}
+    class_cond = flags.get("class_cond", False)
+    if "class_cond" in actions:
+        class_cond = _convert(actions["class_cond"], "class_cond", class_cond, record["path"])
+    if origin == "model" and not class_cond:
         # An unconditional model's --num_classes is its default, not a fact about the model.
         keys = [k for k in keys if k != "num_classes"]
     for key in keys:
         if key not in flags or key in given:
             continue
-        value = flags[key]
+        value = _convert(actions.get(key), key, flags[key], record["path"])
         if key in taken and taken[key][0] != value:
             raise ScriptError(
                 f"{taken[key][1]} has --{key} {taken[key][0]} but {record['path']} has "
@@ -121,7 +188,7 @@ def parse_args(parser, argv=None):
         family = "classifier" if origin == "classifier" else expected
         _check_family(record, family, role)
         keys = _classifier_keys(args) if origin == "classifier" else _model_keys(args)
-        _take(record, keys, args, given, taken, origin)
+        _take(record, keys, args, given, taken, origin, _actions(parser))
     if sources:
         logger.hold_lines([_report(sources, taken, given, args)])
     return args

@@ -128,19 +128,12 @@ class DiscreteDenoiser:
 # The grids of noise levels: Karras et al. (2022, eq. 5), and the two of DPM-Solver (Lu et al.
 # 2022, section 3.3): uniform in lambda = -log sigma ("logSNR") and uniform in time.
 SIGMA_GRIDS = ("karras", "logsnr", "time")
-# The grid each solver uses when none is named: of the three, the one never far from the best:
+# The grid each solver uses when none is named (its row of solvers.SOLVER_TABLE): of the three, the one never far from the best:
 # the smallest worst-case ratio of its Wasserstein-1 distance to a Gaussian mixture to the best
 # grid's, over the linear and cosine schedules (T = 1000) and 5, 10, 20 and 50 model
 # evaluations (experiments/solver_grids.py; the measured tables are in docs/solvers.md). On the cosine schedule DPM-Solver++(2M) on the Karras
 # grid is no better than DDIM at 10 evaluations; on the logSNR grid it is on both schedules.
-DEFAULT_SIGMA_GRID = {
-    "euler": "time",
-    "heun": "logsnr",
-    "dpmpp_2m": "logsnr",
-    "dpmpp_3m": "logsnr",
-    "euler_ancestral": "time",
-    "dpmpp_2m_sde": "logsnr",
-}
+DEFAULT_SIGMA_GRID = {name: row.default_grid for name, row in samplers.SOLVER_TABLE.items()}
 
 
 def solver_sigmas(denoiser, num_steps, *, grid="karras", sigma_min=None, sigma_max=None, rho=7.0):

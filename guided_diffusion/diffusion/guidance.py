@@ -46,7 +46,10 @@ def label_rows(num_classes, class_dropout_prob):
 
 def has_null_class(model, null_label):
     """True when the model's label embedding has a row for index null_label."""
-    emb = getattr(model, "label_emb", None)
+    # The network's label table (guided_diffusion/networks.py: label_embedding()), read by
+    # duck typing: the maths layer imports no network.
+    find = getattr(model, "label_embedding", None)
+    emb = find() if callable(find) else getattr(model, "label_emb", None)
     return emb is not None and emb.num_embeddings > null_label
 
 
@@ -86,7 +89,7 @@ def check_guidance_scale(guidance_scale, *, class_cond, class_dropout_prob):
         )
 
 
-def classifier_free_guidance(model, guidance_scale, null_label):
+def classifier_free_guidance(model, guidance_scale, null_label, channels=None):
     """
     Wrap a class-conditional model so that it returns the guided prediction
     out_uncond + w * (out_cond - out_uncond) (Ho & Salimans 2022, eq. 6).
@@ -102,6 +105,9 @@ def classifier_free_guidance(model, guidance_scale, null_label):
     :param guidance_scale: w; with 1 the model itself is returned, so sampling is bit-identical
         to plain conditional sampling (and costs one evaluation, not two).
     :param null_label: the label index of the null class (num_classes).
+    :param channels: guide only the first this many channels, the others (and the variance
+        values) taken from the conditional half: 3 reproduces DiT's sample.py on 4-channel
+        latents (its forward_with_cfg guides channels 0-2 only). None: every image channel.
     :return: a function model_fn(x, t, y=None, **kwargs) with the model's output shape.
     """
     if guidance_scale == 1.0:
@@ -120,9 +126,9 @@ def classifier_free_guidance(model, guidance_scale, null_label):
         y_in = torch.cat([y, torch.full_like(y, null_label)])
         out = model(torch.cat([x, x]), torch.cat([t, t]), y=y_in, **doubled)
         cond, uncond = out[:n], out[n:]
-        channels = x.shape[1]
-        guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-        return torch.cat([guided, cond[:, channels:]], dim=1)
+        k = x.shape[1] if channels is None else channels
+        guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1)
 
     return model_fn
 

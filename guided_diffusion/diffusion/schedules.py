@@ -46,7 +46,7 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
             lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
         )
     raise UnknownScheduleError(
-        f"unknown noise_schedule {schedule_name!r}; known schedules: {', '.join(KNOWN_SCHEDULES)}"
+        f"unknown --noise_schedule {schedule_name!r}; known schedules: {', '.join(KNOWN_SCHEDULES)}"
     )
 
 

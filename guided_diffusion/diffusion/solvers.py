@@ -33,6 +33,8 @@ import torch
 from .progress import steps_with_progress
 
 __all__ = [
+    "SOLVER_TABLE",
+    "Solver",
     "SOLVERS",
     "STOCHASTIC",
     "MIN_EVALUATIONS",
@@ -276,35 +278,64 @@ def dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, progress=False):
         yield {"x": x, "denoised": denoised, "sigma": sigma, "sigma_next": sigma_next, "i": i}
 
 
-SOLVERS = {
-    "euler": euler,
-    "heun": heun,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "euler_ancestral": euler_ancestral,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-}
-# The solvers that draw random numbers (one torch.randn_like(x) per step).
-STOCHASTIC = ("euler_ancestral", "dpmpp_2m_sde")
+class Solver:
+    """
+    One row of SOLVER_TABLE: everything the library, the flags and the docs say about a solver.
 
-# The fewest model evaluations for which a solver takes a step of its order: Heun needs one
-# two-evaluation step before the final Euler step; the multistep solvers of order k need k - 1
-# lower-order steps to have a history, then one step of order k, then the final step to
-# sigma = 0.
-MIN_EVALUATIONS = {
-    "euler": 1,
-    "heun": 3,
-    "dpmpp_2m": 3,
-    "dpmpp_3m": 4,
-    "euler_ancestral": 1,
-    "dpmpp_2m_sde": 3,
+    :param step: the generator function (the one signature above).
+    :param summary: what it is, with its paper; --sampler's help and docs/solvers.md show it.
+    :param default_grid: the sigma grid it uses when --sigma_grid is empty (denoiser.SIGMA_GRIDS),
+        chosen by measurement (experiments/solver_grids.py, docs/solvers.md).
+    :param min_evaluations: the fewest model evaluations for which it takes a step of its order:
+        Heun needs one two-evaluation step before the final Euler step; a multistep solver of
+        order k needs k - 1 lower-order steps for a history, one step of order k, then the final
+        step to sigma = 0.
+    :param stochastic: it draws one torch.randn_like(x) per step (an SDE solver).
+    :param two_stage: each step but the last evaluates the model twice (Heun).
+    """
+
+    __slots__ = ("step", "summary", "default_grid", "min_evaluations", "stochastic", "two_stage")
+
+    def __init__(self, step, summary, *, default_grid, min_evaluations, stochastic=False,
+                 two_stage=False):
+        self.step = step
+        self.summary = summary
+        self.default_grid = default_grid
+        self.min_evaluations = min_evaluations
+        self.stochastic = stochastic
+        self.two_stage = two_stage
+
+
+# The one table of solvers: --sampler's choices and help, docs/solvers.md's table (checked by
+# tests/test_solvers.py) and the library's lookups below all come from it.
+SOLVER_TABLE = {
+    "euler": Solver(euler, "Euler on the probability-flow ODE (DDIM's update on any grid)",
+                    default_grid="time", min_evaluations=1),
+    "heun": Solver(heun, "Heun (Karras et al. 2022, Algorithm 1)",
+                   default_grid="logsnr", min_evaluations=3, two_stage=True),
+    "dpmpp_2m": Solver(dpmpp_2m, "DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2)",
+                       default_grid="logsnr", min_evaluations=3),
+    "dpmpp_3m": Solver(dpmpp_3m, "third-order multistep DPM-Solver++ (exact integral of the "
+                                 "quadratic through the last three data predictions in log-SNR)",
+                       default_grid="logsnr", min_evaluations=4),
+    "euler_ancestral": Solver(euler_ancestral, "ancestral sampling: DDPM's posterior step = DDIM "
+                                               "with eta 1, on any grid",
+                              default_grid="time", min_evaluations=1, stochastic=True),
+    "dpmpp_2m_sde": Solver(dpmpp_2m_sde, "stochastic DPM-Solver++(2M) (SDE-DPM-Solver++ with the "
+                                         "2M data prediction)",
+                           default_grid="logsnr", min_evaluations=3, stochastic=True),
 }
+
+# Views of the table under the names the library and its users already read.
+SOLVERS = {name: row.step for name, row in SOLVER_TABLE.items()}
+STOCHASTIC = tuple(name for name, row in SOLVER_TABLE.items() if row.stochastic)
+MIN_EVALUATIONS = {name: row.min_evaluations for name, row in SOLVER_TABLE.items()}
 
 
 def evaluations_for_steps(name, num_steps):
     """How many model evaluations solver `name` makes in num_steps steps (ending at sigma 0)."""
     _check_name(name)
-    return 2 * num_steps - 1 if name == "heun" else num_steps
+    return 2 * num_steps - 1 if SOLVER_TABLE[name].two_stage else num_steps
 
 
 def steps_for_evaluations(name, evaluations):
@@ -323,7 +354,7 @@ def steps_for_evaluations(name, evaluations):
             f"sampler {name} needs at least {least} model evaluations{why}, got {evaluations}: "
             f"ask for more (--evaluations)"
         )
-    return (evaluations + 1) // 2 if name == "heun" else evaluations
+    return (evaluations + 1) // 2 if SOLVER_TABLE[name].two_stage else evaluations
 
 
 def sample(solver, denoiser, x, sigmas, *, extra_args=None, progress=False):

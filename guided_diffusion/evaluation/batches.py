@@ -25,7 +25,8 @@ def check_batch_path(path):
     an npz (an image, say), a folder without images.
     """
     if os.path.isdir(path):
-        list_image_files_recursively(path)  # raises on a folder without images
+        # Raises on a folder without images (the evaluator's batches are positional arguments).
+        list_image_files_recursively(path, flag="the batch argument")
         return
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such batch file or folder: {path}")
@@ -51,7 +52,8 @@ class ImageFolderStream:
 
     def __init__(self, *, path):
         self.path = path
-        self.files = [f for f in list_image_files_recursively(path) if not f.endswith(".npy")]
+        self.files = [f for f in list_image_files_recursively(path, flag="the batch argument")
+                      if not f.endswith(".npy")]
         if not self.files:
             raise ScriptError(f"{path} holds no image files (.npy arrays are not images)")
         first = self._read(self.files[0])

@@ -49,7 +49,8 @@ def make_reference_batch(folder, out_path, image_size, class_cond=False, max_ima
     :return: (out_path, number of images in arr_0, number of images in the statistics).
     :raises ScriptError / ValueError: for an empty folder, unreadable or unlabelled images.
     """
-    paths = [p for p in list_image_files_recursively(folder) if not p.lower().endswith(".npy")]
+    paths = [p for p in list_image_files_recursively(folder, flag="the folder argument")
+             if not p.lower().endswith(".npy")]
     if not paths:
         raise ScriptError(f"{folder} holds no image files (.npy arrays are not pictures)")
     if evaluator is not None and len(paths) < 2:

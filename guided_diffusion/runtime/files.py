@@ -21,6 +21,9 @@ def atomic_write(path, write):
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        # Say so in terms of the file asked for, not of the hidden temporary file mkstemp names.
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     # The temporary name starts with "." and ends with ".tmp" so it never matches "<prefix>NNN.pt".
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     recorder = None
@@ -115,7 +118,10 @@ def os_error_text(exc):
     """
     if exc.strerror is None:  # raised by our code with a message of its own
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    # A rename (os.replace of atomic_write's temporary file) names the destination second: that
+    # is the file the user knows, not the hidden temporary one.
+    name = getattr(exc, "filename2", None) or exc.filename
+    return f"{name}: {exc.strerror}" if name else exc.strerror
 
 
 def blobfile():
@@ -133,8 +139,8 @@ def blobfile():
     return bf
 
 
-# The first bytes of the files people pass where an npz is expected.
-_MAGIC = (
+# The first bytes of the files people pass where an npz (or a checkpoint) is expected.
+KNOWN_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
     (b"\xff\xd8\xff", "a JPEG image"),
     (b"GIF8", "a GIF image"),
@@ -150,7 +156,7 @@ def file_kind(path):
     """
     with open(path, "rb") as f:
         head = f.read(8)
-    for magic, kind in _MAGIC:
+    for magic, kind in KNOWN_MAGIC:
         if head.startswith(magic):
             return kind
     return "not an npz file"

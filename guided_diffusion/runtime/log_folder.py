@@ -40,6 +40,12 @@ _TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp")
 # Locked folders of this process: real path -> the open lock file (the lock lives as long as it).
 _held = {}
 
+# Log folders this process created for a run that has not started yet (note_new_folder): a run
+# refused before its first step removes them again (remove_unstarted_folders).
+_unstarted = []
+# What a refused start may have written into a folder it created: the lock and the logger's files.
+_RUN_START_FILES = re.compile(r"job\.lock|log(-rank\d+)?\.txt|progress(-rank\d+)?\.(csv|json)|tb(-rank\d+)?")
+
 
 class Use:
     """
@@ -167,4 +173,51 @@ def remove_stray_temporaries(folder):
             except FileNotFoundError:
                 continue
             removed.append(name)
+    return removed
+
+
+def note_new_folder(folder):
+    """
+    Remember that this process made `folder` for a run that has not started yet: if the run is
+    refused before it starts (bad flags, a model that cannot be built, an unreadable data
+    folder), remove_unstarted_folders deletes it, so a refused start leaves no folder behind.
+    Replaces what an earlier run of this process noted (None: nothing to remember).
+    """
+    _unstarted[:] = [os.fspath(folder)] if folder else []
+
+
+def mark_started():
+    """The run has started (its first step is next): its folder stays, whatever happens."""
+    _unstarted.clear()
+
+
+def remove_unstarted_folders():
+    """
+    Delete the folders note_new_folder named whose run never started, when they hold only what
+    the start wrote (the lock file and the logger's files); anything else keeps the folder.
+
+    :return: the folders removed.
+    """
+    removed = []
+    for folder in _unstarted:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        if not all(_RUN_START_FILES.fullmatch(name) for name in names):
+            continue
+        try:
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    for inner in os.listdir(path):
+                        os.remove(os.path.join(path, inner))
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
+            os.rmdir(folder)
+        except OSError:
+            continue
+        removed.append(folder)
+    _unstarted.clear()
     return removed

@@ -43,6 +43,10 @@ FAMILY_WORDS = {
     "vae": "a VAE (vae_train.py)",
 }
 
+# What a sampling script can do about an unreadable record (cli/run_config: --config).
+_FIXES = ("pass --config none to ignore it (and give the model's flags), or --config with the "
+          "args.json of the training run")
+
 # git answers in milliseconds; a hung network file system must not hold up the start of a run.
 _GIT_SECONDS = 10
 
@@ -145,12 +149,13 @@ def read_run_record(path):
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ScriptError(f"cannot read {path} as JSON ({exc})") from None
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ScriptError(f"cannot read {path} as JSON ({why}): {_FIXES}") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT \
             or not isinstance(record.get("flags"), dict):
         raise ScriptError(
             f"{path} is not an args.json written by a training script of this package (no "
-            f"{RECORD_FORMAT!r} format field)"
+            f"{RECORD_FORMAT!r} format field, or no flags): {_FIXES}"
         )
     record["path"] = path
     return record

@@ -22,7 +22,7 @@ from PIL import Image
 from .. import dist_util, logger
 from ..diffusion.guidance import classifier_free_guidance, make_classifier_cond_fn
 from ..errors import ScriptError, UnreadableImageError
-from ..image_datasets import center_crop_arr, list_image_files_recursively
+from ..image_datasets import center_crop_arr, list_image_files_recursively, wide_grey_to_8bit
 from ..runtime.files import write_json
 from ..runtime.kept_rounds import run_passes
 from . import files as sample_files
@@ -42,7 +42,8 @@ __all__ = [
 
 # PIL modes by the number of image channels they hold; 1 and 3 are what the models take.
 _GREY_MODES = ("L", "1")
-_COLOUR_MODES = ("RGB",)
+# Colour without alpha (a JPEG may decode as YCbCr): made RGB, as training does.
+_COLOUR_MODES = ("RGB", "YCbCr", "LAB", "HSV")
 
 
 def input_paths(path, flag="--input"):
@@ -54,7 +55,7 @@ def input_paths(path, flag="--input"):
     if not path:
         raise ScriptError(f"pass {flag} FILE.png or {flag} FOLDER (the images to edit)")
     if os.path.isdir(path):
-        return list_image_files_recursively(path)
+        return list_image_files_recursively(path, flag=flag)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     return [path]
@@ -72,6 +73,8 @@ def _open(path):
 
 def _rgb(image, path):
     """The image as RGB, refusing channel counts the models cannot take."""
+    # Wide grey (16-bit, 32-bit) to 8 bits as training reads it (image_datasets.read_image).
+    image = wide_grey_to_8bit(image)
     if image.mode == "P":
         # A palette image is colour; with a transparent entry it carries an alpha channel.
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -108,7 +111,7 @@ def _mask_paths(mask, image_paths, image_root):
             raise FileNotFoundError(f"--mask {mask}: no such file or folder")
         return [mask] * len(image_paths)
     by_name = {}
-    for path in list_image_files_recursively(mask):
+    for path in list_image_files_recursively(mask, flag="--mask"):
         by_name[os.path.splitext(os.path.relpath(path, mask))[0]] = path
     found = []
     base = image_root if os.path.isdir(image_root) else os.path.dirname(image_root)

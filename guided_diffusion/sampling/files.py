@@ -521,7 +521,7 @@ def read_image_npz(path, image_size, class_cond=False, size_flag="--image_size",
     return image_arr, label_arr.astype(np.int64)
 
 
-def read_images(path, image_size, class_cond=False, limit=None, channels=3):
+def read_images(path, image_size, class_cond=False, limit=None, channels=3, flag="--input"):
     """
     Images to compare outputs with pixel by pixel: an image folder (read as is, labels from the
     file names) or an npz of uint8 images (arr_0, with labels as arr_1).
@@ -535,7 +535,7 @@ def read_images(path, image_size, class_cond=False, limit=None, channels=3):
         raise ScriptError("no images given: pass --input FOLDER or --input FILE.npz")
     if os.path.isdir(path):
         return read_image_folder(path, image_size, class_cond=class_cond, limit=limit,
-                                 in_channels=channels)
+                                 in_channels=channels, flag=flag)
     images, labels = read_image_npz(path, image_size, class_cond=class_cond, channels=channels)
     if limit:
         images, labels = images[:limit], (None if labels is None else labels[:limit])
@@ -579,7 +579,8 @@ def read_low_res_images(path, small_size, class_cond=False, channels=3):
             labels_hint="sample the base images with a class-conditional model",
         )
     if os.path.isdir(path):
-        paths = [p for p in list_image_files_recursively(path) if not p.lower().endswith(".npy")]
+        paths = [p for p in list_image_files_recursively(path, flag="--base_samples")
+                 if not p.lower().endswith(".npy")]
         if not paths:
             raise ScriptError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     elif file_kind(path) in ("a PNG image", "a JPEG image", "a GIF image"):

@@ -9,6 +9,7 @@ the result.
 
 import errno
 import functools
+import inspect
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from ..diffusion import solvers
 from ..diffusion.denoiser import SIGMA_GRIDS, solver_sample_loop
 from ..diffusion.guidance import check_guidance_scale
 from ..errors import ScriptError
+from ..networks import set_precision
 from ..runtime.kept_rounds import KeptRounds, describe_command
 from ..runtime.perf import compile_model, set_tf32, to_channels_last
 from ..runtime.shapes import image_hw
@@ -177,7 +179,7 @@ def finished_files(*names):
 
 
 def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsize=1,
-                       finished=None):
+                       finished=None, channels=None):
     """
     keep_rounds for a run of --num_samples samples of image_size (side or (height, width)) and
     --in_channels (3 without the flag), --batch_size per rank and round, written as
@@ -187,10 +189,13 @@ def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsiz
     :param round_itemsize: bytes per pixel value the rounds keep (1: uint8, 4: float32).
     :param finished: the KeptRounds `finished` test, where the result has more files than
         save_samples writes (default: sampling.files.finished_samples).
+    :param channels: the written images' channels (default --in_channels; a decoder's images
+        with --vae_path).
     """
     num_samples = args.num_samples if num_samples is None else num_samples
     height, width = image_hw(image_size)
-    shape = (num_samples, height, width, getattr(args, "in_channels", 3))
+    channels = getattr(args, "in_channels", 3) if channels is None else channels
+    shape = (num_samples, height, width, channels)
     rounds = num_rounds(num_samples, args.batch_size)
     per_round = args.batch_size * dist_util.get_world_size()
     one = height * width * shape[3]
@@ -207,7 +212,7 @@ def keep_sample_rounds(args, script, image_size, num_samples=None, round_itemsiz
 
 
 def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *, image_size,
-                     cond_fn=None, kept=None, streams=None):
+                     cond_fn=None, kept=None, streams=None, decode=None):
     """
     The sampling scripts' run: draw --num_samples images, --batch_size per rank and round, gather
     them on every rank and write samples_NxHxWxC.npz (+ PNG grid, + one PNG per sample with
@@ -229,6 +234,8 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
         checks the folder only now).
     :param streams: what batch_kwargs draws from besides torch's generators ({name: object
         with state_dict/load_state_dict}, e.g. {"labels": ClassLabels}).
+    :param decode: latents -> images (sampling.latents.LatentDecoder, --vae_path), applied to
+        each batch before it is kept; None writes the samples as they are.
     :return: the npz path (on rank 0; None on the others).
     """
     shape = sample_shape(args.batch_size, image_size, args.in_channels)
@@ -248,6 +255,8 @@ def sample_and_write(args, sample_fn, steps_per_batch, model_fn, batch_kwargs, *
             device=dist_util.dev(),  # model_fn may be a plain function (guidance)
             progress=bar,
         )
+        if decode is not None:
+            sample = decode(sample)
         return to_uint8(sample.float()), model_kwargs.get("y")
 
     arr, labels = gather_samples(args.num_samples, args.batch_size, make_batch,
@@ -460,10 +469,8 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, cha
     if use_fp16 and use_bf16:
         raise ScriptError("--use_fp16 and --use_bf16 exclude each other: pick one")
     model.to(dist_util.dev())
-    if use_fp16:
-        model.convert_to_fp16()
-    elif use_bf16:
-        model.convert_to_bf16()
+    if use_fp16 or use_bf16:
+        set_precision(model, "fp16" if use_fp16 else "bf16")
     model.eval()
     to_channels_last(model, channels_last)
     return compile_model(model, compile)
@@ -471,7 +478,8 @@ def prepare_network(model, *, use_fp16=False, use_bf16=False, compile=False, cha
 
 # Flags besides a model family's own defaults that change the network a script builds; each
 # script passes those of them it has.
-_ADDED_MODEL_FLAGS = ("num_classes", "channel_mult", "class_dropout_prob", "in_channels")
+_ADDED_MODEL_FLAGS = ("num_classes", "channel_mult", "class_dropout_prob", "in_channels", "arch",
+                      "dit_model")
 
 
 def load_diffusion_model(args, super_res=False):
@@ -500,7 +508,10 @@ def load_diffusion_model(args, super_res=False):
     else:
         create, defaults = create_model_and_diffusion, model_and_diffusion_defaults()
     flags = args_to_dict(args, defaults.keys())
-    flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS if hasattr(args, name)})
+    # Those the factory takes: the super-resolution one has no --dit_model.
+    accepted = inspect.signature(create).parameters
+    flags.update({name: getattr(args, name) for name in _ADDED_MODEL_FLAGS
+                  if hasattr(args, name) and name in accepted})
     model, diffusion = _build_and_load(create, flags, args.model_path)
     return model, diffusion, flags
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from ..errors import ScriptError
 from .loss_logging import log_loss_dict
-from .engine import KEEP_ALL, Trainer
+from .engine import Trainer
 from .mixed_precision import MixedPrecisionTask
+from .options import TrainOptions
 
 __all__ = ["ClassifierTrainLoop", "compute_top_k", "split_microbatches"]
 
@@ -28,28 +29,22 @@ class ClassifierTrainLoop(MixedPrecisionTask):
     :param model: the classifier (EncoderUNetModel), already on its device.
     :param diffusion: gives q_sample and the timestep range.
     :param data: training batches (images, {"y": labels}), as load_data(class_cond=True) returns.
-    :param batch_size: images per rank per step.
+    :param options: the run's TrainOptions (training.options): batch_size, lr, iterations (the
+        run ends there, resumed steps included), anneal_lr (decay the rate linearly to 0 at
+        iterations, the reference's), lr_schedule, lr_warmup_steps, weight_decay (AdamW),
+        log_interval, save_interval, resume_checkpoint, max_steps, keep_checkpoints, grad_clip,
+        init_checkpoint (fine-tune: start at step 0 with a fresh optimizer from the weights of
+        this classifier checkpoint); or give them as keywords instead (run_options).
     :param microbatch: images per forward/backward pass (-1 or >= batch_size: the whole batch).
-    :param lr: AdamW learning rate.
-    :param iterations: total steps of training (the run ends there, resumed steps included).
-    :param log_interval: dump the logged values every this many steps.
-    :param save_interval: write a checkpoint every this many steps (and at the end).
-    :param resume_checkpoint: "", "auto" or a modelNNNNNN.pt path.
     :param schedule_sampler: the timestep sampler of the noised images (None: clean images, t=0).
-    :param weight_decay: AdamW weight decay.
-    :param anneal_lr: decay the learning rate linearly to 0 at `iterations`.
     :param use_fp16: float16 torso with a dynamic loss scale (starting at 2**16).
     :param val_data: validation batches, evaluated every eval_interval steps, or None.
     :param eval_interval: steps between validation batches.
-    :param max_steps: stop after this many steps of this run (0: no limit).
     :param weight_hints: keywords for cli.weights (flags, build) so that a checkpoint that does not
         fit names the flags to change.
-    :param keep_checkpoints: keep the newest K checkpoint sets (-1: all; Trainer).
-    :param grad_clip: > 0 clips the global gradient norm to it (0: never).
-    :param init_checkpoint: fine-tune: start (step 0, fresh optimizer) from the weights of this
-        classifier checkpoint (MixedPrecisionTask.init_from_checkpoint); ignored on resume.
     :param init_num_classes: with init_checkpoint, the model has this many classes and the output
         head's tensors sized by the class count start fresh (0: the checkpoint's classes).
+    :param save_format: "pt" or "safetensors": the format of the model file (MixedPrecisionTask).
     """
 
     loss_key = "train_loss"
@@ -60,60 +55,39 @@ class ClassifierTrainLoop(MixedPrecisionTask):
         model,
         diffusion,
         data,
-        batch_size,
-        microbatch,
-        lr,
-        iterations,
-        log_interval,
-        save_interval,
-        resume_checkpoint="",
+        options=None,
+        microbatch=-1,
         schedule_sampler=None,
-        weight_decay=0.0,
-        anneal_lr=False,
         use_fp16=False,
         val_data=None,
         eval_interval=5,
-        max_steps=0,
         weight_hints=None,
-        keep_checkpoints=KEEP_ALL,
-        grad_clip=0.0,
-        init_checkpoint="",
         init_num_classes=0,
+        save_format="pt",
+        **run_options,
     ):
+        options = TrainOptions.build(self.option_defaults, options, **run_options)
         if eval_interval < 1:
             raise ValueError(f"--eval_interval must be at least 1, got {eval_interval}")
         self.diffusion = diffusion
         self.data = data
         self.val_data = val_data
-        self.batch_size = batch_size
+        self.batch_size = options.batch_size
         self.microbatch = microbatch
-        self.iterations = iterations
+        self.iterations = options.iterations
         self.schedule_sampler = schedule_sampler
-        self.anneal_lr = anneal_lr
+        self.anneal_lr = options.anneal_lr
         self.eval_interval = eval_interval
         self._weight_hints = dict(weight_hints or {})
         self.init_num_classes = init_num_classes
         self.setup(
             model=model,
-            lr=lr,
-            weight_decay=weight_decay,
+            options=options,
             use_fp16=use_fp16,
             initial_lg_loss_scale=CLASSIFIER_LG_LOSS_SCALE,
-            grad_clip=grad_clip,
+            save_format=save_format,
         )
-        self.trainer = Trainer(
-            self,
-            data=data,
-            batch_size=batch_size,
-            log_interval=log_interval,
-            save_interval=save_interval,
-            resume_checkpoint=resume_checkpoint,
-            total_steps=iterations,
-            max_steps=max_steps,
-            streams={"val": val_data},
-            keep_checkpoints=keep_checkpoints,
-            init_checkpoint=init_checkpoint,
-        )
+        self.trainer = Trainer(self, data=data, options=options, streams={"val": val_data})
 
     def weight_hints(self):
         return self._weight_hints
@@ -144,18 +118,10 @@ class ClassifierTrainLoop(MixedPrecisionTask):
     def run_loop(self):
         self.trainer.run()
 
-    def lr_at(self, step):
-        if self.anneal_lr:
-            # As the reference: the rate of this step, set before it.
-            return self.lr * (1 - step / self.iterations)
-        return self.lr
-
     def run_settings(self):
         return {**super().run_settings(), "--anneal_lr": self.anneal_lr}
 
     def train_step(self, batch, cond, step):
-        if self.anneal_lr:
-            self.set_lr(self.lr_at(step))
         self.forward_backward_log(batch, cond)
         self.mp_trainer.optimize_no_sync(self.opt)
         # deviation from reference: validation follows the global step (the reference counted

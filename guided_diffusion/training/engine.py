@@ -10,7 +10,9 @@ writing each checkpoint set atomically with its marker file last.
 A model family plugs in a TrainTask: one optimizer step, the files its checkpoint holds, and how
 to load them back. The diffusion model (train_util.TrainLoop), the noisy classifier
 (training.classifier), the super-resolution model (a TrainLoop too), the cGAN and the VAE all
-run through Trainer, so a run feature is written here once.
+run through Trainer, so a run feature is written here once. The run's settings come in one
+TrainOptions (training.options), and the engine sets every optimizer's learning rate from its
+schedule before each step, so a learning-rate feature is written once too.
 
 Step numbering: `global_step` counts the optimizer steps taken, resumed ones included. Checkpoint
 files carry it (model000400.pt holds 400 steps), the progress line and the logged "step" show it,
@@ -27,6 +29,8 @@ from ..cli.flags import explicit_flags
 from ..errors import NonFiniteLossError, ScriptError
 from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
+from ..runtime.files import os_error_text, write_json
+from ..runtime.safetensors_files import safetensors_torch
 from ..runtime.run_record import describe_run, write_run_record
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
@@ -34,14 +38,21 @@ from ..runtime.progress import StepMeter
 from ..runtime.seeding import seed_training
 from .ema import check_ema_warmup
 from .finetune import check_init_flags
+from .options import KEEP_ALL, TrainOptions
 
 __all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint", "start_run",
-           "parse_run_args", "check_run_flags", "KEEP_ALL"]
+           "parse_run_args", "check_run_flags", "KEEP_ALL", "TrainOptions"]
 
-# --keep_checkpoints: keep every checkpoint set (the reference's behaviour).
-KEEP_ALL = -1
 # The output formats of the logger that --log_format takes.
-LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
+LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard", "wandb")
+# --save_format: the file format of a checkpoint set's weight files (model and EMA).
+SAVE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
+
+# args.json of the run start_run began: (folder, record), written when the run starts.
+_pending_record = None
+
+# The journal of a --keep_checkpoints deletion in progress: .pruneNNNNNN.json in the log folder.
+PRUNE_JOURNAL = ".prune"
 
 # Companion files of a checkpoint set: never a checkpoint to resume from on their own.
 _COMPANION_PREFIXES = ("opt", "ema_", train_state.STATE_PREFIX)
@@ -78,17 +89,44 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
     folder = log_dir or os.environ.get("OPENAI_LOGDIR") or ""
     check_auto_resume_folder(resume_checkpoint, folder)
     formats = _log_formats(getattr(args, "log_format", "") if args is not None else "")
+    existed = bool(folder) and os.path.exists(os.path.expanduser(folder))
     notes = claim_log_folder(os.path.expanduser(folder)) if folder else []
     _configure_logger(log_dir, formats)
+    # Made by this start: a start refused later (a model flag, the data) removes it again.
+    log_folder.note_new_folder(
+        logger.get_dir() if not existed and dist_util.is_main_process() else None)
     for note in notes:
         logger.log(note)
+    global _pending_record
+    _pending_record = None
     if args is not None and dist_util.is_main_process():
-        record = describe_run(vars(args), script or "unknown", argv)
-        path = write_run_record(logger.get_dir(), record)
-        logger.log(f"recorded the flags of this run in {path}")
+        # Written by Trainer.run once the run really starts (model built, data listed,
+        # checkpoint loaded): a refused start leaves the folder's record as it was, so the
+        # checkpoints already there still sample with their own flags.
+        _pending_record = (logger.get_dir(), describe_run(vars(args), script or "unknown", argv))
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
+
+
+def write_pending_record():
+    """
+    Write the args.json of the run start_run began (rank 0; once): called when the run really
+    starts, so a start refused on its flags, its data or its checkpoint never replaces the
+    record of the checkpoints already in the folder. Also marks the log folder as in use for
+    good (log_folder.mark_started).
+
+    :return: the path written, or None.
+    """
+    global _pending_record
+    log_folder.mark_started()
+    if _pending_record is None:
+        return None
+    (folder, record), _pending_record = _pending_record, None
+    path = write_run_record(folder, record)
+    logger.log(f"recorded the flags of this run in {path}")
+    logger.log_config(record.get("flags", {}))  # the trackers' copy (W&B config)
+    return path
 
 
 def parse_run_args(parser, argv=None):
@@ -117,7 +155,9 @@ def check_run_flags(args):
     :raises ValueError: with one line.
     """
     get = lambda name, default: getattr(args, name, default)  # noqa: E731
+    TrainOptions.from_flags(args)  # the learning-rate schedule
     check_keep_checkpoints(get("keep_checkpoints", KEEP_ALL))
+    weights_suffix(get("save_format", "pt"))
     checked_grad_clip(get("grad_clip", 0.0))
     check_ema_warmup(get("ema_warmup_power", 0.0), get("ema_inv_gamma", 1.0))
     if hasattr(args, "init_checkpoint"):
@@ -129,7 +169,10 @@ def check_run_flags(args):
             class_cond=get("class_cond", True),
             class_dropout_prob=get("class_dropout_prob", 0.0),
         )
-        if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
+        # A run that will resume does not read the init file again (Trainer._start_from): a
+        # requeued fine-tuning run continues even once that file was moved or cleaned away.
+        if args.init_checkpoint and not os.path.isfile(args.init_checkpoint) \
+                and not _will_resume(args):
             raise FileNotFoundError(
                 f"--init_checkpoint {args.init_checkpoint} does not exist: pass the checkpoint "
                 "file to fine-tune (e.g. a released 256x256_diffusion.pt)"
@@ -142,6 +185,38 @@ def check_run_flags(args):
                         ("val_num_images", 1)):
         if get(name, least) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+
+
+def _will_resume(args):
+    """
+    Whether the run will resume from a checkpoint (not start fresh), as far as can be told
+    before the log folder is claimed: an explicit --resume_checkpoint, or auto with a checkpoint
+    file in the log folder.
+    """
+    resume = getattr(args, "resume_checkpoint", "")
+    if not resume:
+        return False
+    if resume != "auto":
+        return True
+    folder = getattr(args, "log_dir", "") or os.environ.get("OPENAI_LOGDIR") or ""
+    return bool(folder) and bool(checkpoints.checkpoint_candidates(os.path.expanduser(folder), "model"))
+def weights_suffix(save_format):
+    """
+    The file name ending of the model and EMA files for --save_format ("pt" or "safetensors").
+
+    :raises ValueError: naming the choices, for another value.
+    :raises ScriptError: for safetensors without the safetensors package (naming the extra).
+    """
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(
+            f"--save_format {save_format!r}: use pt (torch.save files, the reference's) or "
+            "safetensors (model and EMA files as .safetensors; the optimizer and state files "
+            "stay .pt)"
+        )
+    suffix = SAVE_FORMATS[save_format]
+    if suffix == ".safetensors":
+        safetensors_torch("--save_format safetensors: the checkpoint files")
+    return suffix
 
 
 def _log_formats(log_format):
@@ -169,9 +244,8 @@ def _configure_logger(log_dir, formats):
     try:
         logger.configure(dir=log_dir or None, format_strs=formats)
     except ImportError as exc:
-        # The tensorboard format without the tensorboard package.
-        raise ScriptError(f"{exc} (or drop tensorboard from --log_format / OPENAI_LOG_FORMAT)") \
-            from None
+        # The tensorboard or wandb format without its package: the message names both.
+        raise ScriptError(f"{exc}; or drop it from --log_format / OPENAI_LOG_FORMAT") from None
 
 
 def check_auto_resume_folder(resume_checkpoint, folder):
@@ -208,7 +282,8 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
     The checkpoint a run resumes from.
 
     :param resume_checkpoint: "" (fresh start), "auto" (the newest complete
-        <prefix>NNNNNN.pt in log_dir; a fresh start when there is no such file) or a path.
+        <prefix>NNNNNN.pt or .safetensors in log_dir; a fresh start when there is no such file)
+        or a path.
     :param log_dir: where "auto" looks (default: the logger's folder).
     :param prefix: the marker file's prefix ("model", "cgan", "vae").
     :return: the checkpoint path, or None for a fresh start.
@@ -222,14 +297,15 @@ def resolve_resume_checkpoint(resume_checkpoint, log_dir=None, prefix="model"):
         return _newest_readable_checkpoint(log_dir or logger.get_dir(), prefix)
     if not os.path.exists(resume_checkpoint):
         raise FileNotFoundError(
-            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file or "
-            "auto)"
+            f"resume checkpoint not found: {resume_checkpoint} (pass a {prefix}NNNNNN.pt file (or "
+            ".safetensors) or auto)"
         )
     name = os.path.basename(resume_checkpoint)
     if prefix == "model" and name.startswith(_COMPANION_PREFIXES):
         raise ValueError(
             f"--resume_checkpoint takes the modelNNNNNN.pt file, not {name}: the EMA, optimizer "
-            "and state files next to it are found automatically"
+            "and state files next to it are found automatically (a modelNNNNNN.safetensors file "
+            "works too)"
         )
     return resume_checkpoint
 
@@ -284,6 +360,7 @@ class TrainTask:
     them and owns everything else.
 
     checkpoint_prefix: the marker file of a checkpoint is <prefix>NNNNNN.pt in the log folder.
+    checkpoint_suffix: the marker's file name ending, ".pt" or ".safetensors" (--save_format).
     loss_key: the logged value the progress line shows.
 
     A task keeps the Trainer that runs it in self.trainer; the properties and methods below
@@ -291,7 +368,14 @@ class TrainTask:
     """
 
     checkpoint_prefix = "model"
+    checkpoint_suffix = ".pt"
     loss_key = "loss"
+    # The task's TrainOptions defaults (TrainOptions.build): its keyword and flag defaults; and
+    # the options its script has no flags for (TrainOptions.task_flag_defaults).
+    option_defaults = {}
+    options_without = ()
+    # Steps the learning-rate decay lags behind (training.options.LRSchedule).
+    lr_lag = 0
 
     @property
     def step(self):
@@ -317,6 +401,19 @@ class TrainTask:
         """
         raise NotImplementedError
 
+    def optimizers(self):
+        """The task's optimizers: the engine sets their learning rate before every step."""
+        return [self.opt]
+
+    def set_lr(self, lr, step=None):
+        """
+        Put the rate `lr` of the step `step` (the engine's schedule) into every optimizer.
+        A task with a schedule of its own (the cGAN's paper SGD) overrides it.
+        """
+        for opt in self.optimizers():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def health_problem(self):
         """
         Called at every log interval and before every save (it may synchronise with the device).
@@ -329,7 +426,8 @@ class TrainTask:
     def checkpoint_files(self, folder, step, state):
         """
         The files of the checkpoint at `step`, as (object or function building it, path) pairs
-        written in order; the last one must be folder/<prefix><step:06d>.pt (the marker).
+        written in order; the last one must be folder/<prefix><step:06d><checkpoint_suffix>
+        (the marker).
 
         :param state: the training state (train_state.gather) to store with them.
         """
@@ -354,10 +452,11 @@ class TrainTask:
         """
         The files of the checkpoint set of `step` that exist in `folder`, the marker first (what
         --keep_checkpoints deletes, in that order, so that a set is never left looking complete
-        with files missing). The default: the marker alone (one-file checkpoints).
+        with files missing). The default: the marker alone (one-file checkpoints), in either
+        format.
         """
-        marker = os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}.pt")
-        return [marker] if os.path.exists(marker) else []
+        names = (f"{self.checkpoint_prefix}{step:06d}{suffix}" for suffix in checkpoints.SUFFIXES)
+        return [p for p in (os.path.join(folder, name) for name in names) if os.path.exists(p)]
 
     def init_from_checkpoint(self, path):
         """
@@ -371,16 +470,17 @@ class TrainTask:
 
     def run_settings(self):
         """
-        The task's flags that a resumed run may change, with this run's values, e.g.
-        {"--lr": 1e-4}: saved with every checkpoint, compared (and changes logged) on resume.
+        The task's flags that a resumed run may change (beyond the engine's: the intervals, the
+        learning rate and its schedule), with this run's values: saved with every checkpoint,
+        compared (and changes logged) on resume.
         """
         return {}
 
     def apply_settings(self, step):
         """
-        Put this run's settings into effect after a checkpoint was loaded, for the step `step`
-        the run continues with (e.g. the learning rate of --lr: the optimizer state in the
-        checkpoint brings back the rate it was saved with).
+        Put this run's own settings into effect after a checkpoint was loaded, for the step
+        `step` the run continues with (the engine already set the learning rate and weight
+        decay: the optimizer state in the checkpoint brings back those it was saved with).
         """
 
 
@@ -411,48 +511,25 @@ class Trainer:
     """
     Run a TrainTask: resume, restore the training state, step, log, save, stop.
 
-    :param task: the TrainTask.
+    :param task: the TrainTask (its optimizers are built: the rate of the first step is set
+        here).
     :param data: the training batches, an iterator of (batch, cond) pairs; its position is saved
         when it has state_dict/load_state_dict.
-    :param batch_size: examples per step on each rank; times the number of ranks, the global
-        batch of the progress line and of "samples" (None: the first batch's size).
-    :param log_interval: dump the logged values every this many steps (after the first step of
-        each interval, as the reference).
-    :param save_interval: write a checkpoint whenever global_step is a multiple of it, and at the
-        end of the run.
-    :param resume_checkpoint: "", "auto" or a path (see resolve_resume_checkpoint).
-    :param total_steps: the run ends when global_step reaches it (0: no end), e.g.
-        --lr_anneal_steps or --iterations.
-    :param max_steps: the run also ends after this many steps of this process (0: no limit).
+    :param options: the run's TrainOptions: batch_size (times the number of ranks: the global
+        batch of the progress line and of "samples"), log_interval (values are dumped after the
+        first step of each interval, as the reference), save_interval (checkpoints at its
+        multiples of global_step and at the end), iterations and max_steps (the run's end),
+        keep_checkpoints (never deleting the set the run resumed or started from),
+        init_checkpoint (ignored with a log line when the run resumes), the rate's schedule.
     :param streams: further data streams whose positions travel with the checkpoint, {name:
         stream or None} (e.g. {"val": validation batches}).
     :param log_dir: where checkpoints go (default: the logger's folder).
-    :param total_steps_flag: the flag that sets total_steps (with --max_steps, named by the
-        notice a run without an end prints at its start, and saved among the run's settings).
-    :param keep_checkpoints: keep the newest this many checkpoint sets in the log folder, deleting
-        older ones after each new set is on disk (never the set the run resumed or started
-        from); KEEP_ALL (-1) keeps every set.
-    :param init_checkpoint: a checkpoint whose weights a fresh run starts from
-        (task.init_from_checkpoint); ignored, with a log line, when the run resumes.
     """
 
-    def __init__(
-        self,
-        task,
-        *,
-        data,
-        batch_size,
-        log_interval,
-        save_interval,
-        resume_checkpoint="",
-        total_steps=0,
-        max_steps=0,
-        streams=None,
-        log_dir=None,
-        total_steps_flag="--iterations",
-        keep_checkpoints=KEEP_ALL,
-        init_checkpoint="",
-    ):
+    def __init__(self, task, *, data, options, streams=None, log_dir=None):
+        batch_size, log_interval = options.batch_size, options.log_interval
+        save_interval, keep_checkpoints = options.save_interval, options.keep_checkpoints
+        total_steps, max_steps = options.iterations, options.max_steps
         check_keep_checkpoints(keep_checkpoints)
         if log_interval < 1 or save_interval < 1:
             raise ValueError(
@@ -464,6 +541,8 @@ class Trainer:
                 f"step limits must be >= 0 (0 = no limit), got {total_steps} and {max_steps}"
             )
         self.task = task
+        self.options = options
+        self.lr_schedule = options.lr_schedule_for(lag=task.lr_lag)
         self.data = data
         self.global_batch = None if batch_size is None else batch_size * dist_util.get_world_size()
         self.log_interval = log_interval
@@ -472,9 +551,10 @@ class Trainer:
         self.max_steps = max_steps
         self.streams = {"train": data, **(streams or {})}
         self.log_dir = log_dir or logger.get_dir()
-        self.limit_flags = (total_steps_flag, "--max_steps")
+        self.limit_flags = (options.iterations_flag, "--max_steps")
         prefix = task.checkpoint_prefix
-        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint, self.log_dir, prefix)
+        self.resume_checkpoint = resolve_resume_checkpoint(options.resume_checkpoint, self.log_dir,
+                                                           prefix)
         # The step the run starts from, and the steps taken so far (resumed ones included).
         self.start_step = 0
         if self.resume_checkpoint:
@@ -488,9 +568,12 @@ class Trainer:
         if self.resume_checkpoint:
             self._pending_state = task.load_checkpoint(self.resume_checkpoint, self.start_step)
         self.keep_checkpoints = keep_checkpoints
-        self.init_checkpoint = self._start_from(init_checkpoint)
+        self._init_flag = options.init_checkpoint
+        self.init_checkpoint = self._start_from(options.init_checkpoint)
+        self.finish_interrupted_pruning()
         # (interval, function of the global step) pairs run after every step (add_periodic).
         self._periodic = []
+        self.apply_lr(self.global_step)
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -526,6 +609,8 @@ class Trainer:
         with PreemptionWatch() as preemption:
             self._stop_if_preempted_before_start(preemption)
             self._restore_train_state()
+            # The run starts now: everything it needs has been checked and loaded.
+            write_pending_record()
             meter = None
             while not self.done():
                 batch, cond = next(self.data)
@@ -573,11 +658,16 @@ class Trainer:
             preemption.stop_before_first_step(self.log_dir, self.resume_checkpoint)
 
     def take_step(self, batch, cond):
-        """One optimizer step of the task, counted and logged."""
+        """One optimizer step of the task, counted and logged; then the next step's rate."""
         self._note_batch_size(batch)
         self.task.train_step(batch, cond, self.global_step)
         self.global_step += 1
         self.log_step(self.global_step)
+        self.apply_lr(self.global_step)
+
+    def apply_lr(self, step):
+        """Set the learning rate of the step `step` (0 = the first ever) from the schedule."""
+        self.task.set_lr(self.lr_schedule.rate(step), step)
 
     def _note_batch_size(self, batch):
         if self.global_batch is None:
@@ -589,6 +679,8 @@ class Trainer:
         # agree.
         logger.logkv("step", steps_taken)
         logger.logkv("samples", steps_taken * self.global_batch)
+        # The rate the step just taken used (a host number: no wait for the device).
+        logger.logkv("lr", self.task.optimizers()[0].param_groups[0]["lr"])
 
     def _restore_train_state(self):
         state, self._pending_state = self._pending_state, None
@@ -604,7 +696,7 @@ class Trainer:
         """The flags of this run that a resumed run may change (saved with each checkpoint)."""
         settings = {"--save_interval": self.save_interval, "--log_interval": self.log_interval}
         settings[self.limit_flags[0]] = self.total_steps
-        return {**settings, **self.task.run_settings()}
+        return {**settings, **self.options.settings(), **self.task.run_settings()}
 
     def _apply_resumed_settings(self, state):
         """
@@ -614,6 +706,11 @@ class Trainer:
         """
         # deviation from reference: the reference kept the optimizer file's learning rate, so
         # --lr given on resume was ignored.
+        self.apply_lr(self.global_step)
+        for opt in self.task.optimizers():
+            for group in opt.param_groups:
+                if "weight_decay" in group:
+                    group["weight_decay"] = self.options.weight_decay
         self.task.apply_settings(self.start_step)
         saved = (state or {}).get("settings") or {}
         changed = [
@@ -644,7 +741,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- saving
 
     def marker_path(self, step):
-        return os.path.join(self.log_dir, f"{self.task.checkpoint_prefix}{step:06d}.pt")
+        name = f"{self.task.checkpoint_prefix}{step:06d}{self.task.checkpoint_suffix}"
+        return os.path.join(self.log_dir, name)
 
     def save(self):
         """
@@ -694,7 +792,12 @@ class Trainer:
                 f"--init_checkpoint {init_checkpoint} does not exist: pass the checkpoint file "
                 "to fine-tune (e.g. a released 256x256_diffusion.pt)"
             )
-        self.task.init_from_checkpoint(init_checkpoint)
+        try:
+            self.task.init_from_checkpoint(init_checkpoint)
+        except ValueError as exc:
+            if str(exc).startswith("cannot read checkpoint"):
+                raise ValueError(f"--init_checkpoint: {exc}") from None
+            raise
         return init_checkpoint
 
     def add_periodic(self, interval, function):
@@ -709,15 +812,67 @@ class Trainer:
         self._periodic.append((interval, function))
 
     def run_periodic(self):
+        """
+        Call the periodic functions due at this step. They only watch the run (sample grids,
+        validation), so one that fails (a grid that cannot be written, a full disk, a bad
+        image) never costs training: one warning line says what failed, the run goes on and
+        saves its checkpoints as usual, and the function is tried again at its next step.
+        """
         for interval, function in self._periodic:
-            if self.global_step % interval == 0:
+            if self.global_step % interval != 0:
+                continue
+            try:
                 function(self.global_step)
+            except Exception as exc:  # noqa: BLE001 -- any failure of an observer
+                what = getattr(function, "what", getattr(function, "__name__", "a periodic task"))
+                why = os_error_text(exc) if isinstance(exc, OSError) else (
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                logger.warn(
+                    f"warning: step {self.global_step}: {what} failed ({why}); training goes on "
+                    "and its checkpoints are saved as usual"
+                )
+
+    def _protected_paths(self):
+        """
+        The real paths --keep_checkpoints never deletes: the checkpoint this run resumed from
+        and the --init_checkpoint file (even on a resumed run, which does not load it again).
+        """
+        return {os.path.realpath(p) for p in (self.resume_checkpoint, self._init_flag)
+                if p and "://" not in os.fspath(p)}
+
+    def _set_steps(self):
+        """
+        Steps of every checkpoint set in the log folder: (complete ones, all ones). A set counts
+        from any of its files, so one whose marker is gone (an interrupted deletion, a crash
+        mid-save) is still found and can be deleted whole.
+        """
+        prefix = self.task.checkpoint_prefix
+        # Model and EMA files in either weight format (a run may have switched --save_format).
+        marker = re.compile(re.escape(prefix) + r"(\d+)(?:\.pt|\.safetensors)")
+        member = re.compile(
+            r"(?:(?:" + re.escape(prefix) + r"|ema_.+_)(\d{6,})(?:\.pt|\.safetensors)"
+            r"|(?:opt|" + re.escape(train_state.STATE_PREFIX) + r")(\d{6,})\.pt)")
+        complete, every = set(), set()
+        for name in os.listdir(self.log_dir):
+            m = marker.fullmatch(name)
+            if m:
+                complete.add(int(m.group(1)))
+            m = member.fullmatch(name)
+            if m:
+                every.add(int(m.group(1) or m.group(2)))
+        return complete, every | complete
 
     def prune_checkpoints(self, step):
         """
-        Delete the checkpoint sets older than the newest keep_checkpoints ones (counting the set
-        of `step`, just written), never the one this run resumed or started from, nor sets of
-        later steps (another run's). Only complete sets (with their marker) count. Rank 0.
+        Delete the checkpoint sets older than the newest keep_checkpoints complete ones
+        (counting the set of `step`, just written), each whole (model, EMA, optimizer, state;
+        also the rest of a set whose marker an interrupted deletion removed), never a set that
+        holds the file this run resumed from or the --init_checkpoint file, nor sets of later
+        steps (another run's). Rank 0.
+
+        Each deletion is written down first (a journal file, PRUNE_JOURNAL) and the journal
+        removed last, so a process killed in the middle has its deletion finished at the next
+        start (finish_interrupted_pruning).
         """
         if self.keep_checkpoints == KEEP_ALL:
             return
@@ -725,31 +880,87 @@ class Trainer:
             # Object stores (gs://, az://) are listed through blobfile; not supported here.
             logger.warn("--keep_checkpoints applies to local log folders only: nothing deleted")
             return
-        prefix = self.task.checkpoint_prefix
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.pt")
-        steps = sorted(
-            (int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(self.log_dir)) if m),
-            reverse=True,
-        )
-        older = [s for s in steps if s <= step][self.keep_checkpoints:]
-        protected = {
-            os.path.realpath(p) for p in (self.resume_checkpoint, self.init_checkpoint) if p
-        }
-        for old in older:
-            marker = self.marker_path(old)
-            if os.path.realpath(marker) in protected:
-                continue
+        complete, every = self._set_steps()
+        kept = sorted((s for s in complete if s <= step), reverse=True)[: self.keep_checkpoints]
+        protected = self._protected_paths()
+        for old in sorted(s for s in every if s <= step and s not in kept):
             paths = self.task.checkpoint_set_paths(self.log_dir, old)
-            try:
-                for path in paths:
-                    os.remove(path)
-            except OSError as exc:
-                logger.warn(f"--keep_checkpoints: could not delete {exc.filename}: {exc.strerror}")
+            paths += [p for p in self._orphans(old) if p not in paths]
+            if not paths or any(os.path.realpath(p) in protected for p in paths):
                 continue
-            logger.log(
-                f"--keep_checkpoints {self.keep_checkpoints}: deleted the checkpoint set of "
-                f"step {old} ({', '.join(os.path.basename(p) for p in paths)})"
-            )
+            if self._delete_set(old, paths):
+                logger.log(
+                    f"--keep_checkpoints {self.keep_checkpoints}: deleted the checkpoint set of "
+                    f"step {old} ({', '.join(os.path.basename(p) for p in paths)})"
+                )
+
+    def _orphans(self, step):
+        """Files of the set of `step` that checkpoint_set_paths may miss once the marker is gone."""
+        digits = f"{step:06d}"
+        names = [f"{self.task.checkpoint_prefix}{digits}{weights}"
+                 for weights in SAVE_FORMATS.values()]
+        names += [f"opt{digits}.pt", f"{train_state.STATE_PREFIX}{digits}.pt"]
+        ema = re.compile(r"ema_.+_" + re.escape(digits) + r"(?:\.pt|\.safetensors)")
+        found = [os.path.join(self.log_dir, n) for n in names
+                 if os.path.exists(os.path.join(self.log_dir, n))]
+        return found + sorted(os.path.join(self.log_dir, n) for n in os.listdir(self.log_dir)
+                              if ema.fullmatch(n))
+
+    def _journal_path(self, step):
+        return os.path.join(self.log_dir, f"{PRUNE_JOURNAL}{step:06d}.json")
+
+    def _delete_set(self, step, paths):
+        """Delete one set's files, the marker first, under a journal; False on an OSError."""
+        journal = self._journal_path(step)
+        try:
+            write_json(journal, {"step": step, "files": [os.path.basename(p) for p in paths]})
+        except OSError as exc:
+            logger.warn(f"--keep_checkpoints: nothing deleted ({os_error_text(exc)})")
+            return False
+        try:
+            for path in paths:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+            os.remove(journal)
+        except OSError as exc:
+            logger.warn(f"--keep_checkpoints: could not delete {exc.filename}: {exc.strerror}")
+            return False
+        return True
+
+    def finish_interrupted_pruning(self):
+        """
+        Finish the deletions a process killed while pruning left half done (their journals):
+        the rest of each set goes, unless it holds a file this run resumes or starts from.
+        Rank 0, at the start of every run (whatever its --keep_checkpoints).
+        """
+        if not dist_util.is_main_process() or "://" in os.fspath(self.log_dir):
+            return
+        try:
+            names = os.listdir(self.log_dir)
+        except OSError:
+            return
+        journal = re.compile(re.escape(PRUNE_JOURNAL) + r"(\d+)\.json")
+        protected = self._protected_paths()
+        for name in sorted(names):
+            m = journal.fullmatch(name)
+            if not m:
+                continue
+            step = int(m.group(1))
+            paths = self.task.checkpoint_set_paths(self.log_dir, step)
+            paths += [p for p in self._orphans(step) if p not in paths]
+            if any(os.path.realpath(p) in protected for p in paths):
+                logger.warn(
+                    f"warning: an interrupted --keep_checkpoints deletion of step {step} is left "
+                    "as it is: its set holds the checkpoint this run resumes or starts from"
+                )
+                continue
+            if self._delete_set(step, paths) and paths:
+                logger.log(
+                    f"finished an interrupted --keep_checkpoints deletion: the checkpoint set of "
+                    f"step {step} ({', '.join(os.path.basename(p) for p in paths)})"
+                )
 
 
 def check_keep_checkpoints(keep):

@@ -8,7 +8,8 @@ of classifier-free guidance), so it is the one tensor that may be re-initialised
 - --init_add_null_class True: the checkpoint's rows are kept and the null-class row (index
   num_classes, needed by --class_dropout_prob > 0) keeps its fresh initialisation.
 
-Every other tensor loads strictly; a checkpoint that still does not fit gets the usual message
+The label table's key is the network's (guided_diffusion/networks.py: label_key; the UNet's
+label_emb.weight, a DiT's y_embedder.embedding_table.weight). Every other tensor loads strictly; a checkpoint that still does not fit gets the usual message
 naming the flags to change.
 """
 
@@ -50,7 +51,8 @@ def check_init_flags(*, init_checkpoint, init_num_classes, init_add_null_class, 
         )
 
 
-def adapt_label_embedding(state, fresh, *, path, init_num_classes=0, init_add_null_class=False):
+def adapt_label_embedding(state, fresh, *, path, init_num_classes=0, init_add_null_class=False,
+                          key=LABEL_KEY):
     """
     Replace the label embedding of a checkpoint's state dict as the flags ask.
 
@@ -59,34 +61,35 @@ def adapt_label_embedding(state, fresh, *, path, init_num_classes=0, init_add_nu
     :param path: the checkpoint's name, for messages.
     :param init_num_classes: > 0: the whole embedding is re-initialised (fresh has K rows).
     :param init_add_null_class: keep the checkpoint's rows and add the null-class row.
+    :param key: the label table's state-dict key (the network's label_key).
     :return: (state dict to load, [one line per re-initialised tensor]).
     :raises ScriptError: when the checkpoint's embedding cannot be adapted.
     """
     if not (init_num_classes or init_add_null_class):
         return state, []
-    if LABEL_KEY not in fresh:
+    if key not in fresh:
         raise ScriptError("--init_num_classes / --init_add_null_class need a class-conditional "
                           "model: pass --class_cond True")
-    new = fresh[LABEL_KEY]
+    new = fresh[key]
     rows = new.shape[0]
     adapted = dict(state)
     if init_num_classes:
-        adapted[LABEL_KEY] = new.detach().clone().to(_device_of(state, new))
-        had = state.get(LABEL_KEY)
+        adapted[key] = new.detach().clone().to(_device_of(state, new))
+        had = state.get(key)
         was = f"the checkpoint's {had.shape[0]} rows dropped" if had is not None else \
             "the checkpoint had none"
         null = " plus the null class" if rows == init_num_classes + 1 else ""
-        return adapted, [f"{LABEL_KEY}: all {rows} rows ({init_num_classes} classes{null}; {was})"]
-    old = state.get(LABEL_KEY)
+        return adapted, [f"{key}: all {rows} rows ({init_num_classes} classes{null}; {was})"]
+    old = state.get(key)
     if old is None:
         raise ScriptError(
-            f"checkpoint {path} is unconditional (no {LABEL_KEY}): --init_add_null_class needs "
+            f"checkpoint {path} is unconditional (no {key}): --init_add_null_class needs "
             "its class rows; pass --init_num_classes K to start a new label embedding instead"
         )
     if old.shape[1:] != new.shape[1:]:
         raise ScriptError(
-            f"checkpoint {path} has {LABEL_KEY} of width {old.shape[1]}, the model {new.shape[1]}: "
-            "check --num_channels"
+            f"checkpoint {path} has {key} of width {old.shape[1]}, the model {new.shape[1]}: "
+            "check --num_channels (--dit_model for a DiT)"
         )
     if old.shape[0] == rows:
         raise ScriptError(
@@ -99,8 +102,8 @@ def adapt_label_embedding(state, fresh, *, path, init_num_classes=0, init_add_nu
             f"--num_classes {old.shape[0]}, or --init_num_classes {rows - 1} to re-initialise "
             "the label embedding"
         )
-    adapted[LABEL_KEY] = torch.cat([old, new[rows - 1 :].detach().to(old.device, old.dtype)])
-    return adapted, [f"{LABEL_KEY}: row {rows - 1} (the null class of classifier-free guidance; "
+    adapted[key] = torch.cat([old, new[rows - 1 :].detach().to(old.device, old.dtype)])
+    return adapted, [f"{key}: row {rows - 1} (the null class of classifier-free guidance; "
                      f"rows 0..{rows - 2} loaded)"]
 
 

@@ -6,7 +6,9 @@ bfloat16 torso), EMA copies of the weights, and checkpoints in the reference's l
     modelNNNNNN.pt, ema_<rate>_NNNNNN.pt (one per rate), optNNNNNN.pt, stateNNNNNN.pt
 
 where the model and EMA files are plain state dicts (the released checkpoints are such files) and
-the model file, written last, marks the set complete.
+the model file, written last, marks the set complete. With --save_format safetensors the model and
+EMA files are modelNNNNNN.safetensors and ema_<rate>_NNNNNN.safetensors (the same state dicts);
+the optimizer and state files stay .pt (they hold more than tensors).
 """
 
 import contextlib
@@ -21,10 +23,11 @@ import torch
 from .. import dist_util, logger
 from ..cli.weights import check_model_weights, load_model_weights
 from ..errors import ScriptError
-from ..fp16_util import MixedPrecisionTrainer, make_adamw, master_params_to_model_params
-from ..runtime import train_state
+from ..fp16_util import MixedPrecisionTrainer, master_params_to_model_params
+from ..runtime import checkpoints, train_state
 from .ema import check_ema_warmup, ema_decay
-from .engine import TrainTask
+from .engine import TrainTask, weights_suffix
+from .options import make_optimizer
 
 # With fp16 every overflow halves the loss scale; a scale below 2**MIN_LG_LOSS_SCALE means the
 # losses themselves are broken (not just the gradients overflowing), so the run stops.
@@ -61,6 +64,20 @@ def parameter_device(model):
     return dist_util.dev()
 
 
+def ema_file_beside(model_path, step, rate):
+    """
+    The ema_<rate>_NNNNNN file of a checkpoint set: in the model file's format first (.pt or
+    .safetensors), else in the other one; None when there is neither.
+    """
+    model_path = os.fspath(model_path)
+    ours = ".safetensors" if model_path.endswith(".safetensors") else ".pt"
+    base = os.path.join(os.path.dirname(model_path), f"ema_{rate}_{step:06d}")
+    for suffix in (ours, *(s for s in checkpoints.SUFFIXES if s != ours)):
+        if os.path.exists(base + suffix):
+            return base + suffix
+    return None
+
+
 class MixedPrecisionTask(TrainTask):
     """
     Weights, optimizer, EMA and checkpoint files of a network trained with AdamW on float32
@@ -80,8 +97,7 @@ class MixedPrecisionTask(TrainTask):
         self,
         *,
         model,
-        lr,
-        weight_decay=0.0,
+        options,
         ema_rate=(),
         use_fp16=False,
         use_bf16=False,
@@ -89,12 +105,12 @@ class MixedPrecisionTask(TrainTask):
         initial_lg_loss_scale=None,
         ema_warmup_power=0.0,
         ema_inv_gamma=1.0,
-        grad_clip=0.0,
+        save_format="pt",
     ):
         """
         :param model: the network, already on its device; batches go to that device.
-        :param lr: AdamW learning rate.
-        :param weight_decay: AdamW weight decay.
+        :param options: the run's TrainOptions: AdamW's lr and weight_decay, and grad_clip (> 0
+            clips the global gradient norm to it, MixedPrecisionTrainer).
         :param ema_rate: EMA decays (see parse_ema_rates); none for the classifier.
         :param use_fp16: float16 torso with a dynamic loss scale.
         :param use_bf16: bfloat16 torso (no loss scale); exclusive with use_fp16.
@@ -103,16 +119,18 @@ class MixedPrecisionTask(TrainTask):
         :param ema_warmup_power: > 0 warms the EMA decay up (see ema_decay); 0 keeps the
             reference's constant decay.
         :param ema_inv_gamma: the warm-up's step scale (see ema_decay).
-        :param grad_clip: > 0 clips the global gradient norm to it (MixedPrecisionTrainer).
+        :param save_format: "pt" or "safetensors": the format of the model and EMA files.
         """
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
         check_ema_warmup(ema_warmup_power, ema_inv_gamma)
+        self.checkpoint_suffix = weights_suffix(save_format)
         self.ema_warmup_power = ema_warmup_power
         self.ema_inv_gamma = ema_inv_gamma
         self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.options = options
+        self.lr = options.lr
+        self.weight_decay = options.weight_decay
         self.ema_rate = parse_ema_rates(ema_rate)
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
@@ -129,10 +147,10 @@ class MixedPrecisionTask(TrainTask):
             use_fp16=use_fp16,
             fp16_scale_growth=fp16_scale_growth,
             use_bf16=use_bf16,
-            grad_clip=grad_clip,
+            grad_clip=options.grad_clip,
             **extra,
         )
-        self.opt = make_adamw(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        self.opt = make_optimizer(self.mp_trainer.master_params, options)
         self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
         self.ddp_model = dist_util.wrap_ddp(self.model)
         self.use_ddp = self.ddp_model is not self.model
@@ -169,24 +187,6 @@ class MixedPrecisionTask(TrainTask):
             weight = torch.where(took_step, 1.0 - rate, 0.0).to(masters[0].dtype)
             with torch.no_grad():
                 torch._foreach_lerp_(list(params), masters, [weight] * len(masters))
-
-    def set_lr(self, lr):
-        for param_group in self.opt.param_groups:
-            param_group["lr"] = lr
-
-    def lr_at(self, step):
-        """The learning rate of step `step` (0 = the first step ever): --lr, unless annealed."""
-        return self.lr
-
-    def run_settings(self):
-        return {"--lr": self.lr, "--weight_decay": self.weight_decay}
-
-    def apply_settings(self, step):
-        # The optimizer file brought back the rate and decay it was saved with: a resumed run
-        # trains with its own --lr (at the point of its schedule) and --weight_decay.
-        self.set_lr(self.lr_at(step))
-        for param_group in self.opt.param_groups:
-            param_group["weight_decay"] = self.weight_decay
 
     def health_problem(self):
         """
@@ -226,9 +226,10 @@ class MixedPrecisionTask(TrainTask):
 
     def checkpoint_files(self, folder, step, state):
         to_state_dict = self.mp_trainer.master_params_to_state_dict
+        weights = self.checkpoint_suffix
         files = [
             (functools.partial(to_state_dict, params),
-             os.path.join(folder, f"ema_{rate}_{step:06d}.pt"))
+             os.path.join(folder, f"ema_{rate}_{step:06d}{weights}"))
             for rate, params in zip(self.ema_rate, self.ema_params)
         ]
         files.append((self.opt.state_dict, os.path.join(folder, f"opt{step:06d}.pt")))
@@ -236,19 +237,22 @@ class MixedPrecisionTask(TrainTask):
         # The model file goes last: its presence means the other files of the step are complete.
         files.append(
             (functools.partial(to_state_dict, self.mp_trainer.master_params),
-             os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}.pt"))
+             os.path.join(folder, f"{self.checkpoint_prefix}{step:06d}{weights}"))
         )
         return files
 
     def checkpoint_set_paths(self, folder, step):
         """The set's files in `folder`: the model file (the marker) first, then every EMA rate's
-        (also rates this run does not train), the optimizer and the training state."""
-        suffix = f"{step:06d}.pt"
-        marker = os.path.join(folder, f"{self.checkpoint_prefix}{suffix}")
-        ema = re.compile(r"ema_.+_" + re.escape(suffix))
+        (also rates this run does not train), the optimizer and the training state; model and
+        EMA files in either format (.pt, .safetensors)."""
+        digits = f"{step:06d}"
+        markers = [os.path.join(folder, f"{self.checkpoint_prefix}{digits}{suffix}")
+                   for suffix in checkpoints.SUFFIXES]
+        ema = re.compile(r"ema_.+_" + re.escape(digits) + r"(\.pt|\.safetensors)")
         companions = sorted(os.path.join(folder, n) for n in os.listdir(folder) if ema.fullmatch(n))
-        companions += [os.path.join(folder, f"opt{suffix}"), train_state.state_path(folder, step)]
-        return [p for p in [marker] + companions if os.path.exists(p)]
+        companions += [os.path.join(folder, f"opt{digits}.pt"),
+                       train_state.state_path(folder, step)]
+        return [p for p in markers + companions if os.path.exists(p)]
 
     def init_from_checkpoint(self, path):
         """
@@ -362,12 +366,12 @@ class MixedPrecisionTask(TrainTask):
 
     def _load_ema_parameters(self, path, step, rate):
         ema_params = copy.deepcopy(self.mp_trainer.master_params)
-        ema_path = os.path.join(os.path.dirname(path), f"ema_{rate}_{step:06d}.pt")
-        if not os.path.exists(ema_path):
+        ema_path = ema_file_beside(path, step, rate)
+        if ema_path is None:
             # deviation from reference: the reference silently restarts the EMA from the model.
             logger.warn(
-                f"no ema_{rate}_{step:06d}.pt next to {path}: the EMA with rate {rate} restarts "
-                "from the model weights"
+                f"no ema_{rate}_{step:06d}.pt (or .safetensors) next to {path}: the EMA with rate "
+                f"{rate} restarts from the model weights"
             )
         else:
             logger.log(f"loading EMA from checkpoint: {ema_path}...")

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .. import dist_util, logger
+from ..networks import label_embedding_of
 from ..sampling.files import make_grid_png, to_uint8
 from ..script_util import diffusion_from_flags
 from .loss_logging import log_loss_dict
@@ -70,6 +71,9 @@ class SampleGrid:
     :param log_dir: where samples_stepNNNNNN.png goes.
     """
 
+    # What a failure of it is called in the run's warning line (engine.Trainer.run_periodic).
+    what = "the sample grid (--sample_interval)"
+
     def __init__(self, task, diffusion, num_classes, log_dir):
         self.task = task
         self.diffusion = diffusion
@@ -90,7 +94,7 @@ class SampleGrid:
             count = min(GRID_SAMPLES, len(batch))
             kwargs["low_res"] = cond["low_res"][:count].to(device).clone()
         if "y" in cond:
-            classes = self.num_classes or int(self.task.model.label_emb.num_embeddings)
+            classes = self.num_classes or int(label_embedding_of(self.task.model).num_embeddings)
             kwargs["y"] = (torch.arange(count) % classes).to(device)
         generator = torch.Generator().manual_seed(GRID_SEED)
         self.noise = torch.randn((count, *batch.shape[1:]), generator=generator).to(device)
@@ -112,10 +116,9 @@ class SampleGrid:
             )
         images = to_uint8(sample.float()).cpu().numpy()
         path = os.path.join(self.log_dir, f"samples_step{step:06d}.png")
-        # Written under a temporary name first, so a reader never sees half a PNG.
-        partial = os.path.join(self.log_dir, f".samples_step{step:06d}.png.tmp")
-        make_grid_png(images, partial)
-        os.replace(partial, path)
+        # Atomically (a reader never sees half a PNG), under atomic_write's temporary name, which
+        # the next start removes if this process is killed while writing it.
+        make_grid_png(images, path)
         with Image.open(path) as grid:
             logger.log_image("samples", np.asarray(grid.convert("RGB")), step)
         weights = f"EMA {task.ema_rate[0]}" if task.ema_rate else "model"
@@ -155,6 +158,8 @@ class Validation:
     :param task: the TrainLoop (gives model, device, diffusion).
     :param batches: fixed_batches() of this rank.
     """
+
+    what = "the validation (--val_data_dir, --val_interval)"
 
     def __init__(self, task, batches):
         self.task = task

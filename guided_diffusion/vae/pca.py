@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..runtime.files import atomic_write
+
 
 @dataclass
 class PCAResult:
@@ -304,7 +306,8 @@ def embedding_report(
         if class_names is not None:
             arrays["class_names"] = np.array([str(c) for c in class_names])
     npz_path = os.path.join(out_dir, stem + ".npz")
-    np.savez(npz_path, **arrays)
+    # Atomically: a run killed while writing leaves the earlier file or none.
+    atomic_write(npz_path, lambda f: np.savez(f, **arrays))
     png_path = plot_embedding(
         coords.numpy(),
         os.path.join(out_dir, stem + ".png"),

@@ -6,7 +6,6 @@ supports, one-file ``vae%06d.pt`` checkpoints holding model, optimizer, step, ar
 and the training state.
 """
 
-import inspect
 import os
 
 import torch
@@ -15,7 +14,8 @@ from .. import dist_util, logger
 from ..fp16_util import checked_grad_clip, clip_to_global_norm
 from ..runtime import train_state
 from ..runtime.checkpoints import load_checkpoint
-from ..training.engine import KEEP_ALL, NonFiniteSteps, TrainTask, Trainer
+from ..training.engine import NonFiniteSteps, TrainTask, Trainer
+from ..training.options import TrainOptions, make_optimizer
 from .networks import check_vae_checkpoint, vae_losses, vae_state
 
 __all__ = ["CHECKPOINT_PREFIX", "VAETrainLoop", "vae_train_defaults"]
@@ -26,12 +26,11 @@ CHECKPOINT_PREFIX = "vae"
 def vae_train_defaults():
     """
     Defaults of the training flags (besides the architecture flags of vae_defaults): the data
-    flags, then every keyword of VAETrainLoop with its default (written once, in the constructor).
+    flags, then every keyword of VAETrainLoop with its default (written once, in the constructor)
+    and the run's options (TrainOptions.task_flag_defaults).
     """
-    defaults = dict(data_dir="", batch_size=100)
-    for name, param in inspect.signature(VAETrainLoop.__init__).parameters.items():
-        if param.default is not inspect.Parameter.empty and name not in ("log_dir", "batch_size"):
-            defaults[name] = param.default
+    defaults = TrainOptions.task_flag_defaults(VAETrainLoop, dict(data_dir="", batch_size=100),
+                                               skip=("log_dir",))
     defaults.update(random_flip=False, seed=0, log_dir="", log_format="")
     return defaults
 
@@ -43,69 +42,38 @@ class VAETrainLoop(TrainTask):
     :param model: the VAE (not yet on the device, not wrapped).
     :param data: iterator of (images in [-1, 1] NCHW, {"y": labels} or {}) batches.
     :param flags: dict with the architecture flags (stored in checkpoints and checked on resume).
-    :param batch_size: images per batch on this rank (None: taken from the first batch).
-    :param lr: Adam learning rate.
+    :param options: the run's TrainOptions (training.options), or its fields as keywords
+        (run_options): batch_size (None: taken from the first batch), lr (Adam), lr_schedule,
+        lr_warmup_steps, iterations (steps in total, counting resumed ones; 0 = forever),
+        max_steps, log_interval, save_interval, resume_checkpoint, weight_decay (Adam's L2),
+        grad_clip (> 0 clips the global gradient norm to it before each step; the norm after
+        clipping is logged as grad_norm_clipped), keep_checkpoints.
     :param beta: KL weight in the training loss (1 = the plain ELBO).
-    :param iterations: optimizer steps to train for in total, counting resumed steps (0 = forever).
-    :param max_steps: the run also ends after this many steps of this process (0: no limit).
-    :param log_interval: steps between logger dumps.
-    :param save_interval: steps between checkpoints (a final one is always written).
-    :param resume_checkpoint: "", "auto" or a path (see training.engine.resolve_resume_checkpoint).
-    :param weight_decay: Adam weight decay.
-    :param grad_clip: > 0 clips the global gradient norm to it before each step (0: never); the
-        norm after clipping is logged as grad_norm_clipped.
     :param log_dir: where checkpoints go (default: the logger's folder).
-    :param keep_checkpoints: keep the newest K checkpoints (-1: all; Trainer).
     """
 
     checkpoint_prefix = CHECKPOINT_PREFIX
+    option_defaults = dict(lr=1e-3, iterations=10000, log_interval=100, save_interval=1000)
+    options_without = ("init_checkpoint",)
 
-    def __init__(
-        self,
-        *,
-        model,
-        data,
-        flags,
-        batch_size=None,
-        lr=1e-3,
-        beta=1.0,
-        iterations=10000,
-        max_steps=0,
-        log_interval=100,
-        save_interval=1000,
-        resume_checkpoint="",
-        weight_decay=0.0,
-        grad_clip=0.0,
-        log_dir=None,
-        keep_checkpoints=KEEP_ALL,
-    ):
+    def __init__(self, *, model, data, flags, options=None, beta=1.0, log_dir=None, **run_options):
+        options = TrainOptions.build(self.option_defaults, options, **run_options)
         if beta < 0:
             raise ValueError(f"--beta must be >= 0, got {beta}")
-        self.grad_clip = checked_grad_clip(grad_clip)
+        self.grad_clip = checked_grad_clip(options.grad_clip)
         self.model = model
         self.data = data
         self.flags = dict(flags)
         self.beta = beta
         self.device = dist_util.dev()
         # Adam instead of the paper's Adagrad: it needs no per-dataset step-size search.
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.opt = make_optimizer(model.parameters(), options, torch.optim.Adam)
+        self.lr = options.lr
+        self.weight_decay = options.weight_decay
         self._non_finite = NonFiniteSteps(self.device)
         self.model.to(self.device)
         dist_util.sync_params(self.model.parameters())
-        self.trainer = Trainer(
-            self,
-            data=data,
-            batch_size=batch_size,
-            log_interval=log_interval,
-            save_interval=save_interval,
-            resume_checkpoint=resume_checkpoint,
-            total_steps=iterations,
-            max_steps=max_steps,
-            log_dir=log_dir,
-            keep_checkpoints=keep_checkpoints,
-        )
+        self.trainer = Trainer(self, data=data, options=options, log_dir=log_dir)
         self.ddp_model = dist_util.wrap_ddp(self.model)
 
     def run_loop(self):
@@ -154,15 +122,6 @@ class VAETrainLoop(TrainTask):
         if new:
             return f"the VAE loss is not finite at {new} recent step(s) (try a lower --lr or check the data)"
         return None
-
-    def run_settings(self):
-        return {"--lr": self.lr, "--weight_decay": self.weight_decay}
-
-    def apply_settings(self, step):
-        # The optimizer state brought back the rate it was saved with: train with --lr.
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
-            group["weight_decay"] = self.weight_decay
 
     def checkpoint_files(self, folder, step, state):
         checkpoint = vae_state(self.model, self.opt, step, self.flags)
