@@ -14,6 +14,7 @@ scripts/reproduce.py --row (guided_diffusion/evaluation/reproduce.py), end to en
   naming what to download.
 """
 
+import inspect
 import os
 import re
 import signal
@@ -93,8 +94,9 @@ def inputs(tmp_path_factory):
 def build(create, defaults, args):
     """The network a sampling script builds from its parsed flags (random weights)."""
     flags = args_to_dict(args, defaults.keys())
+    accepted = inspect.signature(create).parameters  # the super-res factory has no DiT flags
     flags.update({name: getattr(args, name) for name in loop._ADDED_MODEL_FLAGS
-                  if hasattr(args, name)})
+                  if hasattr(args, name) and name in accepted})
     return create(**flags)[0]
 
 
