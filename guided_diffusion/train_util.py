@@ -35,6 +35,7 @@ from .training.mixed_precision import (  # noqa: F401
     MIN_LG_LOSS_SCALE, MixedPrecisionTask, ema_file_beside, parse_ema_rates,
 )
 from .runtime.perf import compile_model, to_channels_last
+from .training.fid import fid_keywords
 from .training.watch import SampleGrid, Validation, watch_keywords
 
 # The TrainLoop keywords that come straight from the training scripts' flags of the same names.
@@ -97,6 +98,8 @@ class TrainLoop(MixedPrecisionTask):
     :param num_classes: the labels of the grid's class-conditional samples (image i: i % K).
     :param val_data: fixed validation batches (watch.fixed_batches) of this rank, or None.
     :param val_interval: every this many steps, log the loss terms on val_data (val_*).
+    :param fid: a training.fid.FIDPlan (--fid_interval): log a proxy FID every fid.interval
+        steps.
     :param save_format: "pt" (the reference's) or "safetensors": the format of the model and EMA
         files (the optimizer and state files stay .pt).
     """
@@ -133,6 +136,7 @@ class TrainLoop(MixedPrecisionTask):
         num_classes=None,
         val_data=None,
         val_interval=1000,
+        fid=None,
         lr_warmup_steps=0,
         lr_schedule="constant",
         save_format="pt",
@@ -176,6 +180,11 @@ class TrainLoop(MixedPrecisionTask):
             self.trainer.add_periodic(sample_interval, self.sample_grid)
         if val_data is not None:
             self.trainer.add_periodic(val_interval, Validation(self, val_data))
+        # The proxy FID (--fid_interval, training/fid.py): its one hook into the engine.
+        self.proxy_fid = None
+        if fid is not None:
+            self.proxy_fid = fid.bind(self)
+            self.trainer.add_periodic(fid.interval, self.proxy_fid)
 
     # The reference sets the rate after each step from the index of that step: the decay lags
     # one step (training.options.LRSchedule).
@@ -371,6 +380,7 @@ def train_from_flags(args, model, diffusion, flags, load):
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         **{name: getattr(args, name) for name in TRAIN_LOOP_FLAGS},
         **watch_keywords(args, flags, lambda folder: load(folder, True, **val_options)),
+        **fid_keywords(args, flags),
     ).run_loop()
 
 

@@ -20,6 +20,7 @@ from guided_diffusion.cli.flags import (
     arch_defaults,
     augmentation_defaults,
     diffusion_train_defaults,
+    fid_train_defaults,
 )
 from guided_diffusion.cli.main import run_main
 from guided_diffusion.image_datasets import load_data
@@ -66,6 +67,7 @@ def create_argparser():
         diffusion_train_defaults(),
         model_and_diffusion_defaults(),
         augmentation_defaults(),
+        fid_train_defaults(),
     )
 
 

@@ -344,6 +344,16 @@ def diffusion_run_defaults():
     )
 
 
+def fid_train_defaults():
+    """
+    The proxy FID of image_train.py (guided_diffusion/training/fid.py, docs/training.md): every
+    fid_interval steps (0 = never) fid_samples EMA samples, drawn with fid_steps DDIM steps from
+    fixed noise, are compared with the reference batch fid_ref through the Inception weights of
+    inception_path ("" = where evaluations/evaluator.py looks for them).
+    """
+    return dict(fid_interval=0, fid_ref="", fid_samples=1000, fid_steps=25, inception_path="")
+
+
 def parse_step_counts(text):
     """
     Parse a comma-separated list of DDIM step counts, e.g. "10,20,50,100".
@@ -579,7 +589,7 @@ FLAG_HELP = {
     "noise_schedule": ("diffusion", 'beta schedule: "linear" or "cosine"'),
     "timestep_respacing": ("diffusion", 'which of the T steps to use: "" = all, "250" (evenly '
                                         'spaced), "ddim50" (DDIM striding), "10,20,30" (per '
-                                        "section)"),
+                                        'section); reproduce: "" = the paper\'s'),
     "use_kl": ("diffusion", "train on the variational bound (loss RESCALED_KL)"),
     "predict_xstart": ("diffusion", "the model predicts x_0 instead of the noise"),
     "rescale_timesteps": ("diffusion", "give the model timesteps scaled to 0..1000 whatever T is"),
@@ -639,8 +649,8 @@ FLAG_HELP = {
     "names": ("data", "released checkpoint names (e.g. 64x64_diffusion), or all"),
     "base_url": ("data", "where the checkpoints are downloaded from (a mirror; default: the "
                          "reference's release)"),
-    "list": ("data", "print the released checkpoints with their sizes and flags, download "
-                     "nothing"),
+    "list": ("data", "print what there is and do nothing else (download_checkpoints: the "
+                     "released checkpoints with sizes and flags; reproduce: the paper rows)"),
     "archive": ("data", "the dataset archive as its authors distribute it"),
     "lmdb_path": ("data", "an LSUN lmdb database (e.g. bedroom_train_lmdb)"),
     "prefix": ("data", "class name the files are named with (<prefix>_<index>.png)"),
@@ -721,7 +731,8 @@ FLAG_HELP = {
                                  "(val_loss, val_mse, val_vb and their quarters)"),
     # sampling
     "num_samples": ("sampling", "how many samples to make (image_nll: images to score; "
-                                "ddim_consistency: latents to decode)"),
+                                "ddim_consistency: latents to decode; reproduce: 0 = the "
+                                "paper's, any other count is not the paper's setting)"),
     "use_ddim": ("sampling", "sample with DDIM instead of ancestral (DDPM) sampling"),
     "clip_denoised": ("sampling", "clip each step's prediction of x_0 to [-1, 1]"),
     "sampler": ("sampling", _sampler_help()),
@@ -913,6 +924,22 @@ def editing_defaults():
 # description). flag_table() merges them into FLAG_HELP (theirs win), so they show in --help and
 # docs/flags.md at once.
 NEW_FLAG_HELP = {
+    "fid_interval": ("training", "every N steps log a proxy FID (fid, fid_seconds) of "
+                                 "--fid_samples EMA samples against --fid_ref; 0 = never"),
+    "fid_ref": ("training", "the reference batch of the proxy FID: an npz with mu and sigma "
+                            "(the reference's batches, make_ref_batch.py --stats True) or "
+                            "uint8 images in arr_0 (their statistics computed once at start)"),
+    "fid_samples": ("training", "samples of each proxy FID, shared among the ranks (at least "
+                                "2; 1000-5000 read higher than a 50k FID, docs/training.md)"),
+    "fid_steps": ("training", "DDIM steps of the proxy FID's samples"),
+    "row": ("evaluation", "the paper row to reproduce, by key (--list True names them, e.g. "
+                          "adm_g_256, adm_u_256, lsun_bedroom)"),
+    "checkpoint_dir": ("data", "folder of the released checkpoints, under their released file "
+                               "names (download_checkpoints.py --out_dir)"),
+    "ref_dir": ("data", "folder of the reference batches, under their released file names"),
+    "extra_flags": ("evaluation", "more flags for every sampling stage, winning over the "
+                                  "paper's (tests shrink the networks); the run is then not the "
+                                  "paper's"),
     "dit_model": ("model", 'the DiT\'s size with --arch dit: DiT-S/2 ... DiT-XL/8 (the paper\'s '
                            'twelve: S, B, L, XL with patch 2, 4 or 8) or '
                            '"depth=D,width=W,heads=H,patch=P"'),

@@ -137,38 +137,81 @@ def format_bytes(count):
     return f"{count} B"
 
 
-def sample_command(result, table=None):
-    """The sampling command of one reported result (a "results" row of the table)."""
+def row_checkpoints(result):
+    """The checkpoint names a reported result samples with, in the order they are used."""
+    return [result[k] for k in ("classifier", "base", "model") if result.get(k)]
+
+
+def results():
+    """{key: row} of the reported results (released.json's "results"), in the table's order."""
+    return {row["key"]: row for row in released_table()["results"]}
+
+
+def row_stages(result, table=None, *, models="models", runs="runs", extra=()):
+    """
+    The sampling commands of one reported result, as data: a list of
+    {"script": "classifier_sample.py", "args": [...], "out": folder, "npz": samples path}, run
+    in order (the upsampling rows sample their base images first).
+
+    :param models: the folder holding the checkpoints.
+    :param runs: the folder the stages' log folders go in: runs/<model name> for one stage,
+        runs/base and runs/upsampled for the upsampling rows.
+    :param extra: flags appended to every stage (argparse keeps the last value of a flag given
+        twice, so they win over the paper's).
+    """
     table = table or checkpoints()
     model = table[result["model"]]
-    lines = []
+    extra = [str(word) for word in extra]
+    sample = result["sample_flags"].split() + extra
+    count = _flag(sample, "--num_samples")
+
+    def npz(folder, entry):
+        side = _large_side(entry)
+        return f"{folder}/samples_{count}x{side}x{side}x3.npz"
+
     if result["script"] == "super_res_sample.py":
         base = table[result["base"]]
         classifier = table[result["classifier"]]
-        size = base["flags"].split("--image_size ")[1].split()[0]
-        lines.append(
-            f"mpiexec -n 8 python scripts/classifier_sample.py {base['flags']} "
-            f"{_without_image_size(classifier['flags'])} "
-            f"--classifier_scale 1.0 --classifier_path models/{classifier['file']} "
-            f"--model_path models/{base['file']} {result['sample_flags']} --log_dir runs/base"
-        )
-        lines.append(
-            f"mpiexec -n 8 python scripts/super_res_sample.py {model['flags']} "
-            f"--model_path models/{model['file']} "
-            f"--base_samples runs/base/samples_50000x{size}x{size}x3.npz "
-            f"{result['sample_flags']} --log_dir runs/upsampled"
-        )
-        return [" ".join(line.split()) for line in lines]
-    command = f"mpiexec -n 8 python scripts/{result['script']} {model['flags']} "
+        base_out, up_out = f"{runs}/base", f"{runs}/upsampled"
+        base_npz = npz(base_out, base)
+        first = [*base["flags"].split(), *_without_image_size(classifier["flags"]).split(),
+                 "--classifier_scale", "1.0", "--classifier_path", f"{models}/{classifier['file']}",
+                 "--model_path", f"{models}/{base['file']}", *sample, "--log_dir", base_out]
+        second = [*model["flags"].split(), "--model_path", f"{models}/{model['file']}",
+                  "--base_samples", base_npz, *sample, "--log_dir", up_out]
+        return [
+            {"script": "classifier_sample.py", "args": first, "out": base_out, "npz": base_npz},
+            {"script": "super_res_sample.py", "args": second, "out": up_out,
+             "npz": npz(up_out, model)},
+        ]
+    args = model["flags"].split()
     if result.get("classifier"):
         classifier = table[result["classifier"]]
-        command += (
-            f"{_without_image_size(classifier['flags'])} {result['extra']} "
-            f"--classifier_path models/{classifier['file']} "
-        )
-    command += f"--model_path models/{model['file']} {result['sample_flags']} --log_dir runs/{model['name']}"
-    lines.append(" ".join(command.split()))
-    return lines
+        args += [*_without_image_size(classifier["flags"]).split(), *result["extra"].split(),
+                 "--classifier_path", f"{models}/{classifier['file']}"]
+    out = f"{runs}/{model['name']}"
+    args += ["--model_path", f"{models}/{model['file']}", *sample, "--log_dir", out]
+    return [{"script": result["script"], "args": args, "out": out, "npz": npz(out, model)}]
+
+
+def _flag(words, name):
+    """The last value of --name in a list of command-line words."""
+    values = [words[i + 1] for i, word in enumerate(words[:-1]) if word == name]
+    if not values:
+        raise ValueError(f"no {name} among {' '.join(words)}")
+    return values[-1]
+
+
+def sample_command(result, table=None):
+    """The sampling command of one reported result (a "results" row of the table)."""
+    return [f"mpiexec -n 8 python scripts/{stage['script']} {' '.join(stage['args'])}"
+            for stage in row_stages(result, table)]
+
+
+def has_checkpoints(result, table=None):
+    """Whether every checkpoint a result needs has an entry in the table."""
+    table = table or checkpoints()
+    return all(name in table for name in row_checkpoints(result))
 
 
 def _without_image_size(flags):
@@ -196,25 +239,23 @@ def reproduce_markdown():
             f"`{entry['script']}` | `{entry['flags']}` |"
         )
     out += ["", "### The FIDs the reference reports, and the commands that produce them", ""]
-    out += ["| result | FID | precision | recall | reference batch |",
-            "| --- | --- | --- | --- | --- |"]
-    for result in doc["results"]:
-        name = result["ref_batch"].rsplit("/", 1)[1]
+    out += ["| result | `--row` | FID | precision | recall | reference batch |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [result for result in doc["results"] if has_checkpoints(result, table)]
+    for result in rows:
         out.append(
-            f"| {result['row']} | {result['fid']:.2f} | {result['precision']:.2f} | "
-            f"{result['recall']:.2f} "
-            f"| [`{name}`]({result['ref_batch']}) |"
+            f"| {result['row']} | `{result['key']}` | {_figure(result['fid'])} | "
+            f"{_figure(result['precision'])} | {_figure(result['recall'])} "
+            f"| {_ref_link(result)} |"
         )
-    for result in doc["results"]:
-        model = table[result["model"]]
-        npz = "runs/upsampled" if result["script"] == "super_res_sample.py" else f"runs/{model['name']}"
-        size = _large_side(model)
-        out += ["", f"**{result['row']}** (FID {result['fid']:.2f}):", "", "```bash"]
+    for result in rows:
+        stages = row_stages(result, table)
+        out += ["", f"**{result['row']}** (FID {_figure(result['fid'])}):", "", "```bash"]
+        if result.get("make_ref_batch"):
+            out.append(result["make_ref_batch"])
         out += sample_command(result, table)
-        out.append(
-            f"python evaluations/evaluator.py {result['ref_batch'].rsplit('/', 1)[1]} "
-            f"{npz}/samples_50000x{size}x{size}x3.npz"
-        )
+        out.append(f"python evaluations/evaluator.py {ref_name(result)} {stages[-1]['npz']}")
+        out.append(f"# or all of it: python scripts/reproduce.py --row {result['key']}")
         out.append("```")
     out += ["", "### Training settings of the paper", "", doc["training_note"], ""]
     out += ["| configuration | model size | batch | lr | EMA | iterations | dropout | schedule "
@@ -227,6 +268,24 @@ def reproduce_markdown():
         )
     out += ["", END]
     return "\n".join(out) + "\n"
+
+
+def _figure(value):
+    return "not given" if value is None else f"{value:.2f}"
+
+
+def ref_name(result):
+    """The file name of a result's reference batch (the one make_ref_batch writes when the
+    reference published none)."""
+    if result.get("ref_batch"):
+        return result["ref_batch"].rsplit("/", 1)[1]
+    return result["make_ref_batch"].split()[3]
+
+
+def _ref_link(result):
+    if result.get("ref_batch"):
+        return f"[`{ref_name(result)}`]({result['ref_batch']})"
+    return f"none published: make `{ref_name(result)}` (below)"
 
 
 def _lr(value):

@@ -177,6 +177,10 @@ def check_run_flags(args):
                 f"--init_checkpoint {args.init_checkpoint} does not exist: pass the checkpoint "
                 "file to fine-tune (e.g. a released 256x256_diffusion.pt)"
             )
+    if get("fid_interval", 0):
+        from .fid import check_fid_flags  # scipy and the Inception network only when asked
+
+        check_fid_flags(args)
     for name, least in (("sample_interval", 0), ("sample_steps", 1), ("val_interval", 1),
                         ("val_num_images", 1)):
         if get(name, least) < least:
