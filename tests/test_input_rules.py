@@ -79,6 +79,12 @@ def test_every_typed_flag_refuses_a_wrong_type_and_an_empty_value(script, capsys
 # Flag (its dest) -> the tests of its bad input, "file::function". Each text-taking flag of
 # every script (docs/generate_flags.SCRIPT_PATTERNS) has a row.
 TEXT_FLAG_TESTS = {
+    "checkpoint_dir": ["tests/test_reproduce.py::test_missing_inputs_are_named_with_what_to_download"],
+    "extra_flags": ["tests/test_reproduce.py::test_missing_inputs_are_named_with_what_to_download"],
+    "ref_dir": ["tests/test_reproduce.py::test_missing_inputs_are_named_with_what_to_download"],
+    "row": ["tests/test_reproduce.py::test_missing_inputs_are_named_with_what_to_download"],
+    "fid_ref": ["tests/test_proxy_fid.py::test_bad_fid_flags_are_refused_in_one_line_before_any_work"],
+    "guidance_at": ["tests/test_guidance_at.py::test_classifier_sample_refuses_bad_guidance_at_before_any_work"],
     "arch": ["tests/test_vae.py::test_checkpoint_for_other_architecture_names_the_flag",
              "tests/test_cgan.py::test_mismatched_checkpoint_flags_give_one_clear_error"],
     "archive": ["tests/test_input_rules.py::test_text_flags_refuse_bad_input_in_one_line"],

@@ -207,6 +207,9 @@ def test_missing_inputs_are_named_with_what_to_download(inputs, tmp_path, capsys
     args = list(good)
     args[args.index("--num_samples") + 1] = -1
     assert "--num_samples and --batch_size must be at least 1" in one_line(capsys, args)
+    args = list(good)
+    args[args.index("--extra_flags") + 1] = "--no_such_flag 3"
+    assert "--no_such_flag" in one_line(capsys, args)
     assert not (tmp_path / "out").exists()  # nothing was made
 
 
