@@ -108,9 +108,11 @@ def test_attention_layouts_equal_diffusers(heads):
 
 
 def _released_layouts():
+    """guided-diffusion's released checkpoints (improved-diffusion's are not yet covered by the
+    export tests: see docs/interop.md)."""
     with open(RELEASED) as f:
         table = json.load(f)["checkpoints"]
-    return {row["name"]: row for row in table}
+    return {row["name"]: row for row in table if "/diffusion/jul-2021/" in row["url"]}
 
 
 def _shrunk_flags(row):
