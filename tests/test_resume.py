@@ -293,8 +293,11 @@ REAL_DISK_FULL = textwrap.dedent(
 )
 
 
-def test_a_real_full_disk(data, tmp_path):
-    """A tiny tmpfs in a private mount namespace (skipped where user namespaces are off)."""
+def run_on_small_disk(data, tmp_path, *extra):
+    """Train 3 steps, saving each, into a 20 MB tmpfs in a private mount namespace (skipped
+    where user namespaces are off): (the driver's JSON, the stderr's error lines, the folder)."""
+    import json
+
     try:
         probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -308,16 +311,20 @@ def test_a_real_full_disk(data, tmp_path):
     # One step's files take about 12 MB: the second checkpoint does not fit in 20 MB.
     command = (
         f"mount -t tmpfs -o size=20m tmpfs {log_dir} && exec {sys.executable} {script} {REPO} "
-        f"{log_dir} --data_dir {data} {' '.join(DIFFUSION)} --max_steps 3 --save_interval 1"
+        f"{log_dir} --data_dir {data} {' '.join(DIFFUSION)} --max_steps 3 --save_interval 1 "
+        + " ".join(extra)
     )
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], env=child_env(cpu=True),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
-
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert out["status"] == 2 and len(errors) == 1, proc.stderr[-2000:]
+    return out, errors, log_dir
+
+
+def test_a_real_full_disk(data, tmp_path):
+    out, errors, log_dir = run_on_small_disk(data, tmp_path)
     assert "No space left on device" in errors[0] and "model000001.pt is intact" in errors[0]
     assert out["latest"] == str(log_dir / "model000001.pt")
     assert [n for n in out["names"] if n.endswith(".pt")] == out["loadable"]

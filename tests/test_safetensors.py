@@ -362,34 +362,10 @@ def test_a_one_file_vae_checkpoint_as_safetensors_samples_and_resumes_the_same(d
 
 
 def test_a_real_full_disk_during_safetensors_saves(data, tmp_path):
-    """A tiny tmpfs in a private mount namespace, as test_resume's test for .pt files (skipped
-    where user namespaces are off)."""
-    from test_resume import REAL_DISK_FULL
+    """A tiny tmpfs, as test_resume's test for .pt files."""
+    from test_resume import run_on_small_disk
 
-    try:
-        probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        probe = None
-    if probe is None or probe.returncode != 0:
-        pytest.skip("cannot create a user and mount namespace here (unshare -rm)")
-    log_dir = tmp_path / "small_disk"
-    log_dir.mkdir()
-    script = tmp_path / "driver.py"
-    script.write_text(REAL_DISK_FULL)
-    # One step's files take about 12 MB: the second set does not fit in 20 MB.
-    command = (
-        f"mount -t tmpfs -o size=20m tmpfs {log_dir} && exec {sys.executable} {script} {REPO} "
-        f"{log_dir} --data_dir {data} {' '.join(DIFFUSION)} --max_steps 3 --save_interval 1 "
-        "--save_format safetensors"
-    )
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", command], env=child_env(cpu=True),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
-
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
-    assert out["status"] == 2 and len(errors) == 1, proc.stderr[-2000:]
+    out, errors, log_dir = run_on_small_disk(data, tmp_path, "--save_format safetensors")
     assert "No space left on device" in errors[0]
     assert "model000001.safetensors is intact" in errors[0]
     assert out["latest"] == str(log_dir / "model000001.safetensors")
