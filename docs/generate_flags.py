@@ -1,6 +1,6 @@
 """
 Write docs/flags.md, the flag reference of every script, from the one table of what each flag
-means (guided_diffusion/cli/flags.py) and the scripts' own parsers:
+means (guided_diffusion/cli/help_table.py) and the scripts' own parsers:
 
     python docs/generate_flags.py > docs/flags.md
 
@@ -108,7 +108,7 @@ def flags_markdown(parsers):
     missing = undescribed_flags(parsers)
     if missing:
         raise ScriptError(
-            f"{len(missing)} flags have no description in guided_diffusion/cli/flags.py "
+            f"{len(missing)} flags have no description in guided_diffusion/cli/help_table.py "
             f"(FLAG_HELP or NEW_FLAG_HELP): {', '.join(missing)}"
         )
     table = flags.flag_table()
@@ -122,8 +122,8 @@ def flags_markdown(parsers):
         "# Flags of every script",
         "",
         "What each flag means, grouped as in `--help`, then each script's flags with their",
-        "defaults. Generated from the descriptions in `guided_diffusion/cli/flags.py` (`FLAG_HELP`)",
-        "and the scripts' parsers by",
+        "defaults. Generated from the descriptions in `guided_diffusion/cli/help_table.py`",
+        "(`FLAG_HELP`) and the scripts' parsers by",
         "",
         "```bash",
         "python docs/generate_flags.py > docs/flags.md",

@@ -3,7 +3,7 @@ Factories that turn command-line flags into networks and diffusion processes, th
 the scripts, and the small argparse helpers the scripts share.
 
 The defaults dictionaries are those of the reference scripts, unchanged, so flags written for the
-reference (and the released checkpoints) keep their meaning; they are defined in cli/flags.py with
+reference (and the released checkpoints) keep their meaning; they are defined in cli/families.py with
 the port's own families and importable from here under the reference's names. `num_classes` is an
 extra keyword of the factories; scripts add their own --num_classes flag.
 """
@@ -594,7 +594,7 @@ def script_parser(description, *families):
 def add_dict_to_argparser(parser, default_dict):
     """
     Add one --flag per entry of a defaults dictionary; booleans parse with str2bool and a None
-    default takes strings. Each flag's --help line is its description in cli.flags.FLAG_HELP
+    default takes strings. Each flag's --help line is its description in cli.help_table.FLAG_HELP
     plus its default, under its group's heading (flags missing from the table show the default
     alone, in argparse's general group).
 
@@ -611,7 +611,7 @@ def add_dict_to_argparser(parser, default_dict):
             kind = _image_size_arg
         else:
             kind = type(default)
-        # The description, the default in --help and the group come from cli/flags.FLAG_HELP,
+        # The description, the default in --help and the group come from cli/help_table.FLAG_HELP,
         # so that every script explains its flags without a line of its own.
         add_flag(parser, name, default=default, type=kind)
 

@@ -1,5 +1,5 @@
 """
---help of every script: each flag's description (from the one table in cli/flags.py), its default
+--help of every script: each flag's description (from the one table in cli/help_table.py), its default
 and its group; docs/flags.md generated from the same table and the scripts' parsers, and kept
 current.
 """
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from guided_diffusion.cli import flags
+from guided_diffusion.cli import flags, help_table
 from guided_diffusion.errors import ScriptError
 from guided_diffusion.script_util import add_dict_to_argparser
 
@@ -102,7 +102,7 @@ def test_help_from_the_command_line():
 
 
 def test_new_flag_help_rows_count_and_missing_rows_fail(monkeypatch):
-    monkeypatch.setattr(flags, "NEW_FLAG_HELP", {
+    monkeypatch.setattr(help_table, "NEW_FLAG_HELP", {
         "my_new_flag": ("sampling", "what the new flag does, 50% of the time"),
         "image_size": ("model", "side of the images, overridden"),
         "odd_group_flag": ("newgroup", "a flag of a group the table does not know"),

@@ -8,7 +8,7 @@ flags from the args.json a training run wrote into its log folder (runtime/run_r
   used when there is one (`--config none`: never). classifier_sample.py also reads the one
   beside --classifier_path for the classifier's flags.
 - Only the flags that describe the checkpoint are taken: the model and diffusion groups of the
-  flag table (cli/flags.FLAG_HELP), without --timestep_respacing (how to sample is the sampling
+  flag table (cli/help_table.FLAG_HELP), without --timestep_respacing (how to sample is the sampling
   run's choice); for a classifier, the classifier group with --image_size and --num_classes.
 - A flag given on the command line wins. If it contradicts the checkpoint, loading the weights
   fails with the usual one-line message naming the flag to change.

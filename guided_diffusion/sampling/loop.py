@@ -559,7 +559,7 @@ def load_ddim_tool_model(args, step_counts):
     of their flags with --model_path loaded and prepared, and one deterministic-DDIM diffusion
     per step count ("ddim<steps>" respacing).
 
-    :param args: the parsed flags (cli.flags.ddim_tool_defaults() and model_path).
+    :param args: the parsed flags (cli.families.ddim_tool_defaults() and model_path).
     :param step_counts: the step counts, e.g. parse_step_counts(args.steps).
     :return: (model, {steps: diffusion}).
     """
@@ -577,7 +577,7 @@ def load_guided_model(args):
     of --classifier_path when one is given, and the guidance they make (editing.guided_model:
     class labels, --guidance_scale, --classifier_scale).
 
-    :param args: the parsed flags (cli.flags.editing_defaults()).
+    :param args: the parsed flags (cli.families.editing_defaults()).
     :return: (model_fn, cond_fn, diffusion, classifier or None).
     """
     model, diffusion, _ = load_diffusion_model(args)
