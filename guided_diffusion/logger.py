@@ -314,6 +314,21 @@ class WandbOutputFormat(KVWriter):
             self.run = None
 
 
+class _CurrentStdout:
+    """
+    sys.stdout as it is at each write. deviation from reference: the reference holds the stream
+    that was sys.stdout when the logger was made; the default logger outlives redirections of
+    stdout (contextlib.redirect_stdout, a notebook's cell capture, pytest's capsys), and a
+    stream held from before one may since have been closed ("I/O operation on closed file").
+    """
+
+    def write(self, text):
+        return sys.stdout.write(text)
+
+    def flush(self):
+        sys.stdout.flush()
+
+
 def make_output_format(format, ev_dir, log_suffix=""):
     """
     Build one output: "stdout", "log" (log<suffix>.txt), "json" (progress<suffix>.json),
@@ -322,7 +337,7 @@ def make_output_format(format, ev_dir, log_suffix=""):
     """
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
-        return HumanOutputFormat(sys.stdout)
+        return HumanOutputFormat(_CurrentStdout())
     if format == "log":
         return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"))
     if format == "json":

@@ -176,3 +176,21 @@ def test_scoped_configure_restores_previous(tmp_path, fresh_logger):
 def test_unknown_format_is_a_clear_error(tmp_path, fresh_logger):
     with pytest.raises(ValueError, match="unknown log format 'xml'"):
         logger.configure(dir=str(tmp_path), format_strs=["xml"])
+
+
+def test_stdout_output_follows_sys_stdout_and_survives_a_closed_redirect(tmp_path, fresh_logger):
+    # A logger made while stdout was redirected must not keep writing to that stream after the
+    # redirect ends and the stream is closed (pytest's capsys, notebooks, redirect_stdout).
+    import contextlib
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        logger.configure(dir=str(tmp_path), format_strs=["stdout"])
+        logger.log("while redirected")
+    captured.close()
+    later = io.StringIO()
+    with contextlib.redirect_stdout(later):
+        logger.log("after the redirect")
+        logger.logkv("step", 3)
+        logger.dumpkvs()
+    assert "after the redirect" in later.getvalue() and "| step" in later.getvalue()
