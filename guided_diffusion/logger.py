@@ -315,12 +315,7 @@ class WandbOutputFormat(KVWriter):
 
 
 class _CurrentStdout:
-    """
-    sys.stdout as it is at each write. deviation from reference: the reference holds the stream
-    that was sys.stdout when the logger was made; the default logger outlives redirections of
-    stdout (contextlib.redirect_stdout, a notebook's cell capture, pytest's capsys), and a
-    stream held from before one may since have been closed ("I/O operation on closed file").
-    """
+    """sys.stdout as it is at each write (see make_output_format)."""
 
     def write(self, text):
         return sys.stdout.write(text)
@@ -337,6 +332,10 @@ def make_output_format(format, ev_dir, log_suffix=""):
     """
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
+        # deviation from reference: the reference holds the stream that was sys.stdout when the
+        # logger was made; the default logger outlives redirections of stdout (redirect_stdout,
+        # a notebook's cell capture, pytest's capsys), and a stream held from before one may
+        # since have been closed ("I/O operation on closed file").
         return HumanOutputFormat(_CurrentStdout())
     if format == "log":
         return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"))
