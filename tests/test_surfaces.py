@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from guided_diffusion.training import engine
 from test_scripts import run_inprocess
 
 pytestmark = pytest.mark.usefixtures("cpu_only", "single_thread")
@@ -95,6 +96,10 @@ def test_n1_a_refused_start_leaves_args_json_as_it_was(fault, trained, data, tmp
     assert status == 2
     error_line(capsys)
     assert records(folder) == ["args.json"]
+    assert open(os.path.join(folder, "args.json"), "rb").read() == before
+    # Nor does the refused run's record wait in this process for the next Trainer to write it
+    # (a library run after the refused script wrote it over this folder's record).
+    assert engine.write_pending_record() is None
     assert open(os.path.join(folder, "args.json"), "rb").read() == before
     # The folder's own checkpoints still sample with the flags of their record.
     assert sample(os.path.join(folder, "model000004.pt"), str(tmp_path / "s")) == 0

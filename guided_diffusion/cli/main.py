@@ -15,7 +15,7 @@ import torch
 
 from .. import dist_util, logger
 from ..errors import EXIT_INTERRUPTED, NonFiniteLossError, ScriptError, StorageError
-from ..runtime import log_folder
+from ..runtime import log_folder, run_record
 from ..runtime.files import os_error_text
 from ..runtime.perf import preserved_float32_precision, set_tf32
 
@@ -63,6 +63,9 @@ def run_main(main, argv=None):
         raise
     finally:
         log_folder.release_folders()
+        # A run this script began but never started must not record its flags later in this
+        # process (a library Trainer run after a refused script, a notebook's next cell).
+        run_record.drop_held_record()
 
 
 def stop_at_once():

@@ -114,6 +114,29 @@ def describe_run(flags, script, argv=None):
     }
 
 
+# The record of the run start_run began, held until that run really starts: [(folder, record)].
+_held = []
+
+
+def hold_run_record(folder, record):
+    """Keep `record` for `folder` until the run starts (take_held_record) or ends (drop)."""
+    _held[:] = [(folder, record)]
+
+
+def take_held_record():
+    """:return: the held (folder, record), given once, or None."""
+    return _held.pop() if _held else None
+
+
+def drop_held_record():
+    """
+    Forget the held record: the script that began the run has ended without starting it, and
+    its flags must not reach a later run of this process (its folder's args.json stays the one
+    of the checkpoints there).
+    """
+    _held.clear()
+
+
 def write_run_record(folder, record):
     """
     Write args.json into `folder` atomically, keeping an existing one as args-NNN.json first.

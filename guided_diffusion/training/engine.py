@@ -31,7 +31,9 @@ from ..fp16_util import checked_grad_clip
 from ..runtime import checkpoints, log_folder, train_state
 from ..runtime.files import os_error_text, write_json
 from ..runtime.safetensors_files import safetensors_torch
-from ..runtime.run_record import describe_run, write_run_record
+from ..runtime.run_record import (
+    describe_run, drop_held_record, hold_run_record, take_held_record, write_run_record,
+)
 from ..runtime.perf import set_tf32
 from ..runtime.preemption import PreemptionWatch
 from ..runtime.progress import StepMeter
@@ -47,9 +49,6 @@ __all__ = ["TrainTask", "Trainer", "NonFiniteSteps", "resolve_resume_checkpoint"
 LOG_FORMATS = ("stdout", "log", "json", "csv", "tensorboard", "wandb")
 # --save_format: the file format of a checkpoint set's weight files (model and EMA).
 SAVE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
-
-# args.json of the run start_run began: (folder, record), written when the run starts.
-_pending_record = None
 
 # The journal of a --keep_checkpoints deletion in progress: .pruneNNNNNN.json in the log folder.
 PRUNE_JOURNAL = ".prune"
@@ -97,13 +96,12 @@ def start_run(*, log_dir="", seed=0, tf32=None, args=None, script=None, argv=Non
         logger.get_dir() if not existed and dist_util.is_main_process() else None)
     for note in notes:
         logger.log(note)
-    global _pending_record
-    _pending_record = None
+    drop_held_record()  # an earlier start's record is replaced, never written
     if args is not None and dist_util.is_main_process():
         # Written by Trainer.run once the run really starts (model built, data listed,
         # checkpoint loaded): a refused start leaves the folder's record as it was, so the
         # checkpoints already there still sample with their own flags.
-        _pending_record = (logger.get_dir(), describe_run(vars(args), script or "unknown", argv))
+        hold_run_record(logger.get_dir(), describe_run(vars(args), script or "unknown", argv))
     seed_training(seed)
     if tf32 is not None:
         set_tf32(tf32)
@@ -118,11 +116,11 @@ def write_pending_record():
 
     :return: the path written, or None.
     """
-    global _pending_record
     log_folder.mark_started()
-    if _pending_record is None:
+    held = take_held_record()
+    if held is None:
         return None
-    (folder, record), _pending_record = _pending_record, None
+    folder, record = held
     path = write_run_record(folder, record)
     logger.log(f"recorded the flags of this run in {path}")
     logger.log_config(record.get("flags", {}))  # the trackers' copy (W&B config)
